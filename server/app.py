@@ -1,0 +1,94 @@
+"""`run`: wire model, engine, OSC transport and recorder together and serve until a signal.
+
+Start-up failures (a bad model folder, an unwritable log directory, a taken port) end
+with a message naming the problem and a non-zero exit, before any music starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from typing import TextIO
+
+from server.config import RunConfig
+from server.engine import Engine, Settings
+from server.event import Event
+from server.modelspec import ModelError, resolve_model_dir
+from server.osc import namespace_text, start_osc
+from server.recorder import Recorder, RecorderError
+from server.runtime import Predictor
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message says why and what to do."""
+
+
+def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
+    """Run the server in the current thread until SIGINT or SIGTERM; returns the exit code."""
+    started = time.monotonic()
+    try:
+        folder = resolve_model_dir(cfg.model, cfg.models_dir, allow_paths=True)
+        predictor = Predictor(folder)
+    except ModelError as e:
+        raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
+    try:
+        recorder = Recorder(cfg.log_dir)
+    except RecorderError as e:
+        raise StartupError(str(e)) from e
+    try:
+        return asyncio.run(_serve(cfg, predictor, folder.name, recorder, started, out))
+    finally:
+        recorder.close()
+
+
+async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder: Recorder, started: float, out: TextIO) -> int:
+    loop = asyncio.get_running_loop()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this address can play and steer the server", cfg.host)
+    settings = Settings(
+        mode=cfg.mode,
+        temperature=cfg.temperature,
+        sigma_temperature=cfg.sigma_temperature,
+        timescale=cfg.timescale,
+        threshold=cfg.threshold,
+    )
+    engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name)
+    try:
+        transport, protocol, output = await start_osc(
+            engine, host=cfg.host, port=cfg.port, destinations=cfg.send, allow=cfg.allow
+        )
+    except OSError as e:
+        raise StartupError(str(e)) from e
+
+    def send_model_events(event: Event) -> None:
+        if event.source == "model":
+            output.send_prediction(event.x, event.y)
+
+    engine.sinks[:] = [send_model_events, recorder.record]
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = transport.get_extra_info("sockname")[:2]
+    print(namespace_text(), file=out)
+    sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
+    print(
+        f"ready: listening on {host}:{port}, sending to {sends}, model {model_name} ({predictor.backend}), "
+        f"mode {settings.mode.value}, log {recorder.path} ({time.monotonic() - started:.2f} s)",
+        file=out,
+        flush=True,
+    )
+    engine.start()
+    try:
+        await stop.wait()
+    finally:
+        engine.stop()
+        transport.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", file=out, flush=True)
+    return 0

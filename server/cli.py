@@ -1,0 +1,191 @@
+"""Command line: `python -m server <command>` (also installed as `antiphon`).
+
+Each command is one function registered in COMMANDS; heavy imports (TensorFlow) happen
+inside the commands that need them so `run` with a LiteRT model starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from server.data import DT_MAX, DatasetError
+from server.modelspec import DEFAULT_SIZE, SIZES, ModelError
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO / "models"
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+
+
+def command(name: str, help: str):
+    """Register a command: the decorated function takes the parsed args; `args_fn` adds its flags."""
+
+    def wrap(args_fn):
+        def register(fn: Command) -> Command:
+            COMMANDS[name] = (fn, args_fn, help)
+            return fn
+
+        return register
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- synth
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--performances", type=int, default=160, help="number of performances (default 160)")
+    p.add_argument("--phrases", type=int, default=12, help="phrases per performance (default 12)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("datasets/synthetic.npz"))
+
+
+@command("synth", "write a seeded synthetic gesture dataset")(_synth_args)
+def cmd_synth(args: argparse.Namespace) -> int:
+    from server.data import save_dataset, synthetic_dataset
+
+    ds = synthetic_dataset(args.performances, args.seed, args.phrases)
+    save_dataset(ds, args.out)
+    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances (sha256 {ds.sha256()[:12]})")
+    return 0
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", type=Path, help="performance logs (logs/*.csv) or folders of them")
+    p.add_argument("--out", type=Path, default=Path("datasets/performances.npz"))
+    p.add_argument("--dt-max", type=float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
+
+
+@command("dataset", "build a training dataset from performance logs")(_dataset_args)
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from server.data import dataset_from_logs, save_dataset
+
+    ds = dataset_from_logs(args.paths, args.dt_max)
+    save_dataset(ds, args.out)
+    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances")
+    return 0
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from server.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", type=Path, required=True, help="dataset .npz (from synth or dataset)")
+    p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help=_sizes_help())
+    p.add_argument("--name", required=True, help="model folder name under --models-dir")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--mixtures", type=int, default=d.mixtures)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    p.add_argument("--sequence-length", type=int, default=d.sequence_length, help="training window in events")
+    p.add_argument("--no-report", action="store_true", help="skip report.png")
+
+
+def _sizes_help() -> str:
+    return "model size: " + ", ".join(f"{k} = {u}x{l}" for k, (u, l) in SIZES.items()) + f" (default {DEFAULT_SIZE})"
+
+
+@command("train", "train a model on a dataset and export it to models/<name>")(_train_args)
+def cmd_train(args: argparse.Namespace) -> int:
+    from server.data import load_dataset
+    from server.modelspec import NAME_PATTERN
+    from server.train import TrainConfig, train
+
+    if not NAME_PATTERN.match(args.name) or ".." in args.name:
+        raise ModelError(f"--name {args.name!r}: use letters, digits, '-', '_' and '.' only")
+    cfg = TrainConfig(
+        size=args.size,
+        mixtures=args.mixtures,
+        epochs=args.epochs,
+        patience=args.patience,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        sequence_length=args.sequence_length,
+        stride=max(1, args.sequence_length // 5),
+        report=not args.no_report,
+    )
+    train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+
+
+@command("evaluate", "mean NLL per event of a dataset under a model (original units)")(_evaluate_args)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from server.data import load_dataset
+    from server.evaluate import nll_per_event
+    from server.model import load_keras_model
+    from server.modelspec import read_info, resolve_model_dir
+
+    folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
+    info = read_info(folder)
+    ds = load_dataset(args.data)
+    nll = nll_per_event(load_keras_model(folder / "model.keras"), info, ds)
+    print(f"{folder.name}: {nll:.4f} nats per event over {len(ds.events) - len(ds.starts)} events")
+    return 0
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from server.config import add_run_arguments
+
+    add_run_arguments(p)
+
+
+@command("run", "serve a model over OSC (defaults: models/default, listen 127.0.0.1:5710, send to :5711)")(_run_args)
+def cmd_run(args: argparse.Namespace) -> int:
+    from server.app import StartupError, serve
+    from server.config import ConfigError, resolve_run_config
+
+    try:
+        return serve(resolve_run_config(args))
+    except (ConfigError, StartupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="antiphon", description="Antiphon: a predictive performance server.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    for name, (_, args_fn, help) in COMMANDS.items():
+        args_fn(sub.add_parser(name, help=help, description=help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][0](args)
+    except (ModelError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,312 @@
+"""Run configuration: defaults < TOML file (`--config`) < command-line flags, validated once.
+
+Every key is declared once, as a `RunConfig` field whose metadata holds its help text,
+metavar and parser. The argparse flags, the TOML reader, the validation and the
+README reference (`config_reference_markdown`) are all generated from those fields,
+so adding a key (MIDI ports, say) is one field. Relative paths in a TOML file are
+relative to that file; on the command line, to the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from server.modes import MODE_NAMES, Mode, parse_mode
+from server.names import check_model_name
+from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, MAX_DESTINATIONS, Network
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+Endpoint = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag or file key and says why."""
+
+
+# --- value parsers: accept a flag's string or a TOML value, return the canonical value ---
+
+
+def _number(raw: object) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(f"expected a number, got {raw!r}")
+    if isinstance(raw, (int, float)):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+    else:
+        raise ValueError(f"expected a number, got {type(raw).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
+
+
+def _non_negative(raw: object) -> float:
+    value = _number(raw)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def _positive(raw: object) -> float:
+    value = _number(raw)
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value:g}")
+    return value
+
+
+def _integer(raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return int(raw, 10)
+        except ValueError:
+            pass
+    raise ValueError(f"expected an integer, got {raw!r}")
+
+
+def _port(raw: object, low: int = 0) -> int:
+    value = _integer(raw)
+    if not low <= value <= 65535:
+        raise ValueError(f"port must be {low}-65535, got {value}")
+    return value
+
+
+def _seed(raw: object) -> int:
+    value = _integer(raw)
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return value
+
+
+def _host(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip() or any(c.isspace() for c in raw.strip()):
+        raise ValueError(f"expected a host name or IP address, got {raw!r}")
+    return raw.strip()
+
+
+def _model(raw: object) -> str:
+    return check_model_name(raw)  # type: ignore[arg-type]  # it rejects non-strings itself
+
+
+def _mode(raw: object) -> Mode:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected one of {', '.join(MODE_NAMES)}, got {raw!r}")
+    return parse_mode(raw)
+
+
+def _path(raw: object) -> Path:
+    if not isinstance(raw, (str, Path)) or not str(raw):
+        raise ValueError(f"expected a path, got {raw!r}")
+    return Path(raw).expanduser()
+
+
+def _endpoint(raw: object) -> Endpoint:
+    """`HOST:PORT` or `[IPv6]:PORT` (or a (host, port) pair) -> (host, port)."""
+    if isinstance(raw, (tuple, list)) and len(raw) == 2:
+        host, port = raw
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            host, bracket, rest = text[1:].partition("]")
+            if not bracket or not rest.startswith(":"):
+                raise ValueError(f"expected [IPv6]:PORT, got {raw!r}")
+            port = rest[1:]
+        else:
+            host, colon, port = text.rpartition(":")
+            if not colon:
+                raise ValueError(f"expected HOST:PORT, got {raw!r}")
+            if ":" in host:
+                raise ValueError(f"write an IPv6 address as [ADDRESS]:PORT, got {raw!r}")
+    else:
+        raise ValueError(f"expected HOST:PORT, got {raw!r}")
+    return (_host(host), _port(port, low=1))
+
+
+def _network(raw: object) -> Network:
+    try:
+        return ipaddress.ip_network(raw, strict=False)  # type: ignore[arg-type]  # 10.1.2.3/8 means 10.0.0.0/8
+    except (ValueError, TypeError):
+        raise ValueError(f"expected an address or CIDR network like 192.168.1.0/24, got {raw!r}") from None
+
+
+def _each(parse: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]:
+    """Parse a list (repeated flag or TOML array; a single TOML string counts as one item)."""
+
+    def parse_all(raw: object) -> tuple[Any, ...]:
+        items = [raw] if isinstance(raw, str) else raw
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"expected a list, got {raw!r}")
+        return tuple(parse(item) for item in items)
+
+    return parse_all
+
+
+# --- the one table of keys ---
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one RunConfig field appears to users: flag, TOML key and README row."""
+
+    help: str
+    metavar: str
+    parse: Callable[[object], Any]
+    repeat: bool = False
+    default_doc: str | None = None  # shown instead of the default (e.g. a machine-specific path)
+    relative_to_file: bool = False  # relative paths in a TOML file resolve against its folder
+
+
+def _key(help: str, metavar: str, parse: Callable[[object], Any], **kwargs: Any) -> dict[str, Key]:
+    return {"key": Key(help, metavar, parse, **kwargs)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `run` needs; build it with `resolve_run_config`, which validates each value."""
+
+    model: str = field(default="default", metadata=_key(
+        "model folder name under models_dir", "NAME", _model))
+    models_dir: Path = field(default=DEFAULT_MODELS_DIR, metadata=_key(
+        "folder holding the model folders", "DIR", _path,
+        default_doc="models/ next to server/", relative_to_file=True))
+    host: str = field(default=DEFAULT_HOST, metadata=_key(
+        "interface to listen on for OSC; anything but loopback is an explicit choice (see allow)",
+        "HOST", _host))
+    port: int = field(default=DEFAULT_PORT, metadata=_key(
+        "UDP port to listen on for OSC (0 = any free port)", "PORT", _port))
+    send: tuple[Endpoint, ...] = field(default=((DEFAULT_HOST, DEFAULT_SEND_PORT),), metadata=_key(
+        f"where output goes; repeat for several (up to {MAX_DESTINATIONS}); given values replace "
+        "the default; clients can also add themselves with /hello",
+        "HOST:PORT", _each(_endpoint), repeat=True, default_doc=f"{DEFAULT_HOST}:{DEFAULT_SEND_PORT}"))
+    mode: Mode = field(default=Mode.ACCOMPANY, metadata=_key(
+        f"interaction mode: {', '.join(MODE_NAMES)}", "MODE", _mode, default_doc=Mode.ACCOMPANY.value))
+    temperature: float = field(default=1.0, metadata=_key(
+        "mixture-weight temperature (>= 0; 0 = most likely component)", "T", _non_negative))
+    sigma_temperature: float = field(default=1.0, metadata=_key(
+        "scale temperature (>= 0; 0 = the component's mean)", "T", _non_negative))
+    timescale: float = field(default=1.0, metadata=_key(
+        "multiplies predicted dt before scheduling (> 0)", "FACTOR", _positive))
+    threshold: float = field(default=1.5, metadata=_key(
+        "seconds of performer silence before respond mode takes over (>= 0)", "SECONDS", _non_negative))
+    log_dir: Path = field(default=Path("logs"), metadata=_key(
+        "folder for performance logs, one CSV per run", "DIR", _path, relative_to_file=True))
+    seed: int | None = field(default=None, metadata=_key(
+        "random seed for sampling, to repeat a performance exactly", "N", _seed,
+        default_doc="none (unpredictable)"))
+    allow: tuple[Network, ...] = field(default=(), metadata=_key(
+        "accept OSC only from these networks (address or CIDR); repeat for several",
+        "CIDR", _each(_network), repeat=True, default_doc="anyone who can reach host"))
+
+
+def _keys() -> tuple[tuple[Field[Any], Key], ...]:
+    return tuple((f, f.metadata["key"]) for f in fields(RunConfig))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default_doc(f: Field[Any], key: Key) -> str:
+    if key.default_doc is not None:
+        return key.default_doc
+    assert f.default is not MISSING
+    return str(f.default)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per RunConfig key plus `--config FILE.toml`; defaults are None so 'given' is detectable."""
+    parser.add_argument("--config", metavar="FILE.toml", default=None,
+                        help="read settings from a TOML file (keys as below, '-' or '_'); flags override it")
+    for f, key in _keys():
+        parser.add_argument(
+            _flag(f.name), dest=f.name, default=None, metavar=key.metavar,
+            action="append" if key.repeat else "store",
+            help=f"{key.help} (default: {_default_doc(f, key)})".replace("%", "%%"),
+        )
+
+
+def resolve_run_config(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults < the `--config` TOML file < flags into a validated RunConfig, or raise ConfigError."""
+    keys = {f.name: key for f, key in _keys()}
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None)
+    if config_file is not None:
+        path = Path(config_file)
+        seen: dict[str, str] = {}
+        for raw_key, raw in _read_toml(path).items():
+            name = raw_key.replace("-", "_")
+            if name not in keys:
+                raise ConfigError(
+                    f"{path}: unknown key {raw_key!r}; valid keys: {', '.join(keys)}")
+            if name in seen:
+                raise ConfigError(f"{path}: {raw_key!r} repeats {seen[name]!r}")
+            seen[name] = raw_key
+            value = _parse(keys[name], raw, f"{path}: {raw_key}")
+            if keys[name].relative_to_file and not value.is_absolute():
+                value = path.parent / value
+            values[name] = value
+    for name, key in keys.items():
+        raw = getattr(args, name, None)
+        if raw is not None:
+            values[name] = _parse(key, raw, _flag(name))
+    if len(values.get("send", ())) > MAX_DESTINATIONS:
+        raise ConfigError(f"send: at most {MAX_DESTINATIONS} destinations, got {len(values['send'])}")
+    return RunConfig(**values)
+
+
+def _parse(key: Key, raw: object, origin: str) -> Any:
+    try:
+        return key.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+
+
+def _read_toml(path: Path) -> Mapping[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+
+
+def config_reference_markdown() -> str:
+    """A Markdown table of every key (TOML key, flag, default, meaning) for the README."""
+    rows = [
+        "| key | flag | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for f, key in _keys():
+        flag = f"`{_flag(f.name)} {key.metavar}`" + (" (repeatable)" if key.repeat else "")
+        rows.append(f"| `{f.name}` | {flag} | `{_default_doc(f, key)}` | {key.help.replace('|', chr(92) + '|')} |")
+    rows.append("")
+    rows.append("Put any key in a TOML file and pass `--config FILE.toml` (write keys with `_` or `-`; "
+                "lists for repeatable keys). Flags override the file, which overrides the defaults; "
+                "relative paths in the file are relative to the file.")
+    return "\n".join(rows)
+
+
+def config_reference_text() -> str:
+    """The same reference as aligned plain text (also appended to this module's docstring)."""
+    pairs = [(f"{f.name} ({_flag(f.name)} {key.metavar})", f"{key.help}; default {_default_doc(f, key)}")
+             for f, key in _keys()]
+    width = max(len(left) for left, _ in pairs)
+    return "\n".join(f"  {left:<{width}}  {right}" for left, right in pairs)
+
+
+__doc__ = f"{__doc__}\nKeys:\n\n{config_reference_text()}\n"

@@ -1,0 +1,41 @@
+"""What the transports may ask of the engine: the narrow interface between OSC/MIDI and the model loop.
+
+Transports call these methods; they never touch the model. The engine implements them.
+Methods raise `ControlError` with a human-readable reason when a request is refused
+(e.g. an unknown mode or a model that fails to load); the transport turns that into
+an `/error` reply and the engine keeps its previous state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class ControlError(ValueError):
+    """A control request was refused; the message says why and is safe to send to a client."""
+
+
+class Controls(Protocol):
+    def perform(self, x: float, y: float) -> None:
+        """A performer event at position (x, y) in [0, 1]^2, happening now."""
+
+    def set_temperature(self, value: float) -> None: ...
+
+    def set_sigma_temperature(self, value: float) -> None: ...
+
+    def set_timescale(self, value: float) -> None: ...
+
+    def set_threshold(self, seconds: float) -> None: ...
+
+    def set_mode(self, name: str) -> None: ...
+
+    def reset(self) -> None:
+        """Zero the RNN state."""
+
+    def set_paused(self, paused: bool) -> None: ...
+
+    def load_model(self, name: str) -> None:
+        """Swap in models/<name> without stopping; raises ControlError and keeps the old model on failure."""
+
+    def status(self) -> dict[str, Any]:
+        """Key/value pairs for `/status` (str, int or float values)."""

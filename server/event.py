@@ -1,0 +1,22 @@
+"""The one value that flows through the server: a timed 2D event from a performer or the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Source = Literal["performer", "model"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A point in [0, 1]^2 at a monotonic time (seconds, `time.monotonic()` clock).
+
+    Monotonic so scheduling never jumps with the wall clock; the recorder converts to
+    Unix time when it writes a log.
+    """
+
+    time: float
+    x: float
+    y: float
+    source: Source

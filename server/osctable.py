@@ -1,0 +1,215 @@
+"""Declarative OSC addresses: a handler's signature is its argument spec, its docstring its documentation.
+
+Decorate a function with `@address("/path")`. Its first parameter receives the request
+context; the others are annotated `float`, `int` or `str`, and defaults make trailing
+arguments optional. The signature is compiled once, at import, into converters, so a
+message costs one dict lookup plus one small call per argument, never `inspect`.
+
+Argument rules (clients disagree about number types, so accept what they mean):
+
+- float: OSC `f`, `d`, `i` or `h`; NaN and +-inf are rejected.
+- int: OSC `i` or `h`, or a float with an integral value, because Pd sends every
+  number as a float; 1.5 is rejected.
+- str: OSC `s` only.
+- Anything else (booleans `T`/`F`, nil, blobs, arrays, MIDI, timetags) is rejected.
+
+Range checks belong in the handler: raise `ControlError` with a reason for the client.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from server.controls import ControlError
+
+F = TypeVar("F", bound=Callable[..., None])
+
+# OSC pattern-matching and reserved characters: addresses here are literal.
+_RESERVED = set(" #*,?[]{}")
+
+
+class ArgumentError(ControlError):
+    """An OSC message's arguments do not fit its handler's signature."""
+
+
+class _BadValue(Exception):
+    """One argument failed conversion; the caller adds the parameter's name."""
+
+
+def _describe(value: object) -> str:
+    """Name a decoded OSC value the way a client author would recognise it."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "nil"
+    if isinstance(value, bytes):
+        return "a blob"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return f"the string {value[:32]!r}"
+    if isinstance(value, float):
+        return f"the float {value!r}"
+    if isinstance(value, int):
+        return f"the int {value}"
+    return f"an unsupported {type(value).__name__} value"
+
+
+def _to_float(value: object) -> float:
+    kind = type(value)
+    if kind is float:
+        if value - value == 0.0:  # type: ignore[operator]  # False for NaN and +-inf
+            return value  # type: ignore[return-value]
+        raise _BadValue(f"expected a finite number, got {value!r}")
+    if kind is int:
+        return float(value)  # type: ignore[arg-type]
+    raise _BadValue(f"expected a number, got {_describe(value)}")
+
+
+def _to_int(value: object) -> int:
+    kind = type(value)
+    if kind is int:
+        return value  # type: ignore[return-value]
+    if kind is float and value.is_integer():  # type: ignore[attr-defined]  # False for NaN, inf
+        return int(value)  # type: ignore[call-overload]
+    raise _BadValue(f"expected an integer, got {_describe(value)}")
+
+
+def _to_str(value: object) -> str:
+    if type(value) is str:
+        return value  # type: ignore[return-value]
+    raise _BadValue(f"expected a string, got {_describe(value)}")
+
+
+_CONVERTERS: dict[str, Callable[[object], Any]] = {"float": _to_float, "int": _to_int, "str": _to_str}
+# Annotations arrive as strings under `from __future__ import annotations`, else as types.
+_KINDS: dict[object, str] = {**{k: k for k in _CONVERTERS}, float: "float", int: "int", str: "str"}
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One OSC argument, compiled from a handler parameter."""
+
+    name: str
+    kind: str  # "float", "int" or "str"
+    optional: bool
+    convert: Callable[[object], Any]
+
+    @property
+    def usage(self) -> str:
+        text = f"{self.name}:{self.kind}"
+        return f"[{text}]" if self.optional else text
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A compiled handler: validates a message's arguments, then calls the function."""
+
+    path: str
+    func: Callable[..., None]
+    params: tuple[Param, ...]
+    required: int
+    summary: str
+
+    @property
+    def usage(self) -> str:
+        """Arguments as `x:float y:float [port:int]` for documentation."""
+        return " ".join(p.usage for p in self.params)
+
+    def invoke(self, ctx: object, args: Sequence[object]) -> None:
+        """Convert `args` per the signature and call the handler; ArgumentError if they don't fit."""
+        params = self.params
+        if not self.required <= len(args) <= len(params):
+            raise ArgumentError(self._count_reason(len(args)))
+        values = []
+        for param, arg in zip(params, args):
+            try:
+                values.append(param.convert(arg))
+            except _BadValue as exc:
+                raise ArgumentError(f"{param.name}: {exc}") from None
+        self.func(ctx, *values)
+
+    def _count_reason(self, got: int) -> str:
+        if not self.params:
+            return f"expected no arguments, got {got}"
+        most = len(self.params)
+        count = str(most) if self.required == most else f"{self.required}-{most}"
+        noun = "argument" if count == "1" else "arguments"
+        return f"expected {count} {noun} ({self.usage}), got {got}"
+
+
+def _compile(path: str, func: Callable[..., None]) -> Address:
+    if not path.startswith("/") or len(path) < 2 or _RESERVED.intersection(path):
+        raise ValueError(f"{path!r} is not a literal OSC address")
+    signature = inspect.signature(func)
+    parameters = list(signature.parameters.values())
+    if not parameters:
+        raise TypeError(f"{func.__qualname__}: the first parameter must take the request context")
+    params = []
+    for p in parameters[1:]:
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be positional")
+        kind = _KINDS.get(p.annotation)
+        if kind is None:
+            raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be annotated float, int or str")
+        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, _CONVERTERS[kind]))
+    doc = inspect.getdoc(func)
+    if not doc:
+        raise TypeError(f"{func.__qualname__}: a handler's docstring is its documentation; add one")
+    required = sum(1 for p in params if not p.optional)
+    return Address(path, func, tuple(params), required, doc.splitlines()[0])
+
+
+def address(path: str) -> Callable[[F], F]:
+    """Mark `func` as the handler of OSC `path`, compiling its signature now."""
+
+    def mark(func: F) -> F:
+        func.osc_address = _compile(path, func)  # type: ignore[attr-defined]
+        return func
+
+    return mark
+
+
+class AddressTable:
+    """The immutable mapping from OSC address to compiled handler, in documentation order."""
+
+    def __init__(self, handlers: Iterable[Callable[..., None]]) -> None:
+        table: dict[str, Address] = {}
+        for func in handlers:
+            spec = getattr(func, "osc_address", None)
+            if not isinstance(spec, Address):
+                raise TypeError(f"{getattr(func, '__qualname__', func)!r} is not decorated with @address")
+            if spec.path in table:
+                raise ValueError(f"duplicate OSC address {spec.path}")
+            table[spec.path] = spec
+        self.lookup: Mapping[str, Address] = MappingProxyType(table)
+
+    def __iter__(self) -> Iterator[Address]:
+        return iter(self.lookup.values())
+
+    def __len__(self) -> int:
+        return len(self.lookup)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.lookup)
+
+    def text(self) -> str:
+        """Aligned plain text, one address per line, for a start-up banner."""
+        width_path = max(len(a.path) for a in self)
+        width_usage = max(len(a.usage) for a in self)
+        return "\n".join(
+            f"{a.path:<{width_path}}  {a.usage:<{width_usage}}  {a.summary}".rstrip() for a in self
+        )
+
+    def markdown(self) -> str:
+        """A Markdown table (address, arguments, meaning) for the README."""
+        rows = ["| address | arguments | meaning |", "|---|---|---|"]
+        for a in self:
+            usage = f"`{a.usage}`" if a.usage else ""
+            rows.append(f"| `{a.path}` | {usage} | {a.summary.replace('|', chr(92) + '|')} |")
+        return "\n".join(rows)

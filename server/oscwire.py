@@ -1,0 +1,163 @@
+"""OSC 1.0 wire details python-osc leaves to us: strict framing checks and a cheap encoder.
+
+python-osc decodes each message for us, but it zero-pads a truncated trailing float and
+skips unknown type tags (with a root-logger warning), which would turn a broken packet
+into wrong values, so `message_problem` rejects those first. Bundles are unpacked here
+rather than by `OscBundle`, which (python-osc 1.10) loops forever on a negative element
+size: one hostile datagram would hang the server. The encoder exists because
+building `/prediction` through `OscMessageBuilder` costs several microseconds per
+message on the hot path; it only writes the three types every OSC client reads
+(`i`, `f`, `s`).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+_FLOAT2 = struct.Struct(">ff")
+_FLOAT = struct.Struct(">f")
+_INT = struct.Struct(">i")
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+# Bytes taken by each fixed-size type tag python-osc decodes (T F N [ ] carry no data).
+_FIXED_SIZES = {ord(t): n for t, n in zip("ifrmdhtTFN[]", (4, 4, 4, 4, 8, 8, 8, 0, 0, 0, 0, 0))}
+_COMMA, _S, _B = ord(","), ord("s"), ord("b")
+
+
+def _padded(start: int, nul: int) -> int:
+    """End of an OSC string that starts at `start` and has its NUL at `nul` (4-byte aligned)."""
+    return start + ((nul - start) & ~3) + 4
+
+
+def message_problem(data: bytes) -> str | None:
+    """Why `data` is not a complete OSC message python-osc will read faithfully, or None.
+
+    Trailing bytes after the last argument are tolerated (lenient, like most servers).
+    """
+    size = len(data)
+    nul = data.find(b"\0")
+    if nul < 0:
+        return "unterminated address"
+    pos = _padded(0, nul)
+    if pos >= size:  # no type tag string: an argument-less message (OSC 1.0 allows it)
+        return None if pos == size else "truncated message"
+    if data[pos] != _COMMA:
+        return "type tags must start with ','"
+    nul = data.find(b"\0", pos)
+    if nul < 0:
+        return "truncated message"
+    tags = data[pos + 1 : nul]
+    pos = _padded(pos, nul)
+    for tag in tags:
+        fixed = _FIXED_SIZES.get(tag)
+        if fixed is not None:
+            pos += fixed
+        elif tag == _S:
+            nul = data.find(b"\0", pos)
+            if nul < 0:
+                return "truncated message"
+            pos = _padded(pos, nul)
+        elif tag == _B:
+            if pos + 4 > size:
+                return "truncated message"
+            pos += 4 + ((int.from_bytes(data[pos : pos + 4], "big") + 3) & ~3)
+        else:
+            return f"unsupported OSC type tag {chr(tag)!r}"
+    return "truncated message" if pos > size else None
+
+
+MAX_BUNDLE_DEPTH = 8
+_BUNDLE = b"#bundle\0"
+
+
+def is_bundle(data: bytes) -> bool:
+    return data.startswith(_BUNDLE)
+
+
+def bundle_messages(data: bytes) -> list[bytes]:
+    """The message packets inside a bundle (nested ones too), in order; ValueError saying why if malformed.
+
+    The timetag is skipped: callers apply the messages at once. Each returned packet
+    still needs `message_problem` and decoding.
+    """
+    messages: list[bytes] = []
+    _unpack_bundle(data, 1, messages)
+    return messages
+
+
+def _unpack_bundle(data: bytes, depth: int, out: list[bytes]) -> None:
+    if depth > MAX_BUNDLE_DEPTH:
+        raise ValueError(f"bundles nested deeper than {MAX_BUNDLE_DEPTH}")
+    size = len(data)
+    if size < 16 or not data.startswith(_BUNDLE):
+        raise ValueError("truncated bundle")
+    pos = 16  # "#bundle\0" and the 8-byte timetag
+    while pos < size:
+        length = int.from_bytes(data[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if length <= 0 or length % 4 or pos + length > size:
+            raise ValueError("bad bundle element size")
+        element = data[pos : pos + length]
+        pos += length
+        if element.startswith(_BUNDLE):
+            _unpack_bundle(element, depth + 1, out)
+        elif element.startswith(b"/"):
+            out.append(element)
+        else:
+            raise ValueError("bundle element is neither a message nor a bundle")
+
+
+def peek_address(data: bytes, limit: int = 64) -> str:
+    """Best-effort address of an unreadable packet, so its `/error` reply says what it was."""
+    if not data.startswith((b"/", b"#")):
+        return "?"
+    nul = data.find(b"\0", 0, limit)
+    return data[: nul if nul >= 0 else limit].decode("utf-8", "replace")
+
+
+def encode_string(text: str) -> bytes:
+    """An OSC string: UTF-8, NUL-terminated, padded to 4 bytes (embedded NULs dropped)."""
+    raw = text.replace("\0", "").encode("utf-8", "replace")
+    return raw + b"\0" * (4 - len(raw) % 4)
+
+
+def _encode_float(value: float) -> bytes:
+    try:
+        return _FLOAT.pack(value)
+    except OverflowError:  # beyond float32: saturate rather than fail to send
+        return _FLOAT.pack(math.copysign(math.inf, value))
+
+
+def encode_message(address: str, *args: int | float | str) -> bytes:
+    """Encode an OSC message with int (`i`), float (`f`, float32) and str (`s`) arguments.
+
+    bool is sent as `i` 0/1 and ints outside int32 as `f`, because Pd and Max read
+    neither `T`/`F` nor `h`. Any other type is a programming error (TypeError).
+    """
+    tags = [","]
+    body = []
+    for arg in args:
+        if isinstance(arg, str):
+            tags.append("s")
+            body.append(encode_string(arg))
+        elif isinstance(arg, int) and _INT_MIN <= arg <= _INT_MAX:
+            tags.append("i")
+            body.append(_INT.pack(arg))
+        elif isinstance(arg, (int, float)):
+            tags.append("f")
+            body.append(_encode_float(float(arg)))
+        else:
+            raise TypeError(f"cannot encode {type(arg).__name__} as an OSC argument")
+    return encode_string(address) + encode_string("".join(tags)) + b"".join(body)
+
+
+_PREDICTION_HEAD = encode_string("/prediction") + encode_string(",ff")
+
+
+def encode_prediction(x: float, y: float) -> bytes:
+    """`/prediction x y` as float32: the one message sent per model event, so it is precomputed."""
+    try:
+        return _PREDICTION_HEAD + _FLOAT2.pack(x, y)
+    except OverflowError:
+        return _PREDICTION_HEAD + _encode_float(x) + _encode_float(y)

@@ -1,0 +1,119 @@
+"""Test helpers: a real `python -m server run` subprocess and an OSC peer on a loopback UDP socket."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class OscPeer:
+    """One UDP socket that sends OSC to the server and collects what comes back (predictions, errors)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.target: tuple[str, int] | None = None
+
+    def send(self, address: str, *args: object) -> None:
+        b = OscMessageBuilder(address)
+        for a in args:
+            b.add_arg(a)
+        self.send_raw(b.build().dgram)
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.target is not None
+        self.sock.sendto(data, self.target)
+
+    def receive(self, seconds: float, address: str | None = None, count: int | None = None) -> list[tuple[float, str, list]]:
+        """Messages (arrival time, address, args) for up to ``seconds`` or until ``count`` matched."""
+        out: list[tuple[float, str, list]] = []
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or (count is not None and len(out) >= count):
+                return out
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                return out
+            msg = OscMessage(data)
+            if address is None or msg.address == address:
+                out.append((time.monotonic(), msg.address, list(msg.params)))
+
+    def drain(self, seconds: float = 0.05) -> None:
+        self.receive(seconds)
+
+    def request(self, address: str, *args: object, reply: str, seconds: float = 2.0) -> list:
+        self.send(address, *args)
+        got = self.receive(seconds, reply, count=1)
+        assert got, f"no {reply} reply to {address}"
+        return got[0][2]
+
+    def status(self) -> dict:
+        args = self.request("/status", reply="/status")
+        return dict(zip(args[::2], args[1::2]))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    port: int
+    log_dir: Path
+    ready_line: str
+    output: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+    def logs(self) -> list[Path]:
+        return sorted(self.log_dir.glob("*.csv"))
+
+
+def start_server(log_dir: Path, *flags: str, timeout: float = 60.0) -> ServerProcess:
+    """Start `python -m server run --port 0 ...` and wait for its `ready` line."""
+    cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--log-dir", str(log_dir), *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    found: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                found.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    end = time.monotonic() + timeout
+    while not found:
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError("server did not become ready:\n" + "".join(lines))
+        time.sleep(0.02)
+    port = int(re.search(r"listening on [^ ]+:(\d+)", found[0]).group(1))
+    return ServerProcess(proc, port, Path(log_dir), found[0], lines)

@@ -1,0 +1,247 @@
+"""The live server end to end: a real `python -m server run` process, real UDP sockets on loopback."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.live import REPO, OscPeer, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    peer = OscPeer()
+    srv = start_server(tmp_path_factory.mktemp("logs"), "--send", f"127.0.0.1:{peer.port}", "--timescale", "0.01", "--seed", "1")
+    peer.target = ("127.0.0.1", srv.port)
+    yield srv, peer
+    assert srv.stop() == 0
+    peer.close()
+
+
+@pytest.fixture
+def peer(server):
+    """The shared peer, with the server back in accompany mode and nothing in flight."""
+    srv, p = server
+    for msg in (("/pause", 0), ("/mode", "accompany"), ("/timescale", 0.01), ("/temperature", 1.0), ("/sigma_temperature", 1.0)):
+        p.send(*msg)
+    p.status()
+    p.drain(0.2)
+    return p
+
+
+def gestures(peer: OscPeer, n: int, gap: float) -> None:
+    start = time.monotonic()
+    for i in range(n):
+        peer.send("/gesture", 0.5 + 0.3 * np.cos(i / 5), 0.5 + 0.3 * np.sin(i / 5))
+        # absolute schedule, not a chain of relative sleeps
+        time.sleep(max(0.0, start + (i + 1) * gap - time.monotonic()))
+
+
+def test_ready_line_and_namespace_printed(server):
+    srv, _ = server
+    text = "".join(srv.output)
+    from server.osc import ADDRESSES
+
+    for address in ADDRESSES:
+        assert address in text
+    assert "model default (litert)" in srv.ready_line
+
+
+def test_accompany_answers_each_input(peer):
+    gestures(peer, 30, 0.02)
+    got = peer.receive(2.0, "/prediction", count=30)
+    assert len(got) == 30
+    xy = np.array([args for _, _, args in got])
+    assert xy.shape == (30, 2) and np.all((xy >= 0) & (xy <= 1))
+    assert peer.receive(0.3, "/prediction") == [], "exactly one answer per input"
+
+
+def test_listen_is_silent_but_counts_inputs(peer):
+    peer.send("/mode", "listen")
+    before = peer.status()["inputs"]
+    gestures(peer, 10, 0.02)
+    assert peer.receive(0.5, "/prediction") == []
+    assert peer.status()["inputs"] == before + 10
+
+
+def test_generate_plays_with_no_input(peer):
+    peer.send("/timescale", 0.2)
+    peer.send("/mode", "generate")
+    got = peer.receive(3.0, "/prediction", count=8)
+    peer.send("/mode", "listen")
+    assert len(got) >= 8
+
+
+def test_respond_waits_for_silence_then_continues(peer):
+    peer.send("/threshold", 0.6)
+    peer.send("/timescale", 0.3)
+    peer.send("/mode", "respond")
+    gestures(peer, 20, 0.05)  # one second of playing: the model must stay quiet
+    last_input = time.monotonic()
+    during = peer.receive(0.4, "/prediction")
+    assert during == [], "respond must not play while the performer plays"
+    after = peer.receive(6.0, "/prediction", count=3)
+    assert len(after) >= 3
+    assert after[0][0] - last_input >= 0.55, "took over before the threshold"
+    gestures(peer, 3, 0.02)  # the performer plays again: the model yields
+    peer.drain(0.05)
+    assert peer.receive(0.4, "/prediction") == []
+    peer.send("/mode", "listen")
+
+
+def test_pause_stops_and_resumes_output(peer):
+    peer.send("/pause", 1)
+    gestures(peer, 5, 0.02)
+    assert peer.receive(0.4, "/prediction") == []
+    assert peer.status()["paused"] == 1
+    peer.send("/pause", 0)
+    gestures(peer, 5, 0.02)
+    assert len(peer.receive(1.0, "/prediction", count=5)) == 5
+
+
+def test_controls_change_status_and_behaviour(peer):
+    peer.send("/temperature", 0.0)
+    peer.send("/sigma_temperature", 0.0)
+    peer.send("/threshold", 2.5)
+    st = peer.status()
+    assert (st["temperature"], st["sigma_temperature"], st["threshold"]) == (0.0, 0.0, 2.5)
+    # Greedy sampling: a reset model given the same input gives the same answer every time.
+    answers = []
+    for _ in range(3):
+        peer.send("/reset")
+        peer.send("/gesture", 0.2, 0.8)
+        answers.append(peer.receive(1.0, "/prediction", count=1)[0][2])
+    assert np.allclose(answers[0], answers[1], atol=1e-3) and np.allclose(answers[1], answers[2], atol=1e-3)
+    # /timescale stretches the wait before an answer.
+    peer.send("/timescale", 50.0)
+    peer.send("/gesture", 0.2, 0.8)
+    assert peer.receive(0.3, "/prediction") == []
+    peer.send("/mode", "listen")  # cancels the far-away answer
+
+
+def test_status_reports_counts_and_latency(peer):
+    gestures(peer, 5, 0.01)
+    peer.receive(1.0, "/prediction", count=5)
+    st = peer.status()
+    for key in ("mode", "inputs", "outputs", "osc_rejected", "dropped", "step_us_median", "step_us_p99", "backend"):
+        assert key in st, key
+    assert st["mode"] == "accompany" and st["outputs"] >= 5
+    assert 0 < st["step_us_median"] <= st["step_us_p99"]
+
+
+def test_model_hot_swap(peer):
+    assert peer.request("/model", "nope", reply="/error")[0] == "/model"
+    assert peer.request("/model", "../default", reply="/error")[0] == "/model"
+    st = peer.status()
+    assert st["model"] == "default" and st["model_swaps"] == 0
+    peer.send("/model", "default")
+    assert peer.status()["model_swaps"] == 1
+    gestures(peer, 3, 0.02)
+    assert len(peer.receive(1.0, "/prediction", count=3)) == 3
+
+
+def test_hello_adds_a_destination(server, peer):
+    srv, _ = server
+    other = OscPeer()
+    other.target = ("127.0.0.1", srv.port)
+    try:
+        other.send("/hello")
+        other.status()
+        gestures(peer, 3, 0.02)
+        assert len(other.receive(1.0, "/prediction", count=3)) == 3
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ("/gesture", 0.5),
+        ("/gesture", "a", 0.5),
+        ("/gesture", float("nan"), 0.5),
+        ("/gesture", float("inf"), 0.5),
+        ("/temperature", -1.0),
+        ("/timescale", 0.0),
+        ("/mode", "dance"),
+        ("/nowhere", 1.0),
+    ],
+)
+def test_bad_input_gets_error_and_server_keeps_serving(peer, message):
+    before = peer.status()["osc_rejected"]
+    err = peer.request(*message, reply="/error")
+    assert err[0] == message[0] and isinstance(err[1], str) and err[1]
+    peer.send_raw(b"\x00garbage")
+    assert peer.receive(1.0, "/error", count=1)
+    assert peer.status()["osc_rejected"] == before + 2
+    gestures(peer, 1, 0.0)
+    assert len(peer.receive(1.0, "/prediction", count=1)) == 1
+
+
+def test_sigterm_leaves_a_complete_log(tmp_path):
+    peer = OscPeer()
+    srv = start_server(tmp_path, "--send", f"127.0.0.1:{peer.port}", "--timescale", "0.001")
+    peer.target = ("127.0.0.1", srv.port)
+    gestures(peer, 60, 0.005)
+    answers = peer.receive(2.0, "/prediction", count=60)
+    assert srv.stop(signal.SIGTERM) == 0
+    peer.close()
+    (log,) = srv.logs()
+    text = log.read_text()
+    assert text.endswith("\n")
+    rows = list(csv.reader(text.splitlines()))
+    assert rows[0] == ["time", "source", "x", "y"]
+    sources = [r[1] for r in rows[1:]]
+    assert sources.count("performer") == 60 and sources.count("model") == len(answers) == 60
+    times = [float(r[0]) for r in rows[1:]]
+    assert abs(times[0] - time.time()) < 60
+
+
+def test_logs_to_dataset_to_training(tmp_path):
+    from server.cli import main
+
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--send", f"127.0.0.1:{peer.port}", "--timescale", "0.001")
+    peer.target = ("127.0.0.1", srv.port)
+    gestures(peer, 80, 0.004)
+    peer.receive(2.0, "/prediction", count=80)
+    assert srv.stop(signal.SIGINT) == 0
+    peer.close()
+    ds_path = tmp_path / "played.npz"
+    assert main(["dataset", str(tmp_path / "logs"), "--out", str(ds_path)]) == 0
+    from server.data import load_dataset
+
+    ds = load_dataset(ds_path)
+    assert len(ds.starts) == 2 and len(ds.events) == 160
+    args = ["train", "--data", str(ds_path), "--size", "xs", "--name", "played", "--models-dir", str(tmp_path / "m"),
+            "--epochs", "1", "--sequence-length", "20", "--no-report"]
+    assert main(args) == 0
+    assert (tmp_path / "m" / "played" / "step.tflite").is_file()
+
+
+def test_run_with_tflite_never_imports_tensorflow(tmp_path):
+    script = (
+        "import os, signal, sys, threading\n"
+        "from server.cli import main\n"
+        "threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()\n"
+        f"rc = main(['run', '--port', '0', '--log-dir', {str(tmp_path)!r}])\n"
+        "print('RC', rc, 'TF', 'tensorflow' in sys.modules, 'KERAS', 'keras' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
+    assert "ready:" in out
+    assert "RC 0 TF False KERAS False" in out
+
+
+def test_bad_model_fails_at_start_with_a_clear_message(tmp_path):
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "server", "run", "--models-dir", str(tmp_path / "models"), "--model", "broken", "--log-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 1
+    assert "model.json is missing" in res.stderr
