@@ -165,6 +165,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
+    p.add_argument("--quick", action="store_true", help="fewer steps and shorter runs (a smoke test)")
+
+
+@command("bench", "measure step latency, OSC round trip, idle CPU and start-up time")(_bench_args)
+def cmd_bench(args: argparse.Namespace) -> int:
+    from server.bench import run_bench
+
+    run_bench(args.model, args.models_dir, args.out, args.quick)
+    return 0
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _docs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--readme", type=Path, default=REPO / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the generated sections are stale")
+
+
+@command("docs", "regenerate the README sections made from the code (OSC namespace, modes, sizes, config)")(_docs_args)
+def cmd_docs(args: argparse.Namespace) -> int:
+    from server.docs import update
+
+    if update(args.readme, args.check):
+        return 0
+    print(f"{args.readme} is stale: run python -m server docs", file=sys.stderr)
+    return 1
+
+
 # --------------------------------------------------------------------------- main
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from server.modes import MODE_NAMES, Mode, parse_mode
-from server.names import check_model_name
 from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, MAX_DESTINATIONS, Network
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -97,7 +96,10 @@ def _host(raw: object) -> str:
 
 
 def _model(raw: object) -> str:
-    return check_model_name(raw)  # type: ignore[arg-type]  # it rejects non-strings itself
+    """A model name under models_dir or, from the command line or a config file, a folder path."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"expected a model name or folder path, got {raw!r}")
+    return raw.strip()
 
 
 def _mode(raw: object) -> Mode:
@@ -177,7 +179,7 @@ class RunConfig:
     """Everything `run` needs; build it with `resolve_run_config`, which validates each value."""
 
     model: str = field(default="default", metadata=_key(
-        "model folder name under models_dir", "NAME", _model))
+        "model folder name under models_dir, or a model folder path", "NAME|PATH", _model))
     models_dir: Path = field(default=DEFAULT_MODELS_DIR, metadata=_key(
         "folder holding the model folders", "DIR", _path,
         default_doc="models/ next to server/", relative_to_file=True))

@@ -79,6 +79,9 @@ class Engine:
         self.models_dir = Path(models_dir)
         self.settings = settings or Settings()
         self.sinks: list[Sink] = list(sinks or [])
+        # Called whenever scheduled output is abandoned (mode change, pause, model swap,
+        # stop) so an output that holds notes can release them.
+        self.silencers: list[Callable[[], None]] = []
         self._rng = np.random.default_rng(seed)
         self._pending: dict[int, asyncio.TimerHandle] = {}  # insertion-ordered: oldest first
         self._next_id = 0
@@ -278,6 +281,12 @@ class Engine:
         for handle in self._pending.values():
             handle.cancel()
         self._pending.clear()
+        for silence in self.silencers:
+            try:
+                silence()
+            except Exception:
+                self.counts["sink_errors"] += 1
+                log.exception("output silencer failed")
 
 
 def _check(value: float, name: str, minimum: float) -> float:

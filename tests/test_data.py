@@ -133,3 +133,11 @@ def test_nothing_in_the_package_pickles():
         text = path.read_text()
         assert not re.search(r"^\s*(import|from)\s+pickle", text, re.M), path
         assert "allow_pickle=True" not in text, path
+
+
+def test_readme_generated_sections_are_current():
+    from server.docs import render
+
+    text = (REPO / "README.md").read_text()
+    assert render(text) == text, "README is stale: run python -m server docs"
+    assert text.startswith("# Antiphon\n\n```sh\nmake run") and "make test" in text.split("\n\n")[1]

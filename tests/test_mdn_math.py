@@ -158,3 +158,20 @@ def test_any_parameters_give_a_finite_sample(values, temperature, sigma_temperat
 def test_negative_temperature_is_refused():
     with pytest.raises(ValueError):
         mdn.sample(pack([0.0], [1.0], [0.0]), 1, 1, np.random.default_rng(0), temperature=-1)
+
+
+def test_scalar_sampler_matches_the_vectorised_one():
+    rng = np.random.default_rng(11)
+    k, d = 3, 2
+    params = pack([[0.0, 1.0], [4.0, -2.0], [-3.0, 3.0]], [[0.3, 0.5], [1.0, 0.2], [0.7, 0.7]], [0.5, -0.2, 1.0])
+    for t, s in ((1.0, 1.0), (0.5, 2.0), (3.0, 0.3)):
+        fast = np.array([mdn.sample_row(params, k, d, rng, t, s) for _ in range(6000)])
+        ref = mdn.sample(np.tile(params, (6000, 1)), k, d, rng, t, s)
+        np.testing.assert_allclose(fast.mean(0), ref.mean(0), atol=0.15)
+        np.testing.assert_allclose(fast.std(0), ref.std(0), rtol=0.06)
+    greedy = mdn.sample_row(params, k, d, rng, 0.0, 0.0)
+    np.testing.assert_array_equal(greedy, mdn.sample(params, k, d, rng, 0.0, 0.0))
+    wild = params.copy()
+    wild[:] = [np.nan, np.inf, -np.inf, 1e30, 0, 0, 1e-9, np.inf, 1e4, np.nan, 0.1, 0.1, 1e30, np.nan, -np.inf]
+    for t in (0.0, 1e-7, 1.0, 1e3):
+        assert np.all(np.isfinite(mdn.sample_row(wild, k, d, rng, t, 1.0)))

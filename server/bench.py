@@ -1,0 +1,216 @@
+"""`bench`: the speed budgets of DESIGN.md, measured in one run on one model.
+
+Step latency (observe + predict + sample) for the LiteRT path, the TensorFlow
+fallback and the naive per-event `model.predict`; then a real server process over
+loopback: ready time, idle CPU, and the `accompany` round trip at 100 and 1,000
+messages/s. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.osc import ADDRESSES  # noqa: F401  (the namespace the bench speaks)
+from server.oscwire import encode_message
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def step_latency(predictor, steps: int, rng: np.random.Generator) -> dict[str, float]:
+    """Median and p99 of one observe + sample, after a warm-up."""
+    times = np.empty(steps)
+    dt, x, y = 0.02, 0.5, 0.5
+    for i in range(-min(steps, 200), steps):
+        t0 = time.perf_counter()
+        predictor.observe(dt, x, y)
+        dt, x, y = predictor.sample(rng, 1.0, 1.0)
+        if i >= 0:
+            times[i] = time.perf_counter() - t0
+    return {"median_us": float(np.median(times) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6), "steps": steps}
+
+
+def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
+    from server.modelspec import read_info
+    from server.runtime import KerasPredictStep, Predictor
+
+    rng = np.random.default_rng(0)
+    info = read_info(folder)
+    out: dict[str, Any] = {"litert": step_latency(Predictor(folder, backend="litert"), 2000 if quick else 20000, rng)}
+    out["tensorflow"] = step_latency(Predictor(folder, backend="tensorflow"), 200 if quick else 2000, rng)
+    naive = Predictor(folder, info=info, step=(KerasPredictStep(folder / "model.keras", info.spec), "keras-predict"))
+    out["keras_predict"] = step_latency(naive, 20 if quick else 200, rng)
+    base = out["litert"]["median_us"]
+    out["ratio_tensorflow_vs_litert"] = out["tensorflow"]["median_us"] / base
+    out["ratio_predict_vs_litert"] = out["keras_predict"]["median_us"] / base
+    return out
+
+
+class ServerUnderTest:
+    """A `python -m server run` subprocess on a free port, answering to our socket."""
+
+    def __init__(self, model: str, reply_port: int, log_dir: Path) -> None:
+        cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--model", model, "--mode", "accompany",
+               "--timescale", "1e-6", "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir)]
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("ready:"):
+                self.ready_s = time.monotonic() - t0
+                self.port = int(re.search(r"listening on [^ ]+:(\d+)", line).group(1))
+                break
+        else:
+            raise RuntimeError("server exited before it was ready")
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        return self.proc.wait(20)
+
+
+def round_trip(sock: socket.socket, port: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Send /gesture at ``rate`` on an absolute schedule; pair the i-th /prediction with the i-th input."""
+    n = int(rate * seconds)
+    sent = np.zeros(n)
+    got: list[float] = []
+    target = ("127.0.0.1", port)
+    messages = [encode_message("/gesture", 0.5 + 0.4 * float(np.sin(i / 20)), 0.5 + 0.4 * float(np.cos(i / 31))) for i in range(n)]
+    start = time.monotonic() + 0.05
+    i = 0
+    end = start + seconds + 2.0
+    while time.monotonic() < end and len(got) < n:
+        now = time.monotonic()
+        if i < n and now >= start + i / rate:
+            sock.sendto(messages[i], target)
+            sent[i] = time.monotonic()
+            i += 1
+            continue
+        wait = (start + i / rate - now) if i < n else end - now
+        readable, _, _ = select.select([sock], [], [], max(wait, 0.0))
+        while readable:
+            data = sock.recv(65536)
+            if data.startswith(b"/prediction"):
+                got.append(time.monotonic())
+            readable, _, _ = select.select([sock], [], [], 0)
+    received = len(got)
+    rtt = np.array(got[: min(received, i)]) - sent[: min(received, i)]
+    tenth = max(1, len(rtt) // 10)
+    return {
+        "rate": rate,
+        "sent": int(i),
+        "received": received,
+        "median_us": float(np.median(rtt) * 1e6) if len(rtt) else None,
+        "p99_us": float(np.percentile(rtt, 99) * 1e6) if len(rtt) else None,
+        "first_tenth_median_us": float(np.median(rtt[:tenth]) * 1e6) if len(rtt) else None,
+        "last_tenth_median_us": float(np.median(rtt[-tenth:]) * 1e6) if len(rtt) else None,
+        "last_answer_after_last_input_us": float((got[-1] - sent[i - 1]) * 1e6) if received and i else None,
+    }
+
+
+def status(sock: socket.socket, port: int) -> dict[str, Any]:
+    from pythonosc.osc_message import OscMessage
+
+    sock.sendto(encode_message("/status"), ("127.0.0.1", port))
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        readable, _, _ = select.select([sock], [], [], end - time.monotonic())
+        if readable:
+            data = sock.recv(65536)
+            if data.startswith(b"/status"):
+                args = OscMessage(data).params
+                return dict(zip(args[::2], args[1::2]))
+    return {}
+
+
+def bench_server(model: str, quick: bool) -> dict[str, Any]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind(("127.0.0.1", 0))
+    with tempfile.TemporaryDirectory() as logs:
+        srv = ServerUnderTest(model, sock.getsockname()[1], Path(logs))
+        try:
+            time.sleep(1.0)  # let start-up work settle before measuring idle
+            idle_s = 2.0 if quick else 5.0
+            c0, t0 = srv.cpu_seconds(), time.monotonic()
+            time.sleep(idle_s)
+            idle = 100 * (srv.cpu_seconds() - c0) / (time.monotonic() - t0)
+            runs = [round_trip(sock, srv.port, rate, 2.0 if quick else secs) for rate, secs in ((100, 5.0), (1000, 5.0))]
+            st = status(sock, srv.port)
+        finally:
+            code = srv.stop()
+    return {
+        "ready_s": srv.ready_s,
+        "idle_cpu_percent": idle,
+        "round_trip": runs,
+        "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "step_us_median", "step_us_p99")},
+        "exit_code": code,
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+
+
+def run_bench(model: str, models_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
+    from server.modelspec import resolve_model_dir
+
+    folder = resolve_model_dir(model, models_dir, allow_paths=True)
+    result = {"model": str(folder), "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "server": bench_server(str(folder), quick), "step": bench_steps(folder, quick)}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"wrote {out}")
+    return result
+
+
+def format_table(r: dict[str, Any]) -> str:
+    s, v = r["step"], r["server"]
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, Python {r['machine']['python']}",
+        f"model:   {r['model']}",
+        "",
+        "step (observe + predict + sample)   median us    p99 us",
+    ]
+    for name in ("litert", "tensorflow", "keras_predict"):
+        lines.append(f"  {name:<32} {s[name]['median_us']:>9.1f} {s[name]['p99_us']:>9.1f}")
+    lines += [
+        f"  tensorflow / litert: {s['ratio_tensorflow_vs_litert']:.1f}x   model.predict / litert: {s['ratio_predict_vs_litert']:.0f}x",
+        "",
+        "OSC round trip, accompany, timescale 1e-6",
+        "  rate/s   sent  recv   median us   p99 us   first/last tenth median us   last answer after last input us",
+    ]
+    for t in v["round_trip"]:
+        lines.append(
+            f"  {t['rate']:>6.0f} {t['sent']:>6} {t['received']:>5} {t['median_us'] or 0:>11.0f} {t['p99_us'] or 0:>8.0f}"
+            f"   {t['first_tenth_median_us'] or 0:>10.0f} / {t['last_tenth_median_us'] or 0:<10.0f}   {t['last_answer_after_last_input_us'] or 0:>10.0f}"
+        )
+    lines += [
+        "",
+        f"ready in {v['ready_s']:.2f} s (process start to ready line); idle CPU {v['idle_cpu_percent']:.2f} %",
+        f"server counters: {v['server_status']}",
+    ]
+    return "\n".join(lines)

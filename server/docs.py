@@ -1,0 +1,79 @@
+"""README sections generated from the code's own tables, so the docs cannot drift.
+
+Sections sit between `<!-- BEGIN name -->` and `<!-- END name -->` markers;
+`python -m server docs` rewrites them and `--check` (run by the tests) fails if stale.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+
+def _osc() -> str:
+    from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES, namespace_markdown
+
+    return (
+        f"Listens on `{DEFAULT_HOST}:{DEFAULT_PORT}` (UDP) and sends to `{DEFAULT_HOST}:{DEFAULT_SEND_PORT}` "
+        f"unless told otherwise.\n\n{namespace_markdown()}\n\nOut: "
+        + ", ".join(f"`{a}`" for a in OUTPUT_ADDRESSES)
+        + " — `/prediction x y` (float32) when a model event is due, `/status k v ...` in reply to `/status`, "
+        "`/error <address> <reason>` to the sender of a refused message (rate limited)."
+    )
+
+
+def _modes() -> str:
+    from server.modes import Mode
+
+    return "\n".join(f"- `{m.value}`: {m.description}" for m in Mode)
+
+
+def _sizes() -> str:
+    from server.modelspec import DEFAULT_SIZE, SIZES
+
+    rows = ["| size | LSTM units x layers |", "|---|---|"]
+    rows += [f"| `{k}`{' (default)' if k == DEFAULT_SIZE else ''} | {u} x {layers} |" for k, (u, layers) in SIZES.items()]
+    return "\n".join(rows)
+
+
+def _config() -> str:
+    from server.config import config_reference_markdown
+
+    return config_reference_markdown()
+
+
+def _commands() -> str:
+    from server.cli import COMMANDS
+
+    return "\n".join(f"- `python -m server {name}`: {help}" for name, (_, _, help) in COMMANDS.items())
+
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "commands": _commands,
+    "osc": _osc,
+    "modes": _modes,
+    "sizes": _sizes,
+    "config": _config,
+}
+
+
+def render(text: str) -> str:
+    """Return ``text`` with every generated section replaced by its current content."""
+    for name, make in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README lacks the markers for section {name!r}")
+        body = make()
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def update(path: Path, check: bool) -> bool:
+    """Rewrite the README's generated sections; with ``check`` only report whether they are current."""
+    text = path.read_text(encoding="utf-8")
+    fresh = render(text)
+    if check:
+        return fresh == text
+    path.write_text(fresh, encoding="utf-8")
+    return True
