@@ -19,7 +19,7 @@ import numpy as np
 
 from server import __version__
 from server.mdn import make_mdn_layer_class
-from server.modelspec import ModelError, ModelInfo, ModelSpec
+from server.modelspec import ModelError, ModelInfo, ModelSpec, sha256_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -152,6 +152,7 @@ def export(
         _inference_copy(model, info.spec).save(tmp / "model.keras")
         (tmp / "step.tflite").write_bytes(tflite)
         doc = info.to_json()
+        doc["files"] = {name: sha256_file(tmp / name) for name in ("model.keras", "step.tflite")}
         doc["export_check"] = {"steps": CHECK_STEPS, "max_abs_diff": diff}
         (tmp / "model.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         for name, src in (extra_files or {}).items():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class ModelInfo:
     versions: dict[str, str]
     created: str
     training: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256, written by export
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class ModelInfo:
             "versions": self.versions,
             "created": self.created,
             "training": self.training,
+            "files": self.files,
             "step_io": {
                 "inputs": ["event [1, 3] normalised (dt, x, y)", f"state [1, {self.spec.state_size}]"],
                 "outputs": [f"params [1, {self.spec.param_size}]", f"state [1, {self.spec.state_size}]"],
@@ -106,6 +109,7 @@ class ModelInfo:
             versions=dict(d.get("versions", {})),
             created=str(d.get("created", "")),
             training=dict(d.get("training", {})),
+            files={str(k): str(v) for k, v in d.get("files", {}).items()},
         )
 
 
@@ -118,6 +122,30 @@ def read_info(folder: Path) -> ModelInfo:
         return ModelInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path} is corrupt or from another version ({e}); re-export the model") from e
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_file(folder: Path, info: ModelInfo, name: str) -> Path:
+    """Check that ``folder/name`` exists and is the file export wrote (its SHA-256 in model.json).
+
+    Catches a `step.tflite` or `model.keras` copied in from another model, which would
+    otherwise play with the wrong normalisation.
+    """
+    path = Path(folder) / name
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; re-export the model (python -m server train ...)")
+    expected = info.files.get(name)
+    if expected and sha256_file(path) != expected:
+        raise ModelError(f"{path} does not match {Path(folder) / 'model.json'} (SHA-256 differs): "
+                         "it belongs to another model or is damaged; re-export the model")
+    return path
 
 
 def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) -> Path:

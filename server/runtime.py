@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from server import mdn
-from server.modelspec import ModelError, ModelInfo, ModelSpec, read_info
+from server.modelspec import ModelError, ModelInfo, ModelSpec, read_info, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,10 @@ def open_step(folder: Path, info: ModelInfo, backend: str = "auto") -> tuple[Ste
     if backend not in ("auto", "litert", "tensorflow"):
         raise ValueError(f"unknown backend {backend!r}")
     if backend in ("auto", "litert") and litert_available():
-        path = folder / "step.tflite"
-        if not path.is_file():
-            raise ModelError(f"{path} is missing; re-export the model")
-        return LiteRTStep(path, info.spec), "litert"
+        return LiteRTStep(verify_file(folder, info, "step.tflite"), info.spec), "litert"
     if backend == "litert":
         raise ModelError("LiteRT (ai-edge-litert) is not installed")
-    path = folder / "model.keras"
-    if not path.is_file():
-        raise ModelError(f"{path} is missing; re-export the model")
-    return TensorFlowStep(path, info.spec), "tensorflow"
+    return TensorFlowStep(verify_file(folder, info, "model.keras"), info.spec), "tensorflow"
 
 
 class Predictor:

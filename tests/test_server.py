@@ -245,3 +245,17 @@ def test_bad_model_fails_at_start_with_a_clear_message(tmp_path):
     )
     assert res.returncode == 1
     assert "model.json is missing" in res.stderr
+
+
+def test_toml_config_sets_the_run(tmp_path):
+    peer = OscPeer()
+    cfg = tmp_path / "antiphon.toml"
+    cfg.write_text(f'mode = "listen"\ntemperature = 0.5\nthreshold = 3.0\nsend = ["127.0.0.1:{peer.port}"]\n')
+    srv = start_server(tmp_path, "--config", str(cfg), "--threshold", "2.0")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        st = peer.status()
+        assert (st["mode"], st["temperature"], st["threshold"]) == ("listen", 0.5, 2.0)  # the flag wins
+    finally:
+        assert srv.stop() == 0
+        peer.close()
