@@ -259,3 +259,27 @@ def test_toml_config_sets_the_run(tmp_path):
     finally:
         assert srv.stop() == 0
         peer.close()
+
+
+def test_tensorflow_fallback_serves_when_litert_is_missing(tmp_path):
+    peer = OscPeer()
+    script = (
+        "import os, signal, sys, threading\n"
+        "sys.modules['ai_edge_litert'] = None  # as on a platform without a LiteRT wheel\n"
+        "from server.cli import main\n"
+        "t = threading.Timer(25.0, lambda: os.kill(os.getpid(), signal.SIGTERM)); t.daemon = True; t.start()\n"
+        f"sys.exit(main(['run', '--port', '0', '--log-dir', {str(tmp_path)!r}, '--send', '127.0.0.1:{peer.port}', '--timescale', '0.01']))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-u", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                break
+        assert "(tensorflow)" in line
+        peer.target = ("127.0.0.1", int(line.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1]))
+        gestures(peer, 5, 0.02)
+        assert len(peer.receive(5.0, "/prediction", count=5)) == 5
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        peer.close()
