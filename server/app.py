@@ -1,4 +1,4 @@
-"""`run`: wire model, engine, OSC transport and recorder together and serve until a signal.
+"""`run`: wire model, engine, OSC and MIDI transports and recorder together and serve until a signal.
 
 Start-up failures (a bad model folder, an unwritable log directory, a taken port) end
 with a message naming the problem and a non-zero exit, before any music starts.
@@ -16,6 +16,7 @@ from typing import TextIO
 from server.config import RunConfig
 from server.engine import Engine, Settings
 from server.event import Event
+from server.midi import MidiError, MidiLink, midi_requested, open_midi
 from server.modelspec import ModelError, resolve_model_dir
 from server.osc import namespace_text, start_osc
 from server.recorder import Recorder, RecorderError
@@ -48,8 +49,6 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
 
 async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder: Recorder, started: float, out: TextIO) -> int:
     loop = asyncio.get_running_loop()
-    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this address can play and steer the server", cfg.host)
     settings = Settings(
         mode=cfg.mode,
         temperature=cfg.temperature,
@@ -70,11 +69,23 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
             output.send_prediction(event.x, event.y)
 
     engine.sinks[:] = [send_model_events, recorder.record]
+    midi: MidiLink | None = None
+    if midi_requested(cfg):
+        try:
+            midi = open_midi(loop, cfg, engine.perform)
+        except MidiError as e:
+            transport.close()
+            raise StartupError(str(e)) from e
+        if midi.output is not None:
+            engine.sinks.append(midi.output)
+            engine.silencers.append(midi.output.silence)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     host, port = transport.get_extra_info("sockname")[:2]
     print(namespace_text(), file=out)
+    if midi is not None:
+        print(f"midi: {midi.describe()}", file=out)
     sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
     print(
         f"ready: listening on {host}:{port}, sending to {sends}, model {model_name} ({predictor.backend}), "
@@ -87,6 +98,8 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         await stop.wait()
     finally:
         engine.stop()
+        if midi is not None:
+            midi.close()  # every held note off, then All Notes Off
         transport.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

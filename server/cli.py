@@ -59,18 +59,50 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", type=Path, help="performance logs (logs/*.csv) or folders of them")
+    p.add_argument("paths", nargs="*", type=Path, help="performance logs (logs/*.csv) or folders of them")
+    p.add_argument("--midi", nargs="+", action="extend", type=Path, metavar="PATH",
+                   help="MIDI files (.mid, .midi) or folders of them: one performance per track, "
+                        "dt from note onsets in seconds through the tempo map")
+    p.add_argument("--merge-tracks", action="store_true",
+                   help="with --midi: one performance per file, all tracks' notes merged in time")
     p.add_argument("--out", type=Path, default=Path("datasets/performances.npz"))
     p.add_argument("--dt-max", type=float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
 
 
-@command("dataset", "build a training dataset from performance logs")(_dataset_args)
+@command("dataset", "build a training dataset from performance logs and/or MIDI files")(_dataset_args)
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from server.data import dataset_from_logs, save_dataset
+    from server.data import Dataset, dataset_from_logs, save_dataset
 
-    ds = dataset_from_logs(args.paths, args.dt_max)
+    if not args.paths and not args.midi:
+        raise DatasetError("give performance logs or folders, and/or --midi PATH...")
+    perfs = dataset_from_logs(args.paths, args.dt_max).performances if args.paths else []
+    if args.midi:
+        from server.midifile import midi_performances
+
+        perfs += midi_performances(args.midi, args.dt_max, args.merge_tracks)
+    ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
     print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances")
+    return 0
+
+
+# --------------------------------------------------------------------------- midi-ports
+
+
+@command("midi-ports", "list the MIDI input and output ports (names for --midi-in / --midi-out)")(lambda p: None)
+def cmd_midi_ports(args: argparse.Namespace) -> int:
+    from server.midiports import MidiError, list_ports, open_backend, virtual_supported
+
+    try:
+        inputs, outputs = list_ports(open_backend())
+    except MidiError as e:
+        print(f"no MIDI ports: {e}")
+        return 0
+    for title, names in (("inputs (--midi-in)", inputs), ("outputs (--midi-out)", outputs)):
+        print(f"MIDI {title}:")
+        print("\n".join(f"  {n}" for n in names) or "  none")
+    if virtual_supported():
+        print("or create virtual ports 'Antiphon in' / 'Antiphon out' with --midi-virtual")
     return 0
 
 
@@ -181,6 +213,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     run_bench(args.model, args.models_dir, args.out, args.quick)
     return 0
+
+
+# --------------------------------------------------------------------------- soak
+
+
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=60.0, help="how long to play (default 60)")
+    p.add_argument("--rate", type=float, default=1000.0, help="/gesture messages per second (default 1000)")
+    p.add_argument("--window", type=float, default=10.0, help="seconds per reported window (default 10)")
+    p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
+    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+
+
+@command("soak", "play a server over loopback for a long run: latency percentiles and RSS per time window")(_soak_args)
+def cmd_soak(args: argparse.Namespace) -> int:
+    import json
+
+    from server.modelspec import resolve_model_dir
+    from server.soak import format_soak, run_soak, soak_ok
+
+    folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
+    result = run_soak(str(folder), args.seconds, args.rate, args.window)
+    print(format_soak(result))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if soak_ok(result) else 1
 
 
 # --------------------------------------------------------------------------- docs

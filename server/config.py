@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.modes import MODE_NAMES, Mode, parse_mode
+from server import midimap
 from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, MAX_DESTINATIONS, Network
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -168,6 +169,7 @@ class Key:
     repeat: bool = False
     default_doc: str | None = None  # shown instead of the default (e.g. a machine-specific path)
     relative_to_file: bool = False  # relative paths in a TOML file resolve against its folder
+    const: object = None  # the value of the bare flag (e.g. `--midi-virtual` = yes); the value stays optional
 
 
 def _key(help: str, metavar: str, parse: Callable[[object], Any], **kwargs: Any) -> dict[str, Key]:
@@ -210,6 +212,31 @@ class RunConfig:
     allow: tuple[Network, ...] = field(default=(), metadata=_key(
         "accept OSC only from these networks (address or CIDR); repeat for several",
         "CIDR", _each(_network), repeat=True, default_doc="anyone who can reach host"))
+    midi_in: str | None = field(default=None, metadata=_key(
+        "MIDI input to play from: a port name or part of one (see `midi-ports`)", "NAME",
+        midimap.parse_port_name, default_doc="none"))
+    midi_out: str | None = field(default=None, metadata=_key(
+        "MIDI output the model plays: a port name or part of one (see `midi-ports`)", "NAME",
+        midimap.parse_port_name, default_doc="none"))
+    midi_virtual: bool = field(default=False, metadata=_key(
+        "create virtual ports 'Antiphon in' / 'Antiphon out' for whichever of midi_in / midi_out "
+        "is not given (macOS, Linux; not Windows); the bare flag means yes", "yes/no", midimap.parse_switch, const=True,
+        default_doc="no"))
+    midi_channel: int = field(default=1, metadata=_key(
+        "MIDI channel the model's notes are sent on (1-16)", "N", midimap.parse_channel))
+    midi_input_channel: int = field(default=0, metadata=_key(
+        "MIDI channel listened to (1-16; 0 = any)", "N", midimap.parse_input_channel,
+        default_doc="0 (any)"))
+    midi_input_map: str = field(default="notes", metadata=_key(
+        "how MIDI input becomes a position: notes (pitch/127, velocity/127) or cc "
+        "(midi_cc_x, midi_cc_y values/127)", "MAP", midimap.parse_input_map))
+    midi_cc_x: int = field(default=midimap.DEFAULT_CC_X, metadata=_key(
+        "control change number for x when midi_input_map is cc", "CC", midimap.parse_controller))
+    midi_cc_y: int = field(default=midimap.DEFAULT_CC_Y, metadata=_key(
+        "control change number for y when midi_input_map is cc", "CC", midimap.parse_controller))
+    midi_note_duration: float | None = field(default=None, metadata=_key(
+        "seconds each model note sounds, or auto", "SECONDS", midimap.parse_duration,
+        default_doc="auto: the smaller of the predicted dt and 0.5 s"))
 
 
 def _keys() -> tuple[tuple[Field[Any], Key], ...]:
@@ -235,6 +262,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             _flag(f.name), dest=f.name, default=None, metavar=key.metavar,
             action="append" if key.repeat else "store",
+            **({"nargs": "?", "const": key.const} if key.const is not None else {}),
             help=f"{key.help} (default: {_default_doc(f, key)})".replace("%", "%%"),
         )
 
@@ -265,6 +293,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
             values[name] = _parse(key, raw, _flag(name))
     if len(values.get("send", ())) > MAX_DESTINATIONS:
         raise ConfigError(f"send: at most {MAX_DESTINATIONS} destinations, got {len(values['send'])}")
+    if values.get("midi_cc_x", midimap.DEFAULT_CC_X) == values.get("midi_cc_y", midimap.DEFAULT_CC_Y):
+        raise ConfigError("midi_cc_x and midi_cc_y must be different controllers")
     return RunConfig(**values)
 
 

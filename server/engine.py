@@ -126,7 +126,7 @@ class Engine:
         if mode is Mode.ACCOMPANY and not self.settings.paused:
             dt_next, nx, ny = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
             self.latency.add(time.perf_counter() - t0)
-            self._schedule_answer(now + dt_next * self.settings.timescale, nx, ny)
+            self._schedule_answer(now, dt_next * self.settings.timescale, nx, ny)
         else:
             self.latency.add(time.perf_counter() - t0)
         if mode is Mode.RESPOND:
@@ -228,6 +228,7 @@ class Engine:
 
     def _continue_from(self, at: float) -> None:
         """Sample the next model event and schedule it `dt` after ``at`` (an absolute time)."""
+        self._cancel_chain()  # only ever one chain: a second could never be cancelled
         t0 = time.perf_counter()
         dt, x, y = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
         self.latency.add(time.perf_counter() - t0)
@@ -237,7 +238,7 @@ class Engine:
     def _chain_fire(self, when: float, dt: float, x: float, y: float) -> None:
         """Emit a self-generated event, feed it back, and schedule the next from its scheduled time."""
         self._chain = None
-        self._emit_to_sinks(Event(when, x, y, "model"))
+        self._emit_to_sinks(Event(when, x, y, "model", dt * self.settings.timescale))
         self.counts["outputs"] += 1
         t0 = time.perf_counter()
         self.predictor.observe(dt, x, y)
@@ -245,16 +246,17 @@ class Engine:
         # Don't let a stalled loop make the chain race to catch up: never schedule in the past.
         self._continue_from(max(when, self._loop.time() - 0.05))
 
-    def _schedule_answer(self, when: float, x: float, y: float) -> None:
+    def _schedule_answer(self, now: float, wait: float, x: float, y: float) -> None:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending))).cancel()
             self.counts["dropped"] += 1
         self._next_id += 1
-        self._pending[self._next_id] = self._loop.call_at(when, self._answer_fire, self._next_id, when, x, y)
+        when = now + wait
+        self._pending[self._next_id] = self._loop.call_at(when, self._answer_fire, self._next_id, when, wait, x, y)
 
-    def _answer_fire(self, key: int, when: float, x: float, y: float) -> None:
+    def _answer_fire(self, key: int, when: float, wait: float, x: float, y: float) -> None:
         self._pending.pop(key, None)
-        self._emit_to_sinks(Event(when, x, y, "model"))
+        self._emit_to_sinks(Event(when, x, y, "model", wait))
         self.counts["outputs"] += 1
 
     def _emit_to_sinks(self, event: Event) -> None:

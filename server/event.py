@@ -20,3 +20,4 @@ class Event:
     x: float
     y: float
     source: Source
+    dt: float | None = None  # for model events: the predicted wait before it (seconds, after /timescale)

@@ -1,0 +1,325 @@
+"""Live MIDI transport: a keyboard or controller plays the engine, the model plays a synth.
+
+Input messages arrive on the MIDI backend's own thread; only the few that can matter
+are handed to the event loop (`call_soon_threadsafe`), so a 24-ppq clock never wakes
+the loop. Output is an engine sink: every model event becomes a `note_on` whose
+`note_off` is scheduled with `loop.call_at`, and every note turned on is turned off
+exactly once, also when the engine abandons its output (the silencer) and at close.
+A port that vanishes is reported once and reopened by a loop timer; OSC never notices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import mido
+
+from server.event import Event
+from server.midimap import InputMap, make_input_map, note_duration, note_for
+from server.midiports import (
+    VIRTUAL_IN,
+    VIRTUAL_OUT,
+    MidiError,
+    PortBackend,
+    match_port,
+    open_backend,
+    virtual_supported,
+)
+
+if TYPE_CHECKING:
+    from server.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 2.0  # how often a missing port is looked for (and a present one checked)
+ECHO_WINDOW = 0.02  # seconds: an incoming note equal to one sent this recently is an echo
+ALL_NOTES_OFF = 123
+
+Perform = Callable[[float, float], None]
+
+
+class EchoGuard:
+    """The last note sent on each channel and pitch, so a synth echoing its input is not heard as the performer.
+
+    An echo keeps its channel, so a keyboard on another channel than the output is never
+    mistaken for one, even when it plays exactly the note the model just played.
+    """
+
+    def __init__(self, window: float = ECHO_WINDOW) -> None:
+        self.window = window
+        self._sent: dict[tuple[int, int], tuple[int, float]] = {}  # (channel, pitch) -> (velocity, loop time)
+
+    def sent(self, channel: int, note: int, velocity: int, at: float) -> None:
+        self._sent[channel, note] = (velocity, at)
+
+    def is_echo(self, channel: int, note: int, velocity: int, at: float) -> bool:
+        last = self._sent.get((channel, note))
+        return last is not None and last[0] == velocity and abs(at - last[1]) <= self.window
+
+
+class KeptPort:
+    """One port kept open by name: a vanished port is reported once and reopened when it returns.
+
+    A loop timer (not a thread, not a busy loop) checks every ``retry`` seconds that the
+    port is still listed, and while it is missing tries to open it again by its pattern,
+    so an unplugged and replugged USB keyboard comes back on its own.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        kind: Literal["input", "output"],
+        pattern: str,
+        opener: Callable[[str], Any],
+        names: Callable[[], list[str]],
+        virtual: bool = False,
+        retry: float = RETRY_SECONDS,
+    ) -> None:
+        self.kind, self.pattern, self.virtual = kind, pattern, virtual
+        self.port: Any = None
+        self._loop, self._opener, self._names, self._retry = loop, opener, names, retry
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def open(self) -> None:
+        """The first opening: a failure raises MidiError, so a typo stops start-up with a clear message."""
+        self.port = self._open_now()
+        self._arm()
+
+    def lost(self, why: str) -> None:
+        """The port failed or vanished: close it, say so once, and start looking for it."""
+        if self.port is None:
+            return
+        port, self.port = self.port, None
+        log.warning("MIDI %s %r %s; OSC keeps working, retrying every %g s", self.kind, port.name, why, self._retry)
+        _close_quietly(port)
+        self._arm()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.port is not None:
+            _close_quietly(self.port)
+            self.port = None
+
+    def _open_now(self) -> Any:
+        name = self.pattern if self.virtual else match_port(self.pattern, self._names(), self.kind)
+        return self._opener(name)
+
+    def _arm(self) -> None:
+        # A virtual port cannot be unplugged: it needs watching only after a failure.
+        if self._closed or self._timer is not None or (self.virtual and self.port is not None):
+            return
+        self._timer = self._loop.call_later(self._retry, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        if self.port is None:
+            try:
+                self.port = self._open_now()
+            except MidiError as e:
+                log.debug("MIDI %s %r still missing: %s", self.kind, self.pattern, e)
+            else:
+                log.warning("MIDI %s %r is back", self.kind, self.port.name)
+        else:
+            try:
+                present = self.port.name in self._names()
+            except MidiError:
+                present = True  # cannot tell right now; keep the port
+            if not present:
+                self.lost("disappeared")
+        self._arm()
+
+
+def _close_quietly(port: Any) -> None:
+    try:
+        port.close()
+    except Exception:  # a vanished device may fail to close; it is gone either way
+        log.debug("closing MIDI port %r failed", getattr(port, "name", port), exc_info=True)
+
+
+class MidiInput:
+    """Plays the engine from a MIDI port through an `InputMap`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard) -> None:
+        self._loop, self._mapping, self._perform, self._guard = loop, mapping, perform, guard
+        self._closed = False
+        self.counts = {"events": 0, "echoes": 0}
+
+    def on_message(self, msg: Any) -> None:
+        """Backend thread: filter cheaply, stamp the arrival, and hand over to the event loop."""
+        if self._closed or not self._mapping.wants(msg):
+            return  # clock, sysex, aftertouch, note-offs...: ignored quietly
+        try:
+            self._loop.call_soon_threadsafe(self._handle, msg, self._loop.time())
+        except RuntimeError:  # the loop closed during shutdown
+            pass
+
+    def _handle(self, msg: Any, stamp: float) -> None:
+        if self._closed:
+            return
+        if msg.type == "note_on" and self._guard.is_echo(msg.channel, msg.note, msg.velocity, stamp):
+            self.counts["echoes"] += 1
+            return
+        position = self._mapping(msg)
+        if position is not None:
+            self.counts["events"] += 1
+            self._perform(*position)
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class MidiOutput:
+    """Engine sink and silencer: model events play notes on one channel of a port."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        port: KeptPort,
+        channel: int = 0,
+        duration: float | None = None,
+        guard: EchoGuard | None = None,
+    ) -> None:
+        """``channel`` is 0-15; ``duration`` in seconds, None for min(predicted dt, 0.5 s)."""
+        self._loop, self._port, self.channel, self.duration = loop, port, channel, duration
+        self._guard = guard or EchoGuard()
+        self._held: dict[int, asyncio.TimerHandle] = {}  # sounding pitch -> its scheduled note_off
+        self._last_model: float | None = None
+        self.counts = {"notes": 0, "dropped": 0}
+
+    def __call__(self, event: Event) -> None:
+        if event.source != "model":
+            return
+        # The engine's predicted wait for this event; else the time since the previous model note.
+        if event.dt is not None:
+            gap: float | None = event.dt
+        else:
+            gap = None if self._last_model is None else event.time - self._last_model
+        self._last_model = event.time
+        if self._port.port is None:
+            self.counts["dropped"] += 1
+            return
+        pitch, velocity = note_for(event.x, event.y)
+        if pitch in self._held:
+            self._release(pitch)  # same pitch again: end the old note so each on has its own off
+        now = self._loop.time()
+        if not self._send(mido.Message("note_on", channel=self.channel, note=pitch, velocity=velocity)):
+            return
+        self.counts["notes"] += 1
+        self._guard.sent(self.channel, pitch, velocity, now)
+        off_at = max(event.time, now) + note_duration(gap, self.duration)
+        self._held[pitch] = self._loop.call_at(off_at, self._release, pitch)
+
+    def silence(self) -> None:
+        """Turn every sounding note off now: the engine abandoned its scheduled output."""
+        for pitch in list(self._held):
+            self._release(pitch)
+        self._last_model = None
+
+    def close(self) -> None:
+        """Silence, then All Notes Off on our channel for anything a synth still holds, then close."""
+        self.silence()
+        self._send(mido.Message("control_change", channel=self.channel, control=ALL_NOTES_OFF, value=0))
+        self._port.close()
+
+    @property
+    def sounding(self) -> list[int]:
+        return sorted(self._held)
+
+    def _release(self, pitch: int) -> None:
+        handle = self._held.pop(pitch, None)
+        if handle is not None:
+            handle.cancel()  # harmless when it is the handle running now
+            self._send(mido.Message("note_off", channel=self.channel, note=pitch, velocity=0))
+
+    def _send(self, msg: mido.Message) -> bool:
+        port = self._port.port
+        if port is None:
+            return False
+        try:
+            port.send(msg)
+        except Exception as e:  # any backend failure: the music and OSC go on without this port
+            self._port.lost(f"failed ({e})")
+            return False
+        return True
+
+
+class MidiLink:
+    """The open MIDI input and/or output of a running server."""
+
+    def __init__(self, inport: KeptPort | None, input: MidiInput | None, outport: KeptPort | None, output: MidiOutput | None) -> None:
+        self.inport, self.input, self.outport, self.output = inport, input, outport, output
+
+    def describe(self) -> str:
+        parts = []
+        if self.inport is not None and self.inport.port is not None:
+            parts.append(f"in {self.inport.port.name!r}" + (" (virtual)" if self.inport.virtual else ""))
+        if self.outport is not None and self.outport.port is not None and self.output is not None:
+            parts.append(f"out {self.outport.port.name!r}" + (" (virtual)" if self.outport.virtual else "")
+                         + f" channel {self.output.channel + 1}")
+        return ", ".join(parts) or "no ports"
+
+    def close(self) -> None:
+        """Release every note, send All Notes Off, close both ports; safe to call twice."""
+        if self.input is not None:
+            self.input.close()
+        if self.inport is not None:
+            self.inport.close()
+        if self.output is not None:
+            self.output.close()
+
+
+def midi_requested(cfg: RunConfig) -> bool:
+    return bool(cfg.midi_in or cfg.midi_out or cfg.midi_virtual)
+
+
+def open_midi(
+    loop: asyncio.AbstractEventLoop,
+    cfg: RunConfig,
+    perform: Perform,
+    backend: PortBackend | None = None,
+    retry: float = RETRY_SECONDS,
+) -> MidiLink:
+    """Open the ports `cfg` asks for (an explicit name wins over `midi_virtual` per direction).
+
+    Raises MidiError, with nothing left open, when a port is missing or MIDI is unavailable.
+    """
+    want_virtual_in = cfg.midi_virtual and not cfg.midi_in
+    want_virtual_out = cfg.midi_virtual and not cfg.midi_out
+    if (want_virtual_in or want_virtual_out) and not virtual_supported():
+        raise MidiError("virtual MIDI ports are not supported on Windows: create ports with loopMIDI "
+                        "and pass their names with --midi-in / --midi-out")
+    try:
+        mapping = make_input_map(cfg.midi_input_map, cfg.midi_cc_x, cfg.midi_cc_y,
+                                 cfg.midi_input_channel - 1 if cfg.midi_input_channel else None)
+    except ValueError as e:
+        raise MidiError(str(e)) from None
+    backend = backend or open_backend()
+    guard = EchoGuard()
+    link = MidiLink(None, None, None, None)
+    try:
+        out_pattern = VIRTUAL_OUT if want_virtual_out else cfg.midi_out
+        if out_pattern:
+            link.outport = KeptPort(loop, "output", out_pattern, lambda name: backend.open_output(name, want_virtual_out),
+                                    backend.output_names, virtual=want_virtual_out, retry=retry)
+            link.outport.open()
+            link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard)
+        in_pattern = VIRTUAL_IN if want_virtual_in else cfg.midi_in
+        if in_pattern:
+            link.input = MidiInput(loop, mapping, perform, guard)
+            on_message = link.input.on_message
+            link.inport = KeptPort(loop, "input", in_pattern, lambda name: backend.open_input(name, on_message, want_virtual_in),
+                                   backend.input_names, virtual=want_virtual_in, retry=retry)
+            link.inport.open()
+    except BaseException:
+        link.close()
+        raise
+    return link
+
