@@ -10,6 +10,19 @@ Bundles, nested too, are unpacked and their messages applied at once, in order:
 timetags are ignored, because the engine schedules on its own clock and a gesture
 means "now". Addresses are literal: OSC patterns (`*`, `?`, `[...]`, `{...}`) are not
 expanded.
+
+Flood policy: the newest performer position wins. The socket is drained in batches
+(`server.udpbatch`) and every message is checked and applied in arrival order, except
+that when one wake-up finds more than `MAX_RUN` performer positions (`/gesture`,
+`/interface`, `/note`) in a row, the server has fallen behind and only the newest of
+that run reaches the model; the rest are counted in `osc_coalesced`. A position is
+never reordered with the control messages around it, and a run costs at most
+`MAX_RUN` model steps however long it is, so no backlog builds up behind the model
+(under a steady flood a wake-up finds ever more waiting, so runs grow long and
+collapse: the policy regulates itself). The only queue is
+the kernel's receive buffer, of fixed size: if even reading cannot keep up, the kernel
+drops new datagrams and `/status` reports them as `osc_kernel_drops`. Costly requests
+(`/model`) and replies bigger than their request (`/status`) are limited per sender.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import ipaddress
 import logging
 import numbers
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, NamedTuple, cast
@@ -39,14 +52,19 @@ from server.oscwire import (
 )
 from server.osctable import AddressTable, address
 from server.ratelimit import TokenBuckets
+from server.udpbatch import Address, BatchDatagramTransport, bind_udp
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5710
 DEFAULT_SEND_PORT = 5711
 MAX_DESTINATIONS = 32
+MAX_RUN = 32  # positions in a row applied one by one (~2 ms of model work); more means we are behind
+MODEL_LOADS_PER_SECOND = 5.0  # per sender: each load blocks the loop (~1 ms for models/default, more for big ones)
+STATUS_PER_SECOND = 50.0  # per sender: a reply is ~50x its request, so cap what a spoofed sender reflects
 OUTPUT_ADDRESSES: tuple[str, ...] = ("/prediction", "/status", "/error")
 
 Endpoint = tuple[str, int]
+Position = tuple[float, float]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 logger = logging.getLogger(__name__)
@@ -61,6 +79,9 @@ class OscStats:
     rejected: int = 0  # messages or datagrams refused (each answered by /error unless suppressed)
     clamped: int = 0  # /gesture or /interface messages with a coordinate outside [0, 1]
     ignored: int = 0  # /note messages with velocity 0 (note-offs)
+    coalesced: int = 0  # performer positions superseded by a newer one in the same batch (the flood policy)
+    rate_limited: int = 0  # requests refused by their address's per-sender rate (also counted as rejected)
+    batch_max: int = 0  # most datagrams read in one wake-up: how far behind the server has been
     denied: int = 0  # datagrams dropped silently by the allow-list
     internal_errors: int = 0  # unexpected exceptions from the engine (answered "internal error")
     errors_suppressed: int = 0  # /error replies withheld by the per-sender rate limit
@@ -78,6 +99,7 @@ class Request(NamedTuple):
     output: OscOutput
     stats: OscStats
     sender: Endpoint
+    counters: Callable[[], dict[str, int | None]]  # the osc_* values for /status
 
 
 # --- the namespace: each handler's signature is its argument spec, its docstring its doc ---
@@ -92,30 +114,34 @@ def _unit(value: float) -> float:
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
 
 
-@address("/gesture")
-def gesture(ctx: Request, x: float, y: float) -> None:
+# Performer handlers only check and return the position: the protocol decides when it
+# reaches the engine (see the flood policy above).
+
+
+@address("/gesture", performer=True)
+def gesture(ctx: Request, x: float, y: float) -> Position:
     """Performer position in [0, 1] (out-of-range values are clamped and counted)."""
     cx, cy = _unit(x), _unit(y)
     if cx != x or cy != y:
         ctx.stats.clamped += 1
-    ctx.controls.perform(cx, cy)
+    return cx, cy
 
 
-@address("/interface")
-def interface(ctx: Request, x: float, y: float) -> None:
+@address("/interface", performer=True)
+def interface(ctx: Request, x: float, y: float) -> Position:
     """Alias of /gesture (IMPSY-compatible)."""
-    gesture(ctx, x, y)
+    return gesture(ctx, x, y)
 
 
-@address("/note")
-def note(ctx: Request, pitch: int, velocity: int) -> None:
+@address("/note", performer=True)
+def note(ctx: Request, pitch: int, velocity: int) -> Position | None:
     """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
     if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
         raise ControlError(f"pitch and velocity must be 0-127, got {pitch} {velocity}")
     if velocity == 0:
         ctx.stats.ignored += 1
-        return
-    ctx.controls.perform(pitch / 127.0, velocity / 127.0)
+        return None
+    return pitch / 127.0, velocity / 127.0
 
 
 @address("/temperature")
@@ -170,9 +196,9 @@ def pause(ctx: Request, paused: int) -> None:
     ctx.controls.set_paused(paused == 1)
 
 
-@address("/model")
+@address("/model", max_rate=MODEL_LOADS_PER_SECOND)
 def model(ctx: Request, name: str) -> None:
-    """Load models/<name> (a bare folder name) without stopping the loop."""
+    """Load models/<name> (a bare folder name) without stopping the loop; the old model stays if it fails."""
     try:
         check_model_name(name)
     except ValueError as exc:
@@ -188,12 +214,11 @@ def hello(ctx: Request, port: int = 0) -> None:
     ctx.output.add_destination(ctx.sender[0], port or ctx.sender[1])
 
 
-@address("/status")
+@address("/status", max_rate=STATUS_PER_SECOND)
 def status(ctx: Request) -> None:
     """Reply /status key value ... (engine state and osc_* counters) to the sender."""
     items = dict(ctx.controls.status())
-    items.update((f"osc_{key}", value) for key, value in ctx.stats.as_dict().items())
-    items["osc_destinations"] = len(ctx.output.destinations)
+    items.update((f"osc_{key}", value) for key, value in ctx.counters().items())
     ctx.output.send_status(ctx.sender, items)
 
 
@@ -336,10 +361,16 @@ class OscOutput:
 # --- input ---
 
 _MAX_ALLOW_CACHE = 4096
+_LOGGED_ERRORS = 10  # internal errors logged in full before only every 1000th is
 
 
 class OscServerProtocol(asyncio.DatagramProtocol):
-    """Turns datagrams into `Controls` calls through the address table; never lets an error escape."""
+    """Turns datagrams into `Controls` calls through the address table; never lets an error escape.
+
+    Reads batches from `server.udpbatch` (`datagrams_received`) and applies the flood
+    policy described in the module docstring; a single datagram, as asyncio's own
+    transport delivers it, is a batch of one.
+    """
 
     def __init__(
         self,
@@ -350,7 +381,10 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         table: AddressTable = TABLE,
         error_rate: float = 10.0,
         error_burst: int = 10,
+        max_run: int = MAX_RUN,
     ) -> None:
+        if max_run < 1:
+            raise ValueError("max_run must be >= 1")
         self.controls = controls
         self.output = output
         self.stats = output.stats
@@ -360,6 +394,10 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         self._allow = tuple(allow)
         self._allowed: dict[str, bool] = {}  # host -> verdict, so the check is one dict hit
         self._error_limit = TokenBuckets(error_rate, error_burst)
+        self._limits = {a.path: TokenBuckets(a.max_rate, a.max_rate) for a in table if a.max_rate is not None}
+        self._max_run = max_run
+        self._run: list[tuple[Position, str, Endpoint]] = []  # checked positions not yet applied
+        self._counters = self.counters
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -373,28 +411,46 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         # On an unconnected UDP socket this is an ICMP report about an earlier send.
         self.output.send_failed(exc)
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        try:
-            if self._allow and not self._is_allowed(addr[0]):
-                self.stats.denied += 1
+    def counters(self) -> dict[str, int | None]:
+        """The transport's part of `/status`: counters, kernel drops (None if unknown) and destinations."""
+        items: dict[str, int | None] = dict(self.stats.as_dict())
+        transport = self.transport
+        items["kernel_drops"] = transport.kernel_drops() if isinstance(transport, BatchDatagramTransport) else None
+        items["destinations"] = len(self.output.destinations)
+        return items
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.datagrams_received([(data, addr)])
+
+    def datagrams_received(self, batch: Sequence[tuple[bytes, Address]]) -> None:
+        """Apply a batch in arrival order; a long run of performer positions collapses to its newest."""
+        if len(batch) > self.stats.batch_max:
+            self.stats.batch_max = len(batch)
+        for data, addr in batch:
+            try:
+                self._datagram(data, addr)
+            except Exception:  # last line of defence: the loop must keep serving
+                self._internal_error("?", (addr[0], addr[1]))
+        self._flush()
+
+    def _datagram(self, data: bytes, addr: Address) -> None:
+        if self._allow and not self._is_allowed(addr[0]):
+            self.stats.denied += 1
+            return
+        self.stats.received += 1
+        sender: Endpoint = (addr[0], addr[1])
+        if data[:1] == b"/":
+            self._message(data, sender)
+        elif is_bundle(data):
+            try:
+                packets = bundle_messages(data)
+            except ValueError as exc:
+                self._reject("#bundle", f"malformed OSC bundle: {exc}", sender)
                 return
-            self.stats.received += 1
-            sender: Endpoint = (addr[0], addr[1])
-            if data[:1] == b"/":
-                self._message(data, sender)
-            elif is_bundle(data):
-                try:
-                    packets = bundle_messages(data)
-                except ValueError as exc:
-                    self._reject("#bundle", f"malformed OSC bundle: {exc}", sender)
-                    return
-                for packet in packets:
-                    self._message(packet, sender)
-            else:
-                self._reject(peek_address(data), "not an OSC message or bundle", sender)
-        except Exception:  # last line of defence: the loop must keep serving
-            self.stats.internal_errors += 1
-            logger.exception("unexpected error handling a datagram from %s", addr)
+            for packet in packets:
+                self._message(packet, sender)
+        else:
+            self._reject(peek_address(data), "not an OSC message or bundle", sender)
 
     def _message(self, packet: bytes, sender: Endpoint) -> None:
         problem = message_problem(packet)
@@ -412,18 +468,55 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         if spec is None:
             self._reject(path, self._unknown, sender)
             return
+        if not spec.performer:
+            self._flush()  # positions that came first reach the engine first
+            limit = self._limits.get(path)
+            if limit is not None and not limit.allow(sender):
+                self.stats.rate_limited += 1
+                self._reject(path, f"too many requests: at most {spec.max_rate:g} per second", sender)
+                return
         try:
-            spec.invoke(Request(self.controls, self.output, self.stats, sender), message.params)
+            position = spec.invoke(Request(self.controls, self.output, self.stats, sender, self._counters), message.params)
         except ControlError as exc:
             self._reject(path, str(exc) or "refused", sender)
         except Exception:
-            self.stats.internal_errors += 1
-            count = self.stats.internal_errors
-            if count <= 10 or count % 1000 == 0:  # a broken engine must not flood the log
-                logger.exception("internal error handling %s from %s (#%d)", path, sender, count)
-            self._reply_error(path, "internal error", sender)
+            self._internal_error(path, sender)
         else:
-            self.stats.handled += 1
+            if position is None:
+                self.stats.handled += 1
+            else:
+                self._run.append((position, path, sender))
+
+    def _flush(self) -> None:
+        """Hand the pending run of positions to the engine: all of it, or only the newest if too long."""
+        run = self._run
+        if not run:
+            return
+        stats = self.stats
+        if len(run) > self._max_run:
+            skipped = len(run) - 1
+            stats.coalesced += skipped
+            stats.handled += skipped
+            del run[:-1]
+        try:
+            for (x, y), path, sender in run:
+                try:
+                    self.controls.perform(x, y)
+                except ControlError as exc:
+                    self._reject(path, str(exc) or "refused", sender)
+                except Exception:
+                    self._internal_error(path, sender)
+                else:
+                    stats.handled += 1
+        finally:
+            run.clear()
+
+    def _internal_error(self, path: str, sender: Endpoint) -> None:
+        self.stats.internal_errors += 1
+        count = self.stats.internal_errors
+        if count <= _LOGGED_ERRORS or count % 1000 == 0:  # a broken engine must not flood the log
+            logger.exception("internal error handling %s from %s (#%d)", path, sender, count)
+        self._reply_error(path, "internal error", sender)
 
     def _reject(self, path: str, reason: str, sender: Endpoint) -> None:
         self.stats.rejected += 1
@@ -468,22 +561,58 @@ async def start_osc(
 
     Destination host names are resolved once here, for the socket's address family, so
     sending never blocks on DNS. Raises OSError with a readable message if the port is
-    taken or a destination cannot be resolved. Close with `transport.close()`.
+    taken or a destination cannot be resolved. Logs a warning if the socket is reachable
+    from other machines (see `exposure_warning`). Close with `transport.close()`.
+
+    Event loops without `add_reader` (Windows' default) get asyncio's own transport:
+    one datagram per batch, so input is never coalesced there.
     """
     loop = asyncio.get_running_loop()
     output = OscOutput()
     protocol = OscServerProtocol(controls, output, allow=allow)
     try:
-        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, local_addr=(host, port))
+        sock = await bind_udp(loop, host, port)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen for OSC on {host}:{port}: {exc.strerror or exc}") from exc
+    transport: asyncio.DatagramTransport
     try:
-        family = transport.get_extra_info("socket").family
-        output.set_destinations([await _resolve(loop, h, p, family) for h, p in destinations])
+        transport = BatchDatagramTransport(loop, sock, protocol)
+    except NotImplementedError:
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+    try:
+        output.set_destinations([await _resolve(loop, h, p, sock.family) for h, p in destinations])
     except BaseException:
         transport.close()
         raise
+    warning = exposure_warning(transport.get_extra_info("sockname"), allow)
+    if warning:
+        logger.warning(warning)
+    logger.debug("OSC receive buffer: %d bytes", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
     return transport, protocol, output
+
+
+def exposure_warning(sockname: Address, allow: Sequence[Network] = ()) -> str | None:
+    """Why listening on `sockname` (the bound address) deserves a warning, or None for loopback.
+
+    Judged from the address actually bound, so a host name or `0.0.0.0` is seen for
+    what it is.
+    """
+    host = str(sockname[0]).split("%", 1)[0]
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is not None and ip.is_loopback:
+        return None
+    where = "every interface" if ip is not None and ip.is_unspecified else host
+    if allow:
+        return (f"OSC is listening on {where}, not only this machine; "
+                f"accepting senders in {', '.join(map(str, allow))} only")
+    return (f"OSC is listening on {where}, not only this machine: anyone who can reach it can play "
+            "and steer the server; limit senders with --allow CIDR")
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, family: int) -> Endpoint:

@@ -14,6 +14,15 @@ Argument rules (clients disagree about number types, so accept what they mean):
 - Anything else (booleans `T`/`F`, nil, blobs, arrays, MIDI, timetags) is rejected.
 
 Range checks belong in the handler: raise `ControlError` with a reason for the client.
+
+Two options describe how the server may treat an address under load, so that policy
+sits next to the handler rather than in the transport:
+
+- `performer=True`: the handler only checks and returns a performer position
+  `(x, y)` (or None to ignore the message); the transport decides when it reaches the
+  engine, and may let a newer position supersede it (see `server.osc`).
+- `max_rate=R`: at most R such messages per second from one sender (burst R), for
+  requests that are costly (a model load) or that answer with more than they receive.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any, TypeVar
 
 from server.controls import ControlError
 
-F = TypeVar("F", bound=Callable[..., None])
+F = TypeVar("F", bound=Callable[..., Any])
 
 # OSC pattern-matching and reserved characters: addresses here are literal.
 _RESERVED = set(" #*,?[]{}")
@@ -110,18 +119,20 @@ class Address:
     """A compiled handler: validates a message's arguments, then calls the function."""
 
     path: str
-    func: Callable[..., None]
+    func: Callable[..., Any]
     params: tuple[Param, ...]
     required: int
     summary: str
+    performer: bool = False  # the handler returns a position for the transport to apply
+    max_rate: float | None = None  # messages per second per sender, or None for no limit
 
     @property
     def usage(self) -> str:
         """Arguments as `x:float y:float [port:int]` for documentation."""
         return " ".join(p.usage for p in self.params)
 
-    def invoke(self, ctx: object, args: Sequence[object]) -> None:
-        """Convert `args` per the signature and call the handler; ArgumentError if they don't fit."""
+    def invoke(self, ctx: object, args: Sequence[object]) -> Any:
+        """Convert `args` per the signature and return the handler's result; ArgumentError if they don't fit."""
         params = self.params
         if not self.required <= len(args) <= len(params):
             raise ArgumentError(self._count_reason(len(args)))
@@ -131,7 +142,7 @@ class Address:
                 values.append(param.convert(arg))
             except _BadValue as exc:
                 raise ArgumentError(f"{param.name}: {exc}") from None
-        self.func(ctx, *values)
+        return self.func(ctx, *values)
 
     def _count_reason(self, got: int) -> str:
         if not self.params:
@@ -142,9 +153,11 @@ class Address:
         return f"expected {count} {noun} ({self.usage}), got {got}"
 
 
-def _compile(path: str, func: Callable[..., None]) -> Address:
+def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: float | None) -> Address:
     if not path.startswith("/") or len(path) < 2 or _RESERVED.intersection(path):
         raise ValueError(f"{path!r} is not a literal OSC address")
+    if max_rate is not None and (performer or not max_rate >= 1.0):
+        raise ValueError(f"{path}: max_rate must be >= 1 per second, and performer positions are coalesced instead")
     signature = inspect.signature(func)
     parameters = list(signature.parameters.values())
     if not parameters:
@@ -161,14 +174,14 @@ def _compile(path: str, func: Callable[..., None]) -> Address:
     if not doc:
         raise TypeError(f"{func.__qualname__}: a handler's docstring is its documentation; add one")
     required = sum(1 for p in params if not p.optional)
-    return Address(path, func, tuple(params), required, doc.splitlines()[0])
+    return Address(path, func, tuple(params), required, doc.splitlines()[0], performer, max_rate)
 
 
-def address(path: str) -> Callable[[F], F]:
-    """Mark `func` as the handler of OSC `path`, compiling its signature now."""
+def address(path: str, *, performer: bool = False, max_rate: float | None = None) -> Callable[[F], F]:
+    """Mark `func` as the handler of OSC `path`, compiling its signature now (options: see the module doc)."""
 
     def mark(func: F) -> F:
-        func.osc_address = _compile(path, func)  # type: ignore[attr-defined]
+        func.osc_address = _compile(path, func, performer, max_rate)  # type: ignore[attr-defined]
         return func
 
     return mark
@@ -177,7 +190,7 @@ def address(path: str) -> Callable[[F], F]:
 class AddressTable:
     """The immutable mapping from OSC address to compiled handler, in documentation order."""
 
-    def __init__(self, handlers: Iterable[Callable[..., None]]) -> None:
+    def __init__(self, handlers: Iterable[Callable[..., Any]]) -> None:
         table: dict[str, Address] = {}
         for func in handlers:
             spec = getattr(func, "osc_address", None)

@@ -22,9 +22,9 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.udp_client import SimpleUDPClient
 
-from server import osc
+from server import osc, udpbatch
 from server.controls import ControlError
-from server.modes import MODE_NAMES, Mode
+from server.modes import MODE_NAMES
 from server.osctable import AddressTable, ArgumentError, address
 from server.oscwire import (
     MAX_BUNDLE_DEPTH,
@@ -34,53 +34,9 @@ from server.oscwire import (
     message_problem,
 )
 from server.ratelimit import TokenBuckets
+from tests.oscfakes import FakeControls, StubTransport
 
 TIMEOUT = 1.0
-
-
-class FakeControls:
-    """A test double of the engine: records every call; can refuse or break on demand."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.broken = False
-
-    def _call(self, *call: Any) -> None:
-        if self.broken:
-            raise RuntimeError("engine bug")
-        self.calls.append(call)
-
-    def perform(self, x: float, y: float) -> None:
-        self._call("perform", x, y)
-
-    def set_temperature(self, value: float) -> None:
-        self._call("set_temperature", value)
-
-    def set_sigma_temperature(self, value: float) -> None:
-        self._call("set_sigma_temperature", value)
-
-    def set_timescale(self, value: float) -> None:
-        self._call("set_timescale", value)
-
-    def set_threshold(self, seconds: float) -> None:
-        self._call("set_threshold", seconds)
-
-    def set_mode(self, name: str) -> None:
-        self._call("set_mode", name)
-
-    def reset(self) -> None:
-        self._call("reset")
-
-    def set_paused(self, paused: bool) -> None:
-        self._call("set_paused", paused)
-
-    def load_model(self, name: str) -> None:
-        if name == "missing":
-            raise ControlError("no model named 'missing'")
-        self._call("load_model", name)
-
-    def status(self) -> dict[str, Any]:
-        return {"mode": Mode.ACCOMPANY, "temperature": 0.5, "paused": False, "model": "default"}
 
 
 class Server:
@@ -467,24 +423,10 @@ def test_port_in_use_is_a_readable_error(server: Server) -> None:
         asyncio.run(clash())
 
 
-class _StubTransport:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-        self.sent: list[tuple[bytes, Any]] = []
-
-    def is_closing(self) -> bool:
-        return False
-
-    def sendto(self, data: bytes, addr: Any) -> None:
-        if self.error:
-            raise self.error
-        self.sent.append((data, addr))
-
-
 def test_sending_never_raises_and_failures_are_counted() -> None:
     output = osc.OscOutput([("127.0.0.1", 9)])
     output.send_prediction(0.5, 0.5)  # not attached yet: dropped quietly
-    output.attach(_StubTransport(OSError("network unreachable")))  # type: ignore[arg-type]
+    output.attach(StubTransport(OSError("network unreachable")))  # type: ignore[arg-type]
     output.send_prediction(0.5, 0.5)
     output.send_status(("127.0.0.1", 9), {"x": object(), "none": None})
     output.send_error(("127.0.0.1", 9), "/x", "why")
@@ -502,6 +444,170 @@ def test_destination_list_is_capped_dropping_the_oldest_hello() -> None:
     assert output.add_destination("10.0.0.1", 1) is False
     with pytest.raises(ValueError):
         output.set_destinations([("h", p) for p in range(4)])
+
+
+# --- load: the flood policy, per-address rate limits, the batched socket ---
+
+
+def _protocol(**kwargs: Any) -> tuple[osc.OscServerProtocol, FakeControls, StubTransport]:
+    controls, sock = FakeControls(), StubTransport()
+    output = osc.OscOutput()
+    output.attach(sock)  # type: ignore[arg-type]
+    return osc.OscServerProtocol(controls, output, **kwargs), controls, sock
+
+
+def _gestures(n: int, offset: int = 0) -> list[tuple[bytes, tuple[str, int]]]:
+    return [(message("/gesture", (i + offset) / 1024, 0.5), ("127.0.0.1", 9)) for i in range(n)]  # exact in float32
+
+
+def test_a_long_run_of_positions_collapses_to_the_newest() -> None:
+    protocol, controls, _ = _protocol()
+    protocol.datagrams_received(_gestures(100))
+    assert controls.calls == [("perform", 99 / 1024, 0.5)]
+    assert protocol.stats.coalesced == 99 and protocol.stats.handled == 100 and protocol.stats.batch_max == 100
+
+
+def test_a_short_run_is_applied_whole_and_controls_keep_their_place() -> None:
+    protocol, controls, _ = _protocol()
+    temperature = (message("/temperature", 0.5), ("127.0.0.1", 9))
+    note = (message("/note", 127, 127), ("127.0.0.1", 9))
+    batch = _gestures(osc.MAX_RUN + 5) + [temperature] + _gestures(3, offset=512) + [note]
+    protocol.datagrams_received(batch)
+    assert controls.calls == [
+        ("perform", (osc.MAX_RUN + 4) / 1024, 0.5),
+        ("set_temperature", 0.5),
+        ("perform", 512 / 1024, 0.5), ("perform", 513 / 1024, 0.5), ("perform", 514 / 1024, 0.5), ("perform", 1.0, 1.0),
+    ]
+    assert protocol.stats.coalesced == osc.MAX_RUN + 4
+    assert protocol.stats.handled == len(batch)
+
+
+def test_a_bundle_of_positions_is_one_run() -> None:
+    protocol, controls, _ = _protocol()
+    packet = bundle(*[message("/gesture", i / 128, 0.25) for i in range(50)], message("/reset")).dgram
+    protocol.datagram_received(packet, ("127.0.0.1", 9))
+    assert controls.calls == [("perform", 49 / 128, 0.25), ("reset",)]
+
+
+def test_costly_requests_are_limited_per_sender() -> None:
+    protocol, controls, sock = _protocol()
+    load = message("/model", "default")
+    protocol.datagrams_received([(load, ("127.0.0.1", 9))] * 20 + [(load, ("127.0.0.1", 10))])
+    allowed = int(osc.MODEL_LOADS_PER_SECOND)
+    assert controls.calls == [("load_model", "default")] * (allowed + 1)  # the other sender has its own budget
+    assert protocol.stats.rate_limited == protocol.stats.rejected == 20 - allowed
+    reasons = {OscMessage(data).params[1] for data, _ in sock.sent}
+    assert reasons == {f"too many requests: at most {allowed} per second"}
+
+
+def test_engine_refusing_a_position_is_a_rejection() -> None:
+    class Refusing(FakeControls):
+        def perform(self, x: float, y: float) -> None:
+            raise ControlError("not now")
+
+    output = osc.OscOutput()
+    output.attach(StubTransport())  # type: ignore[arg-type]
+    protocol = osc.OscServerProtocol(Refusing(), output)
+    protocol.datagrams_received(_gestures(2))
+    assert protocol.stats.rejected == 2 and protocol.stats.handled == 0 and protocol.stats.internal_errors == 0
+
+
+def test_socket_is_drained_in_one_batch_after_a_stall(server: Server, client: Client) -> None:
+    """While the loop is busy, datagrams wait in the kernel; the next wake-up reads them all at once."""
+    release = threading.Event()
+    server.loop.call_soon_threadsafe(release.wait, 5.0)  # block the loop thread, as a long stall would
+    for i in range(200):
+        client.send("/gesture", i / 1024, 0.5)
+    release.set()
+    status = client.status()
+    assert server.controls.calls == [("perform", 199 / 1024, 0.5)]
+    assert status["osc_batch_max"] >= 200 and status["osc_coalesced"] == 199
+    assert status["osc_kernel_drops"] == (0 if sys.platform.startswith("linux") else "none")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel drop counts come from Linux SO_MEMINFO")
+def test_kernel_drops_are_counted_when_the_receive_buffer_overflows(server: Server, client: Client) -> None:
+    release = threading.Event()
+    server.loop.call_soon_threadsafe(release.wait, 5.0)
+    sent = 20_000  # ~16 MB of kernel memory: far more than the receive buffer holds
+    for _ in range(sent):
+        client.send_raw(_GESTURE)
+    release.set()
+    time.sleep(0.2)  # let the server drain the full buffer, or our /status would be dropped too
+    status = client.status()
+    assert status["osc_kernel_drops"] > 0
+    assert status["osc_received"] + status["osc_kernel_drops"] == sent + 1  # + the /status itself
+    assert server.controls.calls[-1] == ("perform", 0.5, 0.5)
+
+
+def test_receive_buffer_is_raised_and_a_64k_datagram_arrives_whole(server: Server, client: Client) -> None:
+    granted = server.call(server.transport.receive_buffer)
+    assert granted >= min(udpbatch.RECEIVE_BUFFER, _rmem_max())
+    data = message("/gesture", 0.5, 0.5)
+    client.send_raw(data + bytes(65507 - len(data)))  # the largest IPv4 UDP payload; trailing bytes are tolerated
+    client.status()
+    assert server.controls.calls == [("perform", 0.5, 0.5)]
+
+
+def test_loops_without_add_reader_fall_back_to_asyncio_transport() -> None:
+    """Windows' proactor loop has no add_reader: the server must still listen, one datagram per batch."""
+
+    class Recording(FakeControls):
+        def __init__(self) -> None:
+            super().__init__()
+            self.got = asyncio.Event()
+
+        def perform(self, x: float, y: float) -> None:
+            super().perform(x, y)
+            self.got.set()
+
+    def no_add_reader(*args: Any) -> None:
+        raise NotImplementedError
+
+    async def scenario() -> tuple[Any, list[tuple[Any, ...]]]:
+        loop = asyncio.get_running_loop()
+        loop.add_reader = no_add_reader  # type: ignore[method-assign]  # asyncio itself uses _add_reader
+        controls = Recording()
+        transport, protocol, _ = await osc.start_osc(controls, host="127.0.0.1", port=0, destinations=())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(message("/gesture", 0.25, 0.5), transport.get_extra_info("sockname"))
+            await asyncio.wait_for(controls.got.wait(), TIMEOUT)
+        counters = protocol.counters()
+        transport.close()
+        return transport, [controls.calls, counters["kernel_drops"]]
+
+    transport, (calls, drops) = asyncio.run(scenario())
+    assert not isinstance(transport, udpbatch.BatchDatagramTransport)
+    assert calls == [("perform", 0.25, 0.5)] and drops is None
+
+
+def _rmem_max() -> int:
+    try:
+        with open("/proc/sys/net/core/rmem_max") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("sockname", "allow", "expected"),
+    [
+        (("127.0.0.1", 5710), (), None),
+        (("127.0.0.2", 5710), (), None),
+        (("::1", 5710, 0, 0), (), None),
+        (("::ffff:127.0.0.1", 5710, 0, 0), (), None),
+        (("0.0.0.0", 5710), (), "every interface"),
+        (("::", 5710, 0, 0), (), "every interface"),
+        (("192.168.1.20", 5710), (), "--allow"),
+        (("192.168.1.20", 5710), (ipaddress.ip_network("192.168.1.0/24"),), "192.168.1.0/24 only"),
+    ],
+)
+def test_exposure_warning_judges_the_bound_address(sockname: tuple, allow: tuple, expected: str | None) -> None:
+    warning = osc.exposure_warning(sockname, allow)
+    if expected is None:
+        assert warning is None
+    else:
+        assert warning is not None and expected in warning
 
 
 # --- documentation generated from the table ---
@@ -623,7 +729,7 @@ def test_layout_check_accepts_whole_messages_and_flags_every_truncation(args: li
 ))
 def test_no_datagram_escapes_or_hangs_the_protocol(data: bytes) -> None:
     output = osc.OscOutput()
-    output.attach(_StubTransport())  # type: ignore[arg-type]
+    output.attach(StubTransport())  # type: ignore[arg-type]
     protocol = osc.OscServerProtocol(FakeControls(), output)
     protocol.datagram_received(data, ("127.0.0.1", 9))
     assert protocol.stats.internal_errors == 0

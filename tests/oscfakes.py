@@ -1,0 +1,69 @@
+"""Test doubles for the OSC layer: a recording engine and a recording socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.controls import ControlError
+from server.modes import Mode
+
+
+class FakeControls:
+    """A test double of the engine: records every call; can refuse or break on demand."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.broken = False
+
+    def _call(self, *call: Any) -> None:
+        if self.broken:
+            raise RuntimeError("engine bug")
+        self.calls.append(call)
+
+    def perform(self, x: float, y: float) -> None:
+        self._call("perform", x, y)
+
+    def set_temperature(self, value: float) -> None:
+        self._call("set_temperature", value)
+
+    def set_sigma_temperature(self, value: float) -> None:
+        self._call("set_sigma_temperature", value)
+
+    def set_timescale(self, value: float) -> None:
+        self._call("set_timescale", value)
+
+    def set_threshold(self, seconds: float) -> None:
+        self._call("set_threshold", seconds)
+
+    def set_mode(self, name: str) -> None:
+        self._call("set_mode", name)
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    def set_paused(self, paused: bool) -> None:
+        self._call("set_paused", paused)
+
+    def load_model(self, name: str) -> None:
+        if name == "missing":
+            raise ControlError("no model named 'missing'")
+        self._call("load_model", name)
+
+    def status(self) -> dict[str, Any]:
+        return {"mode": Mode.ACCOMPANY, "temperature": 0.5, "paused": False, "model": "default"}
+
+
+class StubTransport:
+    """Stands in for the server's socket: records what is sent, or raises `error`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        if self.error:
+            raise self.error
+        self.sent.append((data, addr))
