@@ -23,6 +23,9 @@ test: $(STAMP)    ## the whole test suite
 bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 	$(PY) -m server bench $(ARGS)
 
+soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (make soak ARGS="--seconds 600")
+	$(PY) -m server soak $(ARGS)
+
 default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures
 	$(PY) -m server synth --seed 1 --out datasets/synthetic.npz
 	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --seed 1

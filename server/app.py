@@ -7,7 +7,6 @@ with a message naming the problem and a non-zero exit, before any music starts.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 import time
@@ -22,7 +21,6 @@ from server.osc import namespace_text, start_osc
 from server.recorder import Recorder, RecorderError
 from server.runtime import Predictor
 
-log = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
@@ -76,6 +74,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         except MidiError as e:
             transport.close()
             raise StartupError(str(e)) from e
+        engine.status_sources.append(midi.counts)
         if midi.output is not None:
             engine.sinks.append(midi.output)
             engine.silencers.append(midi.output.silence)

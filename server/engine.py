@@ -82,6 +82,8 @@ class Engine:
         # Called whenever scheduled output is abandoned (mode change, pause, model swap,
         # stop) so an output that holds notes can release them.
         self.silencers: list[Callable[[], None]] = []
+        # Other transports' counters, merged into `/status` (e.g. MIDI).
+        self.status_sources: list[Callable[[], dict[str, Any]]] = []
         self._rng = np.random.default_rng(seed)
         self._pending: dict[int, asyncio.TimerHandle] = {}  # insertion-ordered: oldest first
         self._next_id = 0
@@ -202,6 +204,7 @@ class Engine:
             "step_us_median": round(self.latency.percentile(50) * 1e6, 1),
             "step_us_p99": round(self.latency.percentile(99) * 1e6, 1),
             "uptime_s": round(self._loop.time() - self._started, 1),
+            **{k: v for source in self.status_sources for k, v in source().items()},
         }
 
     # ------------------------------------------------------------------ modes

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import mido
@@ -144,22 +146,49 @@ def _close_quietly(port: Any) -> None:
         log.debug("closing MIDI port %r failed", getattr(port, "name", port), exc_info=True)
 
 
+INBOX_SIZE = 64  # MIDI messages waiting for the loop; beyond this the oldest is dropped and counted
+
+
 class MidiInput:
-    """Plays the engine from a MIDI port through an `InputMap`."""
+    """Plays the engine from a MIDI port through an `InputMap`.
+
+    The hand-over to the loop is bounded: messages wait in a small inbox drained by one
+    scheduled loop call, and a flood (a controller spewing CCs) drops the oldest — the
+    newest position wins, as for OSC — instead of queueing loop callbacks without limit.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard) -> None:
         self._loop, self._mapping, self._perform, self._guard = loop, mapping, perform, guard
         self._closed = False
-        self.counts = {"events": 0, "echoes": 0}
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[Any, float]] = deque(maxlen=INBOX_SIZE)
+        self._drain_scheduled = False
+        self.counts = {"events": 0, "echoes": 0, "coalesced": 0}
 
     def on_message(self, msg: Any) -> None:
         """Backend thread: filter cheaply, stamp the arrival, and hand over to the event loop."""
         if self._closed or not self._mapping.wants(msg):
             return  # clock, sysex, aftertouch, note-offs...: ignored quietly
+        stamp = self._loop.time()
+        with self._lock:
+            if len(self._inbox) == INBOX_SIZE:
+                self.counts["coalesced"] += 1  # the deque drops the oldest
+            self._inbox.append((msg, stamp))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._handle, msg, self._loop.time())
+            self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop closed during shutdown
             pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = list(self._inbox)
+            self._inbox.clear()
+            self._drain_scheduled = False
+        for msg, stamp in batch:
+            self._handle(msg, stamp)
 
     def _handle(self, msg: Any, stamp: float) -> None:
         if self._closed:
@@ -256,6 +285,15 @@ class MidiLink:
 
     def __init__(self, inport: KeptPort | None, input: MidiInput | None, outport: KeptPort | None, output: MidiOutput | None) -> None:
         self.inport, self.input, self.outport, self.output = inport, input, outport, output
+
+    def counts(self) -> dict[str, int]:
+        """MIDI counters for `/status`, prefixed `midi_`."""
+        out: dict[str, int] = {}
+        if self.input is not None:
+            out.update({f"midi_in_{k}": v for k, v in self.input.counts.items()})
+        if self.output is not None:
+            out.update({f"midi_out_{k}": v for k, v in self.output.counts.items()})
+        return out
 
     def describe(self) -> str:
         parts = []

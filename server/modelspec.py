@@ -153,10 +153,17 @@ def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) ->
 
     OSC clients may name models only (no paths, no `..`); the command line may pass a path.
     """
-    if NAME_PATTERN.match(name_or_path) and ".." not in name_or_path:
-        candidate = Path(models_dir) / name_or_path
-        if candidate.is_dir() or not allow_paths:
-            return candidate
+    models_dir = Path(models_dir)
+    is_name = bool(NAME_PATTERN.match(name_or_path)) and ".." not in name_or_path
+    if is_name and ((models_dir / name_or_path).is_dir() or not allow_paths):
+        return models_dir / name_or_path
     if not allow_paths:
         raise ModelError(f"{name_or_path!r} is not a model name (letters, digits, '-', '_', '.'; no paths)")
-    return Path(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_dir():
+        found = sorted(p.name for p in models_dir.iterdir() if (p / "model.json").is_file()) if models_dir.is_dir() else []
+        raise ModelError(
+            f"no model folder {name_or_path!r} in {models_dir} (found: {', '.join(found) or 'none'}), "
+            "nor a folder at that path; train one with python -m server train --name NAME"
+        )
+    return path

@@ -48,13 +48,13 @@ class LiteRTStep:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{tflite if isinstance(tflite, Path) else 'step.tflite'} is not a valid LiteRT model ({e})") from e
-        inputs = {tuple(d["shape"]): d["index"] for d in self._interp.get_input_details()}
-        outputs = {tuple(d["shape"]): d["index"] for d in self._interp.get_output_details()}
+        inputs = {tuple(int(n) for n in d["shape"]): d["index"] for d in self._interp.get_input_details()}
+        outputs = {tuple(int(n) for n in d["shape"]): d["index"] for d in self._interp.get_output_details()}
         want_in = [(1, spec.dims), (1, spec.state_size)]
         want_out = [(1, spec.param_size), (1, spec.state_size)]
         if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
             raise ModelError(
-                f"step.tflite has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+                f"{tflite if isinstance(tflite, Path) else 'step.tflite'} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
                 f"but model.json describes {want_in} -> {want_out}; re-export the model"
             )
         self._event_in, self._state_in = inputs[want_in[0]], inputs[want_in[1]]

@@ -88,7 +88,7 @@ def test_broken_model_at_start_names_the_file_and_the_fix(
 
 def test_missing_model_folder_at_start(models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run(capsys, "--models-dir", str(models), "--model", "nowhere", "--log-dir", str(tmp_path))
-    assert code == 1 and "nowhere" in err and "model.json" in err
+    assert code == 1 and "no model folder 'nowhere'" in err and str(models) in err
 
 
 def test_unwritable_log_directory_at_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -325,6 +325,34 @@ def test_input_runs_on_the_loop_and_ignores_echoes_of_what_was_sent():
     asyncio.run(scenario())
 
 
+def test_a_midi_flood_is_bounded_and_the_newest_notes_win():
+    from server.midi import INBOX_SIZE
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        played: list[tuple[float, float]] = []
+        backend = MemoryBackend(inputs=("Keys",))
+        link = open_midi(loop, cfg(midi_in="Keys"), lambda x, y: played.append((x, y)), backend)
+        keys = backend.last("Keys")
+
+        def flood() -> None:  # on another thread, while the loop is blocked in join below
+            for i in range(1000):
+                keys.play(M("note_on", note=i % 128, velocity=1 + i % 100))
+
+        worker = threading.Thread(target=flood)
+        worker.start()
+        worker.join()  # the loop cannot drain while this blocks: everything piles up
+        await until(lambda: len(played) == INBOX_SIZE)
+        await asyncio.sleep(0.02)
+        assert len(played) == INBOX_SIZE and link.input.counts["coalesced"] == 1000 - INBOX_SIZE
+        last = 999
+        assert played[-1] == ((last % 128) / 127, (1 + last % 100) / 127)
+        assert link.counts()["midi_in_coalesced"] == 1000 - INBOX_SIZE
+        link.close()
+
+    asyncio.run(scenario())
+
+
 def test_cc_input_map_end_to_end():
     async def scenario():
         loop = asyncio.get_running_loop()

@@ -81,7 +81,7 @@ def test_evaluate_reports_a_clear_error_for_a_missing_model(tmp_path, capsys):
 
     ds = data.save_dataset(data.synthetic_dataset(2, 0, 2), tmp_path / "d.npz")
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(ds)]) == 1
-    assert "model.json is missing" in capsys.readouterr().err
+    assert "no model folder" in capsys.readouterr().err
 
 
 def test_cli_synth_then_train_end_to_end(tmp_path, capsys):
