@@ -689,8 +689,13 @@ def test_prediction_encoding_saturates_instead_of_raising() -> None:
 _ARG = st.one_of(
     st.integers(-(2**31), 2**31 - 1),
     st.floats(width=32, allow_nan=False),
-    st.text(st.characters(blacklist_characters="\0"), max_size=20),
+    st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=20),
 )
+
+
+def test_unencodable_text_is_replaced_not_raised() -> None:
+    # A lone surrogate (e.g. echoed from a client's bad string) cannot be UTF-8: sent as '?'.
+    assert OscMessage(encode_message("/error", "\ud800")).params == ["?"]
 
 
 @given(st.lists(_ARG, max_size=6))
