@@ -179,8 +179,9 @@ def run_bench(model: str, models_dir: Path, out: Path, quick: bool = False) -> d
     from server.modelspec import resolve_model_dir
 
     folder = resolve_model_dir(model, models_dir, allow_paths=True)
+    step = bench_steps(folder, quick)  # first: the in-process figures on a quiet interpreter
     result = {"model": str(folder), "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "server": bench_server(str(folder), quick), "step": bench_steps(folder, quick)}
+              "step": step, "server": bench_server(str(folder), quick)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"wrote {out}")

@@ -181,7 +181,7 @@ class RunConfig:
     """Everything `run` needs; build it with `resolve_run_config`, which validates each value."""
 
     model: str = field(default="default", metadata=_key(
-        "model folder name under models_dir, or a model folder path", "NAME|PATH", _model))
+        "model folder name under models_dir, or a model folder path", "MODEL", _model))
     models_dir: Path = field(default=DEFAULT_MODELS_DIR, metadata=_key(
         "folder holding the model folders", "DIR", _path,
         default_doc="models/ next to server/", relative_to_file=True))
