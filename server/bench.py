@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from server.osc import ADDRESSES  # noqa: F401  (the namespace the bench speaks)
+from server.mdn import RandomBlocks
 from server.oscwire import encode_message
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def step_latency(predictor, steps: int, rng: np.random.Generator) -> dict[str, float]:
+def step_latency(predictor, steps: int, rng) -> dict[str, float]:
     """Median and p99 of one observe + sample, after a warm-up."""
     times = np.empty(steps)
     dt, x, y = 0.02, 0.5, 0.5
@@ -47,8 +47,8 @@ def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
     from server.modelspec import read_info
     from server.runtime import KerasPredictStep, Predictor
 
-    rng = np.random.default_rng(0)
     info = read_info(folder)
+    rng = RandomBlocks(np.random.default_rng(0), info.spec.dims)  # random numbers drawn as the live loop draws them
     out: dict[str, Any] = {"litert": step_latency(Predictor(folder, backend="litert"), 2000 if quick else 20000, rng)}
     out["tensorflow"] = step_latency(Predictor(folder, backend="tensorflow"), 200 if quick else 2000, rng)
     naive = Predictor(folder, info=info, step=(KerasPredictStep(folder / "model.keras", info.spec), "keras-predict"))
@@ -62,9 +62,9 @@ def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
 class ServerUnderTest:
     """A `python -m server run` subprocess on a free port, answering to our socket."""
 
-    def __init__(self, model: str, reply_port: int, log_dir: Path) -> None:
-        cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--model", model, "--mode", "accompany",
-               "--timescale", "1e-6", "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir)]
+    def __init__(self, model: str, reply_port: int, log_dir: Path, mode: str = "accompany", timescale: float = 1e-6) -> None:
+        cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--model", model, "--mode", mode,
+               "--timescale", str(timescale), "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir)]
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -157,13 +157,31 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
             st = status(sock, srv.port)
         finally:
             code = srv.stop()
+        timing = generate_timing(model, sock, Path(logs), 2.0 if quick else 10.0)
     return {
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
         "round_trip": runs,
-        "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "step_us_median", "step_us_p99")},
+        "generate_timing": timing,
+        "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "osc_coalesced",
+                                                 "step_us_median", "step_us_p99", "late_us_median", "late_us_p99")},
         "exit_code": code,
     }
+
+
+def generate_timing(model: str, sock: socket.socket, log_dir: Path, seconds: float) -> dict[str, Any]:
+    """How late, after its scheduled time, each event went out while the model played alone at timescale 1."""
+    srv = ServerUnderTest(model, sock.getsockname()[1], log_dir, mode="generate", timescale=1.0)
+    try:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:  # drain predictions so the socket never fills
+            if select.select([sock], [], [], left)[0]:
+                sock.recv(65536)
+        st = status(sock, srv.port)
+    finally:
+        srv.stop()
+    return {"seconds": seconds, "outputs": st.get("outputs"), "late_us_median": st.get("late_us_median"),
+            "late_us_p99": st.get("late_us_p99")}
 
 
 def machine() -> dict[str, Any]:
@@ -212,6 +230,9 @@ def format_table(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"ready in {v['ready_s']:.2f} s (process start to ready line); idle CPU {v['idle_cpu_percent']:.2f} %",
+        f"generate at timescale 1 for {v['generate_timing']['seconds']:.0f} s: {v['generate_timing']['outputs']} events, "
+        f"sent {v['generate_timing']['late_us_median']} us (median) / {v['generate_timing']['late_us_p99']} us (p99) "
+        "after their scheduled time",
         f"server counters: {v['server_status']}",
     ]
     return "\n".join(lines)

@@ -22,7 +22,8 @@ import numpy as np
 
 from server.controls import ControlError
 from server.event import Event
-from server.modelspec import ModelError, resolve_model_dir
+from server.mdn import RandomBlocks
+from server.modelspec import DIMS, ModelError, resolve_model_dir
 from server.modes import Mode, parse_mode
 from server.runtime import Predictor
 
@@ -84,7 +85,7 @@ class Engine:
         self.silencers: list[Callable[[], None]] = []
         # Other transports' counters, merged into `/status` (e.g. MIDI).
         self.status_sources: list[Callable[[], dict[str, Any]]] = []
-        self._rng = np.random.default_rng(seed)
+        self._rng = RandomBlocks(np.random.default_rng(seed), DIMS)
         self._pending: dict[int, asyncio.TimerHandle] = {}  # insertion-ordered: oldest first
         self._next_id = 0
         self._takeover: asyncio.TimerHandle | None = None
@@ -93,6 +94,7 @@ class Engine:
         self._heard_performer = False
         self._fresh = True
         self.latency = LatencyWindow()
+        self.lateness = LatencyWindow()  # how long after its scheduled time each output went out
         self.counts = {"inputs": 0, "outputs": 0, "dropped": 0, "clamped": 0, "sink_errors": 0, "model_swaps": 0}
         self._started = loop.time()
 
@@ -203,6 +205,8 @@ class Engine:
             "pending": len(self._pending),
             "step_us_median": round(self.latency.percentile(50) * 1e6, 1),
             "step_us_p99": round(self.latency.percentile(99) * 1e6, 1),
+            "late_us_median": round(self.lateness.percentile(50) * 1e6, 1),
+            "late_us_p99": round(self.lateness.percentile(99) * 1e6, 1),
             "uptime_s": round(self._loop.time() - self._started, 1),
             **{k: v for source in self.status_sources for k, v in source().items()},
         }
@@ -229,10 +233,14 @@ class Engine:
         if self.settings.mode is Mode.RESPOND and not self.settings.paused:
             self._continue_from(self._loop.time())
 
-    def _continue_from(self, at: float) -> None:
-        """Sample the next model event and schedule it `dt` after ``at`` (an absolute time)."""
+    def _continue_from(self, at: float, t0: float | None = None) -> None:
+        """Sample the next model event and schedule it `dt` after ``at`` (an absolute time).
+
+        ``t0`` is when the step began if the caller just observed an event, so the
+        recorded step latency covers observe + sample as in the other modes.
+        """
         self._cancel_chain()  # only ever one chain: a second could never be cancelled
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         dt, x, y = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
         self.latency.add(time.perf_counter() - t0)
         when = at + dt * self.settings.timescale
@@ -240,14 +248,14 @@ class Engine:
 
     def _chain_fire(self, when: float, dt: float, x: float, y: float) -> None:
         """Emit a self-generated event, feed it back, and schedule the next from its scheduled time."""
+        self.lateness.add(self._loop.time() - when)
         self._chain = None
         self._emit_to_sinks(Event(when, x, y, "model", dt * self.settings.timescale))
         self.counts["outputs"] += 1
         t0 = time.perf_counter()
         self.predictor.observe(dt, x, y)
-        self.latency.add(time.perf_counter() - t0)
         # Don't let a stalled loop make the chain race to catch up: never schedule in the past.
-        self._continue_from(max(when, self._loop.time() - 0.05))
+        self._continue_from(max(when, self._loop.time() - 0.05), t0)
 
     def _schedule_answer(self, now: float, wait: float, x: float, y: float) -> None:
         if len(self._pending) >= MAX_PENDING:
@@ -258,6 +266,7 @@ class Engine:
         self._pending[self._next_id] = self._loop.call_at(when, self._answer_fire, self._next_id, when, wait, x, y)
 
     def _answer_fire(self, key: int, when: float, wait: float, x: float, y: float) -> None:
+        self.lateness.add(self._loop.time() - when)
         self._pending.pop(key, None)
         self._emit_to_sinks(Event(when, x, y, "model", wait))
         self.counts["outputs"] += 1

@@ -179,9 +179,18 @@ class Predictor:
         self.params, self.state = self.step(self._event, self.state)
         return self.params
 
-    def sample(self, rng: np.random.Generator, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
-        """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
-        z0, z1, z2 = mdn.sample_row(self.params, self._k, self._d, rng, temperature, sigma_temperature)
+    def sample(
+        self, rng: np.random.Generator | mdn.RandomBlocks, temperature: float, sigma_temperature: float
+    ) -> tuple[float, float, float]:
+        """Draw the next event ``(dt, x, y)`` in original units from the current parameters.
+
+        ``rng`` is a Generator, or `RandomBlocks` over one (faster, for the live loop).
+        """
+        if isinstance(rng, mdn.RandomBlocks):
+            u, normals = rng.next()
+            z0, z1, z2 = mdn.sample_row_from(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
+        else:
+            z0, z1, z2 = mdn.sample_row(self.params, self._k, self._d, rng, temperature, sigma_temperature)
         sh, sc = self._shift_l, self._scale_l
         dt = math.exp(min(z0 * sc[0] + sh[0], 50.0)) - self._dt_offset
         x = z1 * sc[1] + sh[1]

@@ -175,3 +175,19 @@ def test_scalar_sampler_matches_the_vectorised_one():
     wild[:] = [np.nan, np.inf, -np.inf, 1e30, 0, 0, 1e-9, np.inf, 1e4, np.nan, 0.1, 0.1, 1e30, np.nan, -np.inf]
     for t in (0.0, 1e-7, 1.0, 1e3):
         assert np.all(np.isfinite(mdn.sample_row(wild, k, d, rng, t, 1.0)))
+
+
+def test_random_blocks_are_seeded_and_well_distributed():
+    a = mdn.RandomBlocks(np.random.default_rng(3), 3, block=100)
+    b = mdn.RandomBlocks(np.random.default_rng(3), 3, block=100)
+    draws_a = [a.next() for _ in range(5000)]  # crosses many block boundaries
+    assert draws_a == [b.next() for _ in range(5000)]
+    u = np.array([d[0] for d in draws_a])
+    z = np.array([d[1] for d in draws_a])
+    assert z.shape == (5000, 3) and u.min() >= 0 and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.02 and np.allclose(z.mean(0), 0, atol=0.05) and np.allclose(z.std(0), 1, atol=0.05)
+    params = pack([[0.0, 1.0], [4.0, -2.0]], [[0.3, 0.5], [1.0, 0.2]], [0.5, -0.2])
+    blocks = mdn.RandomBlocks(np.random.default_rng(4), 2)
+    fast = np.array([mdn.sample_row_from(params, 2, 2, *blocks.next()) for _ in range(6000)])
+    ref = mdn.sample(np.tile(params, (6000, 1)), 2, 2, np.random.default_rng(5))
+    np.testing.assert_allclose(fast.mean(0), ref.mean(0), atol=0.15)
