@@ -111,6 +111,8 @@ class Engine:
     # ------------------------------------------------------------------ Controls
 
     def perform(self, x: float, y: float) -> None:
+        if not (math.isfinite(x) and math.isfinite(y)):  # transports check too; never poison the state
+            raise ControlError("x and y must be finite numbers")
         now = self._loop.time()
         if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
             self.counts["clamped"] += 1

@@ -372,3 +372,30 @@ def test_random_datagrams_against_a_running_server(tmp_path: Path) -> None:
         fuzzer.close()
         assert srv.stop() == 0
         peer.close()
+
+
+def test_engine_refuses_non_finite_positions_from_any_transport():
+    """MIDI and future transports call `perform` directly: NaN must not reach the model there either."""
+    import asyncio
+    import math
+    from pathlib import Path
+
+    import numpy as np
+
+    from server.controls import ControlError
+    from server.engine import Engine
+    from server.runtime import Predictor
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        models = Path(__file__).resolve().parent.parent / "models"
+        engine = Engine(loop, Predictor(models / "default"), models)
+        before = engine.predictor.state.copy()
+        for bad in ((math.nan, 0.5), (0.5, math.inf), (-math.inf, math.nan)):
+            with pytest.raises(ControlError):
+                engine.perform(*bad)
+        np.testing.assert_array_equal(engine.predictor.state, before)
+        assert engine.counts["inputs"] == 0
+        engine.stop()
+
+    asyncio.run(scenario())
