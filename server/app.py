@@ -23,7 +23,6 @@ from server.recorder import Recorder, RecorderError
 from server.runtime import Predictor
 
 
-
 class StartupError(RuntimeError):
     """The server cannot start; the message says why and what to do."""
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-log = logging.getLogger(__name__)
 
 DT_MAX = 5.0  # seconds; the default clip on dt (DESIGN.md)
 LOG_HEADER = ("time", "source", "x", "y")

@@ -8,11 +8,8 @@ with a message a musician can act on.
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any, Callable, Protocol
-
-log = logging.getLogger(__name__)
 
 VIRTUAL_IN = "Antiphon in"
 VIRTUAL_OUT = "Antiphon out"

@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from server.data import Dataset
+from server.mdn import RandomBlocks
 from server.runtime import Predictor
 
 
 def generate(predictor: Predictor, n: int, rng: np.random.Generator, temperature: float = 1.0) -> np.ndarray:
     """Let the model play on its own for ``n`` events; returns ``[n, 3]`` (dt, x, y)."""
+    draws = RandomBlocks(rng, predictor.info.spec.dims)
     predictor.reset()
     out = np.empty((n, 3))
     for i in range(n):
-        out[i] = predictor.sample(rng, temperature, 1.0)
+        out[i] = predictor.sample(draws, temperature, 1.0)
         predictor.observe(*out[i])
     return out
 

@@ -8,7 +8,6 @@ the sampler: observe an event, get the next one.
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Protocol
@@ -17,8 +16,6 @@ import numpy as np
 
 from server import mdn
 from server.modelspec import ModelError, ModelInfo, ModelSpec, read_info, verify_file
-
-log = logging.getLogger(__name__)
 
 
 class StepFunction(Protocol):
@@ -40,6 +37,7 @@ class LiteRTStep:
     def __init__(self, tflite: bytes | Path, spec: ModelSpec) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        name = tflite if isinstance(tflite, Path) else "step.tflite"
         try:
             if isinstance(tflite, (bytes, bytearray)):
                 self._interp = Interpreter(model_content=bytes(tflite), num_threads=1)
@@ -47,14 +45,14 @@ class LiteRTStep:
                 self._interp = Interpreter(model_path=str(tflite), num_threads=1)
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
-            raise ModelError(f"{tflite if isinstance(tflite, Path) else 'step.tflite'} is not a valid LiteRT model ({e})") from e
+            raise ModelError(f"{name} is not a valid LiteRT model ({e})") from e
         inputs = {tuple(int(n) for n in d["shape"]): d["index"] for d in self._interp.get_input_details()}
         outputs = {tuple(int(n) for n in d["shape"]): d["index"] for d in self._interp.get_output_details()}
         want_in = [(1, spec.dims), (1, spec.state_size)]
         want_out = [(1, spec.param_size), (1, spec.state_size)]
         if sorted(inputs) != sorted(want_in) or sorted(outputs) != sorted(want_out):
             raise ModelError(
-                f"{tflite if isinstance(tflite, Path) else 'step.tflite'} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+                f"{name} has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
                 f"but model.json describes {want_in} -> {want_out}; re-export the model"
             )
         self._event_in, self._state_in = inputs[want_in[0]], inputs[want_in[1]]
@@ -139,8 +137,7 @@ class Predictor:
         norm = self.info.normaliser
         self._k, self._d = spec.mixtures, spec.dims
         self._shift_l, self._scale_l = list(norm.shift), list(norm.scale)  # plain floats: faster scalar maths
-        self._log_dt = norm.log[0] and not any(norm.log[1:])
-        if not self._log_dt:
+        if not (norm.log[0] and not any(norm.log[1:])):
             raise ModelError(f"{self.folder / 'model.json'}: only a log transform on dt is supported")
         self._dt_offset = norm.offset[0]
         self._dt_max = norm.clip_max[0]
@@ -179,18 +176,10 @@ class Predictor:
         self.params, self.state = self.step(self._event, self.state)
         return self.params
 
-    def sample(
-        self, rng: np.random.Generator | mdn.RandomBlocks, temperature: float, sigma_temperature: float
-    ) -> tuple[float, float, float]:
-        """Draw the next event ``(dt, x, y)`` in original units from the current parameters.
-
-        ``rng`` is a Generator, or `RandomBlocks` over one (faster, for the live loop).
-        """
-        if isinstance(rng, mdn.RandomBlocks):
-            u, normals = rng.next()
-            z0, z1, z2 = mdn.sample_row_from(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
-        else:
-            z0, z1, z2 = mdn.sample_row(self.params, self._k, self._d, rng, temperature, sigma_temperature)
+    def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
+        """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
+        u, normals = draws.next()
+        z0, z1, z2 = mdn.sample_row_from(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
         sh, sc = self._shift_l, self._scale_l
         dt = math.exp(min(z0 * sc[0] + sh[0], 50.0)) - self._dt_offset
         x = z1 * sc[1] + sh[1]

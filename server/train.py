@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from server.data import DT_MAX, Dataset, DatasetError, split_performances, windows
 from server.modelspec import ModelInfo, ModelSpec
 from server.normalise import Normaliser
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

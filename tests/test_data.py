@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server import data
-from server.data import Dataset, DatasetError
+from server.data import DatasetError
 from server.normalise import Normaliser
 
 REPO = Path(__file__).resolve().parent.parent
