@@ -14,13 +14,15 @@ import time
 from typing import TextIO
 
 from server.config import RunConfig
-from server.engine import Engine, Settings
+from server.live.engine import Engine, Settings
 from server.event import Event
-from server.midi import MidiError, MidiLink, midi_requested, open_midi
-from server.modelspec import ModelError, resolve_model_dir
-from server.osc import namespace_text, start_osc
-from server.recorder import Recorder, RecorderError
-from server.runtime import Predictor
+from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
+from server.model.spec import ModelError
+from server.model.files import resolve_model_dir
+from server.osc.namespace import namespace_text
+from server.osc.protocol import start_osc
+from server.live.recorder import Recorder, RecorderError
+from server.model.predictor import Predictor
 
 
 class StartupError(RuntimeError):
@@ -45,7 +47,7 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
     started = time.monotonic()
     try:
         folder = resolve_model_dir(cfg.model, cfg.models_dir, allow_paths=True)
-        predictor = Predictor(folder)
+        predictor = Predictor.load(folder)
     except ModelError as e:
         raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
     try:

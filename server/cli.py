@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from server.data import DT_MAX, DatasetError
-from server.modelspec import DEFAULT_SIZE, SIZES, ModelError
+from server.learn.data import DT_MAX, DatasetError
+from server.model.files import DEFAULT_MODELS_DIR, check_model_name
+from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS_DIR = REPO / "models"
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -47,7 +47,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 
 @command("synth", "write a seeded synthetic gesture dataset")(_synth_args)
 def cmd_synth(args: argparse.Namespace) -> int:
-    from server.data import save_dataset, synthetic_dataset
+    from server.learn.data import save_dataset
+    from server.learn.synth import synthetic_dataset
 
     ds = synthetic_dataset(args.performances, args.seed, args.phrases)
     save_dataset(ds, args.out)
@@ -71,13 +72,13 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
 
 @command("dataset", "build a training dataset from performance logs and/or MIDI files")(_dataset_args)
 def cmd_dataset(args: argparse.Namespace) -> int:
-    from server.data import Dataset, dataset_from_logs, save_dataset
+    from server.learn.data import Dataset, dataset_from_logs, save_dataset
 
     if not args.paths and not args.midi:
         raise DatasetError("give performance logs or folders, and/or --midi PATH...")
     perfs = dataset_from_logs(args.paths, args.dt_max).performances if args.paths else []
     if args.midi:
-        from server.midifile import midi_performances
+        from server.learn.midifile import midi_performances
 
         perfs += midi_performances(args.midi, args.dt_max, args.merge_tracks)
     ds = Dataset.from_performances(perfs)
@@ -91,7 +92,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
 @command("midi-ports", "list the MIDI input and output ports (names for --midi-in / --midi-out)")(lambda p: None)
 def cmd_midi_ports(args: argparse.Namespace) -> int:
-    from server.midiports import MidiError, list_ports, open_backend, virtual_supported
+    from server.midi.ports import MidiError, list_ports, open_backend, virtual_supported
 
     try:
         inputs, outputs = list_ports(open_backend())
@@ -110,13 +111,13 @@ def cmd_midi_ports(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from server.train import TrainConfig
+    from server.learn.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--data", type=Path, required=True, help="dataset .npz (from synth or dataset)")
     p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help=_sizes_help())
     p.add_argument("--name", required=True, help="model folder name under --models-dir")
-    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--mixtures", type=int, default=d.mixtures)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
@@ -133,12 +134,13 @@ def _sizes_help() -> str:
 
 @command("train", "train a model on a dataset and export it to models/<name>")(_train_args)
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.data import load_dataset
-    from server.modelspec import NAME_PATTERN
-    from server.train import TrainConfig, train
+    from server.learn.data import load_dataset
+    from server.learn.train import TrainConfig, train
 
-    if not NAME_PATTERN.match(args.name) or ".." in args.name:
-        raise ModelError(f"--name {args.name!r}: use letters, digits, '-', '_' and '.' only")
+    try:
+        check_model_name(args.name)
+    except ValueError as e:
+        raise ModelError(f"--name: {e}") from None
     cfg = TrainConfig(
         size=args.size,
         mixtures=args.mixtures,
@@ -158,20 +160,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
 
 
 @command("evaluate", "mean NLL per event of a dataset under a model (original units)")(_evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from server.data import load_dataset
-    from server.evaluate import nll_per_event
-    from server.model import load_keras_model
-    from server.modelspec import read_info, resolve_model_dir
+    from server.learn.data import load_dataset
+    from server.learn.evaluate import nll_per_event
+    from server.model.files import read_model, resolve_model_dir
+    from server.model.network import keras_model_from_bytes
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
-    info = read_info(folder)
+    model = read_model(folder, ("model.keras",))
     ds = load_dataset(args.data)
-    nll = nll_per_event(load_keras_model(folder / "model.keras"), info, ds)
+    nll = nll_per_event(keras_model_from_bytes(model.file("model.keras")), model.info, ds)
     print(f"{folder.name}: {nll:.4f} nats per event over {len(ds.events) - len(ds.starts)} events")
     return 0
 
@@ -202,14 +204,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
-    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     p.add_argument("--quick", action="store_true", help="fewer steps and shorter runs (a smoke test)")
 
 
 @command("bench", "measure step latency, OSC round trip, idle CPU and start-up time")(_bench_args)
 def cmd_bench(args: argparse.Namespace) -> int:
-    from server.bench import run_bench
+    from server.tools.bench import run_bench
 
     run_bench(args.model, args.models_dir, args.out, args.quick)
     return 0
@@ -223,7 +225,7 @@ def _soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="/gesture messages per second (default 1000)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per reported window (default 10)")
     p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
-    p.add_argument("--models-dir", type=Path, default=MODELS_DIR)
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
 
 
@@ -231,8 +233,8 @@ def _soak_args(p: argparse.ArgumentParser) -> None:
 def cmd_soak(args: argparse.Namespace) -> int:
     import json
 
-    from server.modelspec import resolve_model_dir
-    from server.soak import format_soak, run_soak, soak_ok
+    from server.model.files import resolve_model_dir
+    from server.tools.soak import format_soak, run_soak, soak_ok
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
     result = run_soak(str(folder), args.seconds, args.rate, args.window)
@@ -252,9 +254,9 @@ def _docs_args(p: argparse.ArgumentParser) -> None:
 
 @command("docs", "regenerate the README sections made from the code (OSC namespace, modes, sizes, config)")(_docs_args)
 def cmd_docs(args: argparse.Namespace) -> int:
-    from server.docs import update
+    from server.tools.docs import update
 
-    if update(args.readme, args.check):
+    if update(args.readme, args.check, {name: help for name, (_, _, help) in COMMANDS.items()}):
         return 0
     print(f"{args.readme} is stale: run python -m server docs", file=sys.stderr)
     return 1

@@ -18,11 +18,12 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from server.modes import MODE_NAMES, Mode, parse_mode
-from server import midimap
-from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, MAX_DESTINATIONS, Network
-
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+from server.live.modes import MODE_NAMES, Mode, parse_mode
+from server.midi import mapping as midimap
+from server.model.files import DEFAULT_MODELS_DIR
+from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
+from server.osc.output import MAX_DESTINATIONS
+from server.osc.protocol import Network
 
 Endpoint = tuple[str, int]
 
@@ -70,17 +71,67 @@ def _integer(raw: object) -> int:
         return raw
     if isinstance(raw, str):
         try:
-            return int(raw, 10)
+            return int(raw.strip(), 10)
         except ValueError:
             pass
     raise ValueError(f"expected an integer, got {raw!r}")
 
 
+def _int_in(low: int, high: int, what: str, note: str = "") -> Callable[[object], int]:
+    """A parser for an integer in [low, high]; `what` and `note` word the error."""
+
+    def parse(raw: object) -> int:
+        value = _integer(raw)
+        if not low <= value <= high:
+            raise ValueError(f"{what} must be {low}-{high}{note}, got {value}")
+        return value
+
+    return parse
+
+
 def _port(raw: object, low: int = 0) -> int:
-    value = _integer(raw)
-    if not low <= value <= 65535:
-        raise ValueError(f"port must be {low}-65535, got {value}")
-    return value
+    return _int_in(low, 65535, "port")(raw)
+
+
+def _text(what: str) -> Callable[[object], str]:
+    """A parser for a non-empty string (surrounding space stripped)."""
+
+    def parse(raw: object) -> str:
+        if not isinstance(raw, str) or not raw.strip():
+            raise ValueError(f"expected {what}, got {raw!r}")
+        return raw.strip()
+
+    return parse
+
+
+def _switch(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    if word in ("1", "yes", "true", "on"):
+        return True
+    if word in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {raw!r}")
+
+
+def _choice(names: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        if not isinstance(raw, str) or raw.strip().lower() not in names:
+            raise ValueError(f"expected one of {', '.join(names)}, got {raw!r}")
+        return raw.strip().lower()
+
+    return parse
+
+
+def _duration(raw: object) -> float | None:
+    """Seconds > 0, or "auto" (None)."""
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return None
+    try:
+        return _positive(raw)
+    except ValueError:
+        raise ValueError(f"expected seconds > 0 or 'auto', got {raw!r}") from None
 
 
 def _seed(raw: object) -> int:
@@ -90,16 +141,12 @@ def _seed(raw: object) -> int:
     return value
 
 
+_model = _text("a model name or folder path")  # a name under models_dir, or (flag, file) a folder path
+
+
 def _host(raw: object) -> str:
     if not isinstance(raw, str) or not raw.strip() or any(c.isspace() for c in raw.strip()):
         raise ValueError(f"expected a host name or IP address, got {raw!r}")
-    return raw.strip()
-
-
-def _model(raw: object) -> str:
-    """A model name under models_dir or, from the command line or a config file, a folder path."""
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"expected a model name or folder path, got {raw!r}")
     return raw.strip()
 
 
@@ -214,28 +261,28 @@ class RunConfig:
         "CIDR", _each(_network), repeat=True, default_doc="anyone who can reach host"))
     midi_in: str | None = field(default=None, metadata=_key(
         "MIDI input to play from: a port name or part of one (see `midi-ports`)", "NAME",
-        midimap.parse_port_name, default_doc="none"))
+        _text("(part of) a MIDI port name"), default_doc="none"))
     midi_out: str | None = field(default=None, metadata=_key(
         "MIDI output the model plays: a port name or part of one (see `midi-ports`)", "NAME",
-        midimap.parse_port_name, default_doc="none"))
+        _text("(part of) a MIDI port name"), default_doc="none"))
     midi_virtual: bool = field(default=False, metadata=_key(
         "create virtual ports 'Antiphon in' / 'Antiphon out' for whichever of midi_in / midi_out "
-        "is not given (macOS, Linux; not Windows); the bare flag means yes", "yes/no", midimap.parse_switch, const=True,
+        "is not given (macOS, Linux; not Windows); the bare flag means yes", "yes/no", _switch, const=True,
         default_doc="no"))
     midi_channel: int = field(default=1, metadata=_key(
-        "MIDI channel the model's notes are sent on (1-16)", "N", midimap.parse_channel))
+        "MIDI channel the model's notes are sent on (1-16)", "N", _int_in(1, 16, "MIDI channel")))
     midi_input_channel: int = field(default=0, metadata=_key(
-        "MIDI channel listened to (1-16; 0 = any)", "N", midimap.parse_input_channel,
+        "MIDI channel listened to (1-16; 0 = any)", "N", _int_in(0, 16, "MIDI channel", " (0 = any)"),
         default_doc="0 (any)"))
     midi_input_map: str = field(default="notes", metadata=_key(
         "how MIDI input becomes a position: notes (pitch/127, velocity/127) or cc "
-        "(midi_cc_x, midi_cc_y values/127)", "MAP", midimap.parse_input_map))
+        "(midi_cc_x, midi_cc_y values/127)", "MAP", _choice(midimap.INPUT_MAPS)))
     midi_cc_x: int = field(default=midimap.DEFAULT_CC_X, metadata=_key(
-        "control change number for x when midi_input_map is cc", "CC", midimap.parse_controller))
+        "control change number for x when midi_input_map is cc", "CC", _int_in(0, 127, "control change number")))
     midi_cc_y: int = field(default=midimap.DEFAULT_CC_Y, metadata=_key(
-        "control change number for y when midi_input_map is cc", "CC", midimap.parse_controller))
+        "control change number for y when midi_input_map is cc", "CC", _int_in(0, 127, "control change number")))
     midi_note_duration: float | None = field(default=None, metadata=_key(
-        "seconds each model note sounds, or auto", "SECONDS", midimap.parse_duration,
+        "seconds each model note sounds, or auto", "SECONDS", _duration,
         default_doc="auto: the smaller of the predicted dt and 0.5 s"))
 
 

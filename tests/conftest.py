@@ -23,7 +23,7 @@ if str(REPO) not in sys.path:
 
 @pytest.fixture(scope="session")
 def tiny_dataset():
-    from server.data import synthetic_dataset
+    from server.learn.synth import synthetic_dataset
 
     return synthetic_dataset(performances=16, seed=7, phrases=6)
 
@@ -31,7 +31,7 @@ def tiny_dataset():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_dataset):
     """An `xs` model trained for a few epochs and exported: (folder, TrainResult)."""
-    from server.train import TrainConfig, train
+    from server.learn.train import TrainConfig, train
 
     models = tmp_path_factory.mktemp("models")
     cfg = TrainConfig(size="xs", epochs=4, patience=4, seed=3, stride=10, report=True)

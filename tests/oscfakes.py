@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.controls import ControlError
-from server.modes import Mode
+from server.live.controls import ControlError
+from server.live.modes import Mode
 
 
 class FakeControls:

@@ -17,7 +17,7 @@ from server.config import (
     config_reference_markdown,
     resolve_run_config,
 )
-from server.modes import Mode
+from server.live.modes import Mode
 
 
 def resolve(*argv: str) -> RunConfig:

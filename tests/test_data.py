@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import data
-from server.data import DatasetError
-from server.normalise import Normaliser
+from server.learn import data
+from server.learn.synth import synthetic_dataset
+from server.learn.data import DatasetError
+from server.model.normalise import Normaliser
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_dataset_round_trip_and_format(tmp_path):
-    ds = data.synthetic_dataset(4, seed=1, phrases=3)
+    ds = synthetic_dataset(4, seed=1, phrases=3)
     path = data.save_dataset(ds, tmp_path / "d.npz")
     with np.load(path, allow_pickle=False) as z:
         assert sorted(z.files) == ["events", "starts"]
@@ -88,10 +89,10 @@ def test_log_with_wrong_header_is_refused(tmp_path):
 
 
 def test_synthetic_is_seeded_and_varied():
-    a = data.synthetic_dataset(10, seed=3)
-    b = data.synthetic_dataset(10, seed=3)
+    a = synthetic_dataset(10, seed=3)
+    b = synthetic_dataset(10, seed=3)
     assert a.sha256() == b.sha256()
-    assert a.sha256() != data.synthetic_dataset(10, seed=4).sha256()
+    assert a.sha256() != synthetic_dataset(10, seed=4).sha256()
     dt = a.events[:, 0]
     assert (dt < 0.05).mean() > 0.5, "continuous gestures at controller rate"
     assert (dt > 0.3).sum() >= 10 * 5, "pauses between phrases"
@@ -100,7 +101,7 @@ def test_synthetic_is_seeded_and_varied():
 
 
 def test_split_by_whole_performances():
-    ds = data.synthetic_dataset(20, seed=2, phrases=2)
+    ds = synthetic_dataset(20, seed=2, phrases=2)
     train, val = data.split_performances(ds, 0.2, seed=0)
     assert len(train.starts) == 16 and len(val.starts) == 4
     train_rows = {p.tobytes() for p in train.performances}
@@ -110,7 +111,7 @@ def test_split_by_whole_performances():
 
 
 def test_normaliser_inverts_and_jacobian_is_exact():
-    ds = data.synthetic_dataset(5, seed=9, phrases=4)
+    ds = synthetic_dataset(5, seed=9, phrases=4)
     norm = Normaliser.fit(ds.events, 5.0)
     z = norm.forward(ds.events)
     assert abs(z.mean(0)).max() < 1e-3 and np.allclose(z.std(0), 1, atol=1e-3)
@@ -134,8 +135,10 @@ def test_nothing_in_the_package_pickles():
 
 
 def test_readme_generated_sections_are_current():
-    from server.docs import render
+    from server.cli import COMMANDS
+    from server.tools.docs import render
 
     text = (REPO / "README.md").read_text()
-    assert render(text) == text, "README is stale: run python -m server docs"
+    commands = {name: help for name, (_, _, help) in COMMANDS.items()}
+    assert render(text, commands) == text, "README is stale: run .venv/bin/antiphon docs"
     assert text.startswith("# Antiphon\n\n```sh\nmake run") and "make test" in text.split("\n\n")[1]

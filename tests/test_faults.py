@@ -6,6 +6,7 @@ non-zero exit; while playing, the same faults must leave the music going.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -40,9 +41,11 @@ def _flip_a_weight(folder: Path) -> None:
     (folder / "step.tflite").write_bytes(bytes(data))
 
 
-def _garbage_without_checksums(folder: Path) -> None:
-    (folder / "step.tflite").write_bytes(b"TFL3" * 64)
-    _edit_json(lambda doc: doc.pop("files", None))(folder)
+def _garbage_with_its_checksum(folder: Path) -> None:
+    """Garbage that model.json vouches for: only the interpreter can catch it."""
+    garbage = b"TFL3" * 64
+    (folder / "step.tflite").write_bytes(garbage)
+    _edit_json(lambda doc: doc["files"].update({"step.tflite": hashlib.sha256(garbage).hexdigest()}))(folder)
 
 
 # name -> (how to break a copy of models/default, what the error must say)
@@ -51,7 +54,8 @@ BROKEN: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     "corrupt-json": (lambda f: (f / "model.json").write_text("{not json"), ("corrupt-json/model.json", "re-export")),
     "no-tflite": (lambda f: (f / "step.tflite").unlink(), ("no-tflite/step.tflite", "missing", "re-export")),
     "foreign-tflite": (_flip_a_weight, ("foreign-tflite/step.tflite", "does not match", "re-export")),
-    "garbage-tflite": (_garbage_without_checksums, ("garbage-tflite/step.tflite", "not a valid LiteRT model")),
+    "garbage-tflite": (_garbage_with_its_checksum, ("garbage-tflite/step.tflite", "not a valid LiteRT model")),
+    "no-checksums": (_edit_json(lambda doc: doc.pop("files")), ("no-checksums/model.json", "no SHA-256", "re-export")),
     "wrong-dims": (_edit_json(lambda d: d["spec"].update(dims=2)), ("wrong-dims/model.json", "re-export")),
     "wrong-units": (_edit_json(lambda d: d["spec"].update(units=32)), ("step.tflite", "model.json", "re-export")),
     "bad-normalisation": (_edit_json(lambda d: d["normalisation"].update(scale=[0.0, 1.0, 1.0])),

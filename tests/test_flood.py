@@ -12,7 +12,7 @@ import statistics
 import time
 from pathlib import Path
 
-from server.soak import flood, rss_kib
+from server.tools.soak import flood, rss_kib
 from tests.live import OscPeer, start_server
 
 RATE = 20_000  # per client

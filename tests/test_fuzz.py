@@ -26,12 +26,14 @@ from hypothesis import strategies as st
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from server import osc
-from server.engine import Engine
-from server.modes import MODE_NAMES
-from server.names import check_model_name
-from server.oscwire import encode_message
-from server.runtime import Predictor
+from server.osc import namespace as osc_ns
+from server.osc import protocol as osc_proto
+from server.osc import output as osc_output
+from server.live.engine import Engine
+from server.live.modes import MODE_NAMES
+from server.model.files import check_model_name
+from server.osc.wire import encode_message
+from server.model.predictor import Predictor
 from tests.live import REPO, OscPeer, start_server
 from tests.oscfakes import FakeControls, StubTransport
 
@@ -70,7 +72,7 @@ _TYPED = st.one_of(
     st.lists(st.integers(-5, 5), min_size=1, max_size=3).map(lambda v: (v, None)),  # an OSC array
 )
 
-_REAL = st.sampled_from(osc.ADDRESSES)
+_REAL = st.sampled_from(osc_ns.ADDRESSES)
 _FAKE = st.one_of(
     st.sampled_from(["/", "/gesture/", "/Gesture", "/gesture ", "/*", "/gest?re", "/{gesture,note}", "/note/1"]),
     st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=20).map(lambda s: "/" + s),
@@ -97,7 +99,7 @@ def _build(address: str, args: list[tuple[Any, str | None]]) -> bytes | None:
 def osc_messages(draw: st.DrawFn) -> bytes:
     """A message for a (usually real) address: arguments of the expected kinds with edge values, or anything."""
     address = draw(_REAL if draw(st.integers(0, 4)) else _FAKE)  # mostly real: their argument checks get fuzzed
-    spec = osc.TABLE.lookup.get(address)
+    spec = osc_ns.TABLE.lookup.get(address)
     if spec is not None and draw(st.booleans()):
         kinds = [param.kind for param in spec.params[: draw(st.integers(spec.required, len(spec.params)))]]
         args = [draw(_FOR_KIND[kind].map(_plain) if kind != "str" else _STRINGS.map(lambda v: (v, "s")))
@@ -143,11 +145,11 @@ def datagrams(draw: st.DrawFn) -> bytes:
     return base
 
 
-def _protocol(controls: Any) -> tuple[osc.OscServerProtocol, StubTransport]:
+def _protocol(controls: Any) -> tuple[osc_proto.OscServerProtocol, StubTransport]:
     sock = StubTransport()
-    output = osc.OscOutput()
+    output = osc_output.OscOutput()
     output.attach(sock)  # type: ignore[arg-type]
-    return osc.OscServerProtocol(controls, output), sock
+    return osc_proto.OscServerProtocol(controls, output), sock
 
 
 def _errors(sock: StubTransport) -> list[list[Any]]:
@@ -225,7 +227,7 @@ def _expected_calls(messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     run: list[tuple[Any, ...]] = []
 
     def flush() -> None:
-        calls.extend(run if len(run) <= osc.MAX_RUN else run[-1:])
+        calls.extend(run if len(run) <= osc_proto.MAX_RUN else run[-1:])
         run.clear()
 
     for path, *args in messages:
@@ -245,7 +247,7 @@ def _expected_calls(messages: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
 
 
 @fuzz(1000)
-@given(st.lists(_VALID, max_size=60), st.integers(1, osc.MAX_RUN))
+@given(st.lists(_VALID, max_size=60), st.integers(1, osc_proto.MAX_RUN))
 def test_flood_policy_keeps_order_and_the_newest_position(messages: list[tuple[Any, ...]], split: int) -> None:
     """However the kernel splits the stream into batches, only overlong runs inside one batch collapse."""
     controls = FakeControls()
@@ -273,7 +275,7 @@ def test_flood_policy_keeps_order_and_the_newest_position(messages: list[tuple[A
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     loop = asyncio.new_event_loop()  # never run: the engine only schedules on it
-    engine = Engine(loop, Predictor(REPO / "models" / "default"), REPO / "models", seed=0)
+    engine = Engine(loop, Predictor.load(REPO / "models" / "default"), REPO / "models", seed=0)
     engine.start()
     yield engine
     engine.stop()
@@ -308,7 +310,7 @@ def test_refused_input_never_changes_the_model_state(engine: Engine, packets: li
 
 
 def _random_datagram(rng: random.Random) -> bytes:
-    valid = encode_message(rng.choice(osc.ADDRESSES), *[rng.choice([rng.random(), rng.randint(-9, 200), "x"])
+    valid = encode_message(rng.choice(osc_ns.ADDRESSES), *[rng.choice([rng.random(), rng.randint(-9, 200), "x"])
                                                           for _ in range(rng.randint(0, 3))])
     kind = rng.randrange(6)
     if kind == 0:
@@ -382,14 +384,14 @@ def test_engine_refuses_non_finite_positions_from_any_transport():
 
     import numpy as np
 
-    from server.controls import ControlError
-    from server.engine import Engine
-    from server.runtime import Predictor
+    from server.live.controls import ControlError
+    from server.live.engine import Engine
+    from server.model.predictor import Predictor
 
     async def scenario():
         loop = asyncio.get_running_loop()
         models = Path(__file__).resolve().parent.parent / "models"
-        engine = Engine(loop, Predictor(models / "default"), models)
+        engine = Engine(loop, Predictor.load(models / "default"), models)
         before = engine.predictor.state.copy()
         for bad in ((math.nan, 0.5), (0.5, math.inf), (-math.inf, math.nan)):
             with pytest.raises(ControlError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server import mdn
+from server.model import mdn, network
 
 
 def inverse_sine(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -23,11 +23,11 @@ def fit(mixtures: int, t: np.ndarray, x: np.ndarray, steps: int, seed: int):
     import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
-    MDN = mdn.make_mdn_layer_class()
+    MDN = network.make_mdn_layer_class()
     model = keras.Sequential(
         [keras.Input((1,)), keras.layers.Dense(15, "relu"), keras.layers.Dense(15, "relu"), MDN(dims=1, mixtures=mixtures)]
     )
-    loss_fn = mdn.mdn_loss(mixtures, 1)
+    loss_fn = network.mdn_loss(mixtures, 1)
     opt = keras.optimizers.Adam(0.01)
     tt, xx = tf.constant(t), tf.constant(x)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server import mdn
+from server.model import mdn, network
 
 
 def pack(means, scales, logits) -> np.ndarray:
@@ -24,7 +24,7 @@ def normal_pdf(x, mu, s):
 def tf_loss(params, target, k, d) -> float:
     import tensorflow as tf
 
-    loss = mdn.mdn_loss(k, d)
+    loss = network.mdn_loss(k, d)
     return float(loss(tf.constant(np.atleast_2d(target), tf.float32), tf.constant(np.atleast_2d(params), tf.float32)))
 
 
@@ -64,7 +64,7 @@ def test_numpy_log_density_matches_tfp_on_random_parameters():
     k, d, n = 5, 3, 64
     params = np.concatenate([rng.normal(0, 2, (n, k * d)), rng.uniform(0.05, 3, (n, k * d)), rng.normal(0, 3, (n, k))], axis=1)
     x = rng.normal(0, 2, (n, d))
-    dist = mdn.mixture_distribution(params.astype(np.float32), k, d)
+    dist = network.mixture_distribution(params.astype(np.float32), k, d)
     expected = dist.log_prob(x.astype(np.float32)).numpy()
     np.testing.assert_allclose(mdn.log_density(params, x, k, d), expected, rtol=1e-4, atol=1e-4)
 
@@ -75,7 +75,7 @@ def test_numpy_log_density_matches_tfp_on_random_parameters():
 def test_head_scales_positive_and_layout(tmp_path):
     import keras
 
-    MDN = mdn.make_mdn_layer_class()
+    MDN = network.make_mdn_layer_class()
     layer = MDN(dims=3, mixtures=5)
     out = np.asarray(layer(np.random.default_rng(1).normal(0, 50, (8, 16)).astype(np.float32)))
     assert out.shape == (8, mdn.param_count(5, 3))

@@ -22,17 +22,17 @@ import mido.ports
 import numpy as np
 import pytest
 
-from server import midimap
+from server.midi import mapping as midimap
 from server.cli import main
 from server.config import ConfigError, RunConfig, add_run_arguments, resolve_run_config
-from server.data import load_dataset
-from server.engine import Engine, Settings
+from server.learn.data import load_dataset
+from server.live.engine import Engine, Settings
 from server.event import Event
-from server.midi import EchoGuard, open_midi
-from server.midifile import TempoMap, read_midi
-from server.midiports import MidiError, match_port
-from server.modes import Mode
-from server.runtime import Predictor
+from server.midi.link import EchoGuard, open_midi
+from server.learn.midifile import TempoMap, read_midi
+from server.midi.ports import MidiError, match_port
+from server.live.modes import Mode
+from server.model.predictor import Predictor
 
 REPO = Path(__file__).resolve().parent.parent
 M = mido.Message
@@ -233,8 +233,8 @@ def test_midi_settings_from_flags_and_toml(tmp_path):
     (["--midi-channel", "0"], "1-16"),
     (["--midi-cc-x", "128"], "--midi-cc-x: control change number must be 0-127"),
     (["--midi-input-map", "pads"], "--midi-input-map: expected one of notes, cc"),
-    (["--midi-note-duration", "0"], "--midi-note-duration: note duration must be > 0"),
-    (["--midi-note-duration", "long"], "expected seconds or 'auto'"),
+    (["--midi-note-duration", "0"], "--midi-note-duration: expected seconds > 0 or 'auto'"),
+    (["--midi-note-duration", "long"], "expected seconds > 0 or 'auto'"),
     (["--midi-virtual", "maybe"], "--midi-virtual: expected yes or no"),
     (["--midi-in", " "], "--midi-in: expected (part of) a MIDI port name"),
     (["--midi-cc-x", "2"], "must be different controllers"),
@@ -326,7 +326,7 @@ def test_input_runs_on_the_loop_and_ignores_echoes_of_what_was_sent():
 
 
 def test_a_midi_flood_is_bounded_and_the_newest_notes_win():
-    from server.midi import INBOX_SIZE
+    from server.midi.link import INBOX_SIZE
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -400,7 +400,7 @@ def test_vanished_port_warns_keeps_going_and_is_reopened(caplog):
         await until(lambda: link.outport.port is not None)
         link.close()
 
-    with caplog.at_level(logging.WARNING, logger="server.midi"):
+    with caplog.at_level(logging.WARNING, logger="server.midi.link"):
         asyncio.run(scenario())
     text = caplog.text
     assert "MIDI input 'USB Keys' disappeared; OSC keeps working" in text
@@ -433,7 +433,7 @@ def test_midi_in_engine_midi_out_with_the_default_model():
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        engine = Engine(loop, Predictor(REPO / "models" / "default"), REPO / "models",
+        engine = Engine(loop, Predictor.load(REPO / "models" / "default"), REPO / "models",
                         Settings(mode=Mode.ACCOMPANY, timescale=0.02), seed=5)
         backend = MemoryBackend(inputs=("Keys",), outputs=("Synth",))
         link = open_midi(loop, cfg(midi_in="Keys", midi_out="Synth", midi_channel=5), engine.perform, backend)
@@ -478,11 +478,11 @@ def test_midi_in_engine_midi_out_with_the_default_model():
 
 def test_run_command_wires_midi_and_releases_everything_at_shutdown(monkeypatch, tmp_path):
     """The real `serve`: MIDI ports opened after the engine, notes answered, all off at SIGTERM."""
-    import server.midi
+    import server.midi.link
     from server.app import serve
 
     backend = MemoryBackend(inputs=("Keys",), outputs=("Synth",))
-    monkeypatch.setattr(server.midi, "open_backend", lambda: backend)
+    monkeypatch.setattr(server.midi.link, "open_backend", lambda: backend)
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
     config = resolve("--port", "0", "--log-dir", str(tmp_path), "--send", f"127.0.0.1:{peer.getsockname()[1]}",
@@ -557,10 +557,10 @@ def test_midi_ports_exits_0_without_devices():
 
 
 def test_midi_ports_lists_names(monkeypatch, capsys):
-    import server.midiports
+    import server.midi.ports
 
     backend = MemoryBackend(inputs=("Keys 1", "Pads"), outputs=())
-    monkeypatch.setattr(server.midiports, "open_backend", lambda: backend)
+    monkeypatch.setattr(server.midi.ports, "open_backend", lambda: backend)
     assert main(["midi-ports"]) == 0
     out = capsys.readouterr().out
     assert "MIDI inputs (--midi-in):\n  Keys 1\n  Pads\n" in out and "MIDI outputs (--midi-out):\n  none" in out

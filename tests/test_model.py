@@ -8,8 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from server import data
-from server.modelspec import SIZES, ModelError, ModelSpec, read_info
+from server.learn import data
+from server.learn.synth import synthetic_dataset
+from server.model.spec import SIZES, ModelError, ModelSpec
+from server.model.files import read_info
 
 
 def test_sizes_follow_design():
@@ -33,12 +35,13 @@ def test_short_training_lowers_loss_and_writes_model_folder(tiny_model):
 
 
 def test_keras_and_tflite_steps_agree_after_export(tiny_model, tiny_dataset):
-    from server.runtime import LiteRTStep, TensorFlowStep
+    from server.model.litert import LiteRTStep
+    from server.model.network import TensorFlowStep, load_keras_model
 
     folder, _ = tiny_model
     info = read_info(folder)
-    lite = LiteRTStep(folder / "step.tflite", info.spec)
-    tf_step = TensorFlowStep(folder / "model.keras", info.spec)
+    lite = LiteRTStep((folder / "step.tflite").read_bytes(), info.spec)
+    tf_step = TensorFlowStep(load_keras_model(folder / "model.keras"), info.spec)
     z = info.normaliser.forward(tiny_dataset.performances[0][:200])
     s1 = s2 = np.zeros((1, info.spec.state_size), np.float32)
     worst = 0.0
@@ -50,16 +53,17 @@ def test_keras_and_tflite_steps_agree_after_export(tiny_model, tiny_dataset):
 
 
 def test_export_refuses_a_tflite_that_does_not_match(tiny_model, tmp_path, monkeypatch):
-    from server import model as model_mod
+    from server.model import export as export_mod
+    from server.model.network import build_model, load_keras_model
 
     folder, _ = tiny_model
     info = read_info(folder)
-    keras_model = model_mod.load_keras_model(folder / "model.keras")
-    other = model_mod.build_model(info.spec)  # same shape, different (random) weights
-    wrong = model_mod.convert_to_tflite(other, info.spec)
-    monkeypatch.setattr(model_mod, "convert_to_tflite", lambda m, s: wrong)
+    keras_model = load_keras_model(folder / "model.keras")
+    other = build_model(info.spec)  # same shape, different (random) weights
+    wrong = export_mod.convert_to_tflite(other, info.spec)
+    monkeypatch.setattr(export_mod, "convert_to_tflite", lambda m, s: wrong)
     with pytest.raises(ModelError, match="differs"):
-        model_mod.export(keras_model, info, tmp_path / "broken", np.zeros((200, 3), np.float32) + 0.3)
+        export_mod.export(keras_model, info, tmp_path / "broken", np.zeros((200, 3), np.float32) + 0.3)
     assert not (tmp_path / "broken").exists()
     assert not list(tmp_path.iterdir()), "no partial folder left behind"
 
@@ -79,7 +83,7 @@ def test_validation_nll_is_the_evaluate_figure(tiny_model, tiny_dataset, tmp_pat
 def test_evaluate_reports_a_clear_error_for_a_missing_model(tmp_path, capsys):
     from server.cli import main
 
-    ds = data.save_dataset(data.synthetic_dataset(2, 0, 2), tmp_path / "d.npz")
+    ds = data.save_dataset(synthetic_dataset(2, 0, 2), tmp_path / "d.npz")
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(ds)]) == 1
     assert "no model folder" in capsys.readouterr().err
 

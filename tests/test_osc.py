@@ -22,18 +22,21 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.udp_client import SimpleUDPClient
 
-from server import osc, udpbatch
-from server.controls import ControlError
-from server.modes import MODE_NAMES
-from server.osctable import AddressTable, ArgumentError, address
-from server.oscwire import (
+from server.osc import namespace as osc_ns
+from server.osc import protocol as osc_proto
+from server.osc import output as osc_output
+from server.osc import udp as udpbatch
+from server.live.controls import ControlError
+from server.live.modes import MODE_NAMES
+from server.osc.table import AddressTable, ArgumentError, address
+from server.osc.wire import (
     MAX_BUNDLE_DEPTH,
     bundle_messages,
     encode_message,
     encode_prediction,
     message_problem,
 )
-from server.ratelimit import TokenBuckets
+from server.osc.ratelimit import TokenBuckets
 from tests.oscfakes import FakeControls, StubTransport
 
 TIMEOUT = 1.0
@@ -48,7 +51,7 @@ class Server:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.transport, self.protocol, self.output = self.run(
-            osc.start_osc(self.controls, host="127.0.0.1", port=0, destinations=destinations, allow=allow)
+            osc_proto.start_osc(self.controls, host="127.0.0.1", port=0, destinations=destinations, allow=allow)
         )
         self.port: int = self.transport.get_extra_info("sockname")[1]
 
@@ -380,7 +383,7 @@ def test_status_replies_key_value_pairs(server: Server, client: Client) -> None:
     assert status["paused"] == 0  # a bool as 0/1
     assert status["temperature"] == 0.5 and status["model"] == "default"
     assert status["osc_received"] == 2 and status["osc_handled"] == 1
-    for name in osc.OscStats().as_dict():
+    for name in osc_output.OscStats().as_dict():
         assert f"osc_{name}" in status
     assert status["osc_destinations"] == 0
 
@@ -417,27 +420,27 @@ def test_allow_list_admits_matching_network(make_server: Callable[..., Server]) 
 
 def test_port_in_use_is_a_readable_error(server: Server) -> None:
     async def clash() -> None:
-        await osc.start_osc(FakeControls(), host="127.0.0.1", port=server.port, destinations=())
+        await osc_proto.start_osc(FakeControls(), host="127.0.0.1", port=server.port, destinations=())
 
     with pytest.raises(OSError, match=f"cannot listen for OSC on 127.0.0.1:{server.port}"):
         asyncio.run(clash())
 
 
 def test_sending_never_raises_and_failures_are_counted() -> None:
-    output = osc.OscOutput([("127.0.0.1", 9)])
+    output = osc_output.OscOutput([("127.0.0.1", 9)])
     output.send_prediction(0.5, 0.5)  # not attached yet: dropped quietly
     output.attach(StubTransport(OSError("network unreachable")))  # type: ignore[arg-type]
     output.send_prediction(0.5, 0.5)
     output.send_status(("127.0.0.1", 9), {"x": object(), "none": None})
     output.send_error(("127.0.0.1", 9), "/x", "why")
     assert output.stats.send_errors == 3 and output.stats.sent == 0
-    protocol = osc.OscServerProtocol(FakeControls(), output)
+    protocol = osc_proto.OscServerProtocol(FakeControls(), output)
     protocol.error_received(ConnectionRefusedError())  # an ICMP report about an earlier send
     assert output.stats.send_errors == 4
 
 
 def test_destination_list_is_capped_dropping_the_oldest_hello() -> None:
-    output = osc.OscOutput([("10.0.0.1", 1)], max_destinations=3)
+    output = osc_output.OscOutput([("10.0.0.1", 1)], max_destinations=3)
     for port in range(1, 5):
         output.add_destination("127.0.0.1", port)
     assert output.destinations == (("10.0.0.1", 1), ("127.0.0.1", 3), ("127.0.0.1", 4))
@@ -449,11 +452,11 @@ def test_destination_list_is_capped_dropping_the_oldest_hello() -> None:
 # --- load: the flood policy, per-address rate limits, the batched socket ---
 
 
-def _protocol(**kwargs: Any) -> tuple[osc.OscServerProtocol, FakeControls, StubTransport]:
+def _protocol(**kwargs: Any) -> tuple[osc_proto.OscServerProtocol, FakeControls, StubTransport]:
     controls, sock = FakeControls(), StubTransport()
-    output = osc.OscOutput()
+    output = osc_output.OscOutput()
     output.attach(sock)  # type: ignore[arg-type]
-    return osc.OscServerProtocol(controls, output, **kwargs), controls, sock
+    return osc_proto.OscServerProtocol(controls, output, **kwargs), controls, sock
 
 
 def _gestures(n: int, offset: int = 0) -> list[tuple[bytes, tuple[str, int]]]:
@@ -471,14 +474,14 @@ def test_a_short_run_is_applied_whole_and_controls_keep_their_place() -> None:
     protocol, controls, _ = _protocol()
     temperature = (message("/temperature", 0.5), ("127.0.0.1", 9))
     note = (message("/note", 127, 127), ("127.0.0.1", 9))
-    batch = _gestures(osc.MAX_RUN + 5) + [temperature] + _gestures(3, offset=512) + [note]
+    batch = _gestures(osc_proto.MAX_RUN + 5) + [temperature] + _gestures(3, offset=512) + [note]
     protocol.datagrams_received(batch)
     assert controls.calls == [
-        ("perform", (osc.MAX_RUN + 4) / 1024, 0.5),
+        ("perform", (osc_proto.MAX_RUN + 4) / 1024, 0.5),
         ("set_temperature", 0.5),
         ("perform", 512 / 1024, 0.5), ("perform", 513 / 1024, 0.5), ("perform", 514 / 1024, 0.5), ("perform", 1.0, 1.0),
     ]
-    assert protocol.stats.coalesced == osc.MAX_RUN + 4
+    assert protocol.stats.coalesced == osc_proto.MAX_RUN + 4
     assert protocol.stats.handled == len(batch)
 
 
@@ -493,7 +496,7 @@ def test_costly_requests_are_limited_per_sender() -> None:
     protocol, controls, sock = _protocol()
     load = message("/model", "default")
     protocol.datagrams_received([(load, ("127.0.0.1", 9))] * 20 + [(load, ("127.0.0.1", 10))])
-    allowed = int(osc.MODEL_LOADS_PER_SECOND)
+    allowed = int(osc_ns.MODEL_LOADS_PER_SECOND)
     assert controls.calls == [("load_model", "default")] * (allowed + 1)  # the other sender has its own budget
     assert protocol.stats.rate_limited == protocol.stats.rejected == 20 - allowed
     reasons = {OscMessage(data).params[1] for data, _ in sock.sent}
@@ -505,9 +508,9 @@ def test_engine_refusing_a_position_is_a_rejection() -> None:
         def perform(self, x: float, y: float) -> None:
             raise ControlError("not now")
 
-    output = osc.OscOutput()
+    output = osc_output.OscOutput()
     output.attach(StubTransport())  # type: ignore[arg-type]
-    protocol = osc.OscServerProtocol(Refusing(), output)
+    protocol = osc_proto.OscServerProtocol(Refusing(), output)
     protocol.datagrams_received(_gestures(2))
     assert protocol.stats.rejected == 2 and protocol.stats.handled == 0 and protocol.stats.internal_errors == 0
 
@@ -568,7 +571,7 @@ def test_loops_without_add_reader_fall_back_to_asyncio_transport() -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader = no_add_reader  # type: ignore[method-assign]  # asyncio itself uses _add_reader
         controls = Recording()
-        transport, protocol, _ = await osc.start_osc(controls, host="127.0.0.1", port=0, destinations=())
+        transport, protocol, _ = await osc_proto.start_osc(controls, host="127.0.0.1", port=0, destinations=())
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(message("/gesture", 0.25, 0.5), transport.get_extra_info("sockname"))
             await asyncio.wait_for(controls.got.wait(), TIMEOUT)
@@ -603,7 +606,7 @@ def _rmem_max() -> int:
     ],
 )
 def test_exposure_warning_judges_the_bound_address(sockname: tuple, allow: tuple, expected: str | None) -> None:
-    warning = osc.exposure_warning(sockname, allow)
+    warning = osc_proto.exposure_warning(sockname, allow)
     if expected is None:
         assert warning is None
     else:
@@ -614,25 +617,25 @@ def test_exposure_warning_judges_the_bound_address(sockname: tuple, allow: tuple
 
 
 def test_namespace_docs_list_every_address_exactly_once() -> None:
-    text_lines = osc.namespace_text().splitlines()
-    markdown_lines = osc.namespace_markdown().splitlines()
-    assert len(text_lines) == len(osc.ADDRESSES)
-    for path in osc.ADDRESSES:
+    text_lines = osc_ns.namespace_text().splitlines()
+    markdown_lines = osc_ns.namespace_markdown().splitlines()
+    assert len(text_lines) == len(osc_ns.ADDRESSES)
+    for path in osc_ns.ADDRESSES:
         assert sum(line.split()[0] == path for line in text_lines) == 1
         assert sum(line.startswith(f"| `{path}` |") for line in markdown_lines) == 1
-    assert set(osc.ADDRESSES) == {
+    assert set(osc_ns.ADDRESSES) == {
         "/gesture", "/interface", "/note", "/temperature", "/sigma_temperature", "/timescale", "/mode",
         "/threshold", "/reset", "/pause", "/model", "/hello", "/status",
     }
-    assert osc.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error")
-    assert "[port:int]" in osc.namespace_text()
+    assert osc_ns.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error")
+    assert "[port:int]" in osc_ns.namespace_text()
     mode_line = next(line for line in text_lines if line.startswith("/mode "))
     assert all(name in mode_line for name in MODE_NAMES)
 
 
 def test_every_handler_in_the_module_is_in_the_table() -> None:
-    marked = {v.osc_address.path for v in vars(osc).values() if hasattr(v, "osc_address")}
-    assert marked == set(osc.ADDRESSES)
+    marked = {v.osc_address.path for v in vars(osc_ns).values() if hasattr(v, "osc_address")}
+    assert marked == set(osc_ns.ADDRESSES)
 
 
 def test_table_rejects_malformed_handlers() -> None:
@@ -733,9 +736,9 @@ def test_layout_check_accepts_whole_messages_and_flags_every_truncation(args: li
     .map(lambda parts: b"#bundle\0" + bytes(8) + b"".join(parts)),
 ))
 def test_no_datagram_escapes_or_hangs_the_protocol(data: bytes) -> None:
-    output = osc.OscOutput()
+    output = osc_output.OscOutput()
     output.attach(StubTransport())  # type: ignore[arg-type]
-    protocol = osc.OscServerProtocol(FakeControls(), output)
+    protocol = osc_proto.OscServerProtocol(FakeControls(), output)
     protocol.datagram_received(data, ("127.0.0.1", 9))
     assert protocol.stats.internal_errors == 0
 
@@ -769,11 +772,3 @@ def test_token_buckets_memory_is_bounded() -> None:
     for key in range(100):
         assert buckets.allow(key)
     assert len(buckets) == 4
-
-
-def test_transport_modules_do_not_import_tensorflow() -> None:
-    code = (
-        "import sys, server.osc, server.recorder, server.config; "
-        "assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules)"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)

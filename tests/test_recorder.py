@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.event import Event
-from server.recorder import HEADER, Recorder, RecorderError
+from server.live.recorder import HEADER, Recorder, RecorderError
 
 STARTED = time.mktime((2024, 5, 17, 20, 30, 5, 0, 0, -1))  # local time, as in the file name
 
@@ -101,7 +101,7 @@ def test_write_errors_are_logged_once_counted_and_survived(
     recorder = Recorder(tmp_path, clock_offset=0.0)
     flaky = _FlakyFile()
     recorder._file = flaky  # type: ignore[assignment]  # simulate the disk filling up
-    with caplog.at_level(logging.ERROR, logger="server.recorder"):
+    with caplog.at_level(logging.ERROR, logger="server.live.recorder"):
         for t in range(1, 5):
             recorder.record(Event(time=float(t), x=0.5, y=0.5, source="model"))
     assert recorder.write_errors == 3 and recorder.rows == 1

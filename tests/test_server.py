@@ -46,7 +46,7 @@ def gestures(peer: OscPeer, n: int, gap: float) -> None:
 def test_ready_line_and_namespace_printed(server):
     srv, _ = server
     text = "".join(srv.output)
-    from server.osc import ADDRESSES
+    from server.osc.namespace import ADDRESSES
 
     for address in ADDRESSES:
         assert address in text
@@ -214,7 +214,7 @@ def test_logs_to_dataset_to_training(tmp_path):
     peer.close()
     ds_path = tmp_path / "played.npz"
     assert main(["dataset", str(tmp_path / "logs"), "--out", str(ds_path)]) == 0
-    from server.data import load_dataset
+    from server.learn.data import load_dataset
 
     ds = load_dataset(ds_path)
     assert len(ds.starts) == 2 and len(ds.events) == 160

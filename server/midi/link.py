@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import mido
 
 from server.event import Event
-from server.midimap import InputMap, make_input_map, note_duration, note_for
-from server.midiports import (
+from server.midi.mapping import InputMap, make_input_map, note_duration, note_for
+from server.midi.ports import (
     VIRTUAL_IN,
     VIRTUAL_OUT,
     MidiError,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.data import Dataset
-from server.mdn import RandomBlocks
-from server.runtime import Predictor
+from server.learn.data import Dataset
+from server.model.mdn import RandomBlocks
+from server.model.predictor import Predictor
 
 
 def generate(predictor: Predictor, n: int, rng: np.random.Generator, temperature: float = 1.0) -> np.ndarray:
@@ -36,7 +36,7 @@ def write_report(folder: Path, history: dict[str, list[float]], data: Dataset, s
     ax.set(title="loss (NLL per event, normalised units)", xlabel="epoch")
     ax.legend()
     perf = data.performances[0][:300]
-    gen = generate(Predictor(folder), len(perf), rng)
+    gen = generate(Predictor.load(folder), len(perf), rng)
     for col, (title, ev) in enumerate((("data", perf), ("model, temperature 1", gen)), start=1):
         ax = axes[0, col]
         _gesture_plot(ax, ev)

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from server.mdn import RandomBlocks
-from server.oscwire import encode_message
+from server.model.mdn import RandomBlocks
+from server.osc.wire import encode_message
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def step_latency(predictor, steps: int, rng) -> dict[str, float]:
@@ -44,14 +44,16 @@ def step_latency(predictor, steps: int, rng) -> dict[str, float]:
 
 
 def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
-    from server.modelspec import read_info
-    from server.runtime import KerasPredictStep, Predictor
+    from server.model.files import read_model
+    from server.model.network import KerasPredictStep, keras_model_from_bytes
+    from server.model.predictor import Predictor
 
-    info = read_info(folder)
-    rng = RandomBlocks(np.random.default_rng(0), info.spec.dims)  # random numbers drawn as the live loop draws them
-    out: dict[str, Any] = {"litert": step_latency(Predictor(folder, backend="litert"), 2000 if quick else 20000, rng)}
-    out["tensorflow"] = step_latency(Predictor(folder, backend="tensorflow"), 200 if quick else 2000, rng)
-    naive = Predictor(folder, info=info, step=(KerasPredictStep(folder / "model.keras", info.spec), "keras-predict"))
+    model = read_model(folder, ("step.tflite", "model.keras"))
+    rng = RandomBlocks(np.random.default_rng(0), model.info.spec.dims)  # random numbers drawn as the live loop draws them
+    out: dict[str, Any] = {"litert": step_latency(Predictor(model, backend="litert"), 2000 if quick else 20000, rng)}
+    out["tensorflow"] = step_latency(Predictor(model, backend="tensorflow"), 200 if quick else 2000, rng)
+    keras_model = keras_model_from_bytes(model.file("model.keras"))
+    naive = Predictor(model, step=(KerasPredictStep(keras_model, model.info.spec), "keras-predict"))
     out["keras_predict"] = step_latency(naive, 20 if quick else 200, rng)
     base = out["litert"]["median_us"]
     out["ratio_tensorflow_vs_litert"] = out["tensorflow"]["median_us"] / base
@@ -194,7 +196,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(model: str, models_dir: Path, out: Path, quick: bool = False) -> dict[str, Any]:
-    from server.modelspec import resolve_model_dir
+    from server.model.files import resolve_model_dir
 
     folder = resolve_model_dir(model, models_dir, allow_paths=True)
     step = bench_steps(folder, quick)  # first: the in-process figures on a quiet interpreter

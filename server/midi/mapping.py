@@ -2,8 +2,7 @@
 
 Pure functions and one small stateful mapper, with no port or clock, so every mapping
 decision is testable with plain `mido.Message` objects (anything with mido's message
-attributes works: nothing here imports mido). The config parsers for the MIDI keys live
-here too, next to the values they check.
+attributes works: nothing here imports mido).
 """
 
 from __future__ import annotations
@@ -102,77 +101,3 @@ def note_duration(gap: float | None, fixed: float | None = None) -> float:
     if gap is None or not math.isfinite(gap):
         return MAX_AUTO_DURATION
     return min(max(gap, MIN_DURATION), MAX_AUTO_DURATION)
-
-
-# --- config parsers: accept a flag's string or a TOML value, raise ValueError saying why ---
-
-
-def _whole(raw: object) -> int:
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str):
-        try:
-            return int(raw.strip(), 10)
-        except ValueError:
-            pass
-    raise ValueError(f"expected an integer, got {raw!r}")
-
-
-def parse_port_name(raw: object) -> str:
-    if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"expected (part of) a MIDI port name, got {raw!r}")
-    return raw.strip()
-
-
-def parse_switch(raw: object) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("1", "yes", "true", "on"):
-        return True
-    if isinstance(raw, str) and raw.strip().lower() in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(f"expected yes or no, got {raw!r}")
-
-
-def parse_channel(raw: object) -> int:
-    """A MIDI channel as musicians count them, 1-16."""
-    value = _whole(raw)
-    if not 1 <= value <= 16:
-        raise ValueError(f"MIDI channel must be 1-16, got {value}")
-    return value
-
-
-def parse_input_channel(raw: object) -> int:
-    """1-16, or 0 for any channel."""
-    value = _whole(raw)
-    if not 0 <= value <= 16:
-        raise ValueError(f"MIDI channel must be 1-16, or 0 for any, got {value}")
-    return value
-
-
-def parse_controller(raw: object) -> int:
-    value = _whole(raw)
-    if not 0 <= value <= 127:
-        raise ValueError(f"control change number must be 0-127, got {value}")
-    return value
-
-
-def parse_input_map(raw: object) -> str:
-    if not isinstance(raw, str) or raw.strip().lower() not in INPUT_MAPS:
-        raise ValueError(f"expected one of {', '.join(INPUT_MAPS)}, got {raw!r}")
-    return raw.strip().lower()
-
-
-def parse_duration(raw: object) -> float | None:
-    """Seconds > 0, or "auto" (None): the smaller of the predicted dt and 0.5 s."""
-    if isinstance(raw, str) and raw.strip().lower() == "auto":
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        raise ValueError(f"expected seconds or 'auto', got {raw!r}")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"expected seconds or 'auto', got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"note duration must be > 0 seconds, got {raw!r}")
-    return value

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Mapping
+
+PROGRAM = ".venv/bin/antiphon"  # the one spelling of a command in the docs: works after `make`
 
 
 def _osc() -> str:
-    from server.osc import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES, namespace_markdown
+    from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES, namespace_markdown
 
     return (
         f"Listens on `{DEFAULT_HOST}:{DEFAULT_PORT}` (UDP) and sends to `{DEFAULT_HOST}:{DEFAULT_SEND_PORT}` "
@@ -24,13 +26,13 @@ def _osc() -> str:
 
 
 def _modes() -> str:
-    from server.modes import Mode
+    from server.live.modes import Mode
 
     return "\n".join(f"- `{m.value}`: {m.description}" for m in Mode)
 
 
 def _sizes() -> str:
-    from server.modelspec import DEFAULT_SIZE, SIZES
+    from server.model.spec import DEFAULT_SIZE, SIZES
 
     rows = ["| size | LSTM units x layers |", "|---|---|"]
     rows += [f"| `{k}`{' (default)' if k == DEFAULT_SIZE else ''} | {u} x {layers} |" for k, (u, layers) in SIZES.items()]
@@ -43,14 +45,11 @@ def _config() -> str:
     return config_reference_markdown()
 
 
-def _commands() -> str:
-    from server.cli import COMMANDS
-
-    return "\n".join(f"- `python -m server {name}`: {help}" for name, (_, _, help) in COMMANDS.items())
+def _commands(commands: Mapping[str, str]) -> str:
+    return "\n".join(f"- `{PROGRAM} {name}`: {help}" for name, help in commands.items())
 
 
 SECTIONS: dict[str, Callable[[], str]] = {
-    "commands": _commands,
     "osc": _osc,
     "modes": _modes,
     "sizes": _sizes,
@@ -58,9 +57,14 @@ SECTIONS: dict[str, Callable[[], str]] = {
 }
 
 
-def render(text: str) -> str:
-    """Return ``text`` with every generated section replaced by its current content."""
-    for name, make in SECTIONS.items():
+def render(text: str, commands: Mapping[str, str]) -> str:
+    """Return ``text`` with every generated section replaced by its current content.
+
+    `commands` (name -> help) comes from the caller, the command line, so this module
+    never imports it back.
+    """
+    sections = {"commands": lambda: _commands(commands), **SECTIONS}
+    for name, make in sections.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"README lacks the markers for section {name!r}")
@@ -69,10 +73,10 @@ def render(text: str) -> str:
     return text
 
 
-def update(path: Path, check: bool) -> bool:
+def update(path: Path, check: bool, commands: Mapping[str, str]) -> bool:
     """Rewrite the README's generated sections; with ``check`` only report whether they are current."""
     text = path.read_text(encoding="utf-8")
-    fresh = render(text)
+    fresh = render(text, commands)
     if check:
         return fresh == text
     path.write_text(fresh, encoding="utf-8")

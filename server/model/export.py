@@ -1,14 +1,14 @@
-"""The RNN + MDN in Keras: the sequence model for training, the one-step function, and export.
+"""Export: a trained Keras model becomes a checked model folder (`model.keras`, `step.tflite`, `model.json`).
 
-Export writes a model folder only after checking that `step.tflite` reproduces the
-Keras model over a 200-step sequence, so a broken model never reaches the stage.
+The folder is written only after `step.tflite` reproduces the Keras model over a
+200-step sequence, so a broken model never reaches the stage; it is written to a
+temporary folder and renamed into place, so a reader never sees half a model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -18,71 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from server import __version__
-from server.mdn import make_mdn_layer_class
-from server.modelspec import ModelError, ModelInfo, ModelSpec, sha256_file
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from server.model.files import sha256_file
+from server.model.litert import LiteRTStep
+from server.model.network import build_model, keras, make_step_function, tf
+from server.model.spec import ModelError, ModelInfo, ModelSpec
 
 log = logging.getLogger(__name__)
 
 CHECK_STEPS = 200
 CHECK_TOLERANCE = 1e-4
-
-
-def build_model(spec: ModelSpec) -> keras.Model:
-    """Sequence model ``[B, T, 3] -> [B, T, P]`` from a zero state (used for training and evaluation)."""
-    MDN = make_mdn_layer_class()
-    inputs = keras.Input(shape=(None, spec.dims), name="events")
-    x = inputs
-    for i in range(spec.layers):
-        x = keras.layers.LSTM(spec.units, return_sequences=True, name=f"lstm_{i}")(x)
-    outputs = MDN(spec.dims, spec.mixtures, name="mdn")(x)
-    return keras.Model(inputs, outputs, name="antiphon")
-
-
-def load_keras_model(path: Path) -> keras.Model:
-    """Load `model.keras` with safe_mode (no arbitrary code, no pickles)."""
-    make_mdn_layer_class()
-    try:
-        return keras.saving.load_model(Path(path), compile=False, safe_mode=True)
-    except Exception as e:  # keras raises many types for a bad file
-        raise ModelError(f"{path} cannot be loaded ({type(e).__name__}: {e}); re-export the model") from e
-
-
-def lstm_layers(model: keras.Model, spec: ModelSpec) -> list:
-    return [model.get_layer(f"lstm_{i}") for i in range(spec.layers)]
-
-
-def make_step_function(model: keras.Model, spec: ModelSpec) -> tf.types.experimental.GenericFunction:
-    """A compiled one-step function ``(event [1,3], state [1,S]) -> (params [1,P], state [1,S])``.
-
-    The LSTM state is an explicit flat tensor (per layer h then c), so the caller owns it:
-    that is what lets LiteRT run the model one event at a time.
-    """
-    cells = [layer.cell for layer in lstm_layers(model, spec)]
-    head = model.get_layer("mdn")
-    units = spec.units
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([1, spec.dims], tf.float32, name="event"),
-            tf.TensorSpec([1, spec.state_size], tf.float32, name="state"),
-        ]
-    )
-    def step(event, state):
-        x = event
-        new_state = []
-        for i, cell in enumerate(cells):
-            h = state[:, (2 * i) * units : (2 * i + 1) * units]
-            c = state[:, (2 * i + 1) * units : (2 * i + 2) * units]
-            x, (h, c) = cell(x, [h, c], training=False)
-            new_state += [h, c]
-        return {"params": head(x), "state": tf.concat(new_state, axis=-1)}
-
-    return step
 
 
 def convert_to_tflite(model: keras.Model, spec: ModelSpec) -> bytes:
@@ -98,8 +42,6 @@ def convert_to_tflite(model: keras.Model, spec: ModelSpec) -> bytes:
 
 def check_tflite(tflite: bytes, model: keras.Model, spec: ModelSpec, events: np.ndarray) -> float:
     """Max abs difference between the Keras sequence model and the `.tflite` step over ``events``."""
-    from server.runtime import LiteRTStep
-
     events = np.asarray(events, dtype=np.float32)[None]
     expected = model(events, training=False).numpy()[0]
     step = LiteRTStep(tflite, spec)

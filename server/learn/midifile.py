@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import mido
 import numpy as np
 
-from server.data import DT_MAX, Dataset, DatasetError
+from server.learn.data import DT_MAX, Dataset, DatasetError
 
 log = logging.getLogger(__name__)
 

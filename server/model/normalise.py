@@ -9,7 +9,9 @@ likelihoods in the original units (seconds and [0, 1] coordinates).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -77,6 +79,31 @@ class Normaliser:
             clip_min=tuple(float(v) for v in values["clip_min"]),
             clip_max=tuple(float(v) for v in values["clip_max"]),
         )
+
+    @cached_property
+    def _rows(self) -> tuple[tuple[float, float, bool, float, float, float], ...]:
+        """Per dimension (clip_min, clip_max, log, offset, shift, scale) as plain floats for the scalar path."""
+        return tuple(zip(self.clip_min, self.clip_max, self.log, self.offset, self.shift, self.scale))
+
+    def forward_event(self, event: Sequence[float]) -> list[float]:
+        """One event, original units -> normalised: `forward` in scalar Python for the live loop (~1 us)."""
+        out = []
+        for v, (lo, hi, lg, off, sh, sc) in zip(event, self._rows):
+            v = lo if v < lo else hi if v > hi else v
+            out.append(((math.log(v + off) if lg else v) - sh) / sc)
+        return out
+
+    def inverse_event(self, z: Sequence[float]) -> list[float]:
+        """One event, normalised -> original units: `inverse` in scalar Python, finite and clipped whatever z is."""
+        out = []
+        for v, (lo, hi, lg, off, sh, sc) in zip(z, self._rows):
+            f = v * sc + sh
+            if f != f:  # NaN: 0, as `inverse` does
+                f = 0.0
+            elif lg:
+                f = math.exp(f if f < 50.0 else 50.0) - off
+            out.append(lo if f < lo else hi if f > hi else f)
+        return out
 
     def forward(self, events: np.ndarray) -> np.ndarray:
         """Original units -> normalised (float32), clipping to the valid range first."""

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from server.data import DT_MAX, Dataset, DatasetError, split_performances, windows
-from server.modelspec import ModelInfo, ModelSpec
-from server.normalise import Normaliser
+from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances, windows
+from server.model.spec import ModelInfo, ModelSpec
+from server.model.normalise import Normaliser
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,10 @@ def train(
     """Train a model on ``ds`` and export it to ``models_dir/name``."""
     import keras
 
-    from server.evaluate import nll_per_event
-    from server.mdn import mdn_loss
-    from server.model import build_model, export, library_versions, now_iso
+    from server.learn.evaluate import nll_per_event
+    from server.model.network import mdn_loss
+    from server.model.network import build_model
+    from server.model.export import export, library_versions, now_iso
 
     started = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
@@ -102,7 +103,7 @@ def train(
     folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events))
     seconds = time.monotonic() - started
     if cfg.report:
-        from server.report import write_report
+        from server.learn.report import write_report
 
         write_report(folder, history, val_ds, seed=cfg.seed)
     echo(f"wrote {folder}: validation NLL {val_nll:.3f} nats/event, {len(history['loss'])} epochs, {seconds:.0f} s")

@@ -1,4 +1,4 @@
-"""Model sizes and the `model.json` description of a model folder; no TensorFlow needed.
+"""Model sizes and the `model.json` description of a model; no TensorFlow needed.
 
 The live server reads only this and `step.tflite`, so it starts fast and never imports
 TensorFlow when LiteRT is available.
@@ -6,14 +6,10 @@ TensorFlow when LiteRT is available.
 
 from __future__ import annotations
 
-import json
-import re
-import hashlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from server.normalise import Normaliser
+from server.model.normalise import Normaliser
 
 DIMS = 3  # (dt, x, y)
 DEFAULT_MIXTURES = 5
@@ -22,8 +18,6 @@ DEFAULT_MIXTURES = 5
 SIZES: dict[str, tuple[int, int]] = {"xs": (32, 2), "s": (64, 2), "m": (128, 2), "l": (256, 2)}
 DEFAULT_SIZE = "s"
 
-MODEL_FILES = ("model.keras", "step.tflite", "model.json")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 class ModelError(ValueError):
@@ -112,58 +106,3 @@ class ModelInfo:
             files={str(k): str(v) for k, v in d.get("files", {}).items()},
         )
 
-
-def read_info(folder: Path) -> ModelInfo:
-    """Read and check `model.json`, raising ModelError naming the file and what to do."""
-    path = Path(folder) / "model.json"
-    if not path.is_file():
-        raise ModelError(f"{path} is missing; train or export the model again (python -m server train ...)")
-    try:
-        return ModelInfo.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{path} is corrupt or from another version ({e}); re-export the model") from e
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 16), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_file(folder: Path, info: ModelInfo, name: str) -> Path:
-    """Check that ``folder/name`` exists and is the file export wrote (its SHA-256 in model.json).
-
-    Catches a `step.tflite` or `model.keras` copied in from another model, which would
-    otherwise play with the wrong normalisation.
-    """
-    path = Path(folder) / name
-    if not path.is_file():
-        raise ModelError(f"{path} is missing; re-export the model (python -m server train ...)")
-    expected = info.files.get(name)
-    if expected and sha256_file(path) != expected:
-        raise ModelError(f"{path} does not match {Path(folder) / 'model.json'} (SHA-256 differs): "
-                         "it belongs to another model or is damaged; re-export the model")
-    return path
-
-
-def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) -> Path:
-    """Map a model name to `models_dir/<name>`; a path is accepted only where the caller allows it.
-
-    OSC clients may name models only (no paths, no `..`); the command line may pass a path.
-    """
-    models_dir = Path(models_dir)
-    is_name = bool(NAME_PATTERN.match(name_or_path)) and ".." not in name_or_path
-    if is_name and ((models_dir / name_or_path).is_dir() or not allow_paths):
-        return models_dir / name_or_path
-    if not allow_paths:
-        raise ModelError(f"{name_or_path!r} is not a model name (letters, digits, '-', '_', '.'; no paths)")
-    path = Path(name_or_path)
-    if not path.is_dir():
-        found = sorted(p.name for p in models_dir.iterdir() if (p / "model.json").is_file()) if models_dir.is_dir() else []
-        raise ModelError(
-            f"no model folder {name_or_path!r} in {models_dir} (found: {', '.join(found) or 'none'}), "
-            "nor a folder at that path; train one with python -m server train --name NAME"
-        )
-    return path

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from server.controls import ControlError
+from server.live.controls import ControlError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.bench import ServerUnderTest, round_trip, status
-from server.oscwire import encode_message
+from server.tools.bench import ServerUnderTest, round_trip, status
+from server.osc.wire import encode_message
 
 STATUS_KEYS = ("inputs", "outputs", "dropped", "osc_received", "osc_coalesced", "osc_kernel_drops",
                "osc_rejected", "osc_internal_errors", "osc_batch_max", "step_us_median", "step_us_p99")

@@ -1,8 +1,9 @@
-"""Mixture density network: the Keras head, its tfp loss, and numpy sampling and log-density.
+"""Mixture density network maths in numpy: parameter layout, sampling and log-density.
 
 Parameter layout, shared by the head, the loss and the sampler (K mixtures, D dims):
 ``[means (K*D) | scales (K*D) | logits (K)]``, means and scales grouped by component.
-The numpy half never imports TensorFlow so the live server can sample without it.
+No TensorFlow here, so the live server can sample without it; the Keras head and
+the tfp loss are in `server.model.network`.
 """
 
 from __future__ import annotations
@@ -183,83 +184,3 @@ def _finite(v: float) -> float:
     if v != v:
         return 0.0
     return min(max(v, -1e6), 1e6)
-
-
-# --------------------------------------------------------------------------- Keras / tfp side
-
-
-def _keras():
-    import keras
-
-    return keras
-
-
-def make_mdn_layer_class():
-    """Build (once per process) the registered Keras MDN layer class.
-
-    Lazily defined so importing this module never imports TensorFlow/Keras.
-    """
-    keras = _keras()
-    registered = keras.saving.get_registered_object("antiphon>MDN")
-    if registered is not None:
-        return registered
-
-    @keras.saving.register_keras_serializable(package="antiphon", name="MDN")
-    class MDN(keras.layers.Layer):
-        """Dense head emitting ``[means | ELU+1+eps scales | logits]`` for a K-component diagonal mixture."""
-
-        def __init__(self, dims: int, mixtures: int, **kwargs):
-            super().__init__(**kwargs)
-            self.dims = int(dims)
-            self.mixtures = int(mixtures)
-            self.mu = keras.layers.Dense(self.mixtures * self.dims, name="mdn_mus")
-            self.sigma = keras.layers.Dense(self.mixtures * self.dims, name="mdn_sigmas")
-            self.pi = keras.layers.Dense(self.mixtures, name="mdn_pi")
-
-        def build(self, input_shape):
-            self.mu.build(input_shape)
-            self.sigma.build(input_shape)
-            self.pi.build(input_shape)
-            super().build(input_shape)
-
-        def call(self, inputs):
-            ops = keras.ops
-            scales = ops.elu(self.sigma(inputs)) + 1.0 + SCALE_EPS
-            return ops.concatenate([self.mu(inputs), scales, self.pi(inputs)], axis=-1)
-
-        def compute_output_shape(self, input_shape):
-            return (*input_shape[:-1], param_count(self.mixtures, self.dims))
-
-        def get_config(self):
-            return {**super().get_config(), "dims": self.dims, "mixtures": self.mixtures}
-
-    return MDN
-
-
-def mixture_distribution(params, mixtures: int, dims: int):
-    """The tfp distribution for a tensor of parameters ``[..., P]``."""
-    import tensorflow as tf
-    import tensorflow_probability as tfp
-
-    tfd = tfp.distributions
-    lead = tf.shape(params)[:-1]
-    kd = mixtures * dims
-    means = tf.reshape(params[..., :kd], tf.concat([lead, [mixtures, dims]], 0))
-    scales = tf.reshape(params[..., kd : 2 * kd], tf.concat([lead, [mixtures, dims]], 0))
-    logits = params[..., 2 * kd :]
-    return tfd.MixtureSameFamily(
-        mixture_distribution=tfd.Categorical(logits=logits),
-        components_distribution=tfd.MultivariateNormalDiag(loc=means, scale_diag=scales),
-    )
-
-
-def mdn_loss(mixtures: int, dims: int):
-    """Keras loss: mean negative log-likelihood of the targets under the predicted mixture."""
-    import tensorflow as tf
-
-    def loss(y_true, y_pred):
-        y_true = tf.cast(y_true, y_pred.dtype)
-        return -tf.reduce_mean(mixture_distribution(y_pred, mixtures, dims).log_prob(y_true))
-
-    loss.__name__ = "mdn_nll"
-    return loss

@@ -20,12 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.controls import ControlError
+from server.live.controls import ControlError
 from server.event import Event
-from server.mdn import RandomBlocks
-from server.modelspec import DIMS, ModelError, resolve_model_dir
-from server.modes import Mode, parse_mode
-from server.runtime import Predictor
+from server.model.mdn import RandomBlocks
+from server.model.spec import DIMS, ModelError
+from server.model.files import resolve_model_dir
+from server.live.modes import Mode, parse_mode
+from server.model.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class Engine:
     def load_model(self, name: str) -> None:
         try:
             folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
-            predictor = Predictor(folder)
+            predictor = Predictor.load(folder, label=name)
         except (ModelError, OSError, ValueError) as e:
             raise ControlError(f"model {name!r} not loaded, keeping {self.model_name!r}: {e}") from None
         self._cancel_all()

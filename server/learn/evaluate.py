@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from server import mdn
-from server.data import Dataset
-from server.modelspec import ModelInfo
+from server.model import mdn
+from server.learn.data import Dataset
+from server.model.spec import ModelInfo
 
 
 def nll_per_event(model, info: ModelInfo, ds: Dataset, batch: int = 64) -> float:

@@ -1,0 +1,95 @@
+"""The model's side of the conversation, one event at a time: state, normalisation, sampling.
+
+`Predictor` keeps the RNN state, observes events and samples the next one, all in
+original units (seconds and [0, 1] positions) so the engine never sees normalised
+values. Its step runs `step.tflite` under LiteRT, or when LiteRT is missing a compiled
+`tf.function` (imported only then). Built from `ModelFiles`, the checked bytes of a
+model: nothing on disk is read after construction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from server.model import mdn
+from server.model.files import ModelFiles, read_model
+from server.model.litert import LiteRTStep, StepFunction, litert_available
+from server.model.spec import ModelError, ModelInfo
+
+BACKENDS = ("auto", "litert", "tensorflow")
+
+
+def model_files_for(backend: str) -> tuple[str, ...]:
+    """Which files a backend needs read (LiteRT: step.tflite; the TensorFlow fallback: model.keras)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return ("step.tflite",) if backend == "litert" or (backend == "auto" and litert_available()) else ("model.keras",)
+
+
+def open_step(model: ModelFiles, backend: str = "auto") -> tuple[StepFunction, str]:
+    """The fastest available step for a model; returns it and the backend's name."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    if backend in ("auto", "litert") and litert_available():
+        return LiteRTStep(model.file("step.tflite"), model.info.spec, f"{model.label}/step.tflite"), "litert"
+    if backend == "litert":
+        raise ModelError("LiteRT (ai-edge-litert) is not installed")
+    from server.model.network import TensorFlowStep, keras_model_from_bytes
+
+    keras_model = keras_model_from_bytes(model.file("model.keras"), f"{model.label}/model.keras")
+    return TensorFlowStep(keras_model, model.info.spec), "tensorflow"
+
+
+class Predictor:
+    """Keeps the RNN state, observes events, predicts the next; events are ``(dt seconds, x, y)``."""
+
+    def __init__(self, model: ModelFiles, backend: str = "auto", step: tuple[StepFunction, str] | None = None) -> None:
+        self.model = model
+        self.info: ModelInfo = model.info
+        self.step, self.backend = step or open_step(model, backend)
+        spec = self.info.spec
+        self.norm = self.info.normaliser
+        self._k, self._d = spec.mixtures, spec.dims
+        self._event = np.zeros((1, spec.dims), np.float32)
+        self._zero_state = np.zeros((1, spec.state_size), np.float32)
+        self.state = self._zero_state
+        self.params = self._prime()
+
+    @classmethod
+    def load(cls, folder: Path, backend: str = "auto", label: str | None = None) -> "Predictor":
+        """Read, check and open a model folder (what `run` and the tools do)."""
+        return cls(read_model(folder, model_files_for(backend), label), backend)
+
+    @property
+    def label(self) -> str:
+        return self.model.label
+
+    def _prime(self) -> np.ndarray:
+        """Parameters for a first event, from a neutral start (mid-pad, no wait); the state stays zero.
+
+        Training starts every performance from a zero state, so the first real event
+        must meet a zero state too; these parameters only let `generate` begin alone.
+        """
+        self.state = self._zero_state
+        self._event[0] = self.norm.forward_event((0.0, 0.5, 0.5))
+        params, _ = self.step(self._event, self._zero_state)
+        return params
+
+    def reset(self) -> None:
+        """Zero the RNN state."""
+        self.params = self._prime()
+
+    def observe(self, dt: float, x: float, y: float) -> np.ndarray:
+        """Feed one event (original units; clipped to the valid range) and return the next-event parameters."""
+        self._event[0] = self.norm.forward_event((dt, x, y))
+        self.params, self.state = self.step(self._event, self.state)
+        return self.params
+
+    def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
+        """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
+        u, normals = draws.next()
+        z = mdn.sample_row_from(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
+        dt, x, y = self.norm.inverse_event(z)
+        return dt, x, y

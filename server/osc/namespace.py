@@ -1,0 +1,174 @@
+"""Antiphon's OSC namespace: one handler per address; its signature is its argument spec, its docstring its doc.
+
+Handlers check their arguments' ranges and call `Controls`; they never touch the
+model. The table built here is the single source of truth for the addresses: the
+start-up banner, the README table, the patches' drift tests and the protocol all read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from server.live.controls import ControlError, Controls
+from server.live.modes import parse_mode
+from server.model.files import check_model_name
+from server.osc.output import Endpoint, OscOutput, OscStats
+from server.osc.table import AddressTable, address
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5710
+DEFAULT_SEND_PORT = 5711
+MODEL_LOADS_PER_SECOND = 5.0  # per sender: a load reads and hashes files (off the loop, but not free)
+STATUS_PER_SECOND = 50.0  # per sender: a reply is ~50x its request, so cap what a spoofed sender reflects
+OUTPUT_ADDRESSES: tuple[str, ...] = ("/prediction", "/status", "/error")
+
+Position = tuple[float, float]
+
+
+class Request(NamedTuple):
+    """What a handler may use: the engine's controls, the output, the counters and the sender."""
+
+    controls: Controls
+    output: OscOutput
+    stats: OscStats
+    sender: Endpoint
+    counters: Callable[[], dict[str, int | None]]  # the osc_* values for /status
+
+
+
+# --- the namespace: each handler's signature is its argument spec, its docstring its doc ---
+
+
+def _at_least(name: str, value: float, low: float, *, inclusive: bool = True) -> None:
+    if not (value >= low if inclusive else value > low):
+        raise ControlError(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value:g}")
+
+
+def _unit(value: float) -> float:
+    return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
+
+
+# Performer handlers only check and return the position: the protocol decides when it
+# reaches the engine (see the flood policy above).
+
+
+@address("/gesture", performer=True)
+def gesture(ctx: Request, x: float, y: float) -> Position:
+    """Performer position in [0, 1] (out-of-range values are clamped and counted)."""
+    cx, cy = _unit(x), _unit(y)
+    if cx != x or cy != y:
+        ctx.stats.clamped += 1
+    return cx, cy
+
+
+@address("/interface", performer=True)
+def interface(ctx: Request, x: float, y: float) -> Position:
+    """Alias of /gesture (IMPSY-compatible)."""
+    return gesture(ctx, x, y)
+
+
+@address("/note", performer=True)
+def note(ctx: Request, pitch: int, velocity: int) -> Position | None:
+    """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
+    if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
+        raise ControlError(f"pitch and velocity must be 0-127, got {pitch} {velocity}")
+    if velocity == 0:
+        ctx.stats.ignored += 1
+        return None
+    return pitch / 127.0, velocity / 127.0
+
+
+@address("/temperature")
+def temperature(ctx: Request, value: float) -> None:
+    """Mixture-weight temperature (>= 0; 0 picks the most likely component)."""
+    _at_least("temperature", value, 0.0)
+    ctx.controls.set_temperature(value)
+
+
+@address("/sigma_temperature")
+def sigma_temperature(ctx: Request, value: float) -> None:
+    """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean)."""
+    _at_least("sigma_temperature", value, 0.0)
+    ctx.controls.set_sigma_temperature(value)
+
+
+@address("/timescale")
+def timescale(ctx: Request, value: float) -> None:
+    """Multiplies the predicted dt before scheduling (> 0)."""
+    _at_least("timescale", value, 0.0, inclusive=False)
+    ctx.controls.set_timescale(value)
+
+
+@address("/mode")
+def mode(ctx: Request, name: str) -> None:
+    """Interaction mode: respond, accompany, generate or listen."""
+    try:
+        parse_mode(name)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+    ctx.controls.set_mode(name)
+
+
+@address("/threshold")
+def threshold(ctx: Request, seconds: float) -> None:
+    """Seconds of performer silence before respond mode takes over (>= 0)."""
+    _at_least("threshold", seconds, 0.0)
+    ctx.controls.set_threshold(seconds)
+
+
+@address("/reset")
+def reset(ctx: Request) -> None:
+    """Zero the RNN state."""
+    ctx.controls.reset()
+
+
+@address("/pause")
+def pause(ctx: Request, paused: int) -> None:
+    """1 pauses output, 0 resumes."""
+    if paused not in (0, 1):
+        raise ControlError(f"expected 1 (pause) or 0 (resume), got {paused}")
+    ctx.controls.set_paused(paused == 1)
+
+
+@address("/model", max_rate=MODEL_LOADS_PER_SECOND)
+def model(ctx: Request, name: str) -> None:
+    """Load models/<name> (a bare folder name) without stopping the loop; the old model stays if it fails."""
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+    ctx.controls.load_model(name)
+
+
+@address("/hello")
+def hello(ctx: Request, port: int = 0) -> None:
+    """Send output to the sender's host, at `port` or else the sender's own port."""
+    if not 0 <= port <= 65535:
+        raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
+    ctx.output.add_destination(ctx.sender[0], port or ctx.sender[1])
+
+
+@address("/status", max_rate=STATUS_PER_SECOND)
+def status(ctx: Request) -> None:
+    """Reply /status key value ... (engine state and osc_* counters) to the sender."""
+    items = dict(ctx.controls.status())
+    items.update((f"osc_{key}", value) for key, value in ctx.counters().items())
+    ctx.output.send_status(ctx.sender, items)
+
+
+TABLE = AddressTable(
+    (gesture, interface, note, temperature, sigma_temperature, timescale, mode, threshold,
+     reset, pause, model, hello, status)
+)
+ADDRESSES: tuple[str, ...] = TABLE.paths
+
+
+def namespace_text() -> str:
+    """The input namespace as aligned plain text (address, arguments, meaning) for the start-up print."""
+    return TABLE.text()
+
+
+def namespace_markdown() -> str:
+    """The input namespace as a Markdown table for the README."""
+    return TABLE.markdown()
