@@ -20,7 +20,7 @@ class FakeControls:
             raise RuntimeError("engine bug")
         self.calls.append(call)
 
-    def perform(self, x: float, y: float) -> None:
+    def perform(self, x: float, y: float, at: float | None = None) -> None:
         self._call("perform", x, y)
 
     def set_temperature(self, value: float) -> None:
@@ -44,7 +44,7 @@ class FakeControls:
     def set_paused(self, paused: bool) -> None:
         self._call("set_paused", paused)
 
-    def load_model(self, name: str) -> None:
+    def load_model(self, name: str, on_error: Any = None) -> None:
         if name == "missing":
             raise ControlError("no model named 'missing'")
         self._call("load_model", name)

@@ -1,9 +1,13 @@
 """The client patches (Pd, Max, SuperCollider) open, talk to a real server, and agree with it.
 
 - Pd: the shipped patch opens in a headless `pd` with every object created; the headless
-  round-trip patch gets predictions back from a running `python -m server run`.
-- SuperCollider: the client compiles, its GUI runs headless against a running server,
-  and the headless round-trip script gets predictions back.
+  round-trip patch gets predictions back from a real server (`antiphon run`).
+- SuperCollider: the client compiles; its GUI runs headless against a real server with the
+  audio server failing to boot, and posts what it saw; the round-trip script gets
+  predictions back.
+- Round trips and the GUI get predictions only through their own `/hello <port>`: the
+  server's `--send` points at a port nobody listens on. Each client sends GESTURES
+  gestures in `accompany` mode and at least 90 % of the answers must arrive, in [0, 1].
 - Max: the patch is valid JSON whose cords join existing boxes and inlets/outlets.
 - No drift: every OSC address a patch sends or expects exists in `server.osc`, and every
   patch uses the server's default ports.
@@ -19,6 +23,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -39,7 +44,9 @@ SC_CLIENT = PATCHES / "supercollider" / "antiphon.scd"
 SC_ROUNDTRIP = PATCHES / "supercollider" / "tests" / "roundtrip.scd"
 
 SERVER_READY_TIMEOUT = 60.0
-MIN_PREDICTIONS = 10
+CLIENT_TIMEOUT = 90.0  # the clients quit by themselves; this only stops a hung one
+GESTURES = 30  # what roundtrip.pd, roundtrip.scd and the GUI harness send (one answer each)
+MIN_PREDICTIONS = -(-GESTURES * 9 // 10)  # at least 90 % of the answers
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -48,12 +55,16 @@ if str(REPO) not in sys.path:
 # --------------------------------------------------------------------------- helpers
 
 
-def server_command(port: int, send_port: int, log_dir: Path) -> list[str]:
-    """The command that starts a real Antiphon server for the round trips (adjust here only)."""
+def server_command(port: int, dummy_port: int, log_dir: Path) -> list[str]:
+    """The command that starts a real Antiphon server for the round trips (adjust here only).
+
+    `--send` goes to `dummy_port`, where nobody listens: a client gets predictions only if
+    its own `/hello <port>` works.
+    """
     return [
         sys.executable, "-m", "server", "run",
         "--port", str(port),
-        "--send", f"127.0.0.1:{send_port}",
+        "--send", f"127.0.0.1:{dummy_port}",
         "--mode", "accompany",
         "--timescale", "0.05",
         "--log-dir", str(log_dir),
@@ -91,21 +102,24 @@ def free_udp_ports(n: int) -> list[int]:
 
 
 class RunningServer:
-    def __init__(self, proc: subprocess.Popen, port: int, send_port: int, lines: list[str]):
-        self.proc, self.port, self.send_port, self.lines = proc, port, send_port, lines
+    """A running server on `port`; `client_port` is free for the client to listen on and
+    announce with `/hello` (the server was not told about it)."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, client_port: int, lines: list[str]):
+        self.proc, self.port, self.client_port, self.lines = proc, port, client_port, lines
 
 
 @contextmanager
 def running_server(tmp_path: Path):
-    """Start `python -m server run` on free ports; after the block, SIGTERM it and expect exit 0."""
-    port, send_port = free_udp_ports(2)
+    """Start a server on free ports; after the block, SIGTERM it and expect exit 0."""
+    port, dummy_port, client_port = free_udp_ports(3)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     stderr_path = tmp_path / "server.stderr"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
-            server_command(port, send_port, log_dir), cwd=REPO, env=env,
+            server_command(port, dummy_port, log_dir), cwd=REPO, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
     lines: list[str] = []
@@ -132,7 +146,7 @@ def running_server(tmp_path: Path):
                 f"(exit {proc.returncode})\nstdout:\n" + "\n".join(lines)
                 + "\nstderr:\n" + stderr_path.read_text()
             )
-        yield RunningServer(proc, port, send_port, lines)
+        yield RunningServer(proc, port, client_port, lines)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -147,17 +161,22 @@ def running_server(tmp_path: Path):
     )
 
 
-def run_client(cmd: list[str], timeout: float, env: dict | None = None) -> str:
-    """Run a client to completion; return stdout + stderr (the clients print to either)."""
+def run_client(cmd: list[str], timeout: float = CLIENT_TIMEOUT, env: dict | None = None) -> str:
+    """Run a client to completion, expect exit status 0; return stdout + stderr."""
     try:
         done = subprocess.run(
             cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True,
             text=True, timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"{cmd[0]} did not quit by itself within {timeout} s; output:\n{out}")
-    return done.stdout + done.stderr
+        out = "".join(
+            (part.decode(errors="replace") if isinstance(part, bytes) else part)
+            for part in (exc.stdout or "", exc.stderr or "")
+        )
+        pytest.fail(f"{Path(cmd[0]).name} did not quit by itself within {timeout} s; output:\n{out}")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"{Path(cmd[0]).name} exited with {done.returncode}; output:\n{out}"
+    return out
 
 
 def parse_predictions(output: str, pattern: str) -> list[tuple[float, float]]:
@@ -166,10 +185,22 @@ def parse_predictions(output: str, pattern: str) -> list[tuple[float, float]]:
 
 def assert_predictions(points: list[tuple[float, float]], output: str):
     assert len(points) >= MIN_PREDICTIONS, (
-        f"expected at least {MIN_PREDICTIONS} predictions, got {len(points)}; output:\n{output}"
+        f"sent {GESTURES} gestures in accompany mode, expected at least {MIN_PREDICTIONS} "
+        f"predictions back through the client's own /hello, got {len(points)}; output:\n{output}"
     )
     bad = [p for p in points if not (0.0 <= p[0] <= 1.0 and 0.0 <= p[1] <= 1.0)]
     assert not bad, f"predictions outside [0, 1]: {bad[:5]}"
+
+
+def assert_line(pattern: str, output: str, what: str) -> re.Match:
+    match = re.search(pattern, output, re.MULTILINE)
+    assert match, f"{what}: no line matching {pattern!r} in the output:\n{output}"
+    return match
+
+
+def sc_string(text: str) -> str:
+    """`text` as a SuperCollider string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def sclang_env(**extra: str) -> dict:
@@ -246,8 +277,8 @@ def pd_io(path: Path) -> tuple[set[str], set[str], list[PdObject]]:
 def test_pd_patch_opens_with_every_object_created():
     pd = require_program("pd", "puredata-core")
     out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_PATCH),
-                      "-send", "pd quit"], timeout=30)
-    for problem in ("couldn't create", "bad arguments", "no method", "no such object"):
+                      "-send", "pd quit"])
+    for problem in ("can't open", "couldn't create", "bad arguments", "no method", "no such object"):
         assert problem not in out, f"pd reported '{problem}' opening {PD_PATCH.name}:\n{out}"
 
 
@@ -262,14 +293,21 @@ def test_pd_patch_has_no_dead_objects(path):
 
 
 def test_pd_round_trip_against_server(tmp_path):
+    """roundtrip.pd says /hello <its port> itself; the server's --send points elsewhere."""
     pd = require_program("pd", "puredata-core")
     with running_server(tmp_path) as srv:
         out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_ROUNDTRIP),
-                          "-send", f"roundtrip-ports {srv.port} {srv.send_port}"], timeout=30)
-    assert "couldn't create" not in out, out
-    assert re.search(r"^SENT: 40$", out, re.MULTILINE), f"round trip did not finish sending:\n{out}"
+                          "-send", f"roundtrip-ports {srv.port} {srv.client_port}"])
+    for problem in ("can't open", "couldn't create"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    assert_line(rf"^SENT: {GESTURES}$", out, "round trip did not finish sending")
     assert not re.search(r"^ERROR:", out, re.MULTILINE), f"server rejected a message:\n{out}"
-    assert_predictions(parse_predictions(out, r"^PREDICTION: (\S+) (\S+)$"), out)
+    # the /status reply comes back through netsend, after the patch's /mode accompany
+    assert_line(r"^STATUS: mode accompany\b", out, "no /status reply")
+    points = parse_predictions(out, r"^PREDICTION: (\S+) (\S+)$")
+    assert_predictions(points, out)
+    received = int(assert_line(r"^RECEIVED: (\d+)$", out, "the patch did not report its count").group(1))
+    assert received == len(points), out
 
 
 # --------------------------------------------------------------------------- SuperCollider
@@ -287,55 +325,111 @@ def test_supercollider_client_compiles(tmp_path):
 
 
 def test_supercollider_round_trip_against_server(tmp_path):
+    """roundtrip.scd says /hello <its port> itself; the server's --send points elsewhere."""
     sclang = require_program("sclang", "supercollider-language")
     with running_server(tmp_path) as srv:
         env = sclang_env(ANTIPHON_HOST="127.0.0.1", ANTIPHON_PORT=str(srv.port),
-                         ANTIPHON_SEND_PORT=str(srv.send_port))
-        out = run_client([sclang, str(SC_ROUNDTRIP)], timeout=60, env=env)
-    assert re.search(r"^SENT 40$", out, re.MULTILINE), f"round trip did not finish sending:\n{out}"
+                         ANTIPHON_SEND_PORT=str(srv.client_port))
+        out = run_client([sclang, str(SC_ROUNDTRIP)], env=env)
+    assert_line(rf"^SENT {GESTURES}$", out, "round trip did not finish sending")
     assert not re.search(r"^ERROR", out, re.MULTILINE), f"error during the round trip:\n{out}"
-    assert_predictions(parse_predictions(out, r"^PREDICTION (\S+) (\S+)$"), out)
+    assert_line(r"^STATUS mode accompany\b", out, "no /status reply")
+    points = parse_predictions(out, r"^PREDICTION (\S+) (\S+)$")
+    assert_predictions(points, out)
+    received = int(assert_line(r"^RECEIVED (\d+)$", out, "the script did not report its count").group(1))
+    assert received == len(points), out
 
 
+# Runs the musician's client (antiphon.scd) headless. The audio server is made to fail
+# the way it does without scsynth or without JACK (its program does not exist), so the
+# window must come up without sound. Then: move the blue pad GESTURES times, wait for the
+# answers, have ANOTHER client (a separate Python process) switch the server to `listen`,
+# and wait for the window's status line to show it. Waits are generous and end early.
 SC_GUI_HARNESS = r"""
-var count = 0;
-// Stand in for the audio server: run the client's boot function at once, on the GUI clock.
-s = (waitForBoot: { |self, func| func.fork(AppClock) }, sync: { 0.2.wait });
-OSCdef(\testCount, { count = count + 1 }, '/prediction');
+var count = 0, last;
+var wait = { |seconds, condition|  // poll until condition or timeout; never a proof of absence
+	var waited = 0;
+	while { condition.value.not and: { waited < seconds } } { 0.1.wait; waited = waited + 0.1 };
+};
+Server.program = "exec %NO_SCSYNTH%";
+OSCdef(\testCount, { |msg| count = count + 1; last = msg[1..2] }, '/prediction');
 thisProcess.interpreter.executeFile("%CLIENT%");
 Routine {
-	var window, pads;
-	1.5.wait;
+	var window, pads, texts, line;
+	wait.(20, { Window.allWindows.any { |w| w.name == "Antiphon" } });
 	window = Window.allWindows.detect { |w| w.name == "Antiphon" };
-	if(window.isNil) { "NO WINDOW".postln; 1.exit };
+	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit };
 	pads = window.view.children.select { |v| v.isKindOf(Slider2D) };
-	("PADS " ++ pads.size).postln;
-	30.do { |i| pads[0].activex_(i / 30); pads[0].activey_(1 - (i / 30)); 0.05.wait };
-	1.0.wait;
-	("PREDICTIONS " ++ count).postln;
-	("MODELPAD % %".format(pads[1].x, pads[1].y)).postln;
+	texts = window.view.children.select { |v| v.isKindOf(StaticText) };
+	line = { |prefix| var view = texts.detect { |t| t.string.beginsWith(prefix) }; if(view.isNil) { "" } { view.string } };
+	("HARNESS PADS " ++ pads.size).postln;
+	wait.(30, { line.("server: mode").size > 0 });
+	("HARNESS STATUSLINE " ++ line.("server:")).postln;
+	%GESTURES%.do { |i| pads[0].setXYActive(i / %GESTURES%, 1 - (i / %GESTURES%)); 0.1.wait };
+	wait.(30, { count >= %GESTURES% });
+	("HARNESS PREDICTIONS " ++ count).postln;
+	wait.(5, { last.notNil and: { (pads[1].x - last[0]).abs < 0.001 } });
+	("HARNESS MODELPAD % % LAST %".format(pads[1].x, pads[1].y, last)).postln;
+	%OTHER_CLIENT%.unixCmd({ |code| ("HARNESS OTHER CLIENT EXIT " ++ code).postln });
+	wait.(30, { line.("server:").contains("mode listen") });
+	("HARNESS STATUSLINE " ++ line.("server:")).postln;
+	("HARNESS MODEMENU " ++ window.view.children.detect { |v| v.isKindOf(PopUpMenu) }.item).postln;
+	wait.(30, { line.("sound:").beginsWith("sound: off") });
+	("HARNESS SOUNDLINE " ++ line.("sound:")).postln;
 	window.close;
+	0.5.wait;
 	0.exit;
 }.play(AppClock);
 """
 
 
 def test_supercollider_client_gui_against_server(tmp_path):
-    """The musician's client itself: its window runs headless and its pad gets answers."""
+    """The musician's client itself, headless, with no audio server: what does it post?"""
     sclang = require_program("sclang", "supercollider-language")
     with running_server(tmp_path) as srv:
         source = SC_CLIENT.read_text()
-        source = source.replace("var serverPort = 5710;", f"var serverPort = {srv.port};")
-        source = source.replace("var listenPort = 5711;", f"var listenPort = {srv.send_port};")
+        for old, new in (("var serverPort = 5710;", f"var serverPort = {srv.port};"),
+                         ("var listenPort = 5711;", f"var listenPort = {srv.client_port};")):
+            assert old in source, f"{SC_CLIENT.name} no longer has {old!r}"
+            source = source.replace(old, new)
         client = tmp_path / "antiphon.scd"
         client.write_text(source)
+        other = shlex.join([sys.executable, "-c", (
+            "from pythonosc.udp_client import SimpleUDPClient; "
+            f"SimpleUDPClient('127.0.0.1', {srv.port}).send_message('/mode', 'listen')")])
         harness = tmp_path / "harness.scd"
-        harness.write_text(SC_GUI_HARNESS.replace("%CLIENT%", str(client)))
-        out = run_client([sclang, str(harness)], timeout=60, env=sclang_env())
-    assert "PADS 2" in out, out
+        harness.write_text(
+            SC_GUI_HARNESS.replace("%CLIENT%", str(client))
+            .replace("%NO_SCSYNTH%", str(tmp_path / "no-such-scsynth"))
+            .replace("%GESTURES%", str(GESTURES))
+            .replace("%OTHER_CLIENT%", sc_string(other))
+        )
+        out = run_client([sclang, str(harness)], env=sclang_env())
     assert "ERROR" not in out, out
-    match = re.search(r"^PREDICTIONS (\d+)$", out, re.MULTILINE)
-    assert match and int(match.group(1)) >= MIN_PREDICTIONS, out
+    assert_line(r"^HARNESS PADS 2$", out, "the window should have the two pads")
+    # what the client posts, in the order it happens
+    assert_line(rf"^Antiphon: talking to the server at 127\.0\.0\.1:{srv.port}, "
+                rf"listening for /prediction on UDP {srv.client_port}$", out, "start line")
+    assert_line(r"^Antiphon: window open$", out, "window line")
+    assert_line(r"^Antiphon: no sound: the audio server \(scsynth\) did not start\..*"
+                r"supercollider-server.*JACK", out, "the patch should explain why there is no sound")
+    assert_line(rf"^Antiphon: connected to the server at 127\.0\.0\.1:{srv.port} \(mode accompany\)$",
+                out, "first /status reply")
+    assert_line(r"^Antiphon: first /prediction received: \S+ \S+$", out, "first prediction")
+    assert_line(r"^Antiphon: server mode is now listen$", out, "mode change made by another client")
+    assert_line(r"^Antiphon: window closed$", out, "close line")
+    # what the window shows
+    assert_line(r"^HARNESS STATUSLINE server: mode accompany\b", out, "status line before")
+    assert_line(r"^HARNESS OTHER CLIENT EXIT 0$", out, "the other client")
+    assert_line(r"^HARNESS STATUSLINE server: mode listen\b", out, "status line after /mode listen")
+    assert_line(r"^HARNESS MODEMENU listen$", out, "mode menu after /mode listen")
+    assert_line(r"^HARNESS SOUNDLINE sound: off - needs scsynth and a running JACK server", out, "sound line")
+    count = int(assert_line(r"^HARNESS PREDICTIONS (\d+)$", out, "prediction count").group(1))
+    assert count >= MIN_PREDICTIONS, f"moved the pad {GESTURES} times, got {count} predictions:\n{out}"
+    pad = assert_line(r"^HARNESS MODELPAD (\S+) (\S+) LAST \[ (\S+), (\S+) \]$", out, "model pad")
+    px, py, lx, ly = (float(v) for v in pad.groups())
+    assert abs(px - lx) < 1e-3 and abs(py - ly) < 1e-3, f"the orange pad should show the last prediction:\n{out}"
+    assert 0.0 <= lx <= 1.0 and 0.0 <= ly <= 1.0
 
 
 # --------------------------------------------------------------------------- Max

@@ -8,6 +8,7 @@ an `/error` reply and the engine keeps its previous state.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 
@@ -16,8 +17,13 @@ class ControlError(ValueError):
 
 
 class Controls(Protocol):
-    def perform(self, x: float, y: float) -> None:
-        """A performer event at position (x, y) in [0, 1]^2, happening now."""
+    def perform(self, x: float, y: float, at: float | None = None) -> None:
+        """A performer event at position (x, y) in [0, 1]^2.
+
+        `at` is when it arrived, on the loop's clock (`time.monotonic`): the kernel's
+        receive stamp or the MIDI callback's, so a stalled loop still sees the true
+        spacing of queued events. None means now.
+        """
 
     def set_temperature(self, value: float) -> None: ...
 
@@ -34,8 +40,14 @@ class Controls(Protocol):
 
     def set_paused(self, paused: bool) -> None: ...
 
-    def load_model(self, name: str) -> None:
-        """Swap in models/<name> without stopping; raises ControlError and keeps the old model on failure."""
+    def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
+        """Start swapping in models/<name>; the old model plays until the new one is ready.
+
+        A bad name raises ControlError at once. The load itself runs off the loop; if
+        it fails, the old model stays and `on_error(reason)` is called on the loop
+        (the reason names the model, never a path). Of two loads racing, the one
+        asked for last wins.
+        """
 
     def status(self) -> dict[str, Any]:
         """Key/value pairs for `/status` (str, int or float values)."""
