@@ -7,11 +7,12 @@ with a message naming the problem and a non-zero exit, before any music starts.
 from __future__ import annotations
 
 import asyncio
+import os
 import selectors
 import signal
 import sys
 import time
-from typing import TextIO
+from typing import Any, Callable, TextIO
 
 from server.config import RunConfig
 from server.live.engine import Engine, Settings
@@ -69,6 +70,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         sigma_temperature=cfg.sigma_temperature,
         timescale=cfg.timescale,
         threshold=cfg.threshold,
+        max_rate=cfg.max_rate,
     )
     engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name)
     try:
@@ -95,18 +97,16 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
             engine.sinks.append(midi.output)
             engine.silencers.append(midi.output.silence)
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    restore = install_stop_signals(loop, stop.set)
     host, port = transport.get_extra_info("sockname")[:2]
-    print(namespace_text(), file=out)
+    say(namespace_text(), out)
     if midi is not None:
-        print(f"midi: {midi.describe()}", file=out)
+        say(f"midi: {midi.describe()}", out)
     sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
-    print(
+    say(
         f"ready: listening on {host}:{port}, sending to {sends}, model {model_name} ({predictor.backend}), "
         f"mode {settings.mode.value}, log {recorder.path} ({time.monotonic() - started:.2f} s)",
-        file=out,
-        flush=True,
+        out,
     )
     engine.start()
     try:
@@ -116,7 +116,54 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         if midi is not None:
             midi.close()  # every held note off, then All Notes Off
         transport.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    print(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", file=out, flush=True)
+        restore()
+    say(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", out)
     return 0
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that end a run cleanly: Ctrl-C, `kill`, and a closed terminal (SIGHUP) where it exists."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    return tuple(getattr(signal, name) for name in names if hasattr(signal, name))
+
+
+def install_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Callable[[], None]:
+    """Call `stop` on the loop when a stop signal arrives; returns a function that undoes it.
+
+    `loop.add_signal_handler` is missing on Windows (NotImplementedError): there a plain
+    `signal.signal` handler wakes the loop with `call_soon_threadsafe` instead.
+    """
+    installed: list[signal.Signals] = []
+    previous: dict[signal.Signals, Any] = {}
+    for sig in stop_signals():
+        try:
+            loop.add_signal_handler(sig, stop)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):
+            previous[sig] = signal.signal(sig, lambda *_: loop.call_soon_threadsafe(stop))
+
+    def restore() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+def say(text: str, out: TextIO) -> None:
+    """Print a line for the person running the server; a closed or broken stdout must not end the run."""
+    try:
+        print(text, file=out, flush=True)
+    except (OSError, ValueError):  # BrokenPipeError is an OSError; ValueError: the file was closed
+        _silence(out)
+
+
+def _silence(out: TextIO) -> None:
+    """Point a broken stream at the null device, so the flush at interpreter exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

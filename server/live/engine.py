@@ -1,16 +1,31 @@
 """The live loop: performer events in, model events out at absolute monotonic times.
 
-Runs on one asyncio event loop. Outputs are scheduled with `loop.call_at` on the loop's
-monotonic clock, each at an absolute time computed from the previous *scheduled* time
-(never from when a callback happened to wake), so timing does not drift and the loop
-sleeps whenever nothing is due. Transports reach the engine only through the
-`Controls` methods; the engine hands finished events to sinks (OSC out, MIDI out,
-recorder) and never touches a socket.
+Runs on one asyncio event loop. Every model event is scheduled with `loop.call_at` at
+an absolute time computed from when its cause happened (the performer event's
+arrival, or the previous model event's *scheduled* time), never from when a callback
+happened to wake, so timing does not drift and the loop sleeps whenever nothing is
+due. Transports reach the engine only through the `Controls` methods; the engine hands
+finished events to sinks (OSC out, MIDI out, recorder) and never touches a socket.
+
+Guards that keep the music going whatever the input:
+
+- `max_rate`: at most max_rate model events per second in every mode and at any
+  timescale: a self-playing chain's events are at least 1/max_rate apart (it slows
+  down); accompaniment answers draw from a token bucket (rate max_rate, burst
+  `RATE_BURST`, so a chord survives) and an answer with no token is dropped and
+  counted. CPU and log growth are bounded whatever the timescale or the model says.
+- Lateness: an event whose time has passed by more than `LATE_TOLERANCE` (after a
+  stall) is dropped and counted, never played in a burst; a chain resumes from now.
+- Controls that change timing (`/timescale`) reschedule what is pending from now.
+- `/reset` cancels everything scheduled from the old state before zeroing it.
+- A model swap is read and built off the loop (an executor) and swapped in on it;
+  the last request wins.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import time
@@ -20,23 +35,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from server.live.controls import ControlError
 from server.event import Event
-from server.model.mdn import RandomBlocks
-from server.model.spec import DIMS, ModelError
-from server.model.files import resolve_model_dir
+from server.live.controls import ControlError
 from server.live.modes import Mode, parse_mode
+from server.model.files import check_model_name, resolve_model_dir
+from server.model.mdn import RandomBlocks
 from server.model.predictor import Predictor
+from server.model.spec import DIMS, ModelError
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[Event], None]
-MAX_PENDING = 256  # scheduled model events; beyond this the oldest is dropped and counted
+MAX_PENDING = 256  # scheduled accompaniment answers; beyond this the oldest is dropped and counted
+LATE_TOLERANCE = 0.05  # seconds: an event later than this is dropped rather than played late
+DEFAULT_MAX_RATE = 200.0  # model events per second: faster than any playing, slow enough to cost little
+RATE_BURST = 8.0  # answers that may come closer than 1/max_rate (a chord), before the rate holds
 
 
 @dataclass
 class Settings:
-    """Live-controllable parameters (all changeable over OSC)."""
+    """Live-controllable parameters (all changeable over OSC but `max_rate`)."""
 
     mode: Mode = Mode.ACCOMPANY
     temperature: float = 1.0
@@ -44,6 +62,7 @@ class Settings:
     timescale: float = 1.0
     threshold: float = 1.5
     paused: bool = False
+    max_rate: float = DEFAULT_MAX_RATE
 
 
 class LatencyWindow:
@@ -62,8 +81,24 @@ class LatencyWindow:
         return float(np.percentile(self._values[:n], q)) if n else 0.0
 
 
+class Scheduled:
+    """One model event waiting for its time: what caused it (start), the model's wait (dt), where (x, y)."""
+
+    __slots__ = ("start", "dt", "x", "y", "when", "handle")
+
+    def __init__(self, start: float, dt: float, x: float, y: float) -> None:
+        self.start, self.dt, self.x, self.y = start, dt, x, y
+        self.when = start
+        self.handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class Engine:
-    """Implements `server.controls.Controls` on top of a `Predictor`."""
+    """Implements `server.live.controls.Controls` on top of a `Predictor`."""
 
     def __init__(
         self,
@@ -81,22 +116,30 @@ class Engine:
         self.models_dir = Path(models_dir)
         self.settings = settings or Settings()
         self.sinks: list[Sink] = list(sinks or [])
-        # Called whenever scheduled output is abandoned (mode change, pause, model swap,
-        # stop) so an output that holds notes can release them.
+        # Called whenever scheduled output is abandoned (mode change, pause, reset, model
+        # swap, stop) so an output that holds notes can release them.
         self.silencers: list[Callable[[], None]] = []
-        # Other transports' counters, merged into `/status` (e.g. MIDI).
+        # Other parts' counters, merged into `/status` (MIDI, the recorder).
         self.status_sources: list[Callable[[], dict[str, Any]]] = []
         self._rng = RandomBlocks(np.random.default_rng(seed), DIMS)
-        self._pending: dict[int, asyncio.TimerHandle] = {}  # insertion-ordered: oldest first
+        self._pending: dict[int, Scheduled] = {}  # accompaniment answers, insertion-ordered: oldest first
         self._next_id = 0
         self._takeover: asyncio.TimerHandle | None = None
-        self._chain: asyncio.TimerHandle | None = None
+        self._chain: Scheduled | None = None  # the one self-playing event (generate, respond)
         self._last_performer = loop.time()
+        self._last_emit = -math.inf  # scheduled time of the last model event played
+        self._tokens, self._tokens_at = RATE_BURST, -math.inf  # the answers' rate bucket, full at start
         self._heard_performer = False
         self._fresh = True
+        self._loads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._load_serial = 0
+        self.loading = ""  # the model being loaded, if any
         self.latency = LatencyWindow()
         self.lateness = LatencyWindow()  # how long after its scheduled time each output went out
-        self.counts = {"inputs": 0, "outputs": 0, "dropped": 0, "clamped": 0, "sink_errors": 0, "model_swaps": 0}
+        self.counts = {
+            "inputs": 0, "outputs": 0, "dropped": 0, "late_dropped": 0, "rate_dropped": 0, "clamped": 0,
+            "sink_errors": 0, "model_swaps": 0, "model_load_errors": 0,
+        }
         self._started = loop.time()
 
     # ------------------------------------------------------------------ lifecycle
@@ -106,25 +149,30 @@ class Engine:
         self._enter_mode()
 
     def stop(self) -> None:
-        """Cancel everything scheduled; nothing more will be emitted."""
+        """Cancel everything scheduled and any model load; nothing more will be emitted."""
+        self._load_serial += 1
         self._cancel_all()
+        if self._loads is not None:
+            self._loads.shutdown(wait=False, cancel_futures=True)
+            self._loads = None
 
     # ------------------------------------------------------------------ Controls
 
-    def perform(self, x: float, y: float) -> None:
+    def perform(self, x: float, y: float, at: float | None = None) -> None:
         if not (math.isfinite(x) and math.isfinite(y)):  # transports check too; never poison the state
             raise ControlError("x and y must be finite numbers")
         now = self._loop.time()
+        at = now if at is None or not math.isfinite(at) or at > now else at
         if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
             self.counts["clamped"] += 1
             x, y = min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
         # The first event after a start or /reset opens a performance: dt 0, as in training data.
-        dt = 0.0 if self._fresh else now - self._last_performer
+        dt = 0.0 if self._fresh else max(0.0, at - self._last_performer)
         self._fresh = False
-        self._last_performer = now
+        self._last_performer = max(self._last_performer, at)
         self._heard_performer = True
         self.counts["inputs"] += 1
-        self._emit_to_sinks(Event(now, x, y, "performer"))
+        self._emit_to_sinks(Event(at, x, y, "performer"))
         mode = self.settings.mode
         if mode is Mode.RESPOND:
             self._cancel_chain()  # the performer has the floor again
@@ -133,11 +181,11 @@ class Engine:
         if mode is Mode.ACCOMPANY and not self.settings.paused:
             dt_next, nx, ny = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
             self.latency.add(time.perf_counter() - t0)
-            self._schedule_answer(now, dt_next * self.settings.timescale, nx, ny)
+            self._schedule_answer(Scheduled(at, dt_next, nx, ny))
         else:
             self.latency.add(time.perf_counter() - t0)
         if mode is Mode.RESPOND:
-            self._arm_takeover(now)
+            self._arm_takeover(self._last_performer)
 
     def set_temperature(self, value: float) -> None:
         self.settings.temperature = _check(value, "temperature", minimum=0.0)
@@ -150,6 +198,7 @@ class Engine:
         if value <= 0.0:
             raise ControlError("timescale must be > 0")
         self.settings.timescale = value
+        self._reschedule()
 
     def set_threshold(self, seconds: float) -> None:
         self.settings.threshold = _check(seconds, "threshold", minimum=0.0)
@@ -168,8 +217,12 @@ class Engine:
         self._enter_mode()
 
     def reset(self) -> None:
+        """A fresh start: nothing scheduled from the old state plays, and the state is zero."""
+        self._cancel_all()
         self.predictor.reset()
         self._fresh = True
+        self._heard_performer = False
+        self._enter_mode()
 
     def set_paused(self, paused: bool) -> None:
         if paused == self.settings.paused:
@@ -180,17 +233,46 @@ class Engine:
         else:
             self._enter_mode()
 
-    def load_model(self, name: str) -> None:
+    def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
+        """Read, check and build models/<name> in a worker thread; swap it in on the loop when ready."""
         try:
-            folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
-            predictor = Predictor.load(folder, label=name)
-        except (ModelError, OSError, ValueError) as e:
-            raise ControlError(f"model {name!r} not loaded, keeping {self.model_name!r}: {e}") from None
+            check_model_name(name)
+        except ValueError as e:
+            raise ControlError(str(e)) from None
+        if self._loads is None:
+            self._loads = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self._load_serial += 1
+        serial = self._load_serial
+        self.loading = name
+        future = self._loop.run_in_executor(self._loads, self._read_model, name)
+        future.add_done_callback(lambda f: self._loaded(f, serial, name, on_error))
+
+    def _read_model(self, name: str) -> Predictor:
+        """Worker thread: files, checks and interpreter; errors name the model, never a path."""
+        folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
+        return Predictor.load(folder, label=name)
+
+    def _loaded(self, future: asyncio.Future[Predictor], serial: int, name: str,
+                on_error: Callable[[str], None] | None) -> None:
+        if serial != self._load_serial or future.cancelled():
+            return  # a later request (or stop) superseded this one
+        self.loading = ""
+        error = future.exception()
+        if error is not None:
+            self.counts["model_load_errors"] += 1
+            if isinstance(error, (ModelError, OSError, ValueError)):
+                reason = f"model {name!r} not loaded, keeping {self.model_name!r}: {error}"
+            else:
+                log.error("loading model %s failed", name, exc_info=error)
+                reason = f"model {name!r} not loaded, keeping {self.model_name!r}: internal error"
+            if on_error is not None:
+                on_error(reason)
+            return
         self._cancel_all()
-        self.predictor, self.model_name = predictor, name
+        self.predictor, self.model_name = future.result(), name
         self._fresh = True
         self.counts["model_swaps"] += 1
-        log.info("model swapped to %s (%s)", folder, predictor.backend)
+        log.info("model swapped to %s (%s)", name, self.predictor.backend)
         self._enter_mode()
 
     def status(self) -> dict[str, Any]:
@@ -202,10 +284,12 @@ class Engine:
             "sigma_temperature": s.sigma_temperature,
             "timescale": s.timescale,
             "threshold": s.threshold,
+            "max_rate": s.max_rate,
             "model": self.model_name,
+            "loading": self.loading,
             "backend": self.predictor.backend,
             **self.counts,
-            "pending": len(self._pending),
+            "pending": len(self._pending) + (self._chain is not None),
             "step_us_median": round(self.latency.percentile(50) * 1e6, 1),
             "step_us_p99": round(self.latency.percentile(99) * 1e6, 1),
             "late_us_median": round(self.lateness.percentile(50) * 1e6, 1),
@@ -236,8 +320,13 @@ class Engine:
         if self.settings.mode is Mode.RESPOND and not self.settings.paused:
             self._continue_from(self._loop.time())
 
-    def _continue_from(self, at: float, t0: float | None = None) -> None:
-        """Sample the next model event and schedule it `dt` after ``at`` (an absolute time).
+    # ------------------------------------------------------------------ the self-playing chain
+
+    def _min_gap(self) -> float:
+        return 1.0 / self.settings.max_rate
+
+    def _continue_from(self, start: float, t0: float | None = None) -> None:
+        """Sample the next model event and schedule it its predicted wait after ``start`` (an absolute time).
 
         ``t0`` is when the step began if the caller just observed an event, so the
         recorded step latency covers observe + sample as in the other modes.
@@ -246,32 +335,65 @@ class Engine:
         t0 = time.perf_counter() if t0 is None else t0
         dt, x, y = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
         self.latency.add(time.perf_counter() - t0)
-        when = at + dt * self.settings.timescale
-        self._chain = self._loop.call_at(when, self._chain_fire, when, dt, x, y)
+        self._chain = item = Scheduled(start, dt, x, y)
+        self._arm_chain(item, start + dt * self.settings.timescale)
 
-    def _chain_fire(self, when: float, dt: float, x: float, y: float) -> None:
-        """Emit a self-generated event, feed it back, and schedule the next from its scheduled time."""
-        self.lateness.add(self._loop.time() - when)
+    def _arm_chain(self, item: Scheduled, when: float) -> None:
+        item.when = max(when, self._last_emit + self._min_gap())  # the max_rate floor
+        item.handle = self._loop.call_at(item.when, self._chain_fire, item)
+
+    def _chain_fire(self, item: Scheduled) -> None:
+        """Play a self-generated event, feed it back, and schedule the next from its scheduled time."""
         self._chain = None
-        self._emit_to_sinks(Event(when, x, y, "model", dt * self.settings.timescale))
-        self.counts["outputs"] += 1
+        now = self._loop.time()
+        if now - item.when > LATE_TOLERANCE:  # the loop stalled: skip it rather than rush to catch up
+            self.counts["late_dropped"] += 1
+            self._continue_from(now)
+            return
+        self._play(item, now)
         t0 = time.perf_counter()
-        self.predictor.observe(dt, x, y)
-        # Don't let a stalled loop make the chain race to catch up: never schedule in the past.
-        self._continue_from(max(when, self._loop.time() - 0.05), t0)
+        self.predictor.observe(item.dt, item.x, item.y)
+        self._continue_from(item.when, t0)
 
-    def _schedule_answer(self, now: float, wait: float, x: float, y: float) -> None:
+    # ------------------------------------------------------------------ accompaniment answers
+
+    def _schedule_answer(self, item: Scheduled) -> None:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending))).cancel()
             self.counts["dropped"] += 1
         self._next_id += 1
-        when = now + wait
-        self._pending[self._next_id] = self._loop.call_at(when, self._answer_fire, self._next_id, when, wait, x, y)
+        self._pending[self._next_id] = item
+        self._arm_answer(self._next_id, item, item.start + item.dt * self.settings.timescale)
 
-    def _answer_fire(self, key: int, when: float, wait: float, x: float, y: float) -> None:
-        self.lateness.add(self._loop.time() - when)
+    def _arm_answer(self, key: int, item: Scheduled, when: float) -> None:
+        item.when = when
+        item.handle = self._loop.call_at(when, self._answer_fire, key, item)
+
+    def _answer_fire(self, key: int, item: Scheduled) -> None:
         self._pending.pop(key, None)
-        self._emit_to_sinks(Event(when, x, y, "model", wait))
+        now = self._loop.time()
+        if now - item.when > LATE_TOLERANCE:
+            self.counts["late_dropped"] += 1
+        elif not self._take_token(item.when):
+            self.counts["rate_dropped"] += 1
+        else:
+            self._play(item, now)
+
+    def _take_token(self, when: float) -> bool:
+        """The max_rate bucket for answers, refilled on the schedule's clock (so a stall adds no tokens)."""
+        self._tokens = min(RATE_BURST, self._tokens + max(0.0, when - self._tokens_at) * self.settings.max_rate)
+        self._tokens_at = max(self._tokens_at, when)
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    # ------------------------------------------------------------------ output
+
+    def _play(self, item: Scheduled, now: float) -> None:
+        self.lateness.add(now - item.when)
+        self._last_emit = item.when
+        self._emit_to_sinks(Event(item.when, item.x, item.y, "model", item.dt * self.settings.timescale))
         self.counts["outputs"] += 1
 
     def _emit_to_sinks(self, event: Event) -> None:
@@ -283,7 +405,18 @@ class Engine:
                 if self.counts["sink_errors"] <= 10:
                     log.exception("output sink failed")
 
-    # ------------------------------------------------------------------ cancelling
+    # ------------------------------------------------------------------ rescheduling and cancelling
+
+    def _reschedule(self) -> None:
+        """Timing changed: every pending event's time is its cause plus its wait at the new timescale, or now."""
+        now, scale = self._loop.time(), self.settings.timescale
+        for key, item in list(self._pending.items()):
+            item.cancel()
+            self._arm_answer(key, item, max(now, item.start + item.dt * scale))
+        if self._chain is not None:
+            item = self._chain
+            item.cancel()
+            self._arm_chain(item, max(now, item.start + item.dt * scale))
 
     def _cancel_chain(self) -> None:
         if self._chain is not None:
@@ -295,8 +428,8 @@ class Engine:
         if self._takeover is not None:
             self._takeover.cancel()
             self._takeover = None
-        for handle in self._pending.values():
-            handle.cancel()
+        for item in self._pending.values():
+            item.cancel()
         self._pending.clear()
         for silence in self.silencers:
             try:

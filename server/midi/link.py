@@ -39,7 +39,7 @@ RETRY_SECONDS = 2.0  # how often a missing port is looked for (and a present one
 ECHO_WINDOW = 0.02  # seconds: an incoming note equal to one sent this recently is an echo
 ALL_NOTES_OFF = 123
 
-Perform = Callable[[float, float], None]
+Perform = Callable[[float, float, float], None]  # x, y, arrival time on the loop's clock
 
 
 class EchoGuard:
@@ -199,7 +199,7 @@ class MidiInput:
         position = self._mapping(msg)
         if position is not None:
             self.counts["events"] += 1
-            self._perform(*position)
+            self._perform(position[0], position[1], stamp)
 
     def close(self) -> None:
         self._closed = True
