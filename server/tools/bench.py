@@ -28,6 +28,7 @@ from server.model.mdn import RandomBlocks
 from server.osc.wire import encode_message
 
 REPO = Path(__file__).resolve().parents[2]
+ROUND_TRIP_MAX_RATE = 5000
 
 
 def step_latency(predictor, steps: int, rng) -> dict[str, float]:
@@ -64,9 +65,10 @@ def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
 class ServerUnderTest:
     """A `python -m server run` subprocess on a free port, answering to our socket."""
 
-    def __init__(self, model: str, reply_port: int, log_dir: Path, mode: str = "accompany", timescale: float = 1e-6) -> None:
+    def __init__(self, model: str, reply_port: int, log_dir: Path, mode: str = "accompany", timescale: float = 1e-6,
+                 *flags: str) -> None:
         cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--model", model, "--mode", mode,
-               "--timescale", str(timescale), "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir)]
+               "--timescale", str(timescale), "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir), *flags]
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -148,7 +150,8 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     sock.bind(("127.0.0.1", 0))
     with tempfile.TemporaryDirectory() as logs:
-        srv = ServerUnderTest(model, sock.getsockname()[1], Path(logs))
+        # 1,000 answers/s is above the default max_rate (200/s): raise it to measure the loop itself.
+        srv = ServerUnderTest(model, sock.getsockname()[1], Path(logs), "accompany", 1e-6, "--max-rate", str(ROUND_TRIP_MAX_RATE))
         try:
             time.sleep(1.0)  # let start-up work settle before measuring idle
             idle_s = 2.0 if quick else 5.0
@@ -160,11 +163,14 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
         finally:
             code = srv.stop()
         timing = generate_timing(model, sock, Path(logs), 2.0 if quick else 10.0)
+    with tempfile.TemporaryDirectory() as logs:
+        runaway = runaway_guard(model, sock, Path(logs), 2.0 if quick else 5.0)
     return {
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
         "round_trip": runs,
         "generate_timing": timing,
+        "runaway": runaway,
         "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "osc_coalesced",
                                                  "step_us_median", "step_us_p99", "late_us_median", "late_us_p99")},
         "exit_code": code,
@@ -184,6 +190,30 @@ def generate_timing(model: str, sock: socket.socket, log_dir: Path, seconds: flo
         srv.stop()
     return {"seconds": seconds, "outputs": st.get("outputs"), "late_us_median": st.get("late_us_median"),
             "late_us_p99": st.get("late_us_p99")}
+
+
+def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float) -> dict[str, Any]:
+    """CPU and log growth in `generate` at `/timescale 1e-4` with the default max_rate: the output floor at work."""
+    srv = ServerUnderTest(model, sock.getsockname()[1], log_dir, mode="generate", timescale=1e-4)
+    try:
+        time.sleep(0.5)
+        while select.select([sock], [], [], 0)[0]:  # what came during start-up is not part of the figure
+            sock.recv(65536)
+        c0, t0 = srv.cpu_seconds(), time.monotonic()
+        b0 = sum(p.stat().st_size for p in log_dir.glob("*.csv"))
+        received = 0
+        end = t0 + seconds
+        while (left := end - time.monotonic()) > 0:
+            if select.select([sock], [], [], left)[0]:
+                received += sock.recv(65536).startswith(b"/prediction")
+        elapsed = time.monotonic() - t0
+        cpu = 100 * (srv.cpu_seconds() - c0) / elapsed
+        growth = (sum(p.stat().st_size for p in log_dir.glob("*.csv")) - b0) / elapsed
+        st = status(sock, srv.port)
+    finally:
+        srv.stop()
+    return {"seconds": seconds, "cpu_percent": cpu, "log_bytes_per_s": growth, "events_per_s": received / elapsed,
+            "max_rate": st.get("max_rate")}
 
 
 def machine() -> dict[str, Any]:
@@ -221,7 +251,7 @@ def format_table(r: dict[str, Any]) -> str:
     lines += [
         f"  tensorflow / litert: {s['ratio_tensorflow_vs_litert']:.1f}x   model.predict / litert: {s['ratio_predict_vs_litert']:.0f}x",
         "",
-        "OSC round trip, accompany, timescale 1e-6",
+        f"OSC round trip, accompany, timescale 1e-6 (max_rate raised to {ROUND_TRIP_MAX_RATE})",
         "  rate/s   sent  recv   median us   p99 us   first/last tenth median us   last answer after last input us",
     ]
     for t in v["round_trip"]:
@@ -235,6 +265,9 @@ def format_table(r: dict[str, Any]) -> str:
         f"generate at timescale 1 for {v['generate_timing']['seconds']:.0f} s: {v['generate_timing']['outputs']} events, "
         f"sent {v['generate_timing']['late_us_median']} us (median) / {v['generate_timing']['late_us_p99']} us (p99) "
         "after their scheduled time",
+        f"generate at timescale 1e-4 for {v['runaway']['seconds']:.0f} s (max_rate {v['runaway']['max_rate']}): "
+        f"{v['runaway']['events_per_s']:.0f} events/s, CPU {v['runaway']['cpu_percent']:.1f} %, "
+        f"log {v['runaway']['log_bytes_per_s'] / 1000:.1f} KB/s",
         f"server counters: {v['server_status']}",
     ]
     return "\n".join(lines)
