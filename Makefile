@@ -7,11 +7,13 @@ ARGS   ?=
 
 .PHONY: run test bench soak default-model clean
 
+# The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
+# setuptools' notes about editable installs are for packagers, not users, so they are silenced.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 run: $(STAMP)     ## start the server with models/default (extra flags: make run ARGS="--mode generate")
