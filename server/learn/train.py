@@ -47,11 +47,8 @@ def train(
     echo: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a model on ``ds`` and export it to ``models_dir/name``."""
-    import keras
-
     from server.learn.evaluate import nll_per_event
-    from server.model.network import mdn_loss
-    from server.model.network import build_model
+    from server.model.network import build_model, keras, mdn_loss
     from server.model.export import export, library_versions, now_iso
 
     started = time.monotonic()

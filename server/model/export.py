@@ -20,6 +20,7 @@ import numpy as np
 from server import __version__
 from server.model.files import sha256_file
 from server.model.litert import LiteRTStep
+from server.model.quiet import native_stderr_silenced
 from server.model.network import build_model, keras, make_step_function, tf
 from server.model.spec import ModelError, ModelInfo, ModelSpec
 
@@ -37,7 +38,8 @@ def convert_to_tflite(model: keras.Model, spec: ModelSpec) -> bytes:
     holder.variables_ = [v.value for v in model.variables]
     concrete = holder.step.get_concrete_function()
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-    return converter.convert()
+    with native_stderr_silenced():  # the converter narrates every pass on stderr
+        return converter.convert()
 
 
 def check_tflite(tflite: bytes, model: keras.Model, spec: ModelSpec, events: np.ndarray) -> float:
@@ -109,7 +111,7 @@ def export(
             tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (check: max abs diff %.2g over %d steps)", folder, diff, CHECK_STEPS)
+    log.debug("exported %s (check: max abs diff %.2g over %d steps)", folder, diff, CHECK_STEPS)
     return folder
 
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from server.model.quiet import native_stderr_silenced
 from server.model.spec import ModelError, ModelSpec
 
 
@@ -33,8 +34,9 @@ class LiteRTStep:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self._interp = Interpreter(model_content=bytes(tflite), num_threads=1)
-            self._interp.allocate_tensors()
+            with native_stderr_silenced():  # LiteRT announces its CPU delegate on stderr
+                self._interp = Interpreter(model_content=bytes(tflite), num_threads=1)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{label} is not a valid LiteRT model ({e})") from e
         inputs = {tuple(int(n) for n in d["shape"]): d["index"] for d in self._interp.get_input_details()}

@@ -6,19 +6,21 @@ never imports it (see `server.model.predictor`).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from server.model.mdn import SCALE_EPS, param_count
+from server.model.quiet import native_stderr_silenced
 from server.model.spec import ModelError, ModelSpec
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+with native_stderr_silenced():
+    import keras
+    import tensorflow as tf
+    import tensorflow_probability  # noqa: F401  (imported here, quietly, for the loss)
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+    tf.config.list_physical_devices()  # the device probe is what prints the CUDA "error"
 
 
 def make_mdn_layer_class():
