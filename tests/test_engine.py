@@ -408,3 +408,10 @@ def test_a_symlink_out_of_the_models_folder_is_refused(two_models, tmp_path):
     loop.advance(0.01)
     assert engine.model_name == "a" and errors and "outside the models folder" in errors[0]
     assert str(outside) not in errors[0]
+
+
+def test_every_status_key_is_documented_and_every_documented_key_is_sent(predictor):
+    from server.live.engine import STATUS_KEYS
+
+    _, engine, _, _ = make(Mode.ACCOMPANY, predictor)
+    assert list(engine.status()) == list(STATUS_KEYS)

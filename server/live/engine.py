@@ -65,6 +65,36 @@ class Settings:
     max_rate: float = DEFAULT_MAX_RATE
 
 
+# Every key the engine puts in `/status`, with its meaning: the README's table is generated from it.
+STATUS_KEYS: dict[str, str] = {
+    "mode": "interaction mode",
+    "paused": "1 while output is paused",
+    "temperature": "mixture-weight temperature",
+    "sigma_temperature": "scale temperature",
+    "timescale": "factor on every predicted wait",
+    "threshold": "seconds of silence before `respond` takes over",
+    "max_rate": "most model events per second",
+    "model": "the playing model's name",
+    "loading": "the model being loaded off the loop, or empty",
+    "backend": "`litert`, or `tensorflow` where LiteRT is missing",
+    "inputs": "performer events received",
+    "outputs": "model events played",
+    "dropped": "answers dropped because 256 were already waiting",
+    "late_dropped": f"model events dropped because their time had passed by more than {LATE_TOLERANCE * 1000:.0f} ms (a stall)",
+    "rate_dropped": "answers dropped to hold `max_rate`",
+    "clamped": "performer positions outside [0, 1], clamped",
+    "sink_errors": "outputs (OSC, MIDI, log) that raised",
+    "model_swaps": "models swapped in",
+    "model_load_errors": "model loads that failed (the old model kept playing)",
+    "pending": "model events scheduled and not yet played",
+    "step_us_median": "observe + predict + sample, median over the last 2,048 steps (µs)",
+    "step_us_p99": "the same, 99th percentile (µs)",
+    "late_us_median": "how long after its scheduled time a model event left, median (µs)",
+    "late_us_p99": "the same, 99th percentile (µs)",
+    "uptime_s": "seconds since start",
+}
+
+
 class LatencyWindow:
     """The last N step latencies, for median and p99 in `/status` without unbounded growth."""
 
