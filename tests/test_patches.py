@@ -73,7 +73,7 @@ def server_command(port: int, dummy_port: int, log_dir: Path) -> list[str]:
 
 def server_contract():
     """The server's OSC table and default ports (the single source of truth)."""
-    from server.osc import ADDRESSES, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES
+    from server.osc.namespace import ADDRESSES, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES
 
     return set(ADDRESSES), set(OUTPUT_ADDRESSES), DEFAULT_PORT, DEFAULT_SEND_PORT
 
@@ -276,6 +276,7 @@ def pd_io(path: Path) -> tuple[set[str], set[str], list[PdObject]]:
 
 def test_pd_patch_opens_with_every_object_created():
     pd = require_program("pd", "puredata-core")
+    assert PD_PATCH.is_file(), PD_PATCH  # pd would wait forever after "can't open"
     out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_PATCH),
                       "-send", "pd quit"])
     for problem in ("can't open", "couldn't create", "bad arguments", "no method", "no such object"):
@@ -295,6 +296,7 @@ def test_pd_patch_has_no_dead_objects(path):
 def test_pd_round_trip_against_server(tmp_path):
     """roundtrip.pd says /hello <its port> itself; the server's --send points elsewhere."""
     pd = require_program("pd", "puredata-core")
+    assert PD_ROUNDTRIP.is_file(), PD_ROUNDTRIP  # pd would wait forever after "can't open"
     with running_server(tmp_path) as srv:
         out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_ROUNDTRIP),
                           "-send", f"roundtrip-ports {srv.port} {srv.client_port}"])
@@ -356,9 +358,9 @@ OSCdef(\testCount, { |msg| count = count + 1; last = msg[1..2] }, '/prediction')
 thisProcess.interpreter.executeFile("%CLIENT%");
 Routine {
 	var window, pads, texts, line;
-	wait.(20, { Window.allWindows.any { |w| w.name == "Antiphon" } });
-	window = Window.allWindows.detect { |w| w.name == "Antiphon" };
-	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit };
+	wait.(20, { (Window.allWindows ? []).any { |w| w.name == "Antiphon" } });
+	window = (Window.allWindows ? []).detect { |w| w.name == "Antiphon" };
+	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit; nil.alwaysYield };
 	pads = window.view.children.select { |v| v.isKindOf(Slider2D) };
 	texts = window.view.children.select { |v| v.isKindOf(StaticText) };
 	line = { |prefix| var view = texts.detect { |t| t.string.beginsWith(prefix) }; if(view.isNil) { "" } { view.string } };

@@ -66,7 +66,7 @@
 						860.0,
 						60.0
 					],
-					"text": "Ports: this patch sends OSC to the Antiphon server at 127.0.0.1 UDP port 5710 (udpsend) and listens for its predictions on UDP port 5711 (udpreceive). Start the server first (python -m server run), then open this patch. Messages from the server appear in the Max Console.",
+					"text": "Ports: this patch sends OSC to the Antiphon server at 127.0.0.1 UDP port 5710 (udpsend) and hears its predictions on UDP port 5711 (udpreceive), which it holds while open: other programs should send /hello with their own port. Start the server first (make run, in the repository), then open this patch.",
 					"linecount": 3
 				}
 			},
@@ -1642,7 +1642,7 @@
 						154.0,
 						22.0
 					],
-					"text": "/hello 5711, /status"
+					"text": "/hello 5711"
 				}
 			},
 			{
@@ -1657,7 +1657,7 @@
 						320.0,
 						40.0
 					],
-					"text": "sent on load; click the button after restarting the server",
+					"text": "sent on load (asks for predictions on port 5711); click the button after restarting the server",
 					"linecount": 2
 				}
 			},
@@ -1700,11 +1700,11 @@
 					"numoutlets": 0,
 					"patching_rect": [
 						860.0,
-						560.0,
+						540.0,
 						200.0,
-						60.0
+						80.0
 					],
-					"text": "anything else arriving on port 5711 is printed in the Max Console",
+					"text": "udpsend cannot receive: /status and /error replies never reach Max. Only /prediction comes to 5711; anything else arriving is printed in the Max Console",
 					"linecount": 3
 				}
 			},
