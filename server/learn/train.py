@@ -1,42 +1,66 @@
-"""Training: dataset -> windows -> Keras fit with early stopping -> checked export -> report.png."""
+"""Training: dataset -> windows -> Keras fit within a time budget -> checked export -> report.png.
+
+What a musician should not have to tune is decided here: a time budget that fits the
+data (`default_minutes`), a learning rate that halves when validation stalls, early
+stopping when it has converged, the best weights restored at the end, and Ctrl-C
+exporting the best model so far. Validation is on whole performances held out before
+anything is fitted, and on quantised data every epoch sees fresh dequantisation noise.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TextIO
 
-from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances, windows
-from server.model.spec import ModelInfo, ModelSpec
+import numpy as np
+
+from server.learn.data import DT_MAX, Dataset, DatasetError
+from server.learn.windows import Windows, make_windows
 from server.model.normalise import Normaliser
+from server.model.spec import ModelInfo, ModelSpec
+
+EXPORT_RESERVE_S = 20.0  # of the budget, kept for scoring, export and the report
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "s"
     mixtures: int = 5
-    epochs: int = 40
-    patience: int = 5
+    minutes: float | None = None  # None: default_minutes(events)
+    epochs: int = 1000  # an upper bound; the budget and early stopping end training first
+    patience: int = 15  # epochs without a better validation figure before stopping
     seed: int = 0
     sequence_length: int = 50
     stride: int = 10
     batch_size: int = 64
     learning_rate: float = 3e-3
     clipnorm: float = 1.0
+    dropout: float = 0.0
     val_fraction: float = 0.15
     dt_max: float = DT_MAX
+    dequantise: bool = True
     report: bool = True
+    data: dict[str, Any] = field(default_factory=dict)  # source and licence, recorded in model.json
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    folder: Path
+    folder: Path | None  # None if interrupted before anything could be exported
     validation_nll: float
+    validation_nll_dequantised: float
     epochs_run: int
     seconds: float
     history: dict[str, list[float]]
+    interrupted: bool = False
+
+
+def default_minutes(events: int) -> float:
+    """A budget that fits the data: 2 minutes for a small dataset, up to 15 for a large one."""
+    return float(min(15.0, max(2.0, events / 8000.0)))
 
 
 def train(
@@ -45,107 +69,260 @@ def train(
     models_dir: Path,
     cfg: TrainConfig = TrainConfig(),
     echo: Callable[[str], None] = print,
+    stream: TextIO | None = None,
 ) -> TrainResult:
-    """Train a model on ``ds`` and export it to ``models_dir/name``."""
-    from server.learn.evaluate import nll_per_event
-    from server.model.network import build_model, keras, mdn_loss
+    """Train a model on ``ds`` and export it to ``models_dir/name``; Ctrl-C exports the best so far."""
+    from server.learn.evaluate import score
+    from server.learn.windows import training_dataset
     from server.model.export import export, library_versions, now_iso
+    from server.model.network import build_model, keras, mdn_loss
 
     started = time.monotonic()
+    minutes = cfg.minutes if cfg.minutes is not None else default_minutes(len(ds.events))
+    if not minutes > 0:
+        raise DatasetError("--minutes must be > 0")
     keras.utils.set_random_seed(cfg.seed)
-    train_ds, val_ds = split_performances(ds, cfg.val_fraction, cfg.seed)
-    norm = Normaliser.fit(train_ds.events, cfg.dt_max)
-    to_z = lambda d: [norm.forward(p) for p in d.performances]  # noqa: E731
-    try:
-        train_w = windows(to_z(train_ds), cfg.sequence_length, cfg.stride)
-        val_w = windows(to_z(val_ds), cfg.sequence_length, cfg.sequence_length)
-    except DatasetError as e:
-        raise DatasetError(f"{e}; record longer performances or use --sequence-length") from e
+    train_ds, val_ds, held_out = split_with_indices(ds, cfg.val_fraction, cfg.seed)
+    norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise)
+    train_w, val_w = _windows(train_ds, val_ds, norm, cfg)
     spec = ModelSpec.of_size(cfg.size, cfg.mixtures)
-    model = build_model(spec)
+    model = build_model(spec, dropout=cfg.dropout)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=cfg.clipnorm),
-        loss=mdn_loss(spec.mixtures, spec.dims),
+        loss=mdn_loss(spec.mixtures, spec.dims, norm.active),
     )
+    half_cell = norm.cell_half_width_z()
     echo(
         f"training {name}: size {cfg.size} ({spec.units}x{spec.layers}, {spec.mixtures} mixtures), "
-        f"{len(train_ds.starts)} train / {len(val_ds.starts)} validation performances, "
-        f"{len(train_w)} windows of {cfg.sequence_length}"
+        f"{minutes:g} min at most; {train_w.performances} performances ({train_w.events} events) to train, "
+        f"{val_w.performances} held out for validation (performances {_ranges(held_out)} of {len(ds.starts)}, "
+        f"{val_w.events} events)"
     )
-    history = model.fit(
-        train_w[:, :-1],
-        train_w[:, 1:],
-        validation_data=(val_w[:, :-1], val_w[:, 1:]),
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        verbose=0,
-        callbacks=[
-            keras.callbacks.TerminateOnNaN(),
-            keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=True),
-            _EpochLine(echo, cfg.epochs),
-        ],
-    ).history
-    if not all(math.isfinite(v) for v in history.get("loss", [float("nan")])):
-        raise RuntimeError("training diverged (NaN loss); try a lower --learning-rate")
-    val_nll = nll_per_event(model, _info(spec, norm, cfg, None, ds, {}), val_ds)
-    info = _info(
-        spec,
-        norm,
-        cfg,
-        val_nll,
-        ds,
-        {"versions": library_versions(), "created": now_iso(), "history": history, "seconds": time.monotonic() - started},
-    )
-    folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events))
+    skipped = len(ds.starts) - train_w.performances - val_w.performances
+    if skipped:
+        echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
+    echo(f"data: {norm.describe()}")
+    val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
+    budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
+    best = _BestWeights()
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
+        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
+        _TimeBudget(budget),
+        best,
+        _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout),
+    ]
+    interrupted = False
+    try:
+        model.fit(
+            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed),
+            validation_data=(val_inputs, val_targets),
+            epochs=cfg.epochs,
+            shuffle=False,  # the pipeline shuffles
+            verbose=0,
+            callbacks=[_keras_callback(c) for c in callbacks],
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        echo("\ninterrupted: exporting the best model so far")
+    history = best.history
+    if best.weights is None:
+        if interrupted:
+            echo("interrupted before the first epoch ended: nothing to export")
+            return TrainResult(None, math.nan, math.nan, 0, time.monotonic() - started, history, True)
+        raise RuntimeError("training diverged (NaN loss) in its first epoch; try a lower --learning-rate")
+    model.set_weights(best.weights)
+    epochs = len(history.get("loss", []))
+    info = _info(spec, norm, cfg, ds, None, history, held_out)
+    scores = score(model, info, val_ds)
     seconds = time.monotonic() - started
+    info = _info(spec, norm, cfg, ds, scores, history, held_out,
+                 versions=library_versions(), created=now_iso(), seconds=seconds)
+    folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events))
     if cfg.report:
         from server.learn.report import write_report
 
         write_report(folder, history, val_ds, seed=cfg.seed)
-    echo(f"wrote {folder}: validation NLL {val_nll:.3f} nats/event, {len(history['loss'])} epochs, {seconds:.0f} s")
-    return TrainResult(folder, val_nll, len(history["loss"]), seconds, history)
+    seconds = time.monotonic() - started
+    quantised = "" if not norm.gridded else f" (dequantised; raw density {scores.raw:.3f})"
+    echo(f"wrote {folder}: held-out NLL {scores.dequantised:.3f} nats/event{quantised}, "
+         f"{epochs} epochs, {seconds:.0f} s")
+    return TrainResult(folder, scores.raw, scores.dequantised, epochs, seconds, history, interrupted)
 
 
-def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, val_nll, ds: Dataset, extra: dict) -> ModelInfo:
-    history = extra.get("history", {})
+def split_with_indices(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[int]]:
+    """Split by whole performances (never windows), saying which (0-based, in dataset order) were held out."""
+    n = len(ds.starts)
+    if n < 2:
+        raise DatasetError("need at least two performances to hold one out for validation")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
+    held_out = sorted(int(i) for i in order[:n_val])
+    return ds.subset(sorted(int(i) for i in order[n_val:])), ds.subset(held_out), held_out
+
+
+def _windows(train_ds: Dataset, val_ds: Dataset, norm: Normaliser, cfg: TrainConfig) -> tuple[Windows, Windows]:
+    to_z = lambda d: [norm.forward(p) for p in d.performances]  # noqa: E731
+    try:
+        return (make_windows(to_z(train_ds), cfg.sequence_length, cfg.stride),
+                make_windows(to_z(val_ds), cfg.sequence_length, cfg.sequence_length))
+    except ValueError as e:
+        raise DatasetError(f"{e}: every performance needs at least two events") from None
+
+
+def _noisy(windows: Windows, half_cell: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validation windows with one fixed draw of dequantisation noise (so epochs compare)."""
+    data = windows.data.copy()
+    dims = data.shape[-1] - 1
+    data[..., :dims] += np.random.default_rng(seed + 1).uniform(-1, 1, data[..., :dims].shape) * half_cell
+    return data[:, :-1, :dims], data[:, 1:, :]
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 6] -> "1-3, 7" (1-based, as people count performances)."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in runs)
+
+
+def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scores, history: dict,
+          held_out: list[int], versions: dict | None = None, created: str = "", seconds: float = 0.0) -> ModelInfo:
     return ModelInfo(
         spec=spec,
         normaliser=norm,
         sequence_length=cfg.sequence_length,
         dt_max=cfg.dt_max,
-        validation_nll=val_nll,
+        validation_nll=None if scores is None else scores.raw,
+        validation_nll_dequantised=None if scores is None else scores.dequantised,
         dataset_sha256=ds.sha256(),
-        versions=extra.get("versions", {}),
-        created=extra.get("created", ""),
+        versions=versions or {},
+        created=created,
+        data=dict(cfg.data),
         training={
             "epochs_run": len(history.get("loss", [])),
-            "seconds": round(extra.get("seconds", 0.0), 1),
+            "seconds": round(seconds, 1),
+            "minutes_budget": cfg.minutes,
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
+            "dropout": cfg.dropout,
+            "dequantised": bool(norm.gridded),
+            "validation_performances": held_out,
             "loss": [round(float(v), 4) for v in history.get("loss", [])],
             "val_loss": [round(float(v), 4) for v in history.get("val_loss", [])],
         },
     )
 
 
-class _EpochLine:
-    """One progress line per epoch (a Keras callback built lazily to keep imports light)."""
+# --------------------------------------------------------------------------- callbacks
+# Plain classes with Keras' hook names, wrapped into keras.callbacks.Callback lazily so that
+# importing this module does not import Keras.
 
-    def __new__(cls, echo: Callable[[str], None], epochs: int):
-        import keras
 
-        class EpochLine(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self._t = time.monotonic()
+class _BestWeights:
+    """Keeps the weights of the best validation epoch (restored at the end, and on Ctrl-C) and the history."""
 
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs or {}
-                echo(
-                    f"epoch {epoch + 1:3d}/{epochs}  loss {logs.get('loss', float('nan')):.4f}  "
-                    f"val_loss {logs.get('val_loss', float('nan')):.4f}  {time.monotonic() - self._t:.1f}s"
-                )
+    def __init__(self) -> None:
+        self.best = math.inf
+        self.weights: list[np.ndarray] | None = None
+        self.history: dict[str, list[float]] = {"loss": [], "val_loss": [], "lr": []}
 
-        return EpochLine()
+    def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
+        loss, val = float(logs.get("loss", math.nan)), float(logs.get("val_loss", math.nan))
+        self.history["loss"].append(loss)
+        self.history["val_loss"].append(val)
+        self.history["lr"].append(float(np.asarray(model.optimizer.learning_rate)))
+        if math.isfinite(val) and val < self.best:
+            self.best = val
+            self.weights = [w.copy() for w in model.get_weights()]
 
+
+class _TimeBudget:
+    """Stops training when the next epoch would not fit in the budget (or mid-epoch, once it is spent)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def on_train_begin(self, logs: dict, model: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed + elapsed / (epoch + 1) > self.seconds:
+            model.stop_training = True
+
+    def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
+        if time.monotonic() - self.start > self.seconds:
+            model.stop_training = True
+
+
+class _Progress:
+    """Elapsed time, ETA and the validation figure: a live bar on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, echo: Callable[[str], None], epochs: int, budget: float, stream: TextIO) -> None:
+        self.echo, self.epochs, self.budget, self.stream = echo, epochs, budget, stream
+        self.live = bool(getattr(stream, "isatty", lambda: False)())
+        self.start = time.monotonic()
+        self.best = math.inf
+
+    def on_train_begin(self, logs: dict, model: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
+        elapsed = time.monotonic() - self.start
+        val = float(logs.get("val_loss", math.nan))
+        self.best = min(self.best, val) if math.isfinite(val) else self.best
+        per_epoch = elapsed / (epoch + 1)
+        eta = max(0.0, min(self.budget - elapsed, per_epoch * (self.epochs - epoch - 1)))
+        text = (f"epoch {epoch + 1:4d}  {_clock(elapsed)} elapsed, ~{_clock(eta)} left  "
+                f"loss {float(logs.get('loss', math.nan)):.4f}  val_loss {val:.4f} (best {self.best:.4f})")
+        if self.live:
+            done = min(1.0, elapsed / max(self.budget, 1e-9))
+            bar = "#" * int(done * 24)
+            self.stream.write(f"\r[{bar:<24}] {text}")
+            self.stream.flush()
+        else:
+            self.echo(text)
+
+    def on_train_end(self, logs: dict, model: Any) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _keras_callback(hooks: Any) -> Any:
+    """Wrap a plain hooks object as a Keras callback (Keras' own callbacks pass through)."""
+    from server.model.network import keras
+
+    if isinstance(hooks, keras.callbacks.Callback):
+        return hooks
+
+    class Wrapped(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            if hasattr(hooks, "on_train_begin"):
+                hooks.on_train_begin(logs or {}, self.model)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if hasattr(hooks, "on_epoch_end"):
+                hooks.on_epoch_end(epoch, logs or {}, self.model)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if hasattr(hooks, "on_train_batch_end"):
+                hooks.on_train_batch_end(batch, logs or {}, self.model)
+
+        def on_train_end(self, logs=None):
+            if hasattr(hooks, "on_train_end"):
+                hooks.on_train_end(logs or {}, self.model)
+
+    return Wrapped()

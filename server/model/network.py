@@ -64,8 +64,8 @@ def make_mdn_layer_class():
     return MDN
 
 
-def mixture_distribution(params, mixtures: int, dims: int):
-    """The tfp distribution for a tensor of parameters ``[..., P]``."""
+def mixture_distribution(params, mixtures: int, dims: int, active: tuple[int, ...] | None = None):
+    """The tfp distribution for a tensor of parameters ``[..., P]``, over the ``active`` dimensions (default all)."""
     import tensorflow_probability as tfp
 
     tfd = tfp.distributions
@@ -73,6 +73,9 @@ def mixture_distribution(params, mixtures: int, dims: int):
     kd = mixtures * dims
     means = tf.reshape(params[..., :kd], tf.concat([lead, [mixtures, dims]], 0))
     scales = tf.reshape(params[..., kd : 2 * kd], tf.concat([lead, [mixtures, dims]], 0))
+    if active is not None and tuple(active) != tuple(range(dims)):
+        means = tf.gather(means, list(active), axis=-1)
+        scales = tf.gather(scales, list(active), axis=-1)
     logits = params[..., 2 * kd :]
     return tfd.MixtureSameFamily(
         mixture_distribution=tfd.Categorical(logits=logits),
@@ -80,24 +83,41 @@ def mixture_distribution(params, mixtures: int, dims: int):
     )
 
 
-def mdn_loss(mixtures: int, dims: int):
-    """Keras loss: mean negative log-likelihood of the targets under the predicted mixture."""
+def mdn_loss(mixtures: int, dims: int, active: tuple[int, ...] | None = None):
+    """Keras loss: mean negative log-likelihood of the targets under the predicted mixture.
+
+    ``y_true`` is ``[..., dims]``, or ``[..., dims + 1]`` with a last column of weights
+    (0 for the padding of a short performance), so the mean is over real events only.
+    Constant dimensions are left out through ``active``.
+    """
+    active = tuple(range(dims)) if active is None else tuple(active)
 
     def loss(y_true, y_pred):
         y_true = tf.cast(y_true, y_pred.dtype)
-        return -tf.reduce_mean(mixture_distribution(y_pred, mixtures, dims).log_prob(y_true))
+        target = tf.gather(y_true[..., :dims], list(active), axis=-1)
+        log_prob = mixture_distribution(y_pred, mixtures, dims, active).log_prob(target)
+        if y_true.shape[-1] == dims + 1:
+            weight = y_true[..., dims]
+            return -tf.reduce_sum(log_prob * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+        return -tf.reduce_mean(log_prob)
 
     loss.__name__ = "mdn_nll"
     return loss
 
 
-def build_model(spec: ModelSpec) -> keras.Model:
-    """Sequence model ``[B, T, 3] -> [B, T, P]`` from a zero state (used for training and evaluation)."""
+def build_model(spec: ModelSpec, dropout: float = 0.0) -> keras.Model:
+    """Sequence model ``[B, T, 3] -> [B, T, P]`` from a zero state (used for training and evaluation).
+
+    ``dropout`` regularises training between the layers; it has no weights, so the
+    exported step (LSTM cells and head only) is the same network without it.
+    """
     MDN = make_mdn_layer_class()
     inputs = keras.Input(shape=(None, spec.dims), name="events")
     x = inputs
     for i in range(spec.layers):
         x = keras.layers.LSTM(spec.units, return_sequences=True, name=f"lstm_{i}")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
     outputs = MDN(spec.dims, spec.mixtures, name="mdn")(x)
     return keras.Model(inputs, outputs, name="antiphon")
 

@@ -4,6 +4,16 @@ dt is heavy-tailed (fast strokes vs long pauses) so it goes through ``log(dt + o
 before standardising; x and y are standardised directly. Every transform is affine
 after an optional log, so the log-Jacobian is exact and evaluation can report
 likelihoods in the original units (seconds and [0, 1] coordinates).
+
+Fitting also records what the data is made of, per dimension, because an honest
+likelihood depends on it:
+
+- a *grid* (touch screens report x and y in steps of 1/128, MIDI pitch in steps of
+  1/127): training adds uniform noise within each cell and evaluation integrates the
+  density over the cell, so a model cannot score by spiking on grid points;
+- a *constant* (notated MIDI has one velocity, so y never changes): the dimension is
+  played back exactly, maps to z = 0 whatever arrives live, and is left out of the
+  density.
 """
 
 from __future__ import annotations
@@ -16,11 +26,18 @@ from functools import cached_property
 import numpy as np
 
 DT_OFFSET = 0.01  # seconds; keeps log(dt) finite for simultaneous events
+GRID_CANDIDATES = (64, 100, 127, 128, 255, 256, 1000)  # steps per unit, coarsest first
+GRID_TOLERANCE = 1e-3  # in steps: float32 storage of k/128 is exact, of k/127 within ~1e-5
+MIN_SCALE = 1e-3
 
 
 @dataclass(frozen=True)
 class Normaliser:
-    """``z = (f(v) - shift) / scale`` per dimension, with ``f = log(v + offset)`` where ``log`` is set."""
+    """``z = (f(v) - shift) / scale`` per dimension, with ``f = log(v + offset)`` where ``log`` is set.
+
+    ``grid[d]`` is the cell width of a quantised dimension in original units (0: continuous);
+    ``constant[d]`` the value of a constant dimension (None: it varies).
+    """
 
     shift: tuple[float, ...]
     scale: tuple[float, ...]
@@ -28,10 +45,12 @@ class Normaliser:
     offset: tuple[float, ...]
     clip_min: tuple[float, ...]
     clip_max: tuple[float, ...]
+    grid: tuple[float, ...] = (0.0, 0.0, 0.0)
+    constant: tuple[float | None, ...] = (None, None, None)
 
     @classmethod
-    def fit(cls, events: np.ndarray, dt_max: float) -> "Normaliser":
-        """Fit on ``events [N, 3]`` (dt, x, y) in original units."""
+    def fit(cls, events: np.ndarray, dt_max: float, detect: bool = True) -> "Normaliser":
+        """Fit on ``events [N, 3]`` (dt, x, y) in original units; ``detect`` finds grids and constants."""
         events = np.asarray(events, dtype=np.float64)
         if events.ndim != 2 or events.shape[1] != 3 or len(events) < 2:
             raise ValueError("need events of shape [N>=2, 3]")
@@ -39,7 +58,17 @@ class Normaliser:
         offsets = (DT_OFFSET, 0.0, 0.0)
         f = _forward_raw(events, logs, offsets)
         shift = f.mean(axis=0)
-        scale = np.maximum(f.std(axis=0), 1e-3)
+        scale = np.maximum(f.std(axis=0), MIN_SCALE)
+        grid = [0.0, 0.0, 0.0]
+        constant: list[float | None] = [None, None, None]
+        if detect:
+            for d in (1, 2):  # positions; dt is continuous in performance data
+                column = events[:, d]
+                if np.all(column == column[0]):
+                    constant[d] = float(column[0])
+                    shift[d], scale[d] = column[0], 1.0
+                else:
+                    grid[d] = detect_grid(column)
         return cls(
             shift=tuple(float(v) for v in shift),
             scale=tuple(float(v) for v in scale),
@@ -47,7 +76,36 @@ class Normaliser:
             offset=offsets,
             clip_min=(0.0, 0.0, 0.0),
             clip_max=(float(dt_max), 1.0, 1.0),
+            grid=tuple(grid),
+            constant=tuple(constant),
         )
+
+    # ------------------------------------------------------------------ what the dimensions are
+
+    @cached_property
+    def active(self) -> tuple[int, ...]:
+        """The dimensions the density covers: all but the constant ones."""
+        return tuple(d for d, c in enumerate(self.constant) if c is None)
+
+    @cached_property
+    def gridded(self) -> tuple[int, ...]:
+        """Active dimensions that sit on a grid."""
+        return tuple(d for d in self.active if self.grid[d] > 0)
+
+    def describe(self) -> str:
+        """One line per dimension for people: what training and evaluation will do with it."""
+        names = ("dt", "x", "y")
+        parts = []
+        for d, name in enumerate(names[: len(self.shift)]):
+            if self.constant[d] is not None:
+                parts.append(f"{name} constant {self.constant[d]:.4g} (played back exactly, not modelled)")
+            elif self.grid[d] > 0:
+                parts.append(f"{name} on a grid of 1/{round(1 / self.grid[d])} (dequantised)")
+            else:
+                parts.append(f"{name} continuous")
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ json
 
     def to_json(self) -> dict:
         return {
@@ -57,6 +115,8 @@ class Normaliser:
             "offset": list(self.offset),
             "clip_min": list(self.clip_min),
             "clip_max": list(self.clip_max),
+            "grid": list(self.grid),
+            "constant": list(self.constant),
         }
 
     @classmethod
@@ -67,10 +127,16 @@ class Normaliser:
             raise ValueError(f"normalisation lacks {', '.join(missing)}")
         n = len(d["shift"])
         values = {k: tuple(d[k]) for k in fields}
-        if any(len(v) != n for v in values.values()):
+        grid = tuple(float(v) for v in d.get("grid", [0.0] * n))
+        constant = tuple(None if v is None else float(v) for v in d.get("constant", [None] * n))
+        if any(len(v) != n for v in (*values.values(), grid, constant)):
             raise ValueError("normalisation fields differ in length")
         if any(not (s > 0 and math.isfinite(s)) for s in values["scale"]):
             raise ValueError("normalisation scales must be positive and finite")
+        if any(not (0 <= g < 1 and math.isfinite(g)) for g in grid):
+            raise ValueError("normalisation grid steps must be in [0, 1)")
+        if any(c is not None and not math.isfinite(c) for c in constant):
+            raise ValueError("normalisation constants must be finite")
         return cls(
             shift=tuple(float(v) for v in values["shift"]),
             scale=tuple(float(v) for v in values["scale"]),
@@ -78,17 +144,24 @@ class Normaliser:
             offset=tuple(float(v) for v in values["offset"]),
             clip_min=tuple(float(v) for v in values["clip_min"]),
             clip_max=tuple(float(v) for v in values["clip_max"]),
+            grid=grid,
+            constant=constant,
         )
 
+    # ------------------------------------------------------------------ scalar path (the live loop)
+
     @cached_property
-    def _rows(self) -> tuple[tuple[float, float, bool, float, float, float], ...]:
-        """Per dimension (clip_min, clip_max, log, offset, shift, scale) as plain floats for the scalar path."""
-        return tuple(zip(self.clip_min, self.clip_max, self.log, self.offset, self.shift, self.scale))
+    def _rows(self) -> tuple[tuple[float, float, bool, float, float, float, float | None], ...]:
+        """Per dimension (clip_min, clip_max, log, offset, shift, scale, constant) as plain floats."""
+        return tuple(zip(self.clip_min, self.clip_max, self.log, self.offset, self.shift, self.scale, self.constant))
 
     def forward_event(self, event: Sequence[float]) -> list[float]:
         """One event, original units -> normalised: `forward` in scalar Python for the live loop (~1 us)."""
         out = []
-        for v, (lo, hi, lg, off, sh, sc) in zip(event, self._rows):
+        for v, (lo, hi, lg, off, sh, sc, const) in zip(event, self._rows):
+            if const is not None:
+                out.append(0.0)
+                continue
             v = lo if v < lo else hi if v > hi else v
             out.append(((math.log(v + off) if lg else v) - sh) / sc)
         return out
@@ -96,7 +169,10 @@ class Normaliser:
     def inverse_event(self, z: Sequence[float]) -> list[float]:
         """One event, normalised -> original units: `inverse` in scalar Python, finite and clipped whatever z is."""
         out = []
-        for v, (lo, hi, lg, off, sh, sc) in zip(z, self._rows):
+        for v, (lo, hi, lg, off, sh, sc, const) in zip(z, self._rows):
+            if const is not None:
+                out.append(const)
+                continue
             f = v * sc + sh
             if f != f:  # NaN: 0, as `inverse` does
                 f = 0.0
@@ -105,11 +181,18 @@ class Normaliser:
             out.append(lo if f < lo else hi if f > hi else f)
         return out
 
+    # ------------------------------------------------------------------ arrays (training, evaluation)
+
+    def _constant_mask(self) -> np.ndarray:
+        return np.array([c is not None for c in self.constant])
+
     def forward(self, events: np.ndarray) -> np.ndarray:
-        """Original units -> normalised (float32), clipping to the valid range first."""
+        """Original units -> normalised (float32), clipping to the valid range first; constants map to 0."""
         v = np.clip(np.asarray(events, dtype=np.float64), self.clip_min, self.clip_max)
         f = _forward_raw(v, self.log, self.offset)
-        return ((f - np.asarray(self.shift)) / np.asarray(self.scale)).astype(np.float32)
+        z = (f - np.asarray(self.shift)) / np.asarray(self.scale)
+        z[..., self._constant_mask()] = 0.0
+        return z.astype(np.float32)
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
         """Normalised -> original units, clipped to the valid range (dt >= 0, x and y in [0, 1])."""
@@ -117,16 +200,40 @@ class Normaliser:
         out = np.empty_like(f)
         for i, (lg, off) in enumerate(zip(self.log, self.offset)):
             out[..., i] = np.exp(np.minimum(f[..., i], 50.0)) - off if lg else f[..., i]
-        return np.clip(np.nan_to_num(out, nan=0.0), self.clip_min, self.clip_max)
+        out = np.clip(np.nan_to_num(out, nan=0.0), self.clip_min, self.clip_max)
+        for d, c in enumerate(self.constant):
+            if c is not None:
+                out[..., d] = c
+        return out
 
-    def log_jacobian(self, events: np.ndarray) -> np.ndarray:
-        """``log |dz/dv|`` summed over dimensions, per event: add it to a normalised log-density."""
+    def log_jacobian(self, events: np.ndarray, dims: Sequence[int] | None = None) -> np.ndarray:
+        """``log |dz/dv|`` summed over ``dims`` (default: the active ones), per event.
+
+        Add it to a normalised log-density to get the density in original units.
+        """
+        dims = self.active if dims is None else tuple(dims)
         v = np.clip(np.asarray(events, dtype=np.float64), self.clip_min, self.clip_max)
-        total = -np.sum(np.log(self.scale)) * np.ones(v.shape[:-1])
-        for i, (lg, off) in enumerate(zip(self.log, self.offset)):
-            if lg:
-                total = total - np.log(v[..., i] + off)
+        total = -float(np.sum(np.log([self.scale[d] for d in dims]))) * np.ones(v.shape[:-1])
+        for d in dims:
+            if self.log[d]:
+                total = total - np.log(v[..., d] + self.offset[d])
         return total
+
+    def cell_half_width_z(self) -> np.ndarray:
+        """Half a grid cell in normalised units per dimension (0 where continuous): the dequantisation noise."""
+        return np.array([self.grid[d] / 2 / self.scale[d] if d in self.gridded else 0.0 for d in range(len(self.grid))])
+
+
+def detect_grid(values: np.ndarray) -> float:
+    """The cell width of the coarsest candidate grid all `values` sit on (1/k), or 0 if none."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(np.unique(values)) < 3:
+        return 0.0
+    for k in GRID_CANDIDATES:
+        steps = values * k
+        if np.max(np.abs(steps - np.round(steps))) < GRID_TOLERANCE:
+            return 1.0 / k
+    return 0.0
 
 
 def _forward_raw(v: np.ndarray, logs, offsets) -> np.ndarray:

@@ -63,6 +63,9 @@ class ModelInfo:
     created: str
     training: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256, written by export
+    validation_nll_dequantised: float | None = None  # quantised coordinates integrated over their cells
+    data: dict[str, Any] = field(default_factory=dict)  # where the training data came from, its licence
+    lineage: dict[str, Any] = field(default_factory=dict)  # for a fine-tuned model: parent, session, figures
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,11 +75,14 @@ class ModelInfo:
             "sequence_length": self.sequence_length,
             "dt_max": self.dt_max,
             "validation_nll_per_event": self.validation_nll,
+            "validation_nll_per_event_dequantised": self.validation_nll_dequantised,
             "dataset_sha256": self.dataset_sha256,
             "versions": self.versions,
             "created": self.created,
             "training": self.training,
             "files": self.files,
+            "data": self.data,
+            "lineage": self.lineage,
             "step_io": {
                 "inputs": ["event [1, 3] normalised (dt, x, y)", f"state [1, {self.spec.state_size}]"],
                 "outputs": [f"params [1, {self.spec.param_size}]", f"state [1, {self.spec.state_size}]"],
@@ -104,5 +110,12 @@ class ModelInfo:
             created=str(d.get("created", "")),
             training=dict(d.get("training", {})),
             files={str(k): str(v) for k, v in d.get("files", {}).items()},
+            validation_nll_dequantised=_optional_float(d.get("validation_nll_per_event_dequantised")),
+            data=dict(d.get("data", {})),
+            lineage=dict(d.get("lineage", {})),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 

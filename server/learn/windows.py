@@ -1,0 +1,88 @@
+"""Training windows: every performance of two or more events trains, whatever its length.
+
+A window is ``length + 1`` normalised events plus a weight column: inputs are rows
+``[:-1]``, targets rows ``[1:]``. A performance shorter than a window becomes one
+window padded with zeros whose padded targets weigh 0 (the LSTM is causal, so padding
+after an event never changes the prediction for it). A long one is cut with a stride,
+plus one window aligned to its end so its last events train too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Windows:
+    """``data [W, length + 1, D + 1]``: normalised events and, last, the weight of each as a target."""
+
+    data: np.ndarray
+    performances: int  # how many performances contributed
+    events: int  # how many events are predicted (targets with weight 1)
+
+    @property
+    def inputs(self) -> np.ndarray:
+        return self.data[:, :-1, :-1]
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.data[:, 1:, :]
+
+
+def make_windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> Windows:
+    """Cut normalised performances ``[n, D]`` into weighted windows; performances under two events are skipped."""
+    if length < 1 or stride < 1:
+        raise ValueError("window length and stride must be >= 1")
+    out: list[np.ndarray] = []
+    used = predicted = 0
+    for p in perfs:
+        n = len(p)
+        if n < 2:
+            continue
+        used += 1
+        predicted += n - 1
+        weighted = np.concatenate([p, np.ones((n, 1), p.dtype)], axis=1)
+        if n <= length + 1:
+            window = np.zeros((length + 1, weighted.shape[1]), np.float32)
+            window[:n] = weighted
+            window[0, -1] = 0.0  # the first event is never a target
+            out.append(window)
+            continue
+        starts = list(range(0, n - length, stride))
+        if starts[-1] != n - length - 1:
+            starts.append(n - length - 1)  # the tail
+        for s in starts:
+            out.append(weighted[s : s + length + 1])
+    if not out:
+        raise ValueError("no performance has two or more events")
+    return Windows(np.stack(out).astype(np.float32), used, predicted)
+
+
+def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, seed: int, shuffle: bool = True):
+    """A tf.data pipeline of (inputs, targets) batches with fresh dequantisation noise every epoch.
+
+    ``half_cell`` is half a grid cell per dimension in normalised units (0 where the
+    dimension is continuous): each window gets uniform noise within the cell, the same
+    on a row whether it serves as input or as target.
+    """
+    from server.model.network import tf
+
+    dims = windows.data.shape[-1] - 1
+    half = tf.constant(np.asarray(half_cell, np.float32).reshape(1, 1, dims))
+    generator = tf.random.Generator.from_seed(seed)
+
+    def add_noise(batch):
+        noise = generator.uniform(tf.shape(batch[..., :dims]), -1.0, 1.0) * half
+        noisy = tf.concat([batch[..., :dims] + noise, batch[..., dims:]], axis=-1)
+        return noisy[:, :-1, :dims], noisy[:, 1:, :]
+
+    ds = tf.data.Dataset.from_tensor_slices(windows.data)
+    if shuffle:
+        ds = ds.shuffle(len(windows.data), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if np.any(half_cell):
+        return ds.map(add_noise).prefetch(2)
+    return ds.map(lambda b: (b[:, :-1, :dims], b[:, 1:, :])).prefetch(2)
