@@ -154,17 +154,22 @@ def test_short_performances_train_and_a_constant_comes_back_exactly(chorale_like
     assert set(played) == {np.float32(90 / 127).item()}
 
 
-def test_the_dequantised_figure_is_lower_bounded_by_no_spike_cheating(chorale_like):
-    """On gridded data the raw density can be gamed; the dequantised figure is a proper density of the cells."""
-    from server.learn.evaluate import score
-    from server.model.files import read_model
-    from server.model.network import keras_model_from_bytes
+def test_evaluate_leads_with_the_dequantised_figure_and_it_matches_model_json(chorale_like, tmp_path, capsys):
+    from server.cli import main
+    from server.learn.data import save_dataset
+    from server.learn.train import split_with_indices
 
     folder, ds = chorale_like
-    model = read_model(folder, ("model.keras",))
-    scores = score(keras_model_from_bytes(model.file("model.keras")), model.info, ds)
-    assert math.isfinite(scores.raw) and math.isfinite(scores.dequantised)
-    assert scores.events == len(ds.events) - len(ds.starts)
+    _, val, _ = split_with_indices(ds, 0.15, seed=2)
+    path = save_dataset(val, tmp_path / "val.npz")
+    assert main(["evaluate", "--model", str(folder), "--data", str(path)]) == 0
+    out = capsys.readouterr().out
+    lead = float(out.split(": ")[1].split(" nats")[0])
+    raw = float(out.split("raw density at the points: ")[1].split()[0])
+    doc = json.loads((folder / "model.json").read_text())
+    assert lead == pytest.approx(doc["validation_nll_per_event_dequantised"], abs=1e-3)
+    assert raw == pytest.approx(doc["validation_nll_per_event"], abs=1e-3)
+    assert "y constant" in out and "x on a grid of 1/127" in out
 
 
 def test_a_time_budget_ends_training_and_exports(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from server.learn.data import DT_MAX, Dataset, DatasetError
 from server.learn.windows import Windows, make_windows
-from server.model.normalise import Normaliser
+from server.model.normalise import DT_OFFSET, Normaliser
 from server.model.spec import ModelInfo, ModelSpec
 
 EXPORT_RESERVE_S = 20.0  # of the budget, kept for scoring, export and the report
@@ -42,6 +42,7 @@ class TrainConfig:
     dropout: float = 0.0
     val_fraction: float = 0.15
     dt_max: float = DT_MAX
+    dt_offset: float = DT_OFFSET  # seconds inside log(dt + offset): how finely fast events are resolved
     dequantise: bool = True
     report: bool = True
     data: dict[str, Any] = field(default_factory=dict)  # source and licence, recorded in model.json
@@ -72,9 +73,9 @@ def train(
     stream: TextIO | None = None,
 ) -> TrainResult:
     """Train a model on ``ds`` and export it to ``models_dir/name``; Ctrl-C exports the best so far."""
-    from server.learn.evaluate import score
+    from server.learn.evaluate import score, step_for
     from server.learn.windows import training_dataset
-    from server.model.export import export, library_versions, now_iso
+    from server.model.export import convert_to_tflite, export, library_versions, now_iso
     from server.model.network import build_model, keras, mdn_loss
 
     started = time.monotonic()
@@ -83,7 +84,7 @@ def train(
         raise DatasetError("--minutes must be > 0")
     keras.utils.set_random_seed(cfg.seed)
     train_ds, val_ds, held_out = split_with_indices(ds, cfg.val_fraction, cfg.seed)
-    norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise)
+    norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
     train_w, val_w = _windows(train_ds, val_ds, norm, cfg)
     spec = ModelSpec.of_size(cfg.size, cfg.mixtures)
     model = build_model(spec, dropout=cfg.dropout)
@@ -135,11 +136,12 @@ def train(
     model.set_weights(best.weights)
     epochs = len(history.get("loss", []))
     info = _info(spec, norm, cfg, ds, None, history, held_out)
-    scores = score(model, info, val_ds)
+    tflite = convert_to_tflite(model, spec)
+    scores = score(step_for(tflite, info, model), info, val_ds)
     seconds = time.monotonic() - started
     info = _info(spec, norm, cfg, ds, scores, history, held_out,
                  versions=library_versions(), created=now_iso(), seconds=seconds)
-    folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events))
+    folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events), tflite=tflite)
     if cfg.report:
         from server.learn.report import write_report
 
@@ -211,6 +213,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "dropout": cfg.dropout,
+            "mixtures": cfg.mixtures,
             "dequantised": bool(norm.gridded),
             "validation_performances": held_out,
             "loss": [round(float(v), 4) for v in history.get("loss", [])],

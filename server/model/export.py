@@ -75,6 +75,7 @@ def export(
     folder: Path,
     check_events: np.ndarray,
     extra_files: dict[str, Path] | None = None,
+    tflite: bytes | None = None,
 ) -> Path:
     """Write `model.keras`, `step.tflite` and `model.json` atomically into ``folder``.
 
@@ -86,7 +87,8 @@ def export(
     if len(check_events) < CHECK_STEPS:
         reps = -(-CHECK_STEPS // max(len(check_events), 1))
         check_events = np.tile(check_events, (reps, 1))[:CHECK_STEPS]
-    tflite = convert_to_tflite(model, info.spec)
+    if tflite is None:
+        tflite = convert_to_tflite(model, info.spec)
     diff = check_tflite(tflite, model, info.spec, check_events)
     if not diff <= CHECK_TOLERANCE:
         raise ModelError(f"step.tflite differs from model.keras by {diff:.3g} (> {CHECK_TOLERANCE}); not exported")

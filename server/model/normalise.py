@@ -49,13 +49,13 @@ class Normaliser:
     constant: tuple[float | None, ...] = (None, None, None)
 
     @classmethod
-    def fit(cls, events: np.ndarray, dt_max: float, detect: bool = True) -> "Normaliser":
+    def fit(cls, events: np.ndarray, dt_max: float, detect: bool = True, dt_offset: float = DT_OFFSET) -> "Normaliser":
         """Fit on ``events [N, 3]`` (dt, x, y) in original units; ``detect`` finds grids and constants."""
         events = np.asarray(events, dtype=np.float64)
         if events.ndim != 2 or events.shape[1] != 3 or len(events) < 2:
             raise ValueError("need events of shape [N>=2, 3]")
         logs = (True, False, False)
-        offsets = (DT_OFFSET, 0.0, 0.0)
+        offsets = (float(dt_offset), 0.0, 0.0)
         f = _forward_raw(events, logs, offsets)
         shift = f.mean(axis=0)
         scale = np.maximum(f.std(axis=0), MIN_SCALE)
