@@ -45,6 +45,7 @@ class TrainConfig:
     dt_offset: float = DT_OFFSET  # seconds inside log(dt + offset): how finely fast events are resolved
     dequantise: bool = True
     report: bool = True
+    init_from: Path | None = None  # a model folder to start from (fine-tune): its size and normalisation are kept
     data: dict[str, Any] = field(default_factory=dict)  # source and licence, recorded in model.json
 
 
@@ -72,29 +73,24 @@ def train(
     echo: Callable[[str], None] = print,
     stream: TextIO | None = None,
 ) -> TrainResult:
-    """Train a model on ``ds`` and export it to ``models_dir/name``; Ctrl-C exports the best so far."""
+    """Train a model on ``ds`` and export it to ``models_dir/name``; Ctrl-C exports the best so far.
+
+    With ``cfg.init_from`` (a model folder) training starts from that model's weights and
+    keeps its size and normalisation: a fine-tune.
+    """
     from server.learn.evaluate import score, step_for
-    from server.learn.windows import training_dataset
     from server.model.export import convert_to_tflite, export, library_versions, now_iso
-    from server.model.network import build_model, keras, mdn_loss
 
     started = time.monotonic()
     minutes = cfg.minutes if cfg.minutes is not None else default_minutes(len(ds.events))
     if not minutes > 0:
         raise DatasetError("--minutes must be > 0")
-    keras.utils.set_random_seed(cfg.seed)
     train_ds, val_ds, held_out = split_with_indices(ds, cfg.val_fraction, cfg.seed)
-    norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
+    model, spec, norm, parent = build_for(cfg, train_ds)
     train_w, val_w = _windows(train_ds, val_ds, norm, cfg)
-    spec = ModelSpec.of_size(cfg.size, cfg.mixtures)
-    model = build_model(spec, dropout=cfg.dropout)
-    model.compile(
-        optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=cfg.clipnorm),
-        loss=mdn_loss(spec.mixtures, spec.dims, norm.active),
-    )
-    half_cell = norm.cell_half_width_z()
+    origin = f"fine-tuning {parent.label}" if parent is not None else "training"
     echo(
-        f"training {name}: size {cfg.size} ({spec.units}x{spec.layers}, {spec.mixtures} mixtures), "
+        f"{origin} {name}: size {spec.size} ({spec.units}x{spec.layers}, {spec.mixtures} mixtures), "
         f"{minutes:g} min at most; {train_w.performances} performances ({train_w.events} events) to train, "
         f"{val_w.performances} held out for validation (performances {_ranges(held_out)} of {len(ds.starts)}, "
         f"{val_w.events} events)"
@@ -103,31 +99,12 @@ def train(
     if skipped:
         echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
     echo(f"data: {norm.describe()}")
-    val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
     budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
-    best = _BestWeights()
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
-        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
-        _TimeBudget(budget),
-        best,
-        _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout),
-    ]
-    interrupted = False
-    try:
-        model.fit(
-            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed),
-            validation_data=(val_inputs, val_targets),
-            epochs=cfg.epochs,
-            shuffle=False,  # the pipeline shuffles
-            verbose=0,
-            callbacks=[_keras_callback(c) for c in callbacks],
-        )
-    except KeyboardInterrupt:
-        interrupted = True
-        echo("\ninterrupted: exporting the best model so far")
+    progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout)
+    best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress])
     history = best.history
+    if interrupted:
+        echo("\ninterrupted: exporting the best model so far")
     if best.weights is None:
         if interrupted:
             echo("interrupted before the first epoch ended: nothing to export")
@@ -139,8 +116,9 @@ def train(
     tflite = convert_to_tflite(model, spec)
     scores = score(step_for(tflite, info, model), info, val_ds)
     seconds = time.monotonic() - started
+    lineage = {} if parent is None else {"parent": parent.label, "parent_files": parent.info.files}
     info = _info(spec, norm, cfg, ds, scores, history, held_out,
-                 versions=library_versions(), created=now_iso(), seconds=seconds)
+                 versions=library_versions(), created=now_iso(), seconds=seconds, lineage=lineage)
     folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events), tflite=tflite)
     if cfg.report:
         from server.learn.report import write_report
@@ -151,6 +129,63 @@ def train(
     echo(f"wrote {folder}: held-out NLL {scores.dequantised:.3f} nats/event{quantised}, "
          f"{epochs} epochs, {seconds:.0f} s")
     return TrainResult(folder, scores.raw, scores.dequantised, epochs, seconds, history, interrupted)
+
+
+def build_for(cfg: TrainConfig, train_ds: Dataset):
+    """A compiled model, its spec and normaliser: new, or (``cfg.init_from``) the parent's weights and normaliser.
+
+    Returns (model, spec, normaliser, parent ModelFiles or None).
+    """
+    from server.model.files import read_model
+    from server.model.network import build_model, keras, keras_model_from_bytes, mdn_loss
+
+    keras.utils.set_random_seed(cfg.seed)
+    parent = None
+    if cfg.init_from is not None:
+        parent = read_model(Path(cfg.init_from), ("model.keras", "step.tflite"))
+        spec, norm = parent.info.spec, parent.info.normaliser
+        model = build_model(spec, dropout=cfg.dropout)
+        model.set_weights(keras_model_from_bytes(parent.file("model.keras"), f"{parent.label}/model.keras").get_weights())
+    else:
+        norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
+        spec = ModelSpec.of_size(cfg.size, cfg.mixtures)
+        model = build_model(spec, dropout=cfg.dropout)
+    model.compile(
+        optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=cfg.clipnorm),
+        loss=mdn_loss(spec.mixtures, spec.dims, norm.active),
+    )
+    return model, spec, norm, parent
+
+
+def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget: float, cfg: TrainConfig,
+               extra: list[Any]) -> tuple["BestWeights", bool]:
+    """Fit until the budget, early stopping or Ctrl-C; returns the best epoch's weights and whether interrupted."""
+    from server.learn.windows import training_dataset
+    from server.model.network import keras
+
+    half_cell = norm.cell_half_width_z()
+    val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
+    best = BestWeights()
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
+        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
+        TimeBudget(budget),
+        best,
+        *extra,
+    ]
+    try:
+        model.fit(
+            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed),
+            validation_data=(val_inputs, val_targets),
+            epochs=cfg.epochs,
+            shuffle=False,  # the pipeline shuffles
+            verbose=0,
+            callbacks=[keras_callback(c) for c in callbacks],
+        )
+    except KeyboardInterrupt:
+        return best, True
+    return best, False
 
 
 def split_with_indices(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[int]]:
@@ -193,7 +228,8 @@ def _ranges(indices: list[int]) -> str:
 
 
 def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scores, history: dict,
-          held_out: list[int], versions: dict | None = None, created: str = "", seconds: float = 0.0) -> ModelInfo:
+          held_out: list[int], versions: dict | None = None, created: str = "", seconds: float = 0.0,
+          lineage: dict | None = None) -> ModelInfo:
     return ModelInfo(
         spec=spec,
         normaliser=norm,
@@ -205,6 +241,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
         versions=versions or {},
         created=created,
         data=dict(cfg.data),
+        lineage=dict(lineage or {}),
         training={
             "epochs_run": len(history.get("loss", [])),
             "seconds": round(seconds, 1),
@@ -227,7 +264,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
 # importing this module does not import Keras.
 
 
-class _BestWeights:
+class BestWeights:
     """Keeps the weights of the best validation epoch (restored at the end, and on Ctrl-C) and the history."""
 
     def __init__(self) -> None:
@@ -245,7 +282,7 @@ class _BestWeights:
             self.weights = [w.copy() for w in model.get_weights()]
 
 
-class _TimeBudget:
+class TimeBudget:
     """Stops training when the next epoch would not fit in the budget (or mid-epoch, once it is spent)."""
 
     def __init__(self, seconds: float) -> None:
@@ -304,7 +341,7 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def _keras_callback(hooks: Any) -> Any:
+def keras_callback(hooks: Any) -> Any:
     """Wrap a plain hooks object as a Keras callback (Keras' own callbacks pass through)."""
     from server.model.network import keras
 
