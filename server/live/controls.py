@@ -49,5 +49,11 @@ class Controls(Protocol):
         asked for last wins.
         """
 
+    def learn(self, seconds: float) -> None:
+        """Start fine-tuning the playing model on this session's performer events (ControlError if it cannot)."""
+
+    def stop_learning(self) -> None:
+        """End a running fine-tune early, keeping the best so far (ControlError if none runs)."""
+
     def status(self) -> dict[str, Any]:
         """Key/value pairs for `/status` (str, int or float values)."""

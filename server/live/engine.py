@@ -37,6 +37,7 @@ import numpy as np
 
 from server.event import Event
 from server.live.controls import ControlError
+from server.live.learning import Learner
 from server.live.modes import Mode, parse_mode
 from server.model.files import check_model_name, resolve_model_dir
 from server.model.mdn import RandomBlocks
@@ -144,6 +145,8 @@ class Engine:
         self.predictor = predictor
         self.model_name = model_name
         self.models_dir = Path(models_dir)
+        self.model_folder = self.models_dir / model_name  # where the playing model came from (run may give a path)
+        self.learner: Learner | None = None  # fine-tunes on this session's playing, when the app provides one
         self.settings = settings or Settings()
         self.sinks: list[Sink] = list(sinks or [])
         # Called whenever scheduled output is abandoned (mode change, pause, reset, model
@@ -263,7 +266,8 @@ class Engine:
         else:
             self._enter_mode()
 
-    def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
+    def load_model(self, name: str, on_error: Callable[[str], None] | None = None,
+                   on_loaded: Callable[[], None] | None = None) -> None:
         """Read, check and build models/<name> in a worker thread; swap it in on the loop when ready."""
         try:
             check_model_name(name)
@@ -275,7 +279,7 @@ class Engine:
         serial = self._load_serial
         self.loading = name
         future = self._loop.run_in_executor(self._loads, self._read_model, name)
-        future.add_done_callback(lambda f: self._loaded(f, serial, name, on_error))
+        future.add_done_callback(lambda f: self._loaded(f, serial, name, on_error, on_loaded))
 
     def _read_model(self, name: str) -> Predictor:
         """Worker thread: files, checks and interpreter; errors name the model, never a path."""
@@ -283,7 +287,7 @@ class Engine:
         return Predictor.load(folder, label=name)
 
     def _loaded(self, future: asyncio.Future[Predictor], serial: int, name: str,
-                on_error: Callable[[str], None] | None) -> None:
+                on_error: Callable[[str], None] | None, on_loaded: Callable[[], None] | None = None) -> None:
         if serial != self._load_serial or future.cancelled():
             return  # a later request (or stop) superseded this one
         self.loading = ""
@@ -300,10 +304,24 @@ class Engine:
             return
         self._cancel_all()
         self.predictor, self.model_name = future.result(), name
+        self.model_folder = self.models_dir / name
         self._fresh = True
         self.counts["model_swaps"] += 1
         log.info("model swapped to %s (%s)", name, self.predictor.backend)
         self._enter_mode()
+        if on_loaded is not None:
+            on_loaded()
+
+    def learn(self, seconds: float) -> None:
+        """Start a fine-tune on this session's playing (see `server.live.learning`)."""
+        if self.learner is None:
+            raise ControlError("learning is not available in this server")
+        self.learner.start(seconds)
+
+    def stop_learning(self) -> None:
+        if self.learner is None:
+            raise ControlError("learning is not available in this server")
+        self.learner.stop()
 
     def status(self) -> dict[str, Any]:
         s = self.settings

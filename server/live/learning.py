@@ -1,0 +1,186 @@
+"""`/learn` on stage: a fine-tune in its own process, watched from the loop, swapped in only if better.
+
+The training runs as `antiphon learn --json --background` in a child process: lower
+priority, one thread, so one core stays free for the loop, and a crash there cannot
+touch the music. The loop only reads the child's JSON lines (progress, result) from a
+pipe as they come, never waits on it, and on a better model asks the engine to swap
+it in (the swap itself is read off the loop too). No TensorFlow is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.live.controls import ControlError
+
+log = logging.getLogger(__name__)
+
+MIN_EVENTS = 100  # performer events a fine-tune needs (the child checks the log again)
+DEFAULT_SECONDS = 60.0
+MAX_SECONDS = 3600.0
+NAME_BUDGET = 40  # characters of the parent's name kept in the new model's name
+
+Notify = Callable[..., None]  # (address, *args): an OSC message to every destination
+
+
+@dataclass
+class LearnState:
+    state: str = "idle"  # idle, starting, running, stopping, done, failed
+    fraction: float = 0.0
+    heldout_nll: float = math.nan
+    last: str = ""  # the last result, for /status
+
+
+class Learner:
+    """Starts, watches and stops one fine-tune at a time."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        models_dir: Path,
+        session_log: Callable[[], Path],
+        playing: Callable[[], tuple[str, Path]],
+        performer_events: Callable[[], int],
+        swap: Callable[[str, Callable[[str], None], Callable[[], None]], None],
+        notify: Notify,
+        command: tuple[str, ...] = (sys.executable, "-m", "server"),
+    ) -> None:
+        self._loop = loop
+        self._models_dir = Path(models_dir)
+        self._session_log = session_log
+        self._playing = playing
+        self._performer_events = performer_events
+        self._swap = swap
+        self._notify = notify
+        self._command = command
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.state = LearnState()
+        self.counts = {"learn_runs": 0, "learn_swaps": 0, "learn_failures": 0}
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self, seconds: float = DEFAULT_SECONDS) -> None:
+        """Begin a fine-tune of the playing model on this session's performer events; ControlError if it cannot."""
+        if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+            raise ControlError(f"seconds must be in (0, {MAX_SECONDS:g}], got {seconds:g}")
+        if self.running:
+            raise ControlError("a fine-tune is already running; /learn/stop ends it")
+        events = self._performer_events()
+        if events < MIN_EVENTS:
+            raise ControlError(f"too few performer events to learn from: {events} played, at least {MIN_EVENTS} needed")
+        parent, folder = self._playing()
+        name = f"{parent[:NAME_BUDGET]}-learn-{time.strftime('%Y%m%d-%H%M%S')}"
+        argv = [*self._command, "learn", "--model", str(folder), "--log", str(self._session_log()),
+                "--seconds", f"{seconds:g}", "--name", name, "--models-dir", str(self._models_dir),
+                "--json", "--background"]
+        self.state = LearnState("starting", last=self.state.last)
+        self.counts["learn_runs"] += 1
+        self._task = self._loop.create_task(self._run(argv, parent))
+
+    def stop(self) -> None:
+        """End a running fine-tune early; it keeps (and judges) the best model so far."""
+        if not self.running:
+            raise ControlError("no fine-tune is running")
+        self.state.state = "stopping"
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGINT)
+
+    def close(self) -> None:
+        """At shutdown: a fine-tune in flight is abandoned (its process killed)."""
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                self._proc.kill()
+            except ProcessLookupError:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+
+    def status(self) -> dict[str, Any]:
+        s = self.state
+        return {"learn": s.state, "learn_progress": round(s.fraction, 3), "learn_last": s.last, **self.counts}
+
+    # ------------------------------------------------------------------ the child
+
+    async def _run(self, argv: list[str], parent: str) -> None:
+        result: dict[str, Any] | None = None
+        error = ""
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            self.state.state = "running" if self.state.state == "starting" else self.state.state
+            assert self._proc.stdout is not None and self._proc.stderr is not None
+            stderr_tail = self._loop.create_task(self._proc.stderr.read())
+            async for line in self._proc.stdout:
+                message = _parse(line)
+                if "progress" in message:
+                    self.state.fraction = float(message["progress"])
+                    self.state.heldout_nll = float(message.get("heldout_nll", math.nan))
+                    self._notify("/learn/progress", self.state.fraction, self.state.heldout_nll)
+                elif "result" in message:
+                    result = message["result"]
+                elif "error" in message:
+                    error = str(message["error"])
+            code = await self._proc.wait()
+            tail = (await stderr_tail).decode("utf-8", "replace").strip().splitlines()
+            if result is None and not error:
+                error = f"the training process ended without a result (exit {code}" + (
+                    f": {tail[-1][:200]}" if tail else "") + ")"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # could not start the process at all
+            error = f"could not start the training process: {exc}"
+        finally:
+            self._proc = None
+        if result is None:
+            self._failed(error or "unknown failure", parent)
+            return
+        self._finish(result, parent)
+
+    def _failed(self, reason: str, parent: str) -> None:
+        self.counts["learn_failures"] += 1
+        self.state = LearnState("failed", last=f"failed: {reason}")
+        log.warning("fine-tune failed: %s; still playing %s", reason, parent)
+        self._notify("/error", "/learn", f"{reason}; still playing {parent}")
+
+    def _finish(self, result: dict[str, Any], parent: str) -> None:
+        name = str(result.get("model", parent))
+        before, after = float(result.get("nll_before", math.nan)), float(result.get("nll_after", math.nan))
+        self.state.fraction = 1.0
+
+        def done(swapped: bool) -> None:
+            self.state = LearnState("done", 1.0, after,
+                                    f"{name}: {before:.3f} -> {after:.3f} nats/event, {'swapped in' if swapped else 'kept ' + parent}")
+            self.counts["learn_swaps"] += int(swapped)
+            self._notify("/learn/done", name if swapped else parent, before, after, int(swapped))
+
+        if not result.get("better"):
+            done(False)
+            return
+
+        def refused(reason: str) -> None:
+            self._notify("/error", "/learn", reason)
+            done(False)
+
+        self._swap(name, refused, lambda: done(True))
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(line.decode("utf-8", "replace"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
