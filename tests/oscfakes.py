@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from server.live.controls import ControlError
@@ -13,6 +14,8 @@ class FakeControls:
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.times: list[float | None] = []  # each perform's `at`, in call order
+        self.on_error: dict[str, Callable[[str], None] | None] = {}  # load_model's callback, by model name
         self.broken = False
 
     def _call(self, *call: Any) -> None:
@@ -22,6 +25,7 @@ class FakeControls:
 
     def perform(self, x: float, y: float, at: float | None = None) -> None:
         self._call("perform", x, y)
+        self.times.append(at)
 
     def set_temperature(self, value: float) -> None:
         self._call("set_temperature", value)
@@ -44,10 +48,13 @@ class FakeControls:
     def set_paused(self, paused: bool) -> None:
         self._call("set_paused", paused)
 
-    def load_model(self, name: str, on_error: Any = None) -> None:
+    def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
         if name == "missing":
             raise ControlError("no model named 'missing'")
+        if name == "leaky":  # an engine whose error text gives away where the models live
+            raise ControlError("model 'leaky' not loaded: cannot read /srv/antiphon/models/leaky/model.json")
         self._call("load_model", name)
+        self.on_error[name] = on_error
 
     def status(self) -> dict[str, Any]:
         return {"mode": Mode.ACCOMPANY, "temperature": 0.5, "paused": False, "model": "default"}

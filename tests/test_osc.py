@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import math
 import socket
 import struct
@@ -31,6 +32,7 @@ from server.live.modes import MODE_NAMES
 from server.osc.table import AddressTable, ArgumentError, address
 from server.osc.wire import (
     MAX_BUNDLE_DEPTH,
+    BundleTooLarge,
     bundle_messages,
     encode_message,
     encode_prediction,
@@ -439,12 +441,24 @@ def test_sending_never_raises_and_failures_are_counted() -> None:
     assert output.stats.send_errors == 4
 
 
-def test_destination_list_is_capped_dropping_the_oldest_hello() -> None:
+def test_a_full_destination_list_evicts_the_quietest_hello_and_never_a_live_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     output = osc_output.OscOutput([("10.0.0.1", 1)], max_destinations=3)
-    for port in range(1, 5):
-        output.add_destination("127.0.0.1", port)
-    assert output.destinations == (("10.0.0.1", 1), ("127.0.0.1", 3), ("127.0.0.1", 4))
-    assert output.add_destination("10.0.0.1", 1) is False
+    a, b, c, d = (("127.0.0.1", port) for port in range(1, 5))
+    assert output.add_destination(a, a, 0.0) and output.add_destination(b, b, 1.0)
+    with pytest.raises(osc_output.DestinationsFull, match="destination list is full"):
+        output.add_destination(c, c, 5.0)  # a and b were heard within PROTECTED_SECONDS
+    output.last_heard[a] = 8.0  # a is still playing (the protocol notes every datagram)
+    with caplog.at_level(logging.DEBUG, logger="server.osc"):
+        assert output.add_destination(c, c, 12.0)  # b, quiet since 1.0, makes room
+        assert output.add_destination(d, d, 30.0)  # all quiet now: a (8.0) is the quietest
+    assert output.destinations == (("10.0.0.1", 1), c, d)
+    assert output.stats.destinations_evicted == 2
+    assert len(caplog.records) <= 1, "one line at most, not one per eviction"
+    assert set(output.last_heard) == {c, d}  # bounded by the list: evicted senders are forgotten
+    assert output.add_destination(("10.0.0.1", 1)) is False  # configured ones are never duplicated
+    assert output.add_destination(c, c, 31.0) is False
     with pytest.raises(ValueError):
         output.set_destinations([("h", p) for p in range(4)])
 
@@ -459,8 +473,14 @@ def _protocol(**kwargs: Any) -> tuple[osc_proto.OscServerProtocol, FakeControls,
     return osc_proto.OscServerProtocol(controls, output, **kwargs), controls, sock
 
 
-def _gestures(n: int, offset: int = 0) -> list[tuple[bytes, tuple[str, int]]]:
-    return [(message("/gesture", (i + offset) / 1024, 0.5), ("127.0.0.1", 9)) for i in range(n)]  # exact in float32
+def _gestures(n: int, offset: int = 0, sender: tuple[str, int] = ("127.0.0.1", 9)) -> list[tuple[bytes, Any, float]]:
+    """A batch of n /gesture datagrams (x exact in float32), arriving 1 ms apart."""
+    return [_arrived(message("/gesture", (i + offset) / 1024, 0.5), i + offset, sender) for i in range(n)]
+
+
+def _arrived(data: bytes, ms: float = 0.0, sender: tuple[str, int] = ("127.0.0.1", 9)) -> tuple[bytes, Any, float]:
+    """A datagram as the transport hands it over: (data, sender, arrival time `ms` milliseconds in)."""
+    return data, sender, ms / 1000
 
 
 def test_a_long_run_of_positions_collapses_to_the_newest() -> None:
@@ -470,19 +490,34 @@ def test_a_long_run_of_positions_collapses_to_the_newest() -> None:
     assert protocol.stats.coalesced == 99 and protocol.stats.handled == 100 and protocol.stats.batch_max == 100
 
 
-def test_a_short_run_is_applied_whole_and_controls_keep_their_place() -> None:
+def test_a_batch_the_server_keeps_up_with_is_applied_whole_in_order() -> None:
     protocol, controls, _ = _protocol()
-    temperature = (message("/temperature", 0.5), ("127.0.0.1", 9))
-    note = (message("/note", 127, 127), ("127.0.0.1", 9))
-    batch = _gestures(osc_proto.MAX_RUN + 5) + [temperature] + _gestures(3, offset=512) + [note]
+    temperature = _arrived(message("/temperature", 0.5))
+    note = _arrived(message("/note", 127, 127))
+    batch = _gestures(osc_proto.MAX_RUN - 4) + [temperature] + _gestures(3, offset=512) + [note]
+    protocol.datagrams_received(batch)
+    assert controls.calls == (
+        [("perform", i / 1024, 0.5) for i in range(osc_proto.MAX_RUN - 4)]
+        + [("set_temperature", 0.5), ("perform", 512 / 1024, 0.5), ("perform", 513 / 1024, 0.5),
+           ("perform", 514 / 1024, 0.5), ("perform", 1.0, 1.0)]
+    )
+    assert protocol.stats.coalesced == 0 and protocol.stats.handled == len(batch)
+
+
+def test_a_batch_behind_keeps_each_senders_newest_position_in_place_and_every_control() -> None:
+    protocol, controls, _ = _protocol()
+    other = ("127.0.0.1", 10)
+    batch = (_gestures(osc_proto.MAX_RUN) + [_arrived(message("/reset"))] + _gestures(2, offset=512)
+             + _gestures(2, offset=256, sender=other) + [_arrived(message("/temperature", 0.5))])
     protocol.datagrams_received(batch)
     assert controls.calls == [
-        ("perform", (osc_proto.MAX_RUN + 4) / 1024, 0.5),
+        ("reset",),  # nothing from before the /reset reaches the model after it
+        ("perform", 513 / 1024, 0.5),  # the first sender's newest, where it arrived
+        ("perform", 257 / 1024, 0.5),  # the other sender's newest
         ("set_temperature", 0.5),
-        ("perform", 512 / 1024, 0.5), ("perform", 513 / 1024, 0.5), ("perform", 514 / 1024, 0.5), ("perform", 1.0, 1.0),
     ]
-    assert protocol.stats.coalesced == osc_proto.MAX_RUN + 4
-    assert protocol.stats.handled == len(batch)
+    assert controls.times == [0.513, 0.257]  # each kept position keeps its arrival time
+    assert protocol.stats.coalesced == osc_proto.MAX_RUN + 2 and protocol.stats.handled == len(batch)
 
 
 def test_a_bundle_of_positions_is_one_run() -> None:
@@ -495,7 +530,7 @@ def test_a_bundle_of_positions_is_one_run() -> None:
 def test_costly_requests_are_limited_per_sender() -> None:
     protocol, controls, sock = _protocol()
     load = message("/model", "default")
-    protocol.datagrams_received([(load, ("127.0.0.1", 9))] * 20 + [(load, ("127.0.0.1", 10))])
+    protocol.datagrams_received([_arrived(load)] * 20 + [_arrived(load, sender=("127.0.0.1", 10))])
     allowed = int(osc_ns.MODEL_LOADS_PER_SECOND)
     assert controls.calls == [("load_model", "default")] * (allowed + 1)  # the other sender has its own budget
     assert protocol.stats.rate_limited == protocol.stats.rejected == 20 - allowed
@@ -505,7 +540,7 @@ def test_costly_requests_are_limited_per_sender() -> None:
 
 def test_engine_refusing_a_position_is_a_rejection() -> None:
     class Refusing(FakeControls):
-        def perform(self, x: float, y: float) -> None:
+        def perform(self, x: float, y: float, at: float | None = None) -> None:
             raise ControlError("not now")
 
     output = osc_output.OscOutput()
@@ -560,8 +595,8 @@ def test_loops_without_add_reader_fall_back_to_asyncio_transport() -> None:
             super().__init__()
             self.got = asyncio.Event()
 
-        def perform(self, x: float, y: float) -> None:
-            super().perform(x, y)
+        def perform(self, x: float, y: float, at: float | None = None) -> None:
+            super().perform(x, y, at)
             self.got.set()
 
     def no_add_reader(*args: Any) -> None:
@@ -577,11 +612,12 @@ def test_loops_without_add_reader_fall_back_to_asyncio_transport() -> None:
             await asyncio.wait_for(controls.got.wait(), TIMEOUT)
         counters = protocol.counters()
         transport.close()
-        return transport, [controls.calls, counters["kernel_drops"]]
+        return transport, [controls.calls, counters["kernel_drops"], controls.times, loop.time()]
 
-    transport, (calls, drops) = asyncio.run(scenario())
+    transport, (calls, drops, times, end) = asyncio.run(scenario())
     assert not isinstance(transport, udpbatch.BatchDatagramTransport)
     assert calls == [("perform", 0.25, 0.5)] and drops is None
+    assert times[0] is not None and end - 1.0 < times[0] <= end  # arrival is the read time, on the loop's clock
 
 
 def _rmem_max() -> int:
@@ -751,6 +787,14 @@ def test_bundle_unpacking_keeps_order_and_depth() -> None:
     assert bundle_messages(_deep_bundle(MAX_BUNDLE_DEPTH)) == [message("/reset")]
     with pytest.raises(ValueError, match="size"):
         bundle_messages(_NEG_SIZE_BUNDLE)
+    nested = bundle(message("/x"), inner, message("/y")).dgram
+    assert bundle_messages(nested, limit=4) == [message("/x"), message("/a"), message("/b"), message("/y")]
+    with pytest.raises(BundleTooLarge) as caught:  # a limit reached inside a nested bundle, more left outside
+        bundle_messages(nested, limit=2)
+    assert caught.value.messages == [message("/x"), message("/a")]
+    with pytest.raises(BundleTooLarge) as caught:  # beyond the limit nothing is read, valid or not
+        bundle_messages(nested + b"\xff" * 3, limit=4)
+    assert len(caught.value.messages) == 4
 
 
 # --- rate limiter ---

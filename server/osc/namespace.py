@@ -13,7 +13,7 @@ from typing import NamedTuple
 from server.live.controls import ControlError, Controls
 from server.live.modes import parse_mode
 from server.model.files import check_model_name
-from server.osc.output import Endpoint, OscOutput, OscStats
+from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
 from server.osc.table import AddressTable, address
 
 DEFAULT_HOST = "127.0.0.1"
@@ -21,19 +21,22 @@ DEFAULT_PORT = 5710
 DEFAULT_SEND_PORT = 5711
 MODEL_LOADS_PER_SECOND = 5.0  # per sender: a load reads and hashes files (off the loop, but not free)
 STATUS_PER_SECOND = 50.0  # per sender: a reply is ~50x its request, so cap what a spoofed sender reflects
+HELLO_PER_SECOND = 5.0  # per sender: a client says /hello once, or as a slow keep-alive
 OUTPUT_ADDRESSES: tuple[str, ...] = ("/prediction", "/status", "/error")
 
 Position = tuple[float, float]
 
 
 class Request(NamedTuple):
-    """What a handler may use: the engine's controls, the output, the counters and the sender."""
+    """What a handler may use: the engine's controls, the output, the counters, the sender and when it arrived."""
 
     controls: Controls
     output: OscOutput
     stats: OscStats
     sender: Endpoint
     counters: Callable[[], dict[str, int | None]]  # the osc_* values for /status
+    at: float  # when the message arrived, on the loop's clock
+    reply_error: Callable[[str, str, Endpoint], None]  # (address, reason, to): a rate-limited, sanitised /error
 
 
 
@@ -138,15 +141,32 @@ def model(ctx: Request, name: str) -> None:
         check_model_name(name)
     except ValueError as exc:
         raise ControlError(str(exc)) from None
-    ctx.controls.load_model(name)
+    ctx.controls.load_model(name, _late_error(ctx, "/model"))
 
 
-@address("/hello")
+def _late_error(ctx: Request, path: str) -> Callable[[str], None]:
+    """A callback that answers `ctx`'s sender with `/error <path> <reason>` when a started request fails later."""
+    reply, sender = ctx.reply_error, ctx.sender
+
+    def on_error(reason: str) -> None:
+        reply(path, reason, sender)
+
+    return on_error
+
+
+@address("/hello", max_rate=HELLO_PER_SECOND)
 def hello(ctx: Request, port: int = 0) -> None:
-    """Send output to the sender's host, at `port` or else the sender's own port."""
+    """Send output to the sender's host, at `port` or else the sender's own port.
+
+    A full list makes room by dropping the destination of the sender quiet longest,
+    never one whose sender is still sending (see `server.osc.output`).
+    """
     if not 0 <= port <= 65535:
         raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
-    ctx.output.add_destination(ctx.sender[0], port or ctx.sender[1])
+    try:
+        ctx.output.add_destination((ctx.sender[0], port or ctx.sender[1]), ctx.sender, ctx.at)
+    except DestinationsFull as exc:
+        raise ControlError(str(exc)) from None
 
 
 @address("/status", max_rate=STATUS_PER_SECOND)

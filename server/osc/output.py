@@ -1,9 +1,21 @@
-"""Where OSC output goes: configured destinations plus clients that said `/hello`, and the transport's counters."""
+"""Where OSC output goes: configured destinations plus clients that said `/hello`, and the transport's counters.
+
+Destination policy: the list holds at most `MAX_DESTINATIONS`. Configured ones
+(`--send`) always keep their place. A `/hello` destination remembers the sender that
+asked for it, and the protocol notes in `last_heard` whenever such a sender sends
+anything; a destination whose sender has sent within `PROTECTED_SECONDS` is protected.
+When the list is full, a new `/hello` evicts the unprotected destination whose sender
+has been quiet longest; if every one is protected, the new `/hello` is refused
+(`DestinationsFull`). So a flood of `/hello` from many ports can never take the output
+away from a performer who is still playing. Evictions are counted
+(`destinations_evicted`), not logged one by one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
@@ -13,6 +25,7 @@ from typing import Any
 from server.osc.wire import encode_message, encode_prediction
 
 MAX_DESTINATIONS = 32
+PROTECTED_SECONDS = 10.0  # a /hello destination whose sender sent within this long is never evicted
 Endpoint = tuple[str, int]
 
 logger = logging.getLogger(__name__)
@@ -35,6 +48,9 @@ class OscStats:
     errors_suppressed: int = 0  # /error replies withheld by the per-sender rate limit
     sent: int = 0  # datagrams handed to the socket
     send_errors: int = 0  # sends that failed, including ICMP "port unreachable" reports
+    bundles_capped: int = 0  # bundles that carried more than the cap; the messages beyond it were refused
+    deferred: int = 0  # loop wake-ups that ran out of their work budget and left the rest of a batch for later
+    destinations_evicted: int = 0  # /hello destinations dropped to make room (their sender had gone quiet)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -54,8 +70,12 @@ def _status_value(value: object) -> int | float | str:
     return "none" if value is None else str(value)
 
 
+class DestinationsFull(Exception):
+    """A `/hello` cannot be added: every destination is configured or protected; the message says so."""
+
+
 class OscOutput:
-    """Where messages go: configured destinations plus clients that said `/hello`.
+    """Where messages go: configured destinations plus clients that said `/hello` (policy: module doc).
 
     Sends through the server's own socket, so replies come from the port clients
     already talk to. Sending never raises: a failure is counted (`send_errors`) and
@@ -72,8 +92,12 @@ class OscOutput:
         self.stats = stats if stats is not None else OscStats()
         self._max = max_destinations
         self._configured: tuple[Endpoint, ...] = ()
-        self._hello: dict[Endpoint, None] = {}  # an insertion-ordered set: oldest first
+        self._hello: dict[Endpoint, Endpoint] = {}  # /hello destination -> the sender that asked; oldest first
+        # Sender -> when it last sent anything (loop clock), for senders that own a /hello destination only,
+        # so its size is bounded by the list's. The protocol updates it per datagram.
+        self.last_heard: dict[Endpoint, float] = {}
         self._all: tuple[Endpoint, ...] = ()
+        self._full_logged = False
         self._transport: asyncio.DatagramTransport | None = None
         self._warned = False
         self.set_destinations(destinations)
@@ -94,27 +118,68 @@ class OscOutput:
             raise ValueError(f"at most {self._max} destinations, got {len(configured)}")
         self._configured = configured
         for endpoint in configured:
-            self._hello.pop(endpoint, None)
+            if endpoint in self._hello:
+                self._forget(endpoint)
         self._trim()
 
-    def add_destination(self, host: str, port: int) -> bool:
-        """Add a `/hello` destination; when full, the oldest `/hello` one makes room.
+    def add_destination(self, destination: Endpoint, sender: Endpoint | None = None, now: float = 0.0) -> bool:
+        """Add a `/hello` destination asked for by `sender` (the destination itself if None) at loop time `now`.
 
-        Returns False if it was already there. Clients that reopen get a new port each
-        time, so dropping the oldest beats refusing the newest.
+        Returns False if it was already there (its sender still counts as heard). When
+        the list is full, the unprotected destination whose sender has been quiet
+        longest makes room; raises DestinationsFull if there is none.
         """
-        endpoint = (host, port)
-        if endpoint in self._configured or endpoint in self._hello:
+        endpoint = (str(destination[0]), int(destination[1]))
+        owner = endpoint if sender is None else sender
+        if endpoint in self._configured:
             return False
-        self._hello[endpoint] = None
-        self._trim()
+        if endpoint in self._hello:
+            self._hello[endpoint] = owner
+            self.last_heard[owner] = now
+            return False
+        if len(self._configured) + len(self._hello) >= self._max:
+            victim = self._quietest(now)
+            if victim is None:
+                raise DestinationsFull(
+                    f"destination list is full ({self._max}): every /hello client has sent within the last "
+                    f"{PROTECTED_SECONDS:g} s"
+                )
+            self._evict(victim)
+        self._hello[endpoint] = owner
+        self.last_heard[owner] = now
+        self._all = self._configured + tuple(self._hello)
         return True
 
+    def _quietest(self, now: float) -> Endpoint | None:
+        """The `/hello` destination whose sender has been quiet longest, if that is over PROTECTED_SECONDS."""
+        heard = self.last_heard
+        victim: Endpoint | None = None
+        oldest = now - PROTECTED_SECONDS
+        for endpoint, owner in self._hello.items():  # oldest first, so a tie evicts the oldest
+            last = heard.get(owner, -math.inf)
+            if last < oldest:
+                victim, oldest = endpoint, last
+        return victim
+
+    def _forget(self, endpoint: Endpoint) -> None:
+        """Drop a `/hello` destination, and its sender's `last_heard` if it owns no other."""
+        owner = self._hello.pop(endpoint)
+        if owner not in self._hello.values():
+            self.last_heard.pop(owner, None)
+
+    def _evict(self, endpoint: Endpoint) -> None:
+        self._forget(endpoint)
+        self.stats.destinations_evicted += 1
+        if not self._full_logged:  # one line per run; the count is in /status
+            self._full_logged = True
+            logger.info("destination list full: dropping the /hello destinations of senders gone quiet "
+                        "(counted as osc_destinations_evicted)")
+
     def _trim(self) -> None:
+        """Make room for the configured destinations, evicting the quietest `/hello` ones, protected or not."""
         while self._hello and len(self._configured) + len(self._hello) > self._max:
-            dropped = next(iter(self._hello))
-            del self._hello[dropped]
-            logger.info("destination list full: dropped %s:%d", *dropped)
+            victim = self._quietest(math.inf)
+            self._evict(victim if victim is not None else next(iter(self._hello)))
         self._all = self._configured + tuple(self._hello)
 
     def send_prediction(self, x: float, y: float) -> None:

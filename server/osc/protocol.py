@@ -1,28 +1,38 @@
 """The OSC transport: Antiphon's namespace (one handler per address), the UDP server and the sender.
 
 Data flows one way: a datagram is decoded (python-osc), its arguments are checked
-against the handler's signature (see `server.osctable`), and the handler calls
+against the handler's signature (see `server.osc.table`), and the handler calls
 `Controls`; the transport never touches the model. Every refusal is answered with
-`/error <address> <reason>` to its sender, rate-limited per sender, and nothing a
-client sends can raise into the event loop.
+`/error <address> <reason>` to its sender, rate-limited per sender, with anything that
+looks like an absolute server path cut to its last component, and nothing a client
+sends can raise into the event loop.
 
 Bundles, nested too, are unpacked and their messages applied at once, in order:
 timetags are ignored, because the engine schedules on its own clock and a gesture
-means "now". Addresses are literal: OSC patterns (`*`, `?`, `[...]`, `{...}`) are not
-expanded.
+means "now". A bundle carries at most `MAX_BUNDLE` messages; the rest are refused
+with one `/error` (counted in `osc_bundles_capped`) and not even read. Addresses are
+literal: OSC patterns (`*`, `?`, `[...]`, `{...}`) are not expanded.
 
-Flood policy: the newest performer position wins. The socket is drained in batches
-(`server.udpbatch`) and every message is checked and applied in arrival order, except
-that when one wake-up finds more than `MAX_RUN` performer positions (`/gesture`,
-`/interface`, `/note`) in a row, the server has fallen behind and only the newest of
-that run reaches the model; the rest are counted in `osc_coalesced`. A position is
-never reordered with the control messages around it, and a run costs at most
-`MAX_RUN` model steps however long it is, so no backlog builds up behind the model
-(under a steady flood a wake-up finds ever more waiting, so runs grow long and
-collapse: the policy regulates itself). The only queue is
-the kernel's receive buffer, of fixed size: if even reading cannot keep up, the kernel
-drops new datagrams and `/status` reports them as `osc_kernel_drops`. Costly requests
-(`/model`) and replies bigger than their request (`/status`) are limited per sender.
+Time: a performer event's time is when its datagram arrived (the kernel's receive
+stamp where there is one, see `server.osc.udp`), passed on as `perform(x, y, at)`, so
+a stall of the loop does not squash the spacing of what queued meanwhile.
+
+Flood policy: no datagram buys more than its share, and the newest performer position
+wins. The socket is drained in batches (`server.osc.udp`); each batch is decoded
+whole, then applied in arrival order. When a batch holds more than `MAX_RUN`
+performer positions (`/gesture`, `/interface`, `/note`), the server has fallen behind,
+and every position superseded by a newer one from the same sender in the same batch
+is skipped (counted in `osc_coalesced`) while control messages, interleaved or not,
+are all applied in their order. A kept position is never moved across a control, so
+nothing from before a `/reset` reaches the model after it. Under a steady flood a
+wake-up finds ever more waiting, so batches grow and collapse: the policy regulates
+itself. Work is sliced: once a wake-up has spent `WORK_BUDGET` seconds, the rest of
+the batch waits for the next turn of the loop (a zero-delay timer, counted in
+`osc_deferred`) so due timers, output included, run first; meanwhile reading is
+paused, so the only queue is the kernel's receive buffer, of fixed size: if even
+reading cannot keep up, the kernel drops new datagrams and `/status` reports them as
+`osc_kernel_drops`. Costly requests (`/model`), replies bigger than their request
+(`/status`) and `/hello` are limited per sender.
 """
 
 
@@ -31,21 +41,28 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
+import re
 import socket
+import time
+from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import cast
+from typing import Any, NamedTuple, cast
 
 from pythonosc.osc_message import OscMessage
 
 from server.live.controls import ControlError, Controls
-from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, TABLE, Position, Request
+from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, TABLE, Request
 from server.osc.output import Endpoint, OscOutput
 from server.osc.ratelimit import TokenBuckets
+from server.osc.table import Address as Handler
 from server.osc.table import AddressTable
-from server.osc.udp import Address, BatchDatagramTransport, bind_udp
-from server.osc.wire import bundle_messages, is_bundle, message_problem, peek_address
+from server.osc.udp import Address, BatchDatagramTransport, Datagram, bind_udp
+from server.osc.wire import BundleTooLarge, bundle_messages, is_bundle, message_problem, peek_address
 
-MAX_RUN = 32  # positions in a row applied one by one (~2 ms of model work); more means we are behind
+MAX_RUN = 32  # positions in one batch applied one by one (~1 ms of model work); more means we are behind
+MAX_BUNDLE = 64  # messages applied from one bundle; the rest are refused
+WORK_BUDGET = 0.002  # seconds of decoding and applying per loop wake-up before due timers get their turn
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 logger = logging.getLogger(__name__)
@@ -53,13 +70,42 @@ logger = logging.getLogger(__name__)
 _MAX_ALLOW_CACHE = 4096
 _LOGGED_ERRORS = 10  # internal errors logged in full before only every 1000th is
 
+# Absolute paths in /error reasons: POSIX or Windows, quoted (spaces allowed) or bare (two or more parts).
+_QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?[\\/][^'"\n]*)\1""")
+_BARE_PATH = re.compile(r"""(?<![\w.~\\/-])(?:[A-Za-z]:)?[\\/]+(?:[^\s\\/'"`:;,()<>\[\]]+[\\/]+)+[^\s\\/'"`:;,()<>\[\]]*""")
+_SEPARATORS = re.compile(r"[\\/]+")
+
+
+class _Position(NamedTuple):
+    """A checked performer position waiting to reach the engine."""
+
+    x: float
+    y: float
+    at: float  # arrival time on the loop's clock
+    path: str
+    sender: Endpoint
+
+
+class _Control(NamedTuple):
+    """A control message waiting to be applied; its arguments are checked when it is."""
+
+    handler: Handler
+    params: list[Any]
+    sender: Endpoint
+    at: float
+
+
+_Action = _Position | _Control | None  # None: a position superseded by a newer one from its sender
+
 
 class OscServerProtocol(asyncio.DatagramProtocol):
     """Turns datagrams into `Controls` calls through the address table; never lets an error escape.
 
-    Reads batches from `server.udpbatch` (`datagrams_received`) and applies the flood
+    Reads batches from `server.osc.udp` (`datagrams_received`) and applies the flood
     policy described in the module docstring; a single datagram, as asyncio's own
-    transport delivers it, is a batch of one.
+    transport delivers it, is a batch of one. With a `loop`, work is sliced by
+    `budget` (seconds per wake-up); without one (as in unit tests), each batch is
+    worked through at once and arrival times default to `time.monotonic()`.
     """
 
     def __init__(
@@ -72,22 +118,40 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         error_rate: float = 10.0,
         error_burst: int = 10,
         max_run: int = MAX_RUN,
+        max_bundle: int = MAX_BUNDLE,
+        budget: float = WORK_BUDGET,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        if max_run < 1:
-            raise ValueError("max_run must be >= 1")
+        if max_run < 1 or max_bundle < 1 or not budget > 0:
+            raise ValueError("max_run and max_bundle must be >= 1 and budget > 0")
         self.controls = controls
         self.output = output
         self.stats = output.stats
         self.transport: asyncio.DatagramTransport | None = None
         self._lookup = table.lookup
+        self._addresses = frozenset(table.paths)
         self._unknown = f"unknown address; expected one of {' '.join(table.paths)}"
         self._allow = tuple(allow)
         self._allowed: dict[str, bool] = {}  # host -> verdict, so the check is one dict hit
         self._error_limit = TokenBuckets(error_rate, error_burst)
         self._limits = {a.path: TokenBuckets(a.max_rate, a.max_rate) for a in table if a.max_rate is not None}
         self._max_run = max_run
-        self._run: list[tuple[Position, str, Endpoint]] = []  # checked positions not yet applied
+        self._max_bundle = max_bundle
+        self._loop = loop
+        self._clock = loop.time if loop is not None else time.monotonic
+        self._budget = budget if loop is not None else math.inf
+        self._heard = output.last_heard  # senders owning a /hello destination -> last arrival
         self._counters = self.counters
+        # The batch in progress: decoded into actions first, then applied, both resumable.
+        self._batch: Sequence[Datagram] = ()
+        self._read = 0  # datagrams of the batch decoded so far
+        self._decoded = False
+        self._actions: list[_Action] = []
+        self._applied = 0  # actions applied so far
+        self._positions = 0  # performer positions among the actions
+        self._waiting: deque[Sequence[Datagram]] = deque()  # batches that came while one was in progress
+        self._busy = False  # a continuation is scheduled
+        self._paused = False  # we paused the transport's reading
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -109,40 +173,158 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         items["destinations"] = len(self.output.destinations)
         return items
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:
-        self.datagrams_received([(data, addr)])
+    # --- batches: decode whole, then apply in order, in slices of at most `budget` seconds ---
 
-    def datagrams_received(self, batch: Sequence[tuple[bytes, Address]]) -> None:
-        """Apply a batch in arrival order; a long run of performer positions collapses to its newest."""
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.datagrams_received([(data, addr, self._clock())])
+
+    def datagrams_received(self, batch: Sequence[Datagram]) -> None:
+        """Take a batch of (data, sender, arrival time); it is applied after any batch still in progress."""
         if len(batch) > self.stats.batch_max:
             self.stats.batch_max = len(batch)
-        for data, addr in batch:
+        if self._busy:
+            self._waiting.append(batch)
+            return
+        self._begin(batch)
+        self._work()
+
+    def _begin(self, batch: Sequence[Datagram]) -> None:
+        self._batch = batch
+        self._read = 0
+        self._decoded = False
+        self._actions = []
+        self._applied = 0
+        self._positions = 0
+
+    def _work(self) -> None:
+        """Work through the current batch, then any waiting ones, until done or the budget is spent."""
+        self._busy = False
+        deadline = time.perf_counter() + self._budget
+        while self._decode(deadline) and self._apply(deadline):
+            if not self._waiting:
+                self._batch = ()
+                self._actions = []
+                self._resume()
+                return
+            self._begin(self._waiting.popleft())
+        self._defer()
+
+    def _defer(self) -> None:
+        """Out of budget: pause reading and carry on at the loop's next turn, after the timers already due.
+
+        The continuation is a zero-delay timer rather than `call_soon`, so an output due
+        now runs before the next slice, not after it.
+        """
+        self._busy = True
+        self.stats.deferred += 1
+        if not self._paused and self.transport is not None:
             try:
-                self._datagram(data, addr)
+                self.transport.pause_reading()  # type: ignore[attr-defined]
+            except (AttributeError, NotImplementedError, RuntimeError):
+                pass  # a transport that cannot pause hands its datagrams over to wait in `_waiting`
+            else:
+                self._paused = True
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
+        loop.call_at(loop.time(), self._work)
+
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()  # type: ignore[attr-defined]
+
+    def _decode(self, deadline: float) -> bool:
+        """Decode the batch's datagrams into actions; False if the budget ran out first."""
+        batch = self._batch
+        count = len(batch)
+        i = self._read
+        while i < count:
+            data, addr, at = batch[i]
+            i += 1
+            try:
+                self._datagram(data, addr, at)
             except Exception:  # last line of defence: the loop must keep serving
                 self._internal_error("?", (addr[0], addr[1]))
-        self._flush()
+            if i < count and time.perf_counter() > deadline:
+                self._read = i
+                return False
+        self._read = i
+        if not self._decoded:
+            self._decoded = True
+            if self._positions > self._max_run:
+                self._skip_superseded()
+        return True
 
-    def _datagram(self, data: bytes, addr: Address) -> None:
+    def _skip_superseded(self) -> None:
+        """Behind: blank out every position that a newer one from the same sender in this batch supersedes."""
+        actions = self._actions
+        seen: set[Endpoint] = set()
+        for i in range(len(actions) - 1, -1, -1):
+            action = actions[i]
+            if type(action) is _Position:
+                if action.sender in seen:
+                    actions[i] = None
+                else:
+                    seen.add(action.sender)
+
+    def _apply(self, deadline: float) -> bool:
+        """Apply the decoded actions in order; False if the budget ran out first."""
+        actions = self._actions
+        count = len(actions)
+        stats = self.stats
+        i = self._applied
+        while i < count:
+            action = actions[i]
+            i += 1
+            if action is None:
+                stats.coalesced += 1
+                stats.handled += 1
+                continue
+            if type(action) is _Position:
+                self._perform(action)
+            else:
+                self._control(action)
+            if i < count and time.perf_counter() > deadline:
+                self._applied = i
+                return False
+        self._applied = i
+        return True
+
+    # --- one datagram, one message ---
+
+    def _datagram(self, data: bytes, addr: Address, at: float) -> None:
         if self._allow and not self._is_allowed(addr[0]):
             self.stats.denied += 1
             return
         self.stats.received += 1
         sender: Endpoint = (addr[0], addr[1])
+        if sender in self._heard:
+            self._heard[sender] = at
         if data[:1] == b"/":
-            self._message(data, sender)
+            self._message(data, sender, at)
         elif is_bundle(data):
-            try:
-                packets = bundle_messages(data)
-            except ValueError as exc:
-                self._reject("#bundle", f"malformed OSC bundle: {exc}", sender)
-                return
-            for packet in packets:
-                self._message(packet, sender)
+            self._bundle(data, sender, at)
         else:
             self._reject(peek_address(data), "not an OSC message or bundle", sender)
 
-    def _message(self, packet: bytes, sender: Endpoint) -> None:
+    def _bundle(self, data: bytes, sender: Endpoint, at: float) -> None:
+        capped = False
+        try:
+            packets = bundle_messages(data, self._max_bundle)
+        except BundleTooLarge as exc:
+            packets, capped = exc.messages, True
+        except ValueError as exc:
+            self._reject("#bundle", f"malformed OSC bundle: {exc}", sender)
+            return
+        for packet in packets:
+            self._message(packet, sender, at)
+        if capped:
+            self.stats.bundles_capped += 1
+            self._reject("#bundle", f"a bundle may carry at most {self._max_bundle} messages; the rest were refused",
+                         sender)
+
+    def _message(self, packet: bytes, sender: Endpoint, at: float) -> None:
         problem = message_problem(packet)
         if problem is None:
             try:
@@ -154,19 +336,25 @@ class OscServerProtocol(asyncio.DatagramProtocol):
             self._reject(peek_address(packet), f"malformed OSC message: {problem}", sender)
             return
         path = message.address
-        spec = self._lookup.get(path)
-        if spec is None:
+        handler = self._lookup.get(path)
+        if handler is None:
             self._reject(path, self._unknown, sender)
             return
-        if not spec.performer:
-            self._flush()  # positions that came first reach the engine first
-            limit = self._limits.get(path)
-            if limit is not None and not limit.allow(sender):
-                self.stats.rate_limited += 1
-                self._reject(path, f"too many requests: at most {spec.max_rate:g} per second", sender)
-                return
+        if handler.performer:
+            self._position(handler, message.params, sender, at)
+            return
+        limit = self._limits.get(path)
+        if limit is not None and not limit.allow(sender):
+            self.stats.rate_limited += 1
+            self._reject(path, f"too many requests: at most {handler.max_rate:g} per second", sender)
+            return
+        self._actions.append(_Control(handler, message.params, sender, at))
+
+    def _position(self, handler: Handler, params: list[Any], sender: Endpoint, at: float) -> None:
+        """Check a performer message now (its handler only returns a position) and queue the position."""
+        path = handler.path
         try:
-            position = spec.invoke(Request(self.controls, self.output, self.stats, sender, self._counters), message.params)
+            position = handler.invoke(self._request(sender, at), params)
         except ControlError as exc:
             self._reject(path, str(exc) or "refused", sender)
         except Exception:
@@ -175,31 +363,34 @@ class OscServerProtocol(asyncio.DatagramProtocol):
             if position is None:
                 self.stats.handled += 1
             else:
-                self._run.append((position, path, sender))
+                self._actions.append(_Position(position[0], position[1], at, path, sender))
+                self._positions += 1
 
-    def _flush(self) -> None:
-        """Hand the pending run of positions to the engine: all of it, or only the newest if too long."""
-        run = self._run
-        if not run:
-            return
-        stats = self.stats
-        if len(run) > self._max_run:
-            skipped = len(run) - 1
-            stats.coalesced += skipped
-            stats.handled += skipped
-            del run[:-1]
+    def _request(self, sender: Endpoint, at: float) -> Request:
+        return Request(self.controls, self.output, self.stats, sender, self._counters, at, self._reply_error)
+
+    def _perform(self, p: _Position) -> None:
         try:
-            for (x, y), path, sender in run:
-                try:
-                    self.controls.perform(x, y)
-                except ControlError as exc:
-                    self._reject(path, str(exc) or "refused", sender)
-                except Exception:
-                    self._internal_error(path, sender)
-                else:
-                    stats.handled += 1
-        finally:
-            run.clear()
+            self.controls.perform(p.x, p.y, p.at)
+        except ControlError as exc:
+            self._reject(p.path, str(exc) or "refused", p.sender)
+        except Exception:
+            self._internal_error(p.path, p.sender)
+        else:
+            self.stats.handled += 1
+
+    def _control(self, c: _Control) -> None:
+        path = c.handler.path
+        try:
+            c.handler.invoke(self._request(c.sender, c.at), c.params)
+        except ControlError as exc:
+            self._reject(path, str(exc) or "refused", c.sender)
+        except Exception:
+            self._internal_error(path, c.sender)
+        else:
+            self.stats.handled += 1
+
+    # --- refusals ---
 
     def _internal_error(self, path: str, sender: Endpoint) -> None:
         self.stats.internal_errors += 1
@@ -214,8 +405,9 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         self._reply_error(path, reason, sender)
 
     def _reply_error(self, path: str, reason: str, sender: Endpoint) -> None:
+        """Send `/error <path> <reason>` unless the sender's error budget is spent; never reveals server paths."""
         if self._error_limit.allow(sender):
-            self.output.send_error(sender, path, reason)
+            self.output.send_error(sender, path, sanitise_reason(reason, self._addresses))
         else:
             self.stats.errors_suppressed += 1
 
@@ -227,6 +419,33 @@ class OscServerProtocol(asyncio.DatagramProtocol):
                 self._allowed.clear()
             self._allowed[host] = verdict
         return verdict
+
+
+def sanitise_reason(reason: str, keep: frozenset[str] = frozenset()) -> str:
+    """`reason` with every absolute path (POSIX or Windows) cut to its last component; paths in `keep` stay.
+
+    The last line of defence for `/error`: whatever an engine error says, a client
+    never learns where the server keeps its files. OSC addresses look like paths, so
+    the server's own (`keep`) are left alone.
+    """
+    if "/" not in reason and "\\" not in reason:
+        return reason
+
+    def last_part(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text in keep:
+            return text
+        parts = [part for part in _SEPARATORS.split(text) if part]
+        return parts[-1] if parts else ""
+
+    def quoted(match: re.Match[str]) -> str:
+        quote, text = match.group(1), match.group(2)
+        parts = [part for part in _SEPARATORS.split(text) if part]
+        if text in keep or len(parts) < 2:  # one part ("/etc") names no place on this machine
+            return match.group(0)
+        return f"{quote}{parts[-1]}{quote}"
+
+    return _BARE_PATH.sub(last_part, _QUOTED_PATH.sub(quoted, reason))
 
 
 def _in_networks(host: str, networks: Sequence[Network]) -> bool:
@@ -255,11 +474,12 @@ async def start_osc(
     from other machines (see `exposure_warning`). Close with `transport.close()`.
 
     Event loops without `add_reader` (Windows' default) get asyncio's own transport:
-    one datagram per batch, so input is never coalesced there.
+    one datagram per batch, so input is never coalesced there, and arrival times are
+    read times.
     """
     loop = asyncio.get_running_loop()
     output = OscOutput()
-    protocol = OscServerProtocol(controls, output, allow=allow)
+    protocol = OscServerProtocol(controls, output, allow=allow, loop=loop)
     try:
         sock = await bind_udp(loop, host, port)
     except OSError as exc:

@@ -75,18 +75,32 @@ def is_bundle(data: bytes) -> bool:
     return data.startswith(_BUNDLE)
 
 
-def bundle_messages(data: bytes) -> list[bytes]:
+def bundle_messages(data: bytes, limit: int | None = None) -> list[bytes]:
     """The message packets inside a bundle (nested ones too), in order; ValueError saying why if malformed.
 
     The timetag is skipped: callers apply the messages at once. Each returned packet
-    still needs `message_problem` and decoding.
+    still needs `message_problem` and decoding. With a `limit`, unpacking stops once
+    `limit` messages are found, and raises `BundleTooLarge` (carrying them) if there is
+    more: what lies beyond the limit is neither read nor checked, so a hostile 64 KB
+    bundle costs no more than `limit` small messages.
     """
     messages: list[bytes] = []
-    _unpack_bundle(data, 1, messages)
+    cap = -1 if limit is None else limit
+    if not _unpack_bundle(data, 1, messages, cap):
+        raise BundleTooLarge(messages)
     return messages
 
 
-def _unpack_bundle(data: bytes, depth: int, out: list[bytes]) -> None:
+class BundleTooLarge(ValueError):
+    """A bundle carries more than the limit; `messages` holds the first `limit` of them."""
+
+    def __init__(self, messages: list[bytes]) -> None:
+        super().__init__(f"more than {len(messages)} messages")
+        self.messages = messages
+
+
+def _unpack_bundle(data: bytes, depth: int, out: list[bytes], cap: int) -> bool:
+    """Append the bundle's messages to `out`; False if `out` reached `cap` (>= 0) with more left."""
     if depth > MAX_BUNDLE_DEPTH:
         raise ValueError(f"bundles nested deeper than {MAX_BUNDLE_DEPTH}")
     size = len(data)
@@ -94,6 +108,8 @@ def _unpack_bundle(data: bytes, depth: int, out: list[bytes]) -> None:
         raise ValueError("truncated bundle")
     pos = 16  # "#bundle\0" and the 8-byte timetag
     while pos < size:
+        if len(out) == cap:
+            return False
         length = int.from_bytes(data[pos : pos + 4], "big", signed=True)
         pos += 4
         if length <= 0 or length % 4 or pos + length > size:
@@ -101,11 +117,13 @@ def _unpack_bundle(data: bytes, depth: int, out: list[bytes]) -> None:
         element = data[pos : pos + length]
         pos += length
         if element.startswith(_BUNDLE):
-            _unpack_bundle(element, depth + 1, out)
+            if not _unpack_bundle(element, depth + 1, out, cap):
+                return False
         elif element.startswith(b"/"):
             out.append(element)
         else:
             raise ValueError("bundle element is neither a message nor a bundle")
+    return True
 
 
 def peek_address(data: bytes, limit: int = 64) -> str:
