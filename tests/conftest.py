@@ -37,3 +37,83 @@ def tiny_model(tmp_path_factory, tiny_dataset):
     cfg = TrainConfig(size="xs", epochs=4, patience=4, seed=3, stride=10, report=True)
     result = train(tiny_dataset, "tiny", models, cfg, echo=lambda s: None)
     return result.folder, result
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def draw_events(params, mixtures: int, dims: int, n: int, rng, temperature: float = 1.0, sigma_temperature: float = 1.0):
+    """``n`` draws ``[n, dims]`` through the live sampler: `mdn.sample_event` fed by `RandomBlocks` from ``rng``.
+
+    ``params`` is one vector ``[P]`` for every draw, or one row per draw ``[n, P]``.
+    """
+    import numpy as np
+
+    from server.model import mdn
+
+    params = np.asarray(params, dtype=np.float64)
+    rows = params if params.ndim == 2 else [params] * n
+    assert len(rows) == n
+    blocks = mdn.RandomBlocks(rng, dims)
+    return np.array(
+        [mdn.sample_event(row, mixtures, dims, *blocks.next(), temperature, sigma_temperature) for row in rows]
+    ).reshape(n, dims)
+
+
+@pytest.fixture(scope="session")
+def draw():
+    """`draw_events`, for test modules (a conftest is not imported by name)."""
+    return draw_events
+
+
+# --------------------------------------------------------------------------- two models that can be told apart
+
+
+class RegionModels:
+    """Two tiny models in one models folder: `a` plays near (0.2, 0.2), `b` near (0.8, 0.8)."""
+
+    CENTRES = {"a": 0.2, "b": 0.8}
+    RADIUS = 0.15  # a prediction is in a region if both coordinates are this close to its centre
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def region(self, x: float, y: float) -> str | None:
+        """`a`, `b` or None: which model's region a position lies in."""
+        for name, c in self.CENTRES.items():
+            if abs(x - c) < self.RADIUS and abs(y - c) < self.RADIUS:
+                return name
+        return None
+
+    def share(self, xy, name: str) -> float:
+        """Fraction of positions in region ``name``."""
+        return sum(self.region(x, y) == name for x, y in xy) / max(1, len(xy))
+
+
+def region_dataset(centre: float, seed: int, performances: int = 12, length: int = 150):
+    """Events near (centre, centre), with one in five anywhere on the pad so every input is familiar."""
+    import numpy as np
+
+    from server.learn.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    perfs = []
+    for _ in range(performances):
+        dt = np.clip(rng.lognormal(np.log(0.05), 0.4, length), 0.0, 5.0)
+        dt[0] = 0.0
+        near = rng.random(length) < 0.8
+        xy = np.where(near[:, None], rng.normal(centre, 0.04, (length, 2)), rng.uniform(0, 1, (length, 2)))
+        perfs.append(np.column_stack([dt, np.clip(xy, 0.0, 1.0)]))
+    return Dataset.from_performances(perfs)
+
+
+@pytest.fixture(scope="session")
+def region_models(tmp_path_factory) -> RegionModels:
+    """Models `a` and `b` (xs, 8 epochs, ~10 s each), trained on data confined to different regions."""
+    from server.learn.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("region-models")
+    for seed, (name, centre) in enumerate(RegionModels.CENTRES.items(), start=1):
+        cfg = TrainConfig(size="xs", epochs=8, patience=8, seed=3, stride=10, report=False)
+        train(region_dataset(centre, seed), name, folder, cfg, echo=lambda s: None)
+    return RegionModels(folder)

@@ -72,15 +72,17 @@ def test_mdn_beats_a_single_gaussian(trained):
 
 
 @pytest.mark.parametrize("t", [0.45, 0.5, 0.55])
-def test_samples_cover_every_branch_where_the_curve_folds(trained, t):
+def test_samples_cover_every_branch_where_the_curve_folds(trained, draw, t):
+    """Drawn through the live sampler (`mdn.sample_event` with `RandomBlocks`), 4,000 draws per t."""
     mixture, single, _ = trained
     roots = branches(t)
     assert len(roots) == 3
     rng = np.random.default_rng(3)
     params = np.asarray(mixture(np.full((4000, 1), t, np.float32)))
-    draws = mdn.sample(params, 5, 1, rng)[:, 0]
+    draws = draw(params, 5, 1, len(params), rng)[:, 0]
     for r in roots:
         assert np.mean(np.abs(draws - r) < 0.06) > 0.08, (t, r)
     # The single Gaussian puts most of its samples between the branches.
-    one = mdn.sample(np.asarray(single(np.full((4000, 1), t, np.float32))), 1, 1, rng)[:, 0]
+    single_params = np.asarray(single(np.full((4000, 1), t, np.float32)))
+    one = draw(single_params, 1, 1, len(single_params), rng)[:, 0]
     assert sum(np.mean(np.abs(one - r) < 0.06) for r in roots) < 0.7

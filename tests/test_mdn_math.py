@@ -89,92 +89,170 @@ def test_head_scales_positive_and_layout(tmp_path):
     np.testing.assert_allclose(np.asarray(again(x)), np.asarray(model(x)), rtol=1e-6)
 
 
-# --------------------------------------------------------------------------- sampling
+# --------------------------------------------------------------------------- sampling: the live sampler
+#
+# Every draw goes through `mdn.sample_event`, the one sampler the Predictor (and so the
+# live loop, bench and report) runs, fed by `RandomBlocks` from an explicit Generator.
+# Tolerances are statistical: 5 standard errors, with fixed seeds.
 
 
-def test_sample_moments_match_mixture():
-    rng = np.random.default_rng(42)
+def softmax(logits, temperature):
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def within(observed, expected, se, what):
+    assert abs(observed - expected) <= 5 * se, f"{what}: {observed:.5f} vs {expected:.5f} (5 SE = {5 * se:.5f})"
+
+
+def component_of(draws, spacing=10.0):
+    """Which component each draw came from, for components with means 0, spacing, 2*spacing, ... and tiny scales."""
+    return np.rint(draws[:, 0] / spacing).astype(int)
+
+
+def test_greedy_is_the_most_likely_components_mean():
+    means = [[1.0, 2.0], [5.0, 6.0], [-3.0, 0.5]]
+    params = pack(means, np.ones((3, 2)), [0.1, 0.3, 0.2])
+    for u in (0.0, 0.5, 0.999999):
+        for t in (0.0, 1e-7):  # below 1e-6 counts as 0: dividing by it would overflow
+            assert mdn.sample_event(params, 3, 2, u, [2.5, -1.0], t, 0.0) == [5.0, 6.0]
+    # Ties go to the first; a NaN logit counts as 0 and never wins over a larger one.
+    assert mdn.sample_event(pack(means, np.ones((3, 2)), [0.3, 0.3, 0.3]), 3, 2, 0.9, [0, 0], 0.0, 0.0) == [1.0, 2.0]
+    assert mdn.sample_event(pack(means, np.ones((3, 2)), [np.nan, -1.0, 0.5]), 3, 2, 0.0, [0, 0], 0.0, 0.0) == [-3.0, 0.5]
+    # Greedy component, scaled noise: mean + scale * sigma_temperature * normal, exactly.
+    params = pack(means, [[1.0, 1.0], [0.5, 2.0], [1.0, 1.0]], [0.1, 0.3, 0.2])
+    assert mdn.sample_event(params, 3, 2, 0.3, [1.0, -2.0], 0.0, 0.5) == pytest.approx([5.0 + 0.25, 6.0 - 2.0])
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.25, 0.5, 1.0, 2.0, 10.0])
+def test_component_frequencies_are_softmax_of_logits_over_temperature(draw, temperature):
+    logits = [0.0, 0.1, -0.05, 0.15] if temperature == 0.05 else [0.0, 1.0, -0.5, 1.5]
+    params = pack([[0.0], [10.0], [20.0], [30.0]], np.full((4, 1), 1e-3), logits)
+    n = 6000
+    comp = component_of(draw(params, 4, 1, n, np.random.default_rng(100 + int(temperature * 100)), temperature))
+    assert set(comp) <= {0, 1, 2, 3}
+    expected = softmax(logits, temperature)
+    for k in range(4):
+        within(np.mean(comp == k), expected[k], math.sqrt(expected[k] * (1 - expected[k]) / n), f"T={temperature} component {k}")
+
+
+def test_greedy_temperature_always_picks_the_top_component(draw):
+    params = pack([[0.0], [10.0], [20.0]], np.full((3, 1), 1e-3), [0.0, 0.2, 0.1])
+    comp = component_of(draw(params, 3, 1, 5000, np.random.default_rng(2), temperature=0.0))
+    assert np.all(comp == 1)
+
+
+@pytest.mark.parametrize("sigma_temperature", [0.0, 0.3, 1.0, 3.0])
+def test_one_gaussian_mean_and_variance_with_sigma_temperature(draw, sigma_temperature):
+    mu, s, n = np.array([0.7, -1.5, 3.0]), np.array([2.0, 0.5, 1e-3]), 8000
+    got = draw(pack(mu, s, [0.3]), 1, 3, n, np.random.default_rng(31), sigma_temperature=sigma_temperature)
+    if sigma_temperature == 0.0:
+        np.testing.assert_array_equal(got, np.tile(mu, (n, 1)))
+        return
+    std = s * sigma_temperature
+    for i in range(3):
+        within(got[:, i].mean(), mu[i], std[i] / math.sqrt(n), f"mean {i}")
+        within(got[:, i].var() / std[i] ** 2, 1.0, math.sqrt(2 / n), f"variance {i} / expected")
+    # Each dimension draws its own normal: no correlation between them.
+    corr = np.corrcoef(got[:, 0], got[:, 1])[0, 1]
+    within(corr, 0.0, 1 / math.sqrt(n), "correlation of dims 0 and 1")
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_mixture_mean_and_variance(draw, temperature):
     w = np.array([0.25, 0.75])
     mus, ss = np.array([[-2.0, 1.0], [3.0, 0.0]]), np.array([[0.5, 1.0], [1.0, 0.2]])
-    params = pack(mus, ss, np.log(w))
-    draws = mdn.sample(np.tile(params, (20000, 1)), 2, 2, rng)
-    mean = (w[:, None] * mus).sum(0)
-    var = (w[:, None] * (ss**2 + mus**2)).sum(0) - mean**2
-    np.testing.assert_allclose(draws.mean(0), mean, atol=0.06)
-    np.testing.assert_allclose(draws.std(0), np.sqrt(var), rtol=0.03)
+    n = 20000
+    got = draw(pack(mus, ss, np.log(w)), 2, 2, n, np.random.default_rng(42), temperature)
+    wt = softmax(np.log(w), temperature)
+    mean = (wt[:, None] * mus).sum(0)
+    var = (wt[:, None] * (ss**2 + mus**2)).sum(0) - mean**2
+    for i in range(2):
+        within(got[:, i].mean(), mean[i], math.sqrt(var[i] / n), f"T={temperature} mean {i}")
+        # Sample variance of a mixture: SE from the mixture's fourth central moment.
+        c = mus[:, i] - mean[i]
+        m4 = (wt * (c**4 + 6 * c**2 * ss[:, i] ** 2 + 3 * ss[:, i] ** 4)).sum()
+        within(got[:, i].var(), var[i], math.sqrt((m4 - var[i] ** 2) / n), f"T={temperature} variance {i}")
 
 
-def test_temperature_divides_logits():
-    rng = np.random.default_rng(5)
-    logits = np.log(np.array([0.2, 0.8]))
-    params = pack([[-10.0], [10.0]], [[0.01], [0.01]], logits)
-    for temperature in (0.5, 1.0, 2.0):
-        draws = mdn.sample(np.tile(params, (8000, 1)), 2, 1, rng, temperature=temperature)
-        p = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
-        assert (draws[:, 0] > 0).mean() == pytest.approx(p[1], abs=0.02)
+BAD = [np.nan, np.inf, -np.inf]
 
 
-def test_sigma_temperature_scales_spread():
-    rng = np.random.default_rng(6)
-    params = pack([0.0], [2.0], [0.0])
-    for st_ in (0.5, 1.0, 3.0):
-        draws = mdn.sample(np.tile(params, (6000, 1)), 1, 1, rng, sigma_temperature=st_)
-        assert draws.std() == pytest.approx(2.0 * st_, rel=0.04)
+@pytest.mark.parametrize("logits", [[100.0, -100.0, 0.0, 100.0, -100.0], [1e30, -1e30, np.nan, np.inf, -np.inf],
+                                    [np.nan] * 5, [-np.inf] * 5, [1e300, 1e300, -1e300, 0.0, 5.0]])
+@pytest.mark.parametrize("scale", [0.0, -1.0, 1e-30, 1e-6, 1e4, 1e30, np.inf, np.nan])
+def test_extreme_parameters_give_finite_draws_from_valid_components(draw, logits, scale):
+    k, d, n = 5, 3, 1000
+    means = np.repeat(np.arange(k, dtype=np.float64)[:, None], d, axis=1)  # component i has mean i
+    params = pack(means, np.full((k, d), scale), logits)
+    clean = np.clip(np.nan_to_num(np.asarray(logits, dtype=np.float64), nan=0.0), -1e6, 1e6)
+    for t in (0.0, 1e-7, 0.01, 1.0, 100.0, 1e300):
+        weights = np.exp((clean - clean.max()) / t) if t >= mdn.GREEDY_BELOW else (clean == clean.max()) * 1.0
+        allowed = set(np.flatnonzero(weights > 0)) if t >= mdn.GREEDY_BELOW else {int(np.argmax(clean))}
+        comp = draw(params, k, d, n, np.random.default_rng(8), t, 0.0)[:, 0]
+        assert set(comp.astype(int)) <= allowed and np.all(comp == np.rint(comp)), (t, set(comp))
+        for st_ in (1.0, 1e300, np.inf):
+            assert np.all(np.isfinite(draw(params, k, d, n, np.random.default_rng(9), t, st_))), (t, st_)
+    # Infinite and NaN means come out finite too.
+    wild = pack([[np.nan, np.inf, -np.inf]] * k, np.full((k, d), scale), logits)
+    assert np.all(np.isfinite(draw(wild, k, d, 200, np.random.default_rng(10), 1.0, 1.0)))
+    assert np.isfinite(mdn.log_density(pack(np.zeros((k, d)), np.full((k, d), 1e-6), [100.0, -100.0, 0.0, 100.0, -100.0]),
+                                       np.zeros(d), k, d))
 
 
-def test_temperature_zero_is_greedy():
-    rng = np.random.default_rng(7)
-    params = pack([[1.0, 2.0], [5.0, 6.0], [-3.0, 0.5]], np.ones((3, 2)), [0.1, 0.3, 0.2])
-    np.testing.assert_array_equal(mdn.sample(params, 3, 2, rng, 0.0, 0.0), [5.0, 6.0])
-    near = mdn.sample(np.tile(params, (500, 1)), 3, 2, rng, 0.0, 0.1)
-    assert np.all(np.abs(near - [5.0, 6.0]) < 1.0)
+def test_non_finite_logits_count_as_documented(draw):
+    """NaN is 0, +-inf is +-1e6: [1e30, -1e30, nan, inf, -inf] puts half the draws on component 0, half on 3."""
+    params = pack([[0.0], [10.0], [20.0], [30.0], [40.0]], np.full((5, 1), 1e-3), [1e30, -1e30, np.nan, np.inf, -np.inf])
+    comp = component_of(draw(params, 5, 1, 5000, np.random.default_rng(12)))
+    assert set(comp) == {0, 3}
+    within(np.mean(comp == 0), 0.5, math.sqrt(0.25 / 5000), "share of component 0")
 
 
-@pytest.mark.parametrize("logit", [100.0, -100.0, 1e30, -1e30])
-@pytest.mark.parametrize("scale", [1e-6, 1e4])
-def test_extreme_parameters_stay_finite(logit, scale):
-    rng = np.random.default_rng(8)
-    k, d = 5, 3
-    params = pack(np.zeros((k, d)), np.full((k, d), scale), [logit, -logit, 0.0, logit, -logit])
-    for t in (0.0, 0.01, 1.0, 100.0):
-        out = mdn.sample(np.tile(params, (100, 1)), k, d, rng, t, 1.0)
-        assert np.all(np.isfinite(out))
-    assert np.isfinite(mdn.log_density(params, np.zeros(d), k, d))
+def test_a_draw_past_the_running_total_never_picks_a_component_with_no_weight():
+    """Rounding (e.g. `sum` compensating, the running total not) can put u at the total: fall back to a weighted one."""
+    assert mdn.pick_component([0.0, 0.0, 0.0, -1e9], 1.0, 1.0) == 2
+    assert mdn.pick_component([0.0, -1e9, -1e9], 1.0, 1.0) == 0
 
 
-@settings(max_examples=200, deadline=None)
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+any_temperature = st.one_of(st.floats(0, 1e-5), st.floats(0, 100), st.floats(min_value=0, allow_infinity=True))
+
+
+@settings(max_examples=300, deadline=None)
 @given(
-    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=15, max_size=15),
-    st.floats(0, 50),
-    st.floats(0, 50),
+    st.lists(any_float, min_size=15, max_size=15),
+    any_temperature,
+    any_temperature,
+    st.floats(0, 1, exclude_max=True),
+    st.lists(st.floats(-8, 8), min_size=2, max_size=2),
 )
-def test_any_parameters_give_a_finite_sample(values, temperature, sigma_temperature):
-    params = np.array(values, dtype=np.float64)
-    params[6:12] = np.abs(np.nan_to_num(params[6:12], nan=1.0))  # scales come out of ELU+1: positive
-    out = mdn.sample(params, 3, 2, np.random.default_rng(0), temperature, sigma_temperature)
-    assert out.shape == (2,) and np.all(np.isfinite(out))
-
-
-def test_negative_temperature_is_refused():
-    with pytest.raises(ValueError):
-        mdn.sample(pack([0.0], [1.0], [0.0]), 1, 1, np.random.default_rng(0), temperature=-1)
-
-
-def test_scalar_sampler_matches_the_vectorised_one():
-    rng = np.random.default_rng(11)
+def test_any_parameters_give_a_finite_draw_from_a_valid_component(values, temperature, sigma_temperature, u, normals):
     k, d = 3, 2
-    params = pack([[0.0, 1.0], [4.0, -2.0], [-3.0, 3.0]], [[0.3, 0.5], [1.0, 0.2], [0.7, 0.7]], [0.5, -0.2, 1.0])
-    for t, s in ((1.0, 1.0), (0.5, 2.0), (3.0, 0.3)):
-        fast = np.array([mdn.sample_row(params, k, d, rng, t, s) for _ in range(6000)])
-        ref = mdn.sample(np.tile(params, (6000, 1)), k, d, rng, t, s)
-        np.testing.assert_allclose(fast.mean(0), ref.mean(0), atol=0.15)
-        np.testing.assert_allclose(fast.std(0), ref.std(0), rtol=0.06)
-    greedy = mdn.sample_row(params, k, d, rng, 0.0, 0.0)
-    np.testing.assert_array_equal(greedy, mdn.sample(params, k, d, rng, 0.0, 0.0))
-    wild = params.copy()
-    wild[:] = [np.nan, np.inf, -np.inf, 1e30, 0, 0, 1e-9, np.inf, 1e4, np.nan, 0.1, 0.1, 1e30, np.nan, -np.inf]
-    for t in (0.0, 1e-7, 1.0, 1e3):
-        assert np.all(np.isfinite(mdn.sample_row(wild, k, d, rng, t, 1.0)))
+    params = np.array(values, dtype=np.float64)
+    out = mdn.sample_event(params, k, d, u, normals, temperature, sigma_temperature)
+    assert len(out) == d and all(math.isfinite(v) for v in out)
+    logits = np.clip(np.nan_to_num(params[2 * k * d :], nan=0.0), -1e6, 1e6)
+    comp = mdn.pick_component(list(params[2 * k * d :]), u, temperature)
+    assert 0 <= comp < k
+    if temperature < mdn.GREEDY_BELOW:
+        assert logits[comp] == logits.max()
+    else:
+        assert math.exp((logits[comp] - logits.max()) / temperature) > 0, "a component with no weight"
+    # With no spread the draw is that component's mean, made finite.
+    mean = np.clip(np.nan_to_num(params[comp * d : comp * d + d], nan=0.0), -1e6, 1e6)
+    assert mdn.sample_event(params, k, d, u, normals, temperature, 0.0) == list(mean)
+
+
+@pytest.mark.parametrize("temperatures", [(-1.0, 1.0), (1.0, -0.5), (np.nan, 1.0), (1.0, np.nan)])
+def test_negative_or_nan_temperature_is_refused(temperatures):
+    with pytest.raises(ValueError):
+        mdn.sample_event(pack([0.0], [1.0], [0.0]), 1, 1, 0.5, [0.0], *temperatures)
+
+
+def test_wrong_parameter_count_is_refused():
+    with pytest.raises(ValueError, match="expected 15 parameters"):
+        mdn.sample_event(np.zeros(14), 3, 2, 0.5, [0.0, 0.0])
 
 
 def test_random_blocks_are_seeded_and_well_distributed():
@@ -182,12 +260,19 @@ def test_random_blocks_are_seeded_and_well_distributed():
     b = mdn.RandomBlocks(np.random.default_rng(3), 3, block=100)
     draws_a = [a.next() for _ in range(5000)]  # crosses many block boundaries
     assert draws_a == [b.next() for _ in range(5000)]
+    c = mdn.RandomBlocks(np.random.default_rng(4), 3, block=100)
+    assert [c.next() for _ in range(5000)] != draws_a
     u = np.array([d[0] for d in draws_a])
     z = np.array([d[1] for d in draws_a])
     assert z.shape == (5000, 3) and u.min() >= 0 and u.max() < 1
-    assert abs(u.mean() - 0.5) < 0.02 and np.allclose(z.mean(0), 0, atol=0.05) and np.allclose(z.std(0), 1, atol=0.05)
+    within(u.mean(), 0.5, math.sqrt(1 / 12 / 5000), "uniform mean")
+    for i in range(3):
+        within(z[:, i].mean(), 0.0, 1 / math.sqrt(5000), f"normal mean {i}")
+        within(z[:, i].var(), 1.0, math.sqrt(2 / 5000), f"normal variance {i}")
+
+
+def test_seeded_draws_repeat_exactly(draw):
     params = pack([[0.0, 1.0], [4.0, -2.0]], [[0.3, 0.5], [1.0, 0.2]], [0.5, -0.2])
-    blocks = mdn.RandomBlocks(np.random.default_rng(4), 2)
-    fast = np.array([mdn.sample_row_from(params, 2, 2, *blocks.next()) for _ in range(6000)])
-    ref = mdn.sample(np.tile(params, (6000, 1)), 2, 2, np.random.default_rng(5))
-    np.testing.assert_allclose(fast.mean(0), ref.mean(0), atol=0.15)
+    first = draw(params, 2, 2, 3000, np.random.default_rng(4))
+    np.testing.assert_array_equal(first, draw(params, 2, 2, 3000, np.random.default_rng(4)))
+    assert not np.array_equal(first, draw(params, 2, 2, 3000, np.random.default_rng(5)))

@@ -96,6 +96,6 @@ def test_cli_synth_then_train_end_to_end(tmp_path, capsys):
     args = ["train", "--data", str(ds), "--size", "xs", "--name", "cli", "--models-dir", str(tmp_path), "--epochs", "1", "--no-report"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "epoch   1/1" in out and "validation NLL" in out
+    assert "epoch    1 " in out and "held-out NLL" in out and "held out for validation (performances" in out
     assert (tmp_path / "cli" / "step.tflite").is_file() and not (tmp_path / "cli" / "report.png").exists()
     assert main(["train", "--data", str(ds), "--name", "../evil", "--models-dir", str(tmp_path)]) == 1

@@ -394,14 +394,15 @@ class Engine:
         """Play a self-generated event, feed it back, and schedule the next from its scheduled time."""
         self._chain = None
         now = self._loop.time()
-        if now - item.when > LATE_TOLERANCE:  # the loop stalled: skip it rather than rush to catch up
+        late = now - item.when > LATE_TOLERANCE
+        if late:  # the loop stalled: not played, rather than rushed out with the ones after it
             self.counts["late_dropped"] += 1
-            self._continue_from(now)
-            return
-        self._play(item, now)
+        else:
+            self._play(item, now)
         t0 = time.perf_counter()
+        # Fed back either way, so a seeded performance is the same sequence however the machine stalls.
         self.predictor.observe(item.dt, item.x, item.y)
-        self._continue_from(item.when, t0)
+        self._continue_from(now if late else item.when, t0)
 
     # ------------------------------------------------------------------ accompaniment answers
 

@@ -55,66 +55,7 @@ def log_density(params: np.ndarray, x: np.ndarray, mixtures: int, dims: int) -> 
     return (top + np.log(np.exp(joint - top).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def sample(
-    params: np.ndarray,
-    mixtures: int,
-    dims: int,
-    rng: np.random.Generator,
-    temperature: float = 1.0,
-    sigma_temperature: float = 1.0,
-) -> np.ndarray:
-    """Draw one sample per row of ``params [N, P]`` (or ``[P]``); returns ``[N, D]`` (or ``[D]``).
-
-    ``temperature`` divides the logits (0, or below 1e-6, = the most likely component); ``sigma_temperature``
-    multiplies the scales (0 = the component mean). Inputs are sanitised so the result is
-    always finite and the chosen component always valid, whatever the network emits.
-    """
-    if temperature < 0 or sigma_temperature < 0:
-        raise ValueError("temperatures must be >= 0")
-    params = np.asarray(params, dtype=np.float64)
-    single = params.ndim == 1
-    params = np.atleast_2d(params)
-    clean = np.clip(np.nan_to_num(params, nan=0.0, posinf=1e6, neginf=-1e6), -1e6, 1e6)
-    means, scales, logits = split_params(clean, mixtures, dims)
-    n = params.shape[0]
-    rows = np.arange(n)
-    if temperature < GREEDY_BELOW:
-        comp = np.argmax(logits, axis=-1)
-    else:
-        logp = log_softmax(logits / temperature)
-        # Inverse-CDF draw: one uniform per row, searched in the cumulative weights.
-        cdf = np.cumsum(np.exp(logp), axis=-1)
-        u = rng.random(n) * cdf[:, -1]
-        comp = np.minimum((cdf < u[:, None]).sum(axis=-1), mixtures - 1)
-    mu = means[rows, comp]
-    if sigma_temperature == 0.0:
-        out = mu
-    else:
-        sigma = np.clip(scales[rows, comp], SCALE_EPS, 1e6) * sigma_temperature
-        out = mu + sigma * rng.standard_normal((n, dims))
-    return out[0] if single else out
-
-
-def sample_row(
-    params: np.ndarray,
-    mixtures: int,
-    dims: int,
-    rng: np.random.Generator,
-    temperature: float = 1.0,
-    sigma_temperature: float = 1.0,
-) -> list[float]:
-    """One draw from one parameter vector: `sample` for a single row, in scalar Python.
-
-    The live loop samples one event at a time; numpy's per-call overhead made the
-    vectorised path ~30 us, this one is a few. Same algorithm, same guarantees
-    (finite output, valid component), tested against `sample`.
-    """
-    return sample_row_from(
-        params, mixtures, dims, rng.random(), rng.standard_normal(dims).tolist(), temperature, sigma_temperature
-    )
-
-
-def sample_row_from(
+def sample_event(
     params: np.ndarray,
     mixtures: int,
     dims: int,
@@ -123,36 +64,55 @@ def sample_row_from(
     temperature: float = 1.0,
     sigma_temperature: float = 1.0,
 ) -> list[float]:
-    """`sample_row` with its random numbers given: one uniform in [0, 1) and ``dims`` standard normals.
+    """Draw one event (normalised units) from one parameter vector ``[P]``: the only sampler.
 
-    Lets the live loop draw its random numbers in blocks (see `RandomBlocks`).
+    The random numbers are given, drawn by the caller from an explicit Generator (the
+    live loop and the tools use `RandomBlocks`): one ``uniform`` in [0, 1) picks the
+    component, ``dims`` standard ``normals`` place the point. ``temperature`` divides the
+    logits (0, or below 1e-6, = the most likely component); ``sigma_temperature``
+    multiplies the scales (0 = the component mean). Whatever the network emits (NaN,
+    infinities, huge logits or scales, scales <= 0), the result is finite and comes from
+    a valid component: NaN counts as 0, values are clipped to +-1e6 and scales to
+    [1e-6, 1e6]. Scalar Python, since the live loop samples one event at a time and
+    numpy's per-call overhead would cost more than the maths.
     """
-    if temperature < 0 or sigma_temperature < 0:
+    if not (temperature >= 0.0 and sigma_temperature >= 0.0):  # also refuses NaN
         raise ValueError("temperatures must be >= 0")
     p = params.tolist()
     kd = mixtures * dims
-    logits = [v if -1e6 < v < 1e6 else _finite(v) for v in p[2 * kd : 2 * kd + mixtures]]
-    if temperature < GREEDY_BELOW:
-        comp = logits.index(max(logits))
-    else:
-        top = max(logits)
-        weights = [math.exp((v - top) / temperature) for v in logits]
-        u = uniform * sum(weights)
-        comp, acc = mixtures - 1, 0.0
-        for i, w in enumerate(weights):
-            acc += w
-            if u < acc:
-                comp = i
-                break
-    base = comp * dims
+    if len(p) != kd * 2 + mixtures:
+        raise ValueError(f"expected {param_count(mixtures, dims)} parameters, got {len(p)}")
+    base = pick_component(p[2 * kd :], uniform, temperature) * dims
     means = [v if -1e6 < v < 1e6 else _finite(v) for v in p[base : base + dims]]
     if sigma_temperature == 0.0:
         return means
-    scales = p[kd + base : kd + base + dims]
+    spread = sigma_temperature if sigma_temperature < 1e6 else 1e6  # keeps mean + scale * spread * z finite
     return [
-        m + (s if SCALE_EPS < s < 1e6 else min(max(_finite(s), SCALE_EPS), 1e6)) * sigma_temperature * z
-        for m, s, z in zip(means, scales, normals)
+        m + (s if SCALE_EPS < s < 1e6 else min(max(_finite(s), SCALE_EPS), 1e6)) * spread * z
+        for m, s, z in zip(means, p[kd + base : kd + base + dims], normals)
     ]
+
+
+def pick_component(logits: list[float], uniform: float, temperature: float) -> int:
+    """The mixture component for one draw: index into ``logits`` of softmax(logits / temperature).
+
+    Inverse CDF with ``uniform`` in [0, 1); below 1e-6 the temperature is greedy (argmax,
+    the first on ties). Always a valid index of a component with non-zero weight.
+    """
+    logits = [v if -1e6 < v < 1e6 else _finite(v) for v in logits]
+    top = max(logits)
+    if temperature < GREEDY_BELOW:
+        return logits.index(top)
+    weights = [math.exp((v - top) / temperature) for v in logits]  # the top one is exactly 1
+    u = uniform * sum(weights)
+    acc, last = 0.0, 0
+    for i, w in enumerate(weights):
+        if w > 0.0:
+            acc += w
+            last = i
+            if u < acc:
+                return i
+    return last  # u rounded up to the total: the last component that has any weight
 
 
 class RandomBlocks:
@@ -180,7 +140,7 @@ class RandomBlocks:
 
 
 def _finite(v: float) -> float:
-    """NaN -> 0, +-inf -> +-1e6: what `sample` does with nan_to_num, for scalars."""
+    """NaN -> 0, anything else clipped to [-1e6, 1e6]."""
     if v != v:
         return 0.0
     return min(max(v, -1e6), 1e6)

@@ -90,6 +90,6 @@ class Predictor:
     def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
         """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
         u, normals = draws.next()
-        z = mdn.sample_row_from(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
+        z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
         dt, x, y = self.norm.inverse_event(z)
         return dt, x, y
