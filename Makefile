@@ -4,8 +4,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
+SHARED ?= ../shared
+TOUCH_LICENCE := MIT licence, copyright 2019 Charles P Martin (see $(SHARED)/data/LICENSE-touch-performances.txt)
 
-.PHONY: run test bench soak default-model clean
+.PHONY: run test bench soak default-model touch-model chorale-model models clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -28,9 +30,22 @@ bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (make soak ARGS="--seconds 600")
 	$(PY) -m server soak $(ARGS)
 
-default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures
+default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures (under 3 minutes)
 	$(PY) -m server synth --seed 1 --out datasets/synthetic.npz
-	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --seed 1
+	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --seed 1 --minutes 2.5
+
+touch-model: $(STAMP)  ## retrain models/touch from the touch-screen improvisations in ../shared/data (12 minutes)
+	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --seed 1 --minutes 12 \
+		--data-source "IMPSY touch-screen improvisations (github.com/cpmpercussion/impsy, datasets/training-dataset-4d.npz, first 36 performances)" \
+		--data-licence "$(TOUCH_LICENCE)"
+
+chorale-model: $(STAMP)  ## retrain models/chorale from the Bach chorales in ../shared/data (10 minutes)
+	$(PY) -m server dataset --midi $(SHARED)/data/bach-chorales --out datasets/chorales.npz
+	$(PY) -m server train --data datasets/chorales.npz --name chorale --seed 1 --minutes 10 \
+		--data-source "407 Bach chorales as MIDI, written from the music21 corpus" \
+		--data-licence "public domain (music21: BSD)"
+
+models: default-model touch-model chorale-model  ## all three shipped models
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,10 +12,12 @@ import selectors
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from server.config import RunConfig
 from server.live.engine import Engine, Settings
+from server.live.learning import Learner
 from server.event import Event
 from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
 from server.model.spec import ModelError
@@ -57,12 +59,13 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
         raise StartupError(str(e)) from e
     try:
         with asyncio.Runner(loop_factory=precise_event_loop) as runner:
-            return runner.run(_serve(cfg, predictor, folder.name, recorder, started, out))
+            return runner.run(_serve(cfg, predictor, folder, recorder, started, out))
     finally:
         recorder.close()
 
 
-async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder: Recorder, started: float, out: TextIO) -> int:
+async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: Recorder, started: float,
+                 out: TextIO) -> int:
     loop = asyncio.get_running_loop()
     settings = Settings(
         mode=cfg.mode,
@@ -72,7 +75,9 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         threshold=cfg.threshold,
         max_rate=cfg.max_rate,
     )
+    model_name = folder.name
     engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name)
+    engine.model_folder = folder
     try:
         transport, protocol, output = await start_osc(
             engine, host=cfg.host, port=cfg.port, destinations=cfg.send, allow=cfg.allow
@@ -85,6 +90,16 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
             output.send_prediction(event.x, event.y)
 
     engine.sinks[:] = [send_model_events, recorder.record]
+    engine.status_sources.append(recorder.counts)
+    engine.learner = Learner(
+        loop, cfg.models_dir,
+        session_log=lambda: recorder.path,
+        playing=lambda: (engine.model_name, engine.model_folder),
+        performer_events=lambda: engine.counts["inputs"],
+        swap=lambda name, on_error, on_loaded: engine.load_model(name, on_error, on_loaded),
+        notify=output.broadcast,
+    )
+    engine.status_sources.append(engine.learner.status)
     midi: MidiLink | None = None
     if midi_requested(cfg):
         try:
@@ -113,6 +128,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, model_name: str, recorder
         await stop.wait()
     finally:
         engine.stop()
+        engine.learner.close()
         if midi is not None:
             midi.close()  # every held note off, then All Notes Off
         transport.close()

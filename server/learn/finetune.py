@@ -22,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 
 from server.learn.data import Dataset, DatasetError
-from server.learn.train import EXPORT_RESERVE_S, TrainConfig, _info, _windows, build_for, fit_within
+from server.learn.train import TrainConfig, _info, _windows, build_for, fit_within
 
 MIN_EVENTS = 100  # performer events a fine-tune needs: fewer say too little to learn from or judge by
 PHRASE_GAP = 1.0  # seconds of silence that end a phrase
 HOLD_OUT = 0.2  # of the events, the last phrases, held out to judge the new model
-FINE_TUNE_LEARNING_RATE = 1e-3
+FINE_TUNE_LEARNING_RATE = 3e-3
+FINISH_RESERVE_S = 4.0  # of the budget, for judging and writing the new model (small data: seconds)
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,12 @@ def fine_tune(
     train_perfs, held = hold_out_last(parts)
     train_ds, held_ds = Dataset.from_performances(train_perfs), Dataset.from_performances(held)
     cfg = TrainConfig(init_from=Path(parent_folder), learning_rate=FINE_TUNE_LEARNING_RATE, seed=seed,
-                      sequence_length=32, stride=4, batch_size=32, patience=8, report=False, minutes=seconds / 60)
+                      sequence_length=24, stride=1, batch_size=16, patience=40, report=False, minutes=seconds / 60)
     model, spec, norm, parent = build_for(cfg, train_ds)
     before = score(step_for(parent.file("step.tflite"), parent.info, model), parent.info, held_ds).dequantised
     train_w, held_w = _windows(train_ds, held_ds, norm, cfg)
     jacobian = float(np.mean(norm.log_jacobian(np.concatenate([p[1:] for p in held]))))
-    budget = max(1.0, seconds - EXPORT_RESERVE_S / 2 - (time.monotonic() - started))
+    budget = max(1.0, seconds - FINISH_RESERVE_S - 0.05 * seconds - (time.monotonic() - started))
     reporter = _Reporter(progress, budget, jacobian)
     best, interrupted = fit_within(model, train_w, held_w, norm, budget, cfg, [reporter])
     if best.weights is None:

@@ -44,6 +44,15 @@ class LearnState:
 class Learner:
     """Starts, watches and stops one fine-tune at a time."""
 
+    STATUS_KEYS = {
+        "learn": "fine-tune state: idle, starting, running, stopping, done or failed",
+        "learn_progress": "fraction of the running fine-tune's time budget spent",
+        "learn_last": "the last fine-tune's result, in words",
+        "learn_runs": "fine-tunes started",
+        "learn_swaps": "fine-tuned models swapped in",
+        "learn_failures": "fine-tunes whose process failed",
+    }
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,

@@ -157,13 +157,19 @@ class MidiInput:
     newest position wins, as for OSC — instead of queueing loop callbacks without limit.
     """
 
+    STATUS_KEYS = {  # in /status as midi_in_<key>
+        "events": "MIDI messages that played a position",
+        "echoes": "incoming notes ignored as echoes of what Antiphon just sent",
+        "coalesced": "MIDI messages dropped by a flood (the newest win)",
+    }
+
     def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard) -> None:
         self._loop, self._mapping, self._perform, self._guard = loop, mapping, perform, guard
         self._closed = False
         self._lock = threading.Lock()
         self._inbox: deque[tuple[Any, float]] = deque(maxlen=INBOX_SIZE)
         self._drain_scheduled = False
-        self.counts = {"events": 0, "echoes": 0, "coalesced": 0}
+        self.counts = dict.fromkeys(self.STATUS_KEYS, 0)
 
     def on_message(self, msg: Any) -> None:
         """Backend thread: filter cheaply, stamp the arrival, and hand over to the event loop."""
@@ -208,6 +214,11 @@ class MidiInput:
 class MidiOutput:
     """Engine sink and silencer: model events play notes on one channel of a port."""
 
+    STATUS_KEYS = {  # in /status as midi_out_<key>
+        "notes": "notes the model played",
+        "dropped": "model notes not sent because the port was missing or failed",
+    }
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -221,7 +232,7 @@ class MidiOutput:
         self._guard = guard or EchoGuard()
         self._held: dict[int, asyncio.TimerHandle] = {}  # sounding pitch -> its scheduled note_off
         self._last_model: float | None = None
-        self.counts = {"notes": 0, "dropped": 0}
+        self.counts = dict.fromkeys(self.STATUS_KEYS, 0)
 
     def __call__(self, event: Event) -> None:
         if event.source != "model":

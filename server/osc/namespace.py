@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from server.live.controls import ControlError, Controls
+from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.modes import parse_mode
 from server.model.files import check_model_name
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
@@ -22,7 +23,18 @@ DEFAULT_SEND_PORT = 5711
 MODEL_LOADS_PER_SECOND = 5.0  # per sender: a load reads and hashes files (off the loop, but not free)
 STATUS_PER_SECOND = 50.0  # per sender: a reply is ~50x its request, so cap what a spoofed sender reflects
 HELLO_PER_SECOND = 5.0  # per sender: a client says /hello once, or as a slow keep-alive
-OUTPUT_ADDRESSES: tuple[str, ...] = ("/prediction", "/status", "/error")
+LEARN_PER_SECOND = 1.0  # per sender: each starts a training process
+# What the server sends, and when: the README's table and the patches' drift test read this.
+OUTPUTS: dict[str, str] = {
+    "/prediction": "`x y` (float32) when a model event is due, to every destination",
+    "/status": "`key value ...` in reply to `/status` (keys below)",
+    "/error": "`address reason` to the sender of a refused message (rate limited), or to every destination "
+              "when a fine-tune fails",
+    "/learn/progress": "`fraction heldout_nll` to every destination after each epoch of a fine-tune",
+    "/learn/done": "`model nll_before nll_after swapped` to every destination when a fine-tune ends "
+                   "(`swapped` 1: the new model now plays; 0: the old one stays)",
+}
+OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 
 Position = tuple[float, float]
 
@@ -177,9 +189,22 @@ def status(ctx: Request) -> None:
     ctx.output.send_status(ctx.sender, items)
 
 
+@address("/learn", max_rate=LEARN_PER_SECOND)
+def learn(ctx: Request, seconds: float = DEFAULT_LEARN_SECONDS) -> None:
+    """Fine-tune the playing model on this session's performer events for at most `seconds`; swapped in only if better."""
+    _at_least("seconds", seconds, 0.0, inclusive=False)
+    ctx.controls.learn(seconds)
+
+
+@address("/learn/stop")
+def learn_stop(ctx: Request) -> None:
+    """End a fine-tune early, keeping (and judging) the best model so far."""
+    ctx.controls.stop_learning()
+
+
 TABLE = AddressTable(
     (gesture, interface, note, temperature, sigma_temperature, timescale, mode, threshold,
-     reset, pause, model, hello, status)
+     reset, pause, model, hello, status, learn, learn_stop)
 )
 ADDRESSES: tuple[str, ...] = TABLE.paths
 

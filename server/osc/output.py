@@ -18,7 +18,7 @@ import logging
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -31,29 +31,39 @@ Endpoint = tuple[str, int]
 logger = logging.getLogger(__name__)
 
 
+def _counter(doc: str) -> Any:
+    """A counter field that starts at 0 and carries its meaning."""
+    return field(default=0, metadata={"doc": doc})
+
+
 @dataclass(slots=True)
 class OscStats:
     """The transport's counters; `/status` reports them with an `osc_` prefix."""
 
-    received: int = 0  # datagrams accepted from allowed senders
-    handled: int = 0  # messages applied
-    rejected: int = 0  # messages or datagrams refused (each answered by /error unless suppressed)
-    clamped: int = 0  # /gesture or /interface messages with a coordinate outside [0, 1]
-    ignored: int = 0  # /note messages with velocity 0 (note-offs)
-    coalesced: int = 0  # performer positions superseded by a newer one in the same batch (the flood policy)
-    rate_limited: int = 0  # requests refused by their address's per-sender rate (also counted as rejected)
-    batch_max: int = 0  # most datagrams read in one wake-up: how far behind the server has been
-    denied: int = 0  # datagrams dropped silently by the allow-list
-    internal_errors: int = 0  # unexpected exceptions from the engine (answered "internal error")
-    errors_suppressed: int = 0  # /error replies withheld by the per-sender rate limit
-    sent: int = 0  # datagrams handed to the socket
-    send_errors: int = 0  # sends that failed, including ICMP "port unreachable" reports
-    bundles_capped: int = 0  # bundles that carried more than the cap; the messages beyond it were refused
-    deferred: int = 0  # loop wake-ups that ran out of their work budget and left the rest of a batch for later
-    destinations_evicted: int = 0  # /hello destinations dropped to make room (their sender had gone quiet)
+    received: int = _counter("datagrams accepted from allowed senders")
+    handled: int = _counter("messages applied")
+    rejected: int = _counter("messages or datagrams refused (each answered by /error unless suppressed)")
+    clamped: int = _counter("/gesture or /interface messages with a coordinate outside [0, 1]")
+    ignored: int = _counter("/note messages with velocity 0 (note-offs)")
+    coalesced: int = _counter("performer positions superseded by a newer one in the same batch (the flood policy)")
+    rate_limited: int = _counter("requests refused by their address's per-sender rate (also counted as rejected)")
+    batch_max: int = _counter("most datagrams read in one wake-up: how far behind the server has been")
+    denied: int = _counter("datagrams dropped silently by the allow-list")
+    internal_errors: int = _counter('unexpected exceptions from the engine (answered "internal error")')
+    errors_suppressed: int = _counter("/error replies withheld by the per-sender rate limit")
+    sent: int = _counter("datagrams handed to the socket")
+    send_errors: int = _counter('sends that failed, including ICMP "port unreachable" reports')
+    bundles_capped: int = _counter("bundles that carried more than the cap; the messages beyond it were refused")
+    deferred: int = _counter("loop wake-ups that ran out of their work budget and left the rest of a batch for later")
+    destinations_evicted: int = _counter("/hello destinations dropped to make room (their sender had gone quiet)")
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        """Each counter's meaning (for the README's /status table)."""
+        return {f.name: f.metadata["doc"] for f in fields(cls)}
 
 
 
@@ -195,6 +205,12 @@ class OscOutput:
             args.append(str(key))
             args.append(_status_value(value))
         self.send_to(to, encode_message("/status", *args))
+
+    def broadcast(self, address: str, *args: int | float | str) -> None:
+        """Send one message to every destination (fine-tune progress and results)."""
+        data = encode_message(address, *args)
+        for endpoint in self._all:
+            self.send_to(endpoint, data)
 
     def send_error(self, to: Endpoint, address: str, reason: str) -> None:
         """Send `/error <address> <reason>` to one address (both truncated to stay small)."""

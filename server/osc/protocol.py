@@ -165,6 +165,12 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         # On an unconnected UDP socket this is an ICMP report about an earlier send.
         self.output.send_failed(exc)
 
+    # The transport's keys in /status beyond OscStats (documented for the README's table).
+    EXTRA_COUNTERS = {
+        "kernel_drops": "datagrams the kernel dropped because the receive buffer was full (Linux; `none` elsewhere)",
+        "destinations": "where `/prediction` goes now: `--send` ones and `/hello` ones",
+    }
+
     def counters(self) -> dict[str, int | None]:
         """The transport's part of `/status`: counters, kernel drops (None if unknown) and destinations."""
         items: dict[str, int | None] = dict(self.stats.as_dict())
