@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,54 @@ def command(name: str, help: str):
         return register
 
     return wrap
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low`, so a bad value is refused before any work starts."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _output_file(text: str) -> Path:
+    """An argparse type: where a file will be written; an existing folder is refused now, not after the work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name such as {path / 'data.npz'}")
+    return path
+
+
+def _check_models_dir(models_dir: Path) -> None:
+    """Refuse a --models-dir that cannot take a new model now, rather than after minutes of training."""
+    existing = models_dir.absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # the folder is created on export, under its nearest existing parent
+    if not existing.is_dir():
+        raise ModelError(f"--models-dir {models_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelError(f"--models-dir {models_dir}: {existing} is not writable")
 
 
 # --------------------------------------------------------------------------- synth
@@ -66,8 +116,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "dt from note onsets in seconds through the tempo map")
     p.add_argument("--merge-tracks", action="store_true",
                    help="with --midi: one performance per file, all tracks' notes merged in time")
-    p.add_argument("--out", type=Path, default=Path("datasets/performances.npz"))
-    p.add_argument("--dt-max", type=float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
+    p.add_argument("--out", type=_output_file, default=Path("datasets/performances.npz"))
+    p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
 
 
 @command("dataset", "build a training dataset from performance logs and/or MIDI files")(_dataset_args)
@@ -118,13 +168,26 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help=_sizes_help())
     p.add_argument("--name", required=True, help="model folder name under --models-dir")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
-    p.add_argument("--mixtures", type=int, default=d.mixtures)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience in epochs")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--sequence-length", type=int, default=d.sequence_length, help="training window in events")
+    p.add_argument("--minutes", type=_positive_float, default=None,
+                   help="time budget, export included (default: 2 minutes for a small dataset, up to 15 for a "
+                        "large one); early stopping ends sooner when training has converged; Ctrl-C exports the "
+                        "best model so far")
+    p.add_argument("--init-from", metavar="MODEL", default=None,
+                   help="fine-tune: start from this model (a name under --models-dir or a folder), keeping its "
+                        "size and normalisation")
+    p.add_argument("--mixtures", type=_int_at_least(1), default=d.mixtures)
+    p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout between layers (default {d.dropout})")
+    p.add_argument("--dt-offset", type=_positive_float, default=d.dt_offset,
+                   help=f"seconds in log(dt + offset) (default {d.dt_offset})")
+    p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="at most this many epochs")
+    p.add_argument("--patience", type=_int_at_least(0), default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--data-source", default="", help="where the data came from (recorded in model.json)")
+    p.add_argument("--data-licence", default="", help="the data's licence and copyright notice (recorded in model.json)")
+    p.add_argument("--seed", type=_int_at_least(0), default=d.seed)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size)
+    p.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate)
+    p.add_argument("--sequence-length", type=_int_at_least(2), default=d.sequence_length,
+                   help="training window in events")
     p.add_argument("--no-report", action="store_true", help="skip report.png")
 
 
@@ -136,11 +199,13 @@ def _sizes_help() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from server.learn.data import load_dataset
     from server.learn.train import TrainConfig, train
+    from server.model.files import resolve_model_dir
 
     try:
         check_model_name(args.name)
     except ValueError as e:
         raise ModelError(f"--name: {e}") from None
+    _check_models_dir(args.models_dir)
     cfg = TrainConfig(
         size=args.size,
         mixtures=args.mixtures,
@@ -152,9 +217,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         sequence_length=args.sequence_length,
         stride=max(1, args.sequence_length // 5),
         report=not args.no_report,
+        minutes=args.minutes,
+        dropout=args.dropout,
+        dt_offset=args.dt_offset,
+        init_from=None if args.init_from is None else resolve_model_dir(args.init_from, args.models_dir, allow_paths=True),
+        data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )
-    train(load_dataset(args.data), args.name, args.models_dir, cfg)
-    return 0
+    result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    return 0 if result.folder is not None else 1
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -163,18 +233,23 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
 
 
-@command("evaluate", "mean NLL per event of a dataset under a model (original units)")(_evaluate_args)
+@command("evaluate", "NLL per event of a dataset under a model (original units; dequantised where the data is on a grid)")(_evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from server.learn.data import load_dataset
-    from server.learn.evaluate import nll_per_event
+    from server.learn.evaluate import score
     from server.model.files import read_model, resolve_model_dir
-    from server.model.network import keras_model_from_bytes
+    from server.model.predictor import model_files_for, open_step
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
-    model = read_model(folder, ("model.keras",))
+    model = read_model(folder, model_files_for("auto"))
     ds = load_dataset(args.data)
-    nll = nll_per_event(keras_model_from_bytes(model.file("model.keras")), model.info, ds)
-    print(f"{folder.name}: {nll:.4f} nats per event over {len(ds.events) - len(ds.starts)} events")
+    step, _ = open_step(model)
+    s = score(step, model.info, ds)
+    norm = model.info.normaliser
+    print(f"{folder.name}: {s.dequantised:.4f} nats per event over {s.events} events in {s.performances} performances")
+    if norm.gridded:
+        print(f"  dequantised (each quantised coordinate integrated over its grid cell); raw density at the points: {s.raw:.4f}")
+    print(f"  {norm.describe()}")
     return 0
 
 
@@ -197,6 +272,86 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, StartupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+# --------------------------------------------------------------------------- learn
+
+
+def _learn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the model to fine-tune: a name under --models-dir, or a folder")
+    p.add_argument("--log", nargs="+", type=Path, required=True, metavar="PATH",
+                   help="performance logs (logs/*.csv) or folders of them: the performer's events are learnt")
+    p.add_argument("--seconds", type=_positive_float, default=60.0, help="time budget (default 60)")
+    p.add_argument("--name", default=None, help="the new model's folder name (default: <model>-learn-<time>)")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--json", action="store_true", help="progress and result as JSON lines (what a server reads)")
+    p.add_argument("--background", action="store_true",
+                   help="lower priority and one thread, so a server on this machine keeps a core to itself")
+
+
+@command("learn", "fine-tune a model on the performer's events in performance logs; kept only if it does better "
+                  "on the last phrases held out")(_learn_args)
+def cmd_learn(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from server.learn.data import log_streams
+    from server.model.files import resolve_model_dir
+
+    if args.background:
+        _background()
+    folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
+    name = args.name or f"{folder.name[:40]}-learn-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        check_model_name(name)
+    except ValueError as e:
+        raise ModelError(f"--name: {e}") from None
+
+    def emit(message: dict) -> None:
+        print(json.dumps(message), flush=True)
+
+    def progress(fraction: float, nll: float) -> None:
+        if args.json:
+            emit({"progress": round(fraction, 4), "heldout_nll": round(nll, 4)})
+        else:
+            print(f"{fraction:6.1%}  held-out NLL {nll:.3f} nats/event", flush=True)
+
+    try:
+        from server.learn.finetune import fine_tune
+
+        streams = log_streams(args.log, ("performer",))
+        result = fine_tune(folder, streams, args.seconds, args.models_dir, name, progress,
+                           lineage={"session_logs": [str(p) for p in args.log]}, seed=args.seed)
+    except (DatasetError, ModelError) as e:
+        if args.json:
+            emit({"error": str(e)})
+            return 1
+        raise
+    if args.json:
+        emit({"result": {"model": result.model, "nll_before": result.nll_before, "nll_after": result.nll_after,
+                         "better": result.better, "seconds": round(result.seconds, 1)}})
+    else:
+        verdict = f"wrote {args.models_dir / result.model}" if result.better else f"kept {folder.name} (no better)"
+        print(f"{verdict}: held-out NLL {result.nll_before:.3f} -> {result.nll_after:.3f} nats/event "
+              f"({result.events_train} events learnt, {result.events_held_out} held out, {result.seconds:.0f} s)")
+    return 0
+
+
+def _background() -> None:
+    """Lower this process's priority and keep TensorFlow to one thread (before it is imported)."""
+    import os
+
+    for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ[var] = "1"
+    try:
+        os.nice(10)
+    except (AttributeError, OSError):
+        pass
+    from server.model.network import tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 # --------------------------------------------------------------------------- bench
@@ -275,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any failure ends as one `error: ...` line on stderr and exit 1, never a traceback.
+
+    Expected failures (a bad file, model or dataset) carry a message naming the file and
+    the fix. Anything else ends the same way, with its exception type; `-v` shows the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -283,6 +443,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][0](args)
-    except (ModelError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ModelError, DatasetError) as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(_describe_os_error(e))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+        hint = "" if args.verbose else "; -v shows the traceback"
+        return _fail(f"{e or 'failed'} ({type(e).__name__} in {args.command}{hint})")
+
+
+def _fail(message: str) -> int:
+    """Print one `error:` line (newlines in the message folded) and return the exit code 1."""
+    print("error: " + " ".join(message.split("\n")), file=sys.stderr)
+    return 1
+
+
+def _describe_os_error(e: OSError) -> str:
+    """`path: reason` for an OSError, as a user would say it."""
+    if e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    return e.strerror or str(e)

@@ -1,0 +1,199 @@
+"""`/learn` on a running server over loopback: it picks up a figure, keeps playing, and only ever gets better.
+
+One distinctive figure, played into `run` as a performer would: a fast square path with
+regular taps, nothing like the synthetic gestures `models/default` learnt.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.live import REPO, OscPeer, start_server
+
+CORNERS = [(0.1, 0.1), (0.9, 0.1), (0.9, 0.9), (0.1, 0.9)]
+
+
+def figure(repeats: int, seed: int = 0) -> np.ndarray:
+    """(dt, x, y): the square, 20 taps a phrase, 60 ms apart, a pause between phrases."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(repeats):
+        for i in range(20):
+            x, y = CORNERS[i % 4]
+            rows.append((0.06 if i else 1.3, x + rng.normal(0, 0.01), y + rng.normal(0, 0.01)))
+    return np.clip(np.array(rows, np.float32), 0.0, 5.0)
+
+
+def play(peer: OscPeer, events: np.ndarray) -> int:
+    """Send the figure on an absolute schedule (its own dts); returns how many predictions came back."""
+    start = time.monotonic()
+    t = 0.0
+    answers = 0
+    for dt, x, y in events:
+        t += float(dt) * 0.5  # twice as fast: the test is long enough
+        while (left := start + t - time.monotonic()) > 0:
+            answers += len(peer.receive(left, "/prediction"))
+        peer.send("/gesture", float(x), float(y))
+    return answers + len(peer.receive(0.3, "/prediction"))
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(REPO / "models" / "default", folder / "default")
+    return folder
+
+
+def score_on(folder: Path, events: np.ndarray) -> float:
+    from server.learn.data import Dataset
+    from server.learn.evaluate import score
+    from server.model.files import read_model
+    from server.model.predictor import model_files_for, open_step
+
+    model = read_model(folder, model_files_for("auto"))
+    step, _ = open_step(model)
+    return score(step, model.info, Dataset.from_performances([events])).dequantised
+
+
+def wait_for(peer: OscPeer, address: str, seconds: float, keep_playing: bool = False) -> tuple[list, int, int]:
+    """Wait for one `address` message; meanwhile (optionally) play gestures and count what is answered."""
+    end = time.monotonic() + seconds
+    sent = answered = 0
+    while time.monotonic() < end:
+        if keep_playing:
+            peer.send("/gesture", 0.5 + 0.3 * np.sin(sent / 7), 0.5)
+            sent += 1
+        for _, got, args in peer.receive(0.05):
+            if got == "/prediction":
+                answered += 1
+            elif got == address:
+                return args, sent, answered
+    raise AssertionError(f"no {address} within {seconds} s")
+
+
+def test_learn_picks_up_the_figure_and_the_music_goes_on(tmp_path, models):
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
+                       "--timescale", "0.01", "--seed", "3")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        played = figure(16)
+        play(peer, played)
+        peer.send("/learn", 20.0)
+        progress = []
+        done = None
+        end = time.monotonic() + 120
+        sent = answered = 0
+        while done is None and time.monotonic() < end:
+            peer.send("/gesture", 0.5 + 0.3 * np.sin(sent / 7), 0.5)  # the music goes on, 20 gestures a second
+            sent += 1
+            for _, address, args in peer.receive(0.05):
+                if address == "/prediction":
+                    answered += 1
+                elif address == "/learn/progress":
+                    progress.append(args)
+                elif address == "/learn/done":
+                    done = args
+                elif address == "/error":
+                    raise AssertionError(f"error: {args}")
+        assert done is not None, "no /learn/done"
+        name, before, after, swapped = done
+        assert swapped == 1 and name.startswith("default-learn-") and after < before
+        assert progress and all(0 <= f <= 1 for f, _ in progress)
+        answered += len(peer.receive(0.3, "/prediction"))
+        assert answered >= 0.95 * sent, (answered, sent)  # every gesture during the fine-tune was answered
+        status = peer.status()
+        assert status["model"] == name and status["learn"] == "done" and status["learn_swaps"] == 1
+        # the new model knows the figure: a fresh take of it is clearly more likely than under default
+        fresh = figure(4, seed=9)
+        assert score_on(models / name, fresh) < score_on(models / "default", fresh) - 1.0
+        assert (models / name / "model.json").read_text().count('"parent": "default"') == 1
+    finally:
+        assert srv.stop() == 0
+        peer.close()
+
+
+def test_too_few_events_is_an_error_that_says_how_many(tmp_path, models):
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
+                       "--timescale", "0.01")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        for i in range(10):
+            peer.send("/gesture", i / 10, 0.5)
+        reply = peer.request("/learn", 5.0, reply="/error")
+        assert reply[0] == "/learn" and "10 played" in reply[1] and "at least 100" in reply[1]
+        stop = peer.request("/learn/stop", reply="/error")
+        assert "no fine-tune is running" in stop[1]
+        assert peer.status()["learn"] == "idle"
+    finally:
+        assert srv.stop() == 0
+        peer.close()
+
+
+def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(tmp_path, models):
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
+                       "--timescale", "0.01")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        play(peer, figure(8))
+        peer.send("/learn", 300.0)
+        wait_for(peer, "/learn/progress", 60)
+        reply = peer.request("/learn", 10.0, reply="/error")
+        assert "already running" in reply[1]
+        stopped = time.monotonic()
+        peer.send("/learn/stop")
+        args, sent, answered = wait_for(peer, "/learn/done", 60, keep_playing=True)
+        assert time.monotonic() - stopped < 30  # not the 300 s asked for
+        assert args[3] in (0, 1)
+    finally:
+        assert srv.stop() == 0
+        peer.close()
+
+
+def test_a_crashed_training_process_leaves_the_old_model_playing_and_says_so(tmp_path, models):
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
+                       "--timescale", "0.01")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        play(peer, figure(8))
+        peer.send("/learn", 120.0)
+        wait_for(peer, "/learn/progress", 60)
+        children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+        assert children, "the fine-tune runs in a child process"
+        for child in children:
+            os.kill(int(child), signal.SIGKILL)
+        args, sent, answered = wait_for(peer, "/error", 30, keep_playing=True)
+        assert args[0] == "/learn" and "still playing default" in args[1]
+        assert answered >= 0.9 * sent
+        status = peer.status()
+        assert status["model"] == "default" and status["learn"] == "failed" and status["learn_failures"] == 1
+    finally:
+        assert srv.stop() == 0
+        peer.close()
+
+
+def test_a_fine_tune_that_makes_things_worse_is_not_kept(tmp_path):
+    """Trained on one figure, judged on a different one held out: worse, so nothing is written."""
+    from server.learn.finetune import fine_tune
+    from server.learn.synth import synthetic_performance
+
+    rng = np.random.default_rng(1)
+    stuck = np.column_stack([np.full(400, 0.02), np.full(400, 0.05), np.full(400, 0.05)]).astype(np.float32)
+    stuck[:, 1:] += rng.normal(0, 0.002, (400, 2)).astype(np.float32)
+    lively = synthetic_performance(rng, 3)[:110]  # what models/default knows well, held out at the end
+    lively[0, 0] = 2.0
+    result = fine_tune(REPO / "models" / "default", [np.concatenate([stuck, lively])], 15, tmp_path, "worse")
+    assert result.events_held_out >= 100
+    assert not result.better and result.nll_after > result.nll_before
+    assert result.model == "default" and not (tmp_path / "worse").exists()
