@@ -165,12 +165,15 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
         timing = generate_timing(model, sock, Path(logs), 2.0 if quick else 10.0)
     with tempfile.TemporaryDirectory() as logs:
         runaway = runaway_guard(model, sock, Path(logs), 2.0 if quick else 5.0)
+    with tempfile.TemporaryDirectory() as scratch:
+        learning = learning_phase(model, sock, Path(scratch), 10.0 if quick else 30.0)
     return {
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
         "round_trip": runs,
         "generate_timing": timing,
         "runaway": runaway,
+        "learning": learning,
         "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "osc_coalesced",
                                                  "step_us_median", "step_us_p99", "late_us_median", "late_us_p99")},
         "exit_code": code,
@@ -214,6 +217,37 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
         srv.stop()
     return {"seconds": seconds, "cpu_percent": cpu, "log_bytes_per_s": growth, "events_per_s": received / elapsed,
             "max_rate": st.get("max_rate")}
+
+
+def learning_phase(model: str, sock: socket.socket, scratch: Path, seconds: float) -> dict[str, Any]:
+    """The round trip at 100 msg/s with no fine-tune, then while `/learn` runs: the music must not notice.
+
+    The model is copied into a scratch models folder, so the fine-tuned one lands there.
+    """
+    import shutil
+
+    models = scratch / "models"
+    shutil.copytree(Path(model), models / Path(model).name)
+    srv = ServerUnderTest(Path(model).name, sock.getsockname()[1], scratch / "logs", "accompany", 1e-6,
+                          "--models-dir", str(models))
+    try:
+        quiet = round_trip(sock, srv.port, 100, 5.0)  # also the performer events the fine-tune learns from
+        sock.sendto(encode_message("/learn", float(seconds)), ("127.0.0.1", srv.port))
+        started = time.monotonic()
+        during = round_trip(sock, srv.port, 100, seconds * 0.8)
+        done: list[Any] = []
+        while not done and time.monotonic() < started + seconds + 120:
+            if select.select([sock], [], [], 1.0)[0]:
+                data = sock.recv(65536)
+                if data.startswith(b"/learn/done"):
+                    from pythonosc.osc_message import OscMessage
+
+                    done = list(OscMessage(data).params)
+        took = time.monotonic() - started
+    finally:
+        srv.stop()
+    return {"seconds_asked": seconds, "seconds_end_to_end": took if done else None, "done": done,
+            "quiet": quiet, "during": during}
 
 
 def machine() -> dict[str, Any]:
@@ -268,6 +302,11 @@ def format_table(r: dict[str, Any]) -> str:
         f"generate at timescale 1e-4 for {v['runaway']['seconds']:.0f} s (max_rate {v['runaway']['max_rate']}): "
         f"{v['runaway']['events_per_s']:.0f} events/s, CPU {v['runaway']['cpu_percent']:.1f} %, "
         f"log {v['runaway']['log_bytes_per_s'] / 1000:.1f} KB/s",
+        f"round trip at 100 msg/s: median {v['learning']['quiet']['median_us'] or 0:.0f} us, "
+        f"p99 {v['learning']['quiet']['p99_us'] or 0:.0f} us; while a /learn {v['learning']['seconds_asked']:.0f} runs: "
+        f"median {v['learning']['during']['median_us'] or 0:.0f} us, p99 {v['learning']['during']['p99_us'] or 0:.0f} us "
+        f"({v['learning']['during']['received']}/{v['learning']['during']['sent']} answered); "
+        f"/learn/done after {v['learning']['seconds_end_to_end'] or 0:.1f} s: {v['learning']['done']}",
         f"server counters: {v['server_status']}",
     ]
     return "\n".join(lines)
