@@ -116,6 +116,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "dt from note onsets in seconds through the tempo map")
     p.add_argument("--merge-tracks", action="store_true",
                    help="with --midi: one performance per file, all tracks' notes merged in time")
+    p.add_argument("--include-model", action="store_true",
+                   help="from logs, also the model's own events (default: the performer's only)")
     p.add_argument("--out", type=_output_file, default=Path("datasets/performances.npz"))
     p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
 
@@ -126,14 +128,21 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
     if not args.paths and not args.midi:
         raise DatasetError("give performance logs or folders, and/or --midi PATH...")
-    perfs = dataset_from_logs(args.paths, args.dt_max).performances if args.paths else []
+    perfs = dataset_from_logs(args.paths, args.dt_max, args.include_model).performances if args.paths else []
+    if args.paths:
+        what = "performer and model streams" if args.include_model else "performer streams"
+        print(f"logs: {len(perfs)} {what} of two events or more")
     if args.midi:
         from server.learn.midifile import midi_performances
 
-        perfs += midi_performances(args.midi, args.dt_max, args.merge_tracks)
+        tracks = midi_performances(args.midi, args.dt_max, args.merge_tracks)
+        print(f"MIDI: {len(tracks)} {'files' if args.merge_tracks else 'tracks'} of two notes or more")
+        perfs += tracks
     ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
-    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances")
+    short = sum(1 for p in ds.performances if len(p) < 51)
+    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances"
+          + (f" ({short} shorter than a training window of 50 events: they train padded)" if short else ""))
     return 0
 
 

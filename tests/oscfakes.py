@@ -56,6 +56,12 @@ class FakeControls:
         self._call("load_model", name)
         self.on_error[name] = on_error
 
+    def learn(self, seconds: float) -> None:
+        self._call("learn", seconds)
+
+    def stop_learning(self) -> None:
+        self._call("stop_learning")
+
     def status(self) -> dict[str, Any]:
         return {"mode": Mode.ACCOMPANY, "temperature": 0.5, "paused": False, "model": "default"}
 

@@ -87,7 +87,7 @@ def test_learn_picks_up_the_figure_and_the_music_goes_on(tmp_path, models):
     try:
         played = figure(16)
         play(peer, played)
-        peer.send("/learn", 20.0)
+        peer.send("/learn", 30.0)
         progress = []
         done = None
         end = time.monotonic() + 120
@@ -106,7 +106,7 @@ def test_learn_picks_up_the_figure_and_the_music_goes_on(tmp_path, models):
                     raise AssertionError(f"error: {args}")
         assert done is not None, "no /learn/done"
         name, before, after, swapped = done
-        assert swapped == 1 and name.startswith("default-learn-") and after < before
+        assert swapped == 1 and name.startswith("default-learn-") and after < before, done
         assert progress and all(0 <= f <= 1 for f, _ in progress)
         answered += len(peer.receive(0.3, "/prediction"))
         assert answered >= 0.95 * sent, (answered, sent)  # every gesture during the fine-tune was answered

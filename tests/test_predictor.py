@@ -68,8 +68,9 @@ def inverse(norm, z):
     return out
 
 
-def greedy_event(params, norm, k=5, d=3):
+def greedy_event(params, norm, d=3):
     """The most likely component's mean, in original units."""
+    k = len(params) // (2 * d + 1)
     means, _, logits = mdn.split_params(np.asarray(params, np.float64), k, d)
     return inverse(norm, means[int(np.argmax(logits))])
 
@@ -107,7 +108,7 @@ def test_sample_is_in_seconds_and_unit_positions(predictor, norm, temperature, s
         if i % 100 == 0:
             predictor.observe(*EVENTS[(i // 100) % len(EVENTS)])
         event = predictor.sample(theirs, temperature, sigma_temperature)
-        z = mdn.sample_event(predictor.params, 5, 3, *ours.next(), temperature, sigma_temperature)
+        z = mdn.sample_event(predictor.params, predictor.info.spec.mixtures, 3, *ours.next(), temperature, sigma_temperature)
         assert event == pytest.approx(inverse(norm, z), rel=1e-9, abs=1e-12)
         got.append(event)
     got = np.array(got)
@@ -124,7 +125,7 @@ def test_greedy_is_the_most_likely_components_mean_in_original_units(predictor, 
         predictor.observe(*event)
         expected = greedy_event(predictor.params, norm)
         assert predictor.sample(draws, 0.0, 0.0) == pytest.approx(expected, rel=1e-6, abs=1e-9)
-        _, _, logits = mdn.split_params(np.asarray(predictor.params), 5, 3)
+        _, _, logits = mdn.split_params(np.asarray(predictor.params), predictor.info.spec.mixtures, 3)
         checked.add(int(np.argmax(logits)))
     # Greedy with scale noise stays centred on that mean (sigma_temperature multiplies the scales).
     near = np.array([predictor.sample(draws, 0.0, 1e-3) for _ in range(200)])

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import logging
 import math
+import os
+import secrets
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
 DT_MAX = 5.0  # seconds; the default clip on dt (DESIGN.md)
 LOG_HEADER = ("time", "source", "x", "y")
+MAX_LOG_LINE = 65_536  # characters; a row of ours is under 60 (and csv's own field limit is 131,072)
+_NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy arrays
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 class DatasetError(ValueError):
@@ -78,82 +86,194 @@ def validate(events: np.ndarray, starts: np.ndarray) -> None:
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
+    """Write `ds` to `path` whole or not at all (a temporary file renamed into place)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez(f, events=ds.events, starts=ds.starts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # umask permissions, unlike mkstemp
+        try:
+            with open(tmp, "xb") as f:
+                np.savez(f, events=ds.events, starts=ds.starts)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot write the dataset ({getattr(e, 'strerror', None) or e})") from None
     return path
 
 
 def load_dataset(path: Path) -> Dataset:
-    """Read a dataset `.npz`, refusing pickled objects and malformed arrays."""
+    """Read a dataset `.npz`, refusing pickled objects, other files and malformed arrays."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if "events" not in z or "starts" not in z:
-                raise DatasetError(f"{path}: needs arrays 'events' and 'starts', has {sorted(z.files)}")
-            events, starts = z["events"], z["starts"]
+        with path.open("rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+            if not magic.startswith(_NPZ_MAGIC):
+                raise DatasetError(f"{path}: not a dataset .npz: {_what_file(magic)}; "
+                                   "make one with antiphon dataset or antiphon synth")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as z:
+                if "events" not in z or "starts" not in z:
+                    raise DatasetError(f"{path}: needs arrays 'events' and 'starts', has {sorted(z.files)}")
+                events, starts = z["events"], z["starts"]
     except DatasetError:
         raise
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable dataset ({e})") from e
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder; give a dataset .npz file") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, MemoryError) as e:
+        raise DatasetError(f"{path}: damaged or not a dataset .npz ({type(e).__name__}: {e})") from None
     try:
         return Dataset(events, starts)
     except DatasetError as e:
         raise DatasetError(f"{path}: {e}") from e
 
 
+def _what_file(magic: bytes) -> str:
+    if not magic:
+        return "the file is empty"
+    if magic.startswith(_NPY_MAGIC):
+        return "it is a single .npy array (numpy.save), not an .npz with arrays 'events' and 'starts'"
+    return "it is not a zip archive of arrays"
+
+
 # --------------------------------------------------------------------------- performance logs
 
 
 def read_log(path: Path, dt_max: float = DT_MAX) -> list[np.ndarray]:
-    """Read one `logs/*.csv`; returns the performer and model streams as event arrays.
+    """Read one `logs/*.csv`; returns the performer and model streams (those of two events or more)."""
+    return list(read_log_streams(path, dt_max).values())
+
+
+def read_log_streams(path: Path, dt_max: float = DT_MAX) -> dict[str, np.ndarray]:
+    """Read one `logs/*.csv` into event arrays by source (`performer`, `model`; two events or more).
 
     Each source is its own stream (dt is since the previous event of the same source).
-    A truncated or malformed line (e.g. the last line of a log cut by a crash) is skipped.
+    Lines are read one by one, so a damaged line (a torn row, a stray quote) costs only
+    itself: it is skipped with a warning naming the line. A torn last line, what a crash
+    leaves, is skipped silently. A line too long to be a row means the file is not a
+    log, and is an error.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from e
-    rows = csv.reader(io.StringIO(text))
-    header = next(rows, None)
-    if header is None or tuple(h.strip() for h in header) != LOG_HEADER:
-        raise DatasetError(f"{path}: expected header {','.join(LOG_HEADER)}")
     streams: dict[str, list[tuple[float, float, float]]] = {}
-    for row in rows:
-        if len(row) != 4:
-            continue
-        try:
-            t, x, y = float(row[0]), float(row[2]), float(row[3])
-        except ValueError:
-            continue
-        if not all(math.isfinite(v) for v in (t, x, y)) or row[1] not in ("performer", "model"):
-            continue
-        streams.setdefault(row[1], []).append((t, min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)))
-    out = []
+    skipped: list[int] = []
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
+            lines = _log_lines(f, path)
+            first = next(lines, None)
+            if first is None:
+                raise DatasetError(f"{path}: the file is empty; a performance log starts with {','.join(LOG_HEADER)}")
+            if _fields(first[1]) != list(LOG_HEADER):
+                raise DatasetError(f"{path}: expected header {','.join(LOG_HEADER)}, found {first[1][:60].strip()!r}")
+            for number, line in lines:
+                row = _log_row(line)
+                if row is not None:
+                    t, source, x, y = row
+                    streams.setdefault(source, []).append((t, min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)))
+                elif line.strip() and line.endswith(("\n", "\r")):  # blank lines and a torn last row are no loss
+                    skipped.append(number)
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not a log") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d malformed line(s) (line %s)", path, len(skipped), shown)
+    out: dict[str, np.ndarray] = {}
     for source in ("performer", "model"):
         pts = streams.get(source, [])
         if len(pts) < 2:
             continue
         arr = np.asarray(pts, dtype=np.float64)
         dt = np.clip(np.diff(arr[:, 0], prepend=arr[0, 0]), 0.0, dt_max)
-        out.append(np.stack([dt, arr[:, 1], arr[:, 2]], axis=1).astype(np.float32))
+        out[source] = np.stack([dt, arr[:, 1], arr[:, 2]], axis=1).astype(np.float32)
     return out
 
 
-def dataset_from_logs(paths: Iterable[Path], dt_max: float = DT_MAX) -> Dataset:
-    """Build a dataset from log files and/or folders of them (one performance per stream)."""
-    files = list(iter_files(paths, "*.csv"))
-    if not files:
-        raise DatasetError("no log files found")
+def _log_lines(f: IO[str], path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) with its ending; a run of NULs (what a power cut can leave) counts as one line."""
+    number = 0
+    while line := f.readline(MAX_LOG_LINE + 1):
+        number += 1
+        while len(line) > MAX_LOG_LINE and not line.endswith(("\n", "\r")):
+            if line.strip("\x00"):
+                raise DatasetError(
+                    f"{path}: line {number} is longer than {MAX_LOG_LINE} characters; "
+                    f"not a performance log (rows are {','.join(LOG_HEADER)})"
+                )
+            line = f.readline(MAX_LOG_LINE + 1) or "\n"
+        yield number, line
+
+
+def _fields(line: str) -> list[str]:
+    """The comma-separated fields of one line (quotes as in CSV); [] if it is not one CSV record."""
+    text = line.rstrip("\r\n")
+    if '"' not in text:
+        return [field.strip() for field in text.split(",")]
+    try:
+        return [field.strip() for field in next(csv.reader([text], strict=True), [])]
+    except csv.Error:
+        return []
+
+
+def _log_row(line: str) -> tuple[float, str, float, float] | None:
+    """(time, source, x, y) of a well-formed row, else None."""
+    fields = _fields(line)
+    if len(fields) != 4 or fields[1] not in ("performer", "model"):
+        return None
+    try:
+        t, x, y = float(fields[0]), float(fields[2]), float(fields[3])
+    except ValueError:
+        return None
+    return (t, fields[1], x, y) if all(math.isfinite(v) for v in (t, x, y)) else None
+
+
+def dataset_from_logs(paths: Iterable[Path], dt_max: float = DT_MAX, include_model: bool = False) -> Dataset:
+    """Build a dataset from log files and/or folders of them: the performer's stream of each log.
+
+    The model's own events stay out unless asked for (`include_model`, each log's model
+    stream a performance of its own): retraining on your playing must not teach the
+    model to imitate itself.
+    """
+    sources = ("performer", "model") if include_model else ("performer",)
+    return Dataset.from_performances(log_streams(paths, sources, dt_max))
+
+
+
+def performer_streams(paths: Iterable[Path], dt_max: float = DT_MAX) -> list[np.ndarray]:
+    """The performer's stream of each log (files and/or folders of them): what retraining on your playing uses."""
+    return log_streams(paths, ("performer",), dt_max)
+
+
+def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float = DT_MAX) -> list[np.ndarray]:
+    """The streams of `sources` in each log (files and/or folders of them), in order.
+
+    A log named on its own must be readable; one found in a folder that is not (an empty
+    file left by a failed start, say) is skipped with a warning, so one bad file does not
+    cost the whole folder.
+    """
+    paths = [Path(p) for p in paths]
     perfs: list[np.ndarray] = []
-    for f in files:
-        perfs.extend(read_log(f, dt_max))
+    found = 0
+    for given in paths:
+        in_folder = given.is_dir()
+        for f in iter_files([given], "*.csv"):
+            found += 1
+            try:
+                streams = read_log_streams(f, dt_max)
+            except DatasetError as e:
+                if not in_folder:
+                    raise
+                log.warning("skipped %s", e)
+                continue
+            perfs.extend(streams[s] for s in sources if s in streams)
+    if not found:
+        raise DatasetError(f"no performance logs (*.csv) in {', '.join(map(str, paths)) or 'no paths'}")
     if not perfs:
-        raise DatasetError("the logs hold no stream with at least two events")
-    return Dataset.from_performances(perfs)
+        raise DatasetError(f"the {found} log(s) hold no {' or '.join(sources)} stream of at least two events")
+    return perfs
 
 
 # --------------------------------------------------------------------------- training windows
@@ -181,8 +301,12 @@ def windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> np.ndarray
 
 
 def iter_files(paths: Iterable[Path], pattern: str) -> Iterator[Path]:
+    """Each path given, and the files matching `pattern` directly in each folder given (sorted)."""
     for p in map(Path, paths):
         if p.is_dir():
-            yield from sorted(p.glob(pattern))
+            try:
+                yield from sorted(f for f in p.glob(pattern) if f.is_file())
+            except OSError as e:
+                raise DatasetError(f"{p}: cannot list the folder ({e.strerror or e})") from None
         else:
             yield p

@@ -11,6 +11,7 @@ first event of a performance has dt 0 and every dt is clipped to ``dt_max``.
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIDI_SUFFIXES = (".mid", ".midi")
 DEFAULT_TEMPO = 500_000  # microseconds per beat (120 bpm) until the first set_tempo, per the standard
+SMPTE_RATES = (24, 25, 29, 30)  # frames per second a SMPTE division may name (29: 29.97 drop-frame)
 
 
 class TempoMap:
@@ -38,8 +40,13 @@ class TempoMap:
         if ticks_per_beat < 0:
             # SMPTE: high byte is -frames per second, low byte ticks per frame; tempo plays no part.
             fps, per_frame = -(ticks_per_beat >> 8), ticks_per_beat & 0xFF
-            fps = 29.97 if fps == 29 else fps
-            ticks, rates = ticks[:1], np.array([1.0 / (fps * per_frame)])
+            if fps not in SMPTE_RATES or per_frame == 0:
+                raise ValueError(
+                    f"the header's SMPTE time division ({fps} frames per second, {per_frame} ticks per frame) "
+                    f"is invalid: frames per second must be one of {', '.join(map(str, SMPTE_RATES))} "
+                    "and ticks per frame at least 1"
+                )
+            ticks, rates = ticks[:1], np.array([1.0 / ((29.97 if fps == 29 else fps) * per_frame)])
         else:
             rates = tempos * 1e-6 / ticks_per_beat  # seconds per tick in each segment
         self._ticks, self._rates = ticks, rates
@@ -75,14 +82,18 @@ def _performance(onsets: list[tuple[int, int, int]], tempo: TempoMap, dt_max: fl
 
 
 def read_midi(path: Path, dt_max: float = DT_MAX, merge_tracks: bool = False) -> list[np.ndarray]:
-    """One performance per track with at least two onsets (or one per file, merged, with ``merge_tracks``)."""
+    """One performance per track with notes (or one per file, merged, with ``merge_tracks``)."""
     path = Path(path)
     try:
         mid = mido.MidiFile(path, clip=True)
         division = mid.ticks_per_beat
         shared = None if mid.type == 2 else TempoMap(_tempo_changes(mid.tracks), division)
-    except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
-        raise DatasetError(f"{path}: not a readable MIDI file ({e})") from e
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a folder, not a MIDI file") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (EOFError, ValueError, KeyError, IndexError, TypeError, struct.error, MemoryError) as e:
+        raise DatasetError(f"{path}: not a readable MIDI file ({e or type(e).__name__})") from None
     per_track = []
     for track in mid.tracks:
         notes = _onsets(track)
@@ -92,7 +103,7 @@ def read_midi(path: Path, dt_max: float = DT_MAX, merge_tracks: bool = False) ->
     if merge_tracks and shared is not None:
         merged = sorted((n for notes, _ in per_track for n in notes), key=lambda n: n[0])  # stable
         per_track = [(merged, shared)] if merged else []
-    return [_performance(notes, tempo, dt_max) for notes, tempo in per_track if len(notes) >= 2]
+    return [_performance(notes, tempo, dt_max) for notes, tempo in per_track]
 
 
 def midi_files(paths: Iterable[Path]) -> list[Path]:
@@ -100,7 +111,10 @@ def midi_files(paths: Iterable[Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in MIDI_SUFFIXES and f.is_file()))
+            try:
+                out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in MIDI_SUFFIXES and f.is_file()))
+            except OSError as e:
+                raise DatasetError(f"{p}: cannot list the folder ({e.strerror or e})") from None
         elif p.exists():
             out.append(p)
         else:
@@ -109,17 +123,27 @@ def midi_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def midi_performances(paths: Iterable[Path], dt_max: float = DT_MAX, merge_tracks: bool = False) -> list[np.ndarray]:
-    """Performances from MIDI files and folders; an unreadable file is skipped with a warning."""
+    """Performances from MIDI files and folders; an unreadable file is skipped with a warning naming it."""
+    paths = [Path(p) for p in paths]
     files = midi_files(paths)
     if not files:
-        raise DatasetError("no MIDI files (.mid, .midi) found")
+        raise DatasetError(f"no MIDI files (.mid, .midi) in {', '.join(map(str, paths))}")
     perfs: list[np.ndarray] = []
+    unreadable: list[DatasetError] = []
     for f in files:
         try:
             perfs.extend(read_midi(f, dt_max, merge_tracks))
         except DatasetError as e:
+            unreadable.append(e)
             log.warning("skipped %s", e)
+    single = sum(1 for p in perfs if len(p) < 2)
+    if single:
+        log.info("left out %d track(s) with a single note: nothing to predict from", single)
+    perfs = [p for p in perfs if len(p) >= 2]
     if not perfs:
+        if len(unreadable) == len(files):
+            raise DatasetError(f"no readable MIDI file: {unreadable[0]}" if len(files) == 1 else
+                               f"none of the {len(files)} MIDI files is readable (first: {unreadable[0]})")
         raise DatasetError(f"none of the {len(files)} MIDI file(s) has a track with at least two notes")
     return perfs
 

@@ -189,10 +189,19 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
 
 
 def split_with_indices(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[int]]:
-    """Split by whole performances (never windows), saying which (0-based, in dataset order) were held out."""
+    """Split by whole performances (never windows), saying which (0-based, in dataset order) were held out.
+
+    A dataset of one performance (a single session) holds out its last part instead.
+    """
     n = len(ds.starts)
-    if n < 2:
-        raise DatasetError("need at least two performances to hold one out for validation")
+    if n == 1:  # one long session: its last part is held out, as a performance of its own
+        events = ds.events
+        if len(events) < 8:
+            raise DatasetError(f"one performance of {len(events)} events is too short to train and validate on")
+        cut = int(len(events) * (1 - max(val_fraction, 0.1)))
+        tail = events[cut:].copy()
+        tail[0, 0] = 0.0
+        return Dataset.from_performances([events[:cut]]), Dataset.from_performances([tail]), [0]
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, int(round(n * val_fraction))), n - 1)
     held_out = sorted(int(i) for i in order[:n_val])

@@ -5,20 +5,33 @@ One file per run, `<log_dir>/<YYYYmmdd-HHMMSS>.csv` (local time), header
 wall-minus-monotonic offset taken at start converts them (a wall-clock jump mid-show
 does not reorder the log). Each row is one unbuffered `write`, so a crash loses at
 most the row being written and another process can read the log live.
+
+Nothing is lost without a sign. A log deleted while running (its folder removed, say)
+is noticed after the next write (the file has no links left) and replaced by a new
+one, with that row in it; a write that fails (disk full) is retried with the next row.
+Each kind of trouble is logged once and every lost row is counted (`counts()`, which
+`/status` shows), and the show goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from io import FileIO
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from server.event import Event
 
 HEADER = "time,source,x,y\n"
 _MAX_SUFFIX = 1000
+RECREATE_PAUSE = 1.0  # seconds between attempts to recreate a log that cannot be created now
+# A full disk or quota keeps the file: the next row may fit. Anything else means the
+# file (or the disk under it) is gone, so the next row goes to a new file.
+_KEEP_FILE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e)
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +40,25 @@ class RecorderError(OSError):
     """The log file could not be created; the message names the path and what to do."""
 
 
+class LogFile(Protocol):
+    """What the recorder needs of a file (a raw, unbuffered `FileIO`)."""
+
+    def write(self, data: memoryview, /) -> int | None: ...
+
+    def fileno(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class Recorder:
-    """Appends events to a new CSV log; a write failure later is logged once and counted, never raised."""
+    """Appends events to a new CSV log; trouble later is logged once per kind and counted, never raised."""
+
+    STATUS_KEYS = {
+        "log_rows": "events written to the performance log",
+        "log_lost": "events that could not be written (a full disk, a vanished folder): nothing is lost silently",
+        "log_errors": "write errors met",
+        "log_reopened": "times a new log was started because the old one was deleted or failed",
+    }
 
     def __init__(
         self,
@@ -43,51 +73,112 @@ class Recorder:
         `started` is the Unix time that names the file (now if None).
         """
         self.clock_offset = time.time() - time.monotonic() if clock_offset is None else clock_offset
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
-        self.rows = 0
-        self.write_errors = 0
+        self.log_dir = Path(log_dir)
+        self._stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
+        self.rows = 0  # rows written
+        self.lost = 0  # rows that reached no file
+        self.write_errors = 0  # failed writes and failed attempts to recreate the log
+        self.reopened = 0  # logs created to replace one that was deleted or broke
+        self._warned: set[str] = set()
+        self._closed = False
         self._torn = False  # the file does not end with a newline
-        self.path, self._file = _create_log(Path(log_dir), stamp)
+        self._retry_at = 0.0  # monotonic time before which no new log is attempted
+        self._dropped_because = ""
+        self.path, file = _create_log(self.log_dir, self._stamp)
+        self._file: LogFile | None = file
+        self._links_tell = _link_count(file) != 0  # some file systems report 0 links for every file
+
+    def counts(self) -> dict[str, int]:
+        """Counters for `/status`: rows written and lost, errors met, logs recreated."""
+        values = (self.rows, self.lost, self.write_errors, self.reopened)
+        return dict(zip(self.STATUS_KEYS, values))
 
     def record(self, event: Event) -> None:
-        """Append one event and push it to the OS; on failure log once, count, and carry on."""
-        file = self._file
-        if file is None:
+        """Append one event and push it to the OS; on trouble warn once, count, and carry on."""
+        if self._closed:
             return
-        line = f"{event.time + self.clock_offset:.6f},{event.source},{event.x:.6f},{event.y:.6f}\n"
-        if self._torn:  # a failed write left a half row: end it so this row stays parseable
-            line = "\n" + line
-        data = memoryview(line.encode("ascii"))
+        row = f"{event.time + self.clock_offset:.6f},{event.source},{event.x:.6f},{event.y:.6f}\n".encode("ascii")
+        for _ in range(2):  # a second try only into a log that replaces a deleted one
+            file = self._file if self._file is not None else self._replace()
+            if file is None or not self._write(file, row):
+                break
+            if not self._links_tell or _link_count(file) != 0:
+                self.rows += 1
+                return
+            self._drop("was deleted while running")
+        self.lost += 1
+
+    def _write(self, file: LogFile, row: bytes) -> bool:
+        """Write one row whole; on failure count it and warn once, keeping the file only when it may recover."""
+        data = memoryview(b"\n" + row if self._torn else row)  # end a half row so this one stays parseable
         try:
             while data:
                 written = file.write(data)
                 if not written:
-                    raise OSError("the file accepted no bytes")
+                    raise OSError(errno.EIO, "the file accepted no bytes")
                 self._torn = data[written - 1] != 0x0A
                 data = data[written:]
         except (OSError, ValueError) as exc:
-            self._failed(exc)
-            return
-        self.rows += 1
+            self.write_errors += 1
+            self._warn_once("write", logging.ERROR,
+                            "cannot write performance log %s: %s; rows are lost (counted as log_lost) "
+                            "until it can be written again", self.path, exc)
+            if getattr(exc, "errno", None) not in _KEEP_FILE_ERRNOS:
+                self._drop(f"broke ({exc})")
+                self._retry_at = time.monotonic() + RECREATE_PAUSE  # never a new file per row
+            return False
+        return True
 
-    def _failed(self, exc: BaseException) -> None:
-        self.write_errors += 1
-        if self.write_errors == 1:
-            logger.error("cannot write performance log %s: %s; events are being lost (further errors only counted)",
-                         self.path, exc)
+    def _drop(self, reason: str) -> None:
+        """Let go of a log that is gone or broken; a later row starts a new one and says why."""
+        self._dropped_because = reason
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except (OSError, ValueError):
+                pass
+
+    def _replace(self) -> LogFile | None:
+        """A new log in place of a lost one (its folder recreated too), or None, retried after a pause."""
+        if time.monotonic() < self._retry_at:
+            return None
+        try:
+            path, file = _create_log(self.log_dir, self._stamp)
+        except RecorderError as exc:
+            self.write_errors += 1
+            self._retry_at = time.monotonic() + RECREATE_PAUSE
+            self._warn_once("recreate", logging.ERROR, "%s; rows are lost (counted as log_lost) until it can be "
+                            "created, tried every %g s", exc, RECREATE_PAUSE)
+            return None
+        level = logging.INFO if "replaced" in self._warned else logging.WARNING
+        self._warned.add("replaced")
+        logger.log(level, "performance log %s %s; continuing in %s (later replacements are logged at INFO)",
+                   self.path, self._dropped_because, path)
+        self.path, self._file, self._torn = path, file, False
+        self._links_tell = _link_count(file) != 0
+        self.reopened += 1
+        return file
+
+    def _warn_once(self, kind: str, level: int, message: str, *args: object) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.log(level, message + " (further such trouble is only counted)", *args)
 
     @property
     def closed(self) -> bool:
-        return self._file is None
+        return self._closed
 
     def close(self) -> None:
         """Close the file; safe to call more than once."""
+        self._closed = True
         file, self._file = self._file, None
         if file is not None:
             try:
                 file.close()
             except OSError as exc:
-                self._failed(exc)
+                self.write_errors += 1
+                self._warn_once("write", logging.ERROR, "cannot close performance log %s: %s", self.path, exc)
 
     def __enter__(self) -> Recorder:
         return self
@@ -96,6 +187,14 @@ class Recorder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _link_count(file: LogFile) -> int:
+    """How many names the open file has; 0 once it was deleted. -1 if it cannot be told."""
+    try:
+        return os.fstat(file.fileno()).st_nlink
+    except (OSError, ValueError, AttributeError):
+        return -1
 
 
 def _create_log(log_dir: Path, stamp: str) -> tuple[Path, FileIO]:
@@ -115,10 +214,10 @@ def _create_log(log_dir: Path, stamp: str) -> tuple[Path, FileIO]:
                 raise
             return path, file
         raise FileExistsError(f"{_MAX_SUFFIX} logs named {stamp}*.csv already exist")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         error = RecorderError(
-            f"cannot create a performance log in {log_dir}: {exc.strerror or exc}; "
+            f"cannot create a performance log in {log_dir}: {getattr(exc, 'strerror', None) or exc}; "
             "choose a writable directory with --log-dir"
         )
-        error.errno = exc.errno
+        error.errno = getattr(exc, "errno", None)
         raise error from exc

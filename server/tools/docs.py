@@ -14,15 +14,35 @@ PROGRAM = ".venv/bin/antiphon"  # the one spelling of a command in the docs: wor
 
 
 def _osc() -> str:
-    from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUT_ADDRESSES, namespace_markdown
+    from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUTS, namespace_markdown
 
+    rows = ["| address out | arguments and when |", "|---|---|"]
+    rows += [f"| `{address}` | {meaning} |" for address, meaning in OUTPUTS.items()]
     return (
         f"Listens on `{DEFAULT_HOST}:{DEFAULT_PORT}` (UDP) and sends to `{DEFAULT_HOST}:{DEFAULT_SEND_PORT}` "
-        f"unless told otherwise.\n\n{namespace_markdown()}\n\nOut: "
-        + ", ".join(f"`{a}`" for a in OUTPUT_ADDRESSES)
-        + " — `/prediction x y` (float32) when a model event is due, `/status k v ...` in reply to `/status`, "
-        "`/error <address> <reason>` to the sender of a refused message (rate limited)."
+        f"unless told otherwise.\n\n{namespace_markdown()}\n\n" + "\n".join(rows)
     )
+
+
+def _status() -> str:
+    from server.live.engine import STATUS_KEYS
+    from server.live.learning import Learner
+    from server.live.recorder import Recorder
+    from server.midi.link import MidiInput, MidiOutput
+    from server.osc.output import OscStats
+    from server.osc.protocol import OscServerProtocol
+
+    groups = [
+        ("", STATUS_KEYS),
+        ("", Learner.STATUS_KEYS),
+        ("", Recorder.STATUS_KEYS),
+        ("osc_", {**OscStats.docs(), **OscServerProtocol.EXTRA_COUNTERS}),
+        ("midi_in_", MidiInput.STATUS_KEYS),
+        ("midi_out_", MidiOutput.STATUS_KEYS),
+    ]
+    rows = ["| key | meaning |", "|---|---|"]
+    rows += [f"| `{prefix}{key}` | {meaning} |" for prefix, keys in groups for key, meaning in keys.items()]
+    return "\n".join(rows) + "\n\n`midi_*` keys appear only when MIDI is in use."
 
 
 def _modes() -> str:
@@ -51,6 +71,7 @@ def _commands(commands: Mapping[str, str]) -> str:
 
 SECTIONS: dict[str, Callable[[], str]] = {
     "osc": _osc,
+    "status": _status,
     "modes": _modes,
     "sizes": _sizes,
     "config": _config,
