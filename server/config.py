@@ -145,7 +145,7 @@ _model = _text("a model name or folder path")  # a name under models_dir, or (fl
 
 
 def _host(raw: object) -> str:
-    if not isinstance(raw, str) or not raw.strip() or any(c.isspace() for c in raw.strip()):
+    if not isinstance(raw, str) or not raw.strip() or any(c.isspace() or not c.isprintable() for c in raw.strip()):
         raise ValueError(f"expected a host name or IP address, got {raw!r}")
     return raw.strip()
 
@@ -157,7 +157,7 @@ def _mode(raw: object) -> Mode:
 
 
 def _path(raw: object) -> Path:
-    if not isinstance(raw, (str, Path)) or not str(raw):
+    if not isinstance(raw, (str, Path)) or not str(raw) or "\0" in str(raw):
         raise ValueError(f"expected a path, got {raw!r}")
     return Path(raw).expanduser()
 
@@ -185,6 +185,8 @@ def _endpoint(raw: object) -> Endpoint:
 
 
 def _network(raw: object) -> Network:
+    if not isinstance(raw, str):  # ip_network(True) would be 0.0.0.1/32: a typo must not silently deny everyone
+        raise ValueError(f"expected an address or CIDR network like 192.168.1.0/24 (a string), got {raw!r}")
     try:
         return ipaddress.ip_network(raw, strict=False)  # type: ignore[arg-type]  # 10.1.2.3/8 means 10.0.0.0/8
     except (ValueError, TypeError):
@@ -249,6 +251,8 @@ class RunConfig:
         "scale temperature (>= 0; 0 = the component's mean)", "T", _non_negative))
     timescale: float = field(default=1.0, metadata=_key(
         "multiplies predicted dt before scheduling (> 0)", "FACTOR", _positive))
+    max_rate: float = field(default=200.0, metadata=_key(
+        "most model events per second, in every mode and at any timescale (> 0)", "N", _positive))
     threshold: float = field(default=1.5, metadata=_key(
         "seconds of performer silence before respond mode takes over (>= 0)", "SECONDS", _non_negative))
     log_dir: Path = field(default=Path("logs"), metadata=_key(
@@ -353,13 +357,23 @@ def _parse(key: Key, raw: object, origin: str) -> Any:
 
 
 def _read_toml(path: Path) -> Mapping[str, Any]:
+    """The file's table, or a ConfigError naming the file and what is wrong with it (never a traceback)."""
     try:
         with path.open("rb") as file:
             return tomllib.load(file)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "a config file is TOML, saved as UTF-8"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
 

@@ -151,3 +151,42 @@ def test_reference_documents_every_key_once() -> None:
         flag = "--" + f.name.replace("_", "-")
         assert sum(line.startswith(f"| `{f.name}` | `{flag} ") for line in markdown.splitlines()) == 1
     assert "/work" not in markdown  # no machine-specific defaults in the README
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("allow = [true]", "allow: expected an address or CIDR"),  # ip_network(True) is 0.0.0.1/32: all traffic denied
+        ("allow = [167772160]", "allow: expected an address or CIDR"),
+        ('log_dir = "logs\\u0000x"', "log_dir: expected a path"),
+        ('host = "127.0.0.1\\u0000"', "host: expected a host"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_now(tmp_path: Path, toml: str, message: str) -> None:
+    path = write_toml(tmp_path, toml + "\n")
+    with pytest.raises(ConfigError) as caught:
+        resolve("--config", str(path))
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("port = 1\nlog_dir = 'caf\xe9'\n".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 23)"),
+        (b"\x00\x01\x02\xff" * 64, "not UTF-8"),
+        (b"a = " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"a = " + b"{b = " * 5000 + b"1" + b"}" * 5000, "nested too deeply"),
+    ],
+)
+def test_a_file_that_is_not_toml_text_is_a_config_error(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "antiphon.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        resolve("--config", str(path))
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_config_folder_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder"):
+        resolve("--config", str(tmp_path))

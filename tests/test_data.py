@@ -142,3 +142,43 @@ def test_readme_generated_sections_are_current():
     commands = {name: help for name, (_, _, help) in COMMANDS.items()}
     assert render(text, commands) == text, "README is stale: run .venv/bin/antiphon docs"
     assert text.startswith("# Antiphon\n\n```sh\nmake run") and "make test" in text.split("\n\n")[1]
+
+
+def test_a_stray_quote_costs_only_its_own_line(tmp_path, caplog):
+    rows = [f"{t}.0,performer,0.{t},0.5" for t in range(1, 6)]
+    path = write_log(tmp_path / "q.csv", rows[:2] + ['3.0,"performer,0.3,0.5'] + rows[3:])
+    with caplog.at_level("WARNING"):
+        (performer,) = data.read_log(path)
+    np.testing.assert_allclose(performer[:, 1], [0.1, 0.2, 0.4, 0.5], atol=1e-6)
+    assert any("q.csv" in r.getMessage() and "line 4" in r.getMessage() for r in caplog.records)
+
+
+def test_quoted_fields_bom_and_crlf_from_a_spreadsheet_are_read(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes('\ufeff"time","source","x","y"\r\n1.0,"performer",0.1,0.2\r\n2.0,performer,0.3,0.4\r\n'.encode())
+    (performer,) = data.read_log(path)
+    np.testing.assert_allclose(performer, [[0, 0.1, 0.2], [1.0, 0.3, 0.4]], atol=1e-6)
+
+
+def test_a_line_too_long_to_be_a_row_is_an_error_naming_it(tmp_path):
+    path = write_log(tmp_path / "long.csv", ["1.0,performer,0.5,0.5", "2.0,performer," + "1" * 200_000 + ",0.5"])
+    with pytest.raises(DatasetError, match=r"long\.csv: line 3 is longer than"):
+        data.read_log(path)
+
+
+def test_zeros_a_power_cut_leaves_at_the_end_are_no_error(tmp_path):
+    path = write_log(tmp_path / "cut.csv", ["1.0,performer,0.5,0.5", "2.0,performer,0.5,0.5"], truncated="\0" * 300_000)
+    (performer,) = data.read_log(path)
+    assert len(performer) == 2
+
+
+def test_save_dataset_writes_whole_files_or_says_why(tmp_path):
+    ds = synthetic_dataset(2, seed=1, phrases=2)
+    path = data.save_dataset(ds, tmp_path / "d.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.npz"]  # no temporary left behind
+    with pytest.raises(DatasetError, match="cannot write"):
+        data.save_dataset(ds, tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DatasetError, match="cannot write"):
+        data.save_dataset(ds, tmp_path / "file" / "d.npz")
+    assert data.load_dataset(path).sha256() == ds.sha256()

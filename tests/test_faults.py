@@ -128,7 +128,10 @@ def test_hot_swap_to_a_broken_model_keeps_the_old_one_playing(models: Path, tmp_
             assert peer.receive(1.0, "/prediction", count=1), f"no answer after a failed swap to {name}"
         status = peer.status()
         assert status["model"] == "default" and status["model_swaps"] == 0 and status["osc_internal_errors"] == 0
-        peer.send("/model", "default")  # a good model still swaps in
+        peer.send("/model", "default")  # a good model still swaps in (loaded off the loop: wait for it)
+        end = time.monotonic() + 20.0
+        while peer.status()["model_swaps"] != 1 and time.monotonic() < end:
+            time.sleep(0.05)
         assert peer.status()["model_swaps"] == 1
     finally:
         assert srv.stop() == 0
@@ -152,7 +155,7 @@ def test_unreachable_destinations_do_not_stop_the_music(tmp_path: Path) -> None:
         peer.send("/hello")
         start = time.monotonic()
         for i in range(50):  # paced like a performer: a burst would be coalesced by the flood policy
-            time.sleep(max(0.0, start + i * 0.004 - time.monotonic()))
+            time.sleep(max(0.0, start + i * 0.008 - time.monotonic()))  # under max_rate (200/s)
             peer.send("/gesture", i / 50, 0.5)
         got = peer.receive(3.0, "/prediction", count=50)
         assert len(got) == 50

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.learn.data import DT_MAX, Dataset
+from server.learn.data import DT_MAX, Dataset, DatasetError
 
 
 GESTURE_FAMILIES = ("curve", "spiral", "stroke", "taps")
@@ -82,5 +82,10 @@ _PHRASES = {"curve": _curve, "spiral": _spiral, "stroke": _stroke, "taps": _taps
 
 def synthetic_dataset(performances: int, seed: int, phrases: int = 12) -> Dataset:
     """A seeded synthetic corpus: the same seed gives the same bytes."""
+    if performances < 1 or phrases < 1:
+        raise DatasetError(f"synth needs at least one performance of at least one phrase, "
+                           f"got {performances} performances of {phrases} phrases")
+    if seed < 0:
+        raise DatasetError(f"the seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     return Dataset.from_performances(synthetic_performance(rng, phrases) for _ in range(performances))

@@ -10,10 +10,13 @@ playing model. No TensorFlow here: the live server reads models through this mod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +26,13 @@ DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 MODEL_FILES = ("model.keras", "step.tflite", "model.json")
 MAX_MODEL_BYTES = 512 << 20  # no model of ours comes near this; a bigger file is not one of them
 READ_ATTEMPTS = 3  # a folder replaced while we read it is read again, from its new contents
-REEXPORT = "re-export it (antiphon train ...)"
+RETRY_PAUSE = 0.01  # seconds before a second read: long enough for an export's two renames to finish
+REEXPORT = "re-export it (antiphon train --data DATASET.npz --name NAME writes a complete, checked model)"
 
 # ASCII only: a name must mean the same folder on every OS and file system.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def check_model_name(name: object) -> str:
@@ -53,42 +59,50 @@ def is_model_name(name: str) -> bool:
 
 
 def available_models(models_dir: Path) -> list[str]:
-    """Names of the model folders in `models_dir` (those with a model.json), sorted."""
-    models_dir = Path(models_dir)
-    if not models_dir.is_dir():
+    """Names of the model folders in `models_dir` (those with a model.json), sorted; [] if it cannot be listed."""
+    try:
+        entries = list(Path(models_dir).iterdir())
+    except (OSError, ValueError):
         return []
-    return sorted(p.name for p in models_dir.iterdir() if is_model_name(p.name) and (p / "model.json").is_file())
+    return sorted(p.name for p in entries if is_model_name(p.name) and os.path.isfile(p / "model.json"))
 
 
 def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) -> Path:
     """Map a model name to its folder inside `models_dir`; a path is accepted only where the caller allows it.
 
     A name must stay inside the models folder once symlinks are resolved, so a link
-    planted in `models/` cannot load a model from elsewhere. OSC clients may name models
-    only; the command line and config files may also give a folder path.
+    planted in `models/` cannot load a model from elsewhere; a link that stays inside
+    is returned resolved, because `read_model` never follows a link at the last step
+    (so one swapped in after this check cannot be followed either). OSC clients may
+    name models only; the command line and config files may also give a folder path.
+    Errors about a name never show a path: they may go back to a client.
     """
     models_dir = Path(models_dir)
     if is_model_name(name_or_path):
-        candidate = models_dir / name_or_path
-        if candidate.is_dir() or not allow_paths:
-            root = models_dir.resolve()
-            real = candidate.resolve()
-            if real.parent != root:
-                raise ModelError(f"model {name_or_path!r} links outside the models folder; refusing to load it")
-            if not real.is_dir():
-                found = ", ".join(available_models(models_dir)) or "none"
-                raise ModelError(f"no model {name_or_path!r} (available: {found})")
-            return candidate
+        if not allow_paths or os.path.isdir(models_dir / name_or_path):
+            return _model_in(models_dir, name_or_path)
     elif not allow_paths:
         raise ModelError(f"{name_or_path!r} is not a model name (letters, digits, '-', '_', '.'; no paths)")
     path = Path(name_or_path)
-    if not path.is_dir():
+    if not os.path.isdir(path):
         found = ", ".join(available_models(models_dir)) or "none"
         raise ModelError(
             f"no model folder {name_or_path!r} in {models_dir} (found: {found}), "
             "nor a folder at that path; train one with antiphon train --name NAME"
         )
-    return path
+    return Path(os.path.realpath(path)) if os.path.islink(path) else path
+
+
+def _model_in(models_dir: Path, name: str) -> Path:
+    """`models_dir/name` once checked to be a folder directly inside `models_dir` (links resolved)."""
+    candidate = models_dir / name
+    root, real = Path(os.path.realpath(models_dir)), Path(os.path.realpath(candidate))
+    if real.parent != root:
+        raise ModelError(f"model {name!r} links outside the models folder; refusing to load it")
+    if not os.path.isdir(real):
+        found = ", ".join(available_models(models_dir)) or "none"
+        raise ModelError(f"no model {name!r} (available: {found})")
+    return real if os.path.islink(candidate) else candidate
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -123,42 +137,35 @@ def read_model(folder: Path, names: tuple[str, ...] = ("step.tflite",), label: s
     """Read `model.json` and the files `names`, verified against the SHA-256 in model.json.
 
     `label` names the model in errors (default: the folder path); pass the bare model
-    name when the message goes to a client. A model.json without hashes is refused.
-    Retries when the folder changes under it (a concurrent export), then gives up with
-    a ModelError.
+    name when the message goes to a client. A model.json without hashes is refused, and
+    so is a folder whose last step is a symlink (resolve it first: `resolve_model_dir`).
+    A file that is missing or does not match may be a re-export caught half way, so the
+    folder is read again, whole, after a pause; then a ModelError says what is wrong.
     """
     label = str(folder) if label is None else label
-    error: ModelError | None = None
-    for _ in range(READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS):
         try:
             return _read_once(Path(folder), names, label)
-        except _Changed as exc:
-            error = ModelError(
-                f"{label}/{exc} does not match its model.json (SHA-256 differs): it belongs to another model, "
-                f"is damaged or is being rewritten; {REEXPORT}"
-            )
-    assert error is not None
-    raise error
+        except _Inconsistent as exc:
+            if attempt + 1 == READ_ATTEMPTS:
+                raise ModelError(str(exc)) from None
+            time.sleep(RETRY_PAUSE * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
-class _Changed(Exception):
-    """A file did not match model.json: maybe a half-replaced folder, so read again."""
+class _Inconsistent(ModelError):
+    """A file is missing or does not match model.json: maybe a folder being replaced, so read again."""
 
 
 def _read_once(folder: Path, names: tuple[str, ...], label: str) -> ModelFiles:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except FileNotFoundError:
-        raise ModelError(f"{label} does not exist; train it first (antiphon train --name NAME)") from None
-    except OSError as exc:
-        raise ModelError(f"{label} cannot be opened ({exc.strerror or exc})") from None
+    dir_fd = _open_folder(folder, label)
     try:
         raw = _read_in(dir_fd, folder, "model.json", label)
         try:
             info = ModelInfo.from_json(json.loads(raw.decode("utf-8")))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise ModelError(f"{label}/model.json is corrupt or from another version ({exc}); {REEXPORT}") from None
-        if not all(name in info.files for name in ("model.keras", "step.tflite")):
+        if not all(isinstance(info.files.get(name), str) for name in ("model.keras", "step.tflite")):
             raise ModelError(
                 f"{label}/model.json records no SHA-256 of the model files (an older export), so they cannot "
                 f"be checked; {REEXPORT}"
@@ -167,27 +174,58 @@ def _read_once(folder: Path, names: tuple[str, ...], label: str) -> ModelFiles:
         for name in names:
             data = _read_in(dir_fd, folder, name, label)
             if sha256_bytes(data) != info.files[name]:
-                raise _Changed(name)
+                raise _Inconsistent(
+                    f"{label}/{name} does not match its model.json (SHA-256 differs): it belongs to another "
+                    f"model, is damaged or is being rewritten; {REEXPORT}"
+                )
             contents[name] = data
         return ModelFiles(label, info, contents)
     finally:
         os.close(dir_fd)
 
 
+def _open_folder(folder: Path, label: str) -> int:
+    """A handle on the folder itself, never through a symlink at its last step."""
+    flags = os.O_RDONLY | _O_DIRECTORY
+    try:
+        if os.open not in os.supports_dir_fd or folder.name in ("", ".", ".."):
+            return os.open(folder, flags)  # Windows (no openat), or a path with no last name to check
+        parent = os.open(folder.parent, flags)
+        try:
+            return os.open(folder.name, flags | _O_NOFOLLOW, dir_fd=parent)
+        finally:
+            os.close(parent)
+    except FileNotFoundError:
+        raise ModelError(f"{label} does not exist; train it first (antiphon train --name NAME)") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise ModelError(f"{label} is not a folder (or is a symbolic link); give the model folder itself") from None
+        raise ModelError(f"{label} cannot be opened ({exc.strerror or exc})") from None
+    except ValueError as exc:  # a NUL in a path from a config file
+        raise ModelError(f"{label} is not a usable path ({exc})") from None
+
+
 def _read_in(dir_fd: int, folder: Path, name: str, label: str) -> bytes:
-    """One file of the folder behind `dir_fd` (no symlinks), whole; ModelError when it cannot be."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    """One regular file of the folder behind `dir_fd` (no symlinks, no FIFOs), whole; ModelError otherwise."""
+    flags = os.O_RDONLY | _O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         if os.open in os.supports_dir_fd:
             fd = os.open(name, flags, dir_fd=dir_fd)
         else:  # Windows: no openat; the hashes still catch a mixed read
-            fd = os.open(folder / name, flags | getattr(os, "O_BINARY", 0))
+            fd = os.open(folder / name, flags)
     except FileNotFoundError:
-        raise ModelError(f"{label}/{name} is missing; {REEXPORT}") from None
+        raise _Inconsistent(f"{label}/{name} is missing; {REEXPORT}") from None
     except OSError as exc:
         raise ModelError(f"{label}/{name} cannot be read ({exc.strerror or exc}); {REEXPORT}") from None
-    with os.fdopen(fd, "rb") as file:
-        data = file.read(MAX_MODEL_BYTES + 1)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ModelError(f"{label}/{name} is not a regular file; {REEXPORT}")
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(MAX_MODEL_BYTES + 1)
+    except OSError as exc:
+        raise ModelError(f"{label}/{name} cannot be read ({exc.strerror or exc}); {REEXPORT}") from None
+    finally:
+        os.close(fd)
     if len(data) > MAX_MODEL_BYTES:
         raise ModelError(f"{label}/{name} is larger than {MAX_MODEL_BYTES >> 20} MB; not a model file of ours")
     return data
