@@ -1,16 +1,21 @@
 """The client patches (Pd, Max, SuperCollider) open, talk to a real server, and agree with it.
 
-- Pd: the shipped patch opens in a headless `pd` with every object created; the headless
-  round-trip patch gets predictions back from a real server (`antiphon run`).
+- Pd: the shipped patch opens in a headless `pd` with every object created; its learn
+  controls send `/learn <seconds>` and `/learn/stop`, and its step 4 shows what
+  `/learn/progress` and `/learn/done` carry (against a fake server); the headless
+  round-trip patch gets predictions back from a real server (`antiphon run`), and the
+  headless learn patch gets a `/learn/done` from a real fine-tune.
 - SuperCollider: the client compiles; its GUI runs headless against a real server with the
-  audio server failing to boot, and posts what it saw; the round-trip script gets
-  predictions back.
+  audio server failing to boot, and posts what it saw (including the learn buttons, and a
+  `/learn/progress` and `/learn/done` sent to it); the round-trip script gets predictions
+  back.
 - Round trips and the GUI get predictions only through their own `/hello <port>`: the
   server's `--send` points at a port nobody listens on. Each client sends GESTURES
   gestures in `accompany` mode and at least 90 % of the answers must arrive, in [0, 1].
 - Max: the patch is valid JSON whose cords join existing boxes and inlets/outlets.
-- No drift: every OSC address a patch sends or expects exists in `server.osc`, and every
-  patch uses the server's default ports.
+- No drift: every OSC address a patch sends or expects exists in `server.osc`, every
+  client has the learn controls and listens for the learn results, and every patch uses
+  the server's default ports.
 
 Tests that need `pd` or `sclang` skip with the reason when the program is missing, except
 under CI (env CI set), where a missing client program fails: CI installs them from
@@ -20,6 +25,7 @@ under CI (env CI set), where a missing client program fails: CI installs them fr
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
@@ -30,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 PATCHES = REPO / "patches"
 PD_PATCH = PATCHES / "pd" / "antiphon.pd"
 PD_ROUNDTRIP = PATCHES / "pd" / "tests" / "roundtrip.pd"
+PD_LEARN = PATCHES / "pd" / "tests" / "learn.pd"
 MAX_PATCH = PATCHES / "max" / "antiphon.maxpat"
 SC_CLIENT = PATCHES / "supercollider" / "antiphon.scd"
 SC_ROUNDTRIP = PATCHES / "supercollider" / "tests" / "roundtrip.scd"
@@ -47,6 +55,8 @@ SERVER_READY_TIMEOUT = 60.0
 CLIENT_TIMEOUT = 90.0  # the clients quit by themselves; this only stops a hung one
 GESTURES = 30  # what roundtrip.pd, roundtrip.scd and the GUI harness send (one answer each)
 MIN_PREDICTIONS = -(-GESTURES * 9 // 10)  # at least 90 % of the answers
+LEARN_GESTURES = 120  # what learn.pd plays before /learn (the server needs 100 performer events)
+LEARN_TIMEOUT = 110.0  # learn.pd gives up after 90 s by itself; a fine-tune takes ~10-25 s on 2 cores
 
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -55,7 +65,7 @@ if str(REPO) not in sys.path:
 # --------------------------------------------------------------------------- helpers
 
 
-def server_command(port: int, dummy_port: int, log_dir: Path) -> list[str]:
+def server_command(port: int, dummy_port: int, log_dir: Path, *extra: str) -> list[str]:
     """The command that starts a real Antiphon server for the round trips (adjust here only).
 
     `--send` goes to `dummy_port`, where nobody listens: a client gets predictions only if
@@ -68,6 +78,7 @@ def server_command(port: int, dummy_port: int, log_dir: Path) -> list[str]:
         "--mode", "accompany",
         "--timescale", "0.05",
         "--log-dir", str(log_dir),
+        *extra,
     ]
 
 
@@ -110,8 +121,8 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(tmp_path: Path):
-    """Start a server on free ports; after the block, SIGTERM it and expect exit 0."""
+def running_server(tmp_path: Path, *extra: str):
+    """Start a server on free ports (`extra`: more flags); after the block, SIGTERM it and expect exit 0."""
     port, dummy_port, client_port = free_udp_ports(3)
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
@@ -119,7 +130,7 @@ def running_server(tmp_path: Path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
-            server_command(port, dummy_port, log_dir), cwd=REPO, env=env,
+            server_command(port, dummy_port, log_dir, *extra), cwd=REPO, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, text=True,
         )
     lines: list[str] = []
@@ -248,13 +259,29 @@ def parse_pd(path: Path) -> list[tuple[list[PdObject], list[tuple[int, int, int,
 
 
 def pd_io(path: Path) -> tuple[set[str], set[str], list[PdObject]]:
-    """(addresses sent via oscformat, addresses routed after oscparse, all objects)."""
+    """(addresses sent via oscformat, addresses routed after oscparse, all objects).
+
+    oscparse splits an address at its slashes, so `/learn/done` is routed by `route learn`
+    and then, from its `learn` outlet, by `route ... done`: nested routes make one address.
+    """
     sent, received, everything = set(), set(), []
     for objects, conns in parse_pd(path):
         everything += objects
-        outs = {}
-        for a, _, b, _ in conns:
+        outs, outlet_to = {}, {}
+        for a, outlet, b, _ in conns:
             outs.setdefault(a, []).append(b)
+            outlet_to.setdefault((a, outlet), []).append(b)
+
+        def routed(k: int, prefix: str) -> set[str]:
+            found = set()
+            for n, selector in enumerate(objects[k].args):
+                nested = [b for b in outlet_to.get((k, n), []) if objects[b].name == "route"]
+                for b in nested:
+                    found |= routed(b, f"{prefix}/{selector}")
+                if not nested:
+                    found.add(f"{prefix}/{selector}")
+            return found
+
         for i, ob in enumerate(objects):
             if ob.kind == "obj" and ob.name == "oscformat":
                 args = [a for a in ob.args]
@@ -267,7 +294,7 @@ def pd_io(path: Path) -> tuple[set[str], set[str], list[PdObject]]:
                     if nxt.atoms[:2] == ["list", "trim"]:
                         for k in outs.get(j, []):
                             if objects[k].name == "route":
-                                received |= {"/" + a for a in objects[k].args}
+                                received |= routed(k, "")
     return sent, received, everything
 
 
@@ -283,7 +310,7 @@ def test_pd_patch_opens_with_every_object_created():
         assert problem not in out, f"pd reported '{problem}' opening {PD_PATCH.name}:\n{out}"
 
 
-@pytest.mark.parametrize("path", [PD_PATCH, PD_ROUNDTRIP], ids=["antiphon.pd", "roundtrip.pd"])
+@pytest.mark.parametrize("path", [PD_PATCH, PD_ROUNDTRIP, PD_LEARN], ids=["antiphon.pd", "roundtrip.pd", "learn.pd"])
 def test_pd_patch_has_no_dead_objects(path):
     gui = {"hsl", "vsl", "tgl", "bng", "cnv", "nbx", "hradio", "vradio"}
     for objects, conns in parse_pd(path):
@@ -310,6 +337,111 @@ def test_pd_round_trip_against_server(tmp_path):
     assert_predictions(points, out)
     received = int(assert_line(r"^RECEIVED: (\d+)$", out, "the patch did not report its count").group(1))
     assert received == len(points), out
+
+
+# The musician's Pd patch with its `$0-` names made global and its ports moved to free ones,
+# opened next to a helper that prints what reaches step 4's displays (their receive names).
+PD_DISPLAYS = ("fraction", "nll", "model", "before", "after", "swapped")
+PD_LEARN_HELPER = "#N canvas 0 0 400 400 12;\n" + "".join(
+    f"#X obj 20 {20 + 60 * i} r antiphon-learn-{name};\n#X obj 20 {45 + 60 * i} print SHOWN-{name.upper()};\n"
+    for i, name in enumerate(PD_DISPLAYS)
+) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_DISPLAYS)))
+
+
+def osc_message(address: str, *args) -> bytes:
+    from pythonosc.osc_message_builder import OscMessageBuilder
+
+    builder = OscMessageBuilder(address)
+    for arg in args:
+        builder.add_arg(arg)
+    return builder.build().dgram
+
+
+def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
+    """Step 4 of antiphon.pd against a fake server: learn/stop send, progress/result show."""
+    from pythonosc.osc_message import OscMessage
+
+    pd = require_program("pd", "puredata-core")
+    _, _, port, send_port = server_contract()
+    source = PD_PATCH.read_text()
+    # the displays of step 4 receive the names the helper listens to
+    gui = " ".join(" ".join(o.atoms) for o in pd_io(PD_PATCH)[2] if o.kind != "text")
+    for name in PD_DISPLAYS:
+        assert rf"\$0-learn-{name} " in gui, f"no step 4 display receives $0-learn-{name}"
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fake.bind(("127.0.0.1", 0))
+    fake.settimeout(15)
+    listen_port = free_udp_ports(1)[0]
+    source = source.replace(r"\$0-", "antiphon-")
+    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
+    (tmp_path / "antiphon.pd").write_text(source)
+    (tmp_path / "helper.pd").write_text(PD_LEARN_HELPER)
+    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
+           # what clicking the number box (5), learn and then stop does
+           "-send", "antiphon-learn-seconds 5", "-send", "antiphon-learn bang", "-send", "antiphon-learn-stop bang"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    got, sender = [], None
+    try:
+        try:
+            while not any(address == "/learn/stop" for address, _ in got):
+                data, sender = fake.recvfrom(65536)
+                message = OscMessage(data)
+                got.append((message.address, list(message.params)))
+        except socket.timeout:
+            pass
+        if sender is not None:
+            # as the server does: progress and result to every destination (our /hello port),
+            # a refused /learn back to the port it came from (netsend's)
+            fake.sendto(osc_message("/learn/progress", 0.5, -9.25), ("127.0.0.1", listen_port))
+            fake.sendto(osc_message("/learn/done", "default-learn-x", -8.5, -9.75, 1), ("127.0.0.1", listen_port))
+            fake.sendto(osc_message("/error", "/learn", "too few performer events"), sender)
+            time.sleep(1.5)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+        fake.close()
+    for problem in ("can't open", "couldn't create"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    addresses = [address for address, _ in got]
+    assert ("/learn", [5.0]) in got, f"the learn button should send /learn 5.0 (the number box); got {got}\n{out}"
+    assert "/learn/stop" in addresses, f"the stop button should send /learn/stop; got {got}\n{out}"
+    assert addresses.index("/learn") < addresses.index("/learn/stop")
+    shown = dict(re.findall(r"^SHOWN-(\w+): (.+)$", out, re.MULTILINE))
+    assert shown == {"FRACTION": "0.5", "NLL": "-9.25", "MODEL": "symbol default-learn-x",
+                     "BEFORE": "-8.5", "AFTER": "-9.75", "SWAPPED": "1"}, f"step 4 shows {shown}:\n{out}"
+    assert_line(r"^antiphon-learn: default-learn-x -8\.5 -9\.75 1$", out, "the result in the Pd window")
+    assert_line(r"^antiphon-error: /learn too\\? few", out, "a refused /learn in the Pd window")
+
+
+def test_pd_learn_against_server(tmp_path):
+    """learn.pd plays 120 gestures, asks /learn 5 and prints the real server's /learn/done."""
+    pd = require_program("pd", "puredata-core")
+    assert PD_LEARN.is_file(), PD_LEARN
+    models = tmp_path / "models"  # the fine-tuned model is written here, not into the repository
+    models.mkdir()
+    shutil.copytree(REPO / "models" / "default", models / "default")
+    with running_server(tmp_path, "--models-dir", str(models)) as srv:
+        out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_LEARN),
+                          "-send", f"learn-ports {srv.port} {srv.client_port}"], timeout=LEARN_TIMEOUT)
+    for problem in ("can't open", "couldn't create"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    assert_line(rf"^SENT: {LEARN_GESTURES}$", out, "learn.pd did not finish sending")
+    assert not re.search(r"^(ERROR|TIMEOUT):", out, re.MULTILINE), (
+        f"no /learn/done:\n{out}\nserver stderr (end):\n{(tmp_path / 'server.stderr').read_text()[-3000:]}")
+    progress = [(float(f), float(n)) for f, n in re.findall(r"^LEARN_PROGRESS: (\S+) (\S+)$", out, re.MULTILINE)]
+    assert progress and all(0.0 <= f <= 1.0 for f, _ in progress), f"progress after each epoch:\n{out}"
+    done = assert_line(r"^LEARN_DONE: (\S+) (\S+) (\S+) (\S+)$", out, "the /learn/done result")
+    model, before, after, swapped = done.group(1), float(done.group(2)), float(done.group(3)), done.group(4)
+    assert swapped in ("0", "1"), out
+    assert math.isfinite(before) and math.isfinite(after), out
+    if swapped == "1":  # the new model plays; it exists and is better on the held-out playing
+        assert model.startswith("default-learn-") and (models / model / "model.json").is_file(), out
+        assert after < before, out
+    else:
+        assert model == "default", out
 
 
 # --------------------------------------------------------------------------- SuperCollider
@@ -346,7 +478,10 @@ def test_supercollider_round_trip_against_server(tmp_path):
 # the way it does without scsynth or without JACK (its program does not exist), so the
 # window must come up without sound. Then: move the blue pad GESTURES times, wait for the
 # answers, have ANOTHER client (a separate Python process) switch the server to `listen`,
-# and wait for the window's status line to show it. Waits are generous and end early.
+# and wait for the window's status line to show it. Then the learn controls: press learn
+# (the real server refuses: 30 moves are too few) and stop (nothing runs), and have a fake
+# server send /learn/progress and then /learn/done to the window's port. Waits are
+# generous and end early.
 SC_GUI_HARNESS = r"""
 var count = 0, last;
 var wait = { |seconds, condition|  // poll until condition or timeout; never a proof of absence
@@ -357,7 +492,7 @@ Server.program = "exec %NO_SCSYNTH%";
 OSCdef(\testCount, { |msg| count = count + 1; last = msg[1..2] }, '/prediction');
 thisProcess.interpreter.executeFile("%CLIENT%");
 Routine {
-	var window, pads, texts, line;
+	var window, pads, texts, line, buttons, bar;
 	wait.(20, { (Window.allWindows ? []).any { |w| w.name == "Antiphon" } });
 	window = (Window.allWindows ? []).detect { |w| w.name == "Antiphon" };
 	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit; nil.alwaysYield };
@@ -378,6 +513,23 @@ Routine {
 	("HARNESS MODEMENU " ++ window.view.children.detect { |v| v.isKindOf(PopUpMenu) }.item).postln;
 	wait.(30, { line.("sound:").beginsWith("sound: off") });
 	("HARNESS SOUNDLINE " ++ line.("sound:")).postln;
+	buttons = window.view.children.select { |v| v.isKindOf(Button) };
+	("HARNESS BUTTONS " ++ buttons.collect { |b| b.states[0][0] }.join(" ")).postln;
+	bar = window.view.children.detect { |v| v.isKindOf(Slider) };
+	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
+	buttons.detect { |b| b.states[0][0] == "learn" }.doAction;
+	wait.(10, { line.("learn:").contains("failed") });
+	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
+	buttons.detect { |b| b.states[0][0] == "stop" }.doAction;
+	wait.(10, { line.("learn:").contains("/learn/stop") });
+	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
+	%FAKE_LEARN%.unixCmd({ |code| ("HARNESS FAKE LEARN EXIT " ++ code).postln });
+	wait.(10, { line.("learn:").contains("% done") });
+	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
+	("HARNESS LEARNBAR " ++ bar.value).postln;
+	wait.(10, { line.("learn:").beginsWith("learn: done") });
+	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
+	("HARNESS LEARNBAR " ++ bar.value).postln;
 	window.close;
 	0.5.wait;
 	0.exit;
@@ -399,12 +551,18 @@ def test_supercollider_client_gui_against_server(tmp_path):
         other = shlex.join([sys.executable, "-c", (
             "from pythonosc.udp_client import SimpleUDPClient; "
             f"SimpleUDPClient('127.0.0.1', {srv.port}).send_message('/mode', 'listen')")])
+        fake_learn = shlex.join([sys.executable, "-c", (
+            "import time; from pythonosc.udp_client import SimpleUDPClient; "
+            f"c = SimpleUDPClient('127.0.0.1', {srv.client_port}); "
+            "c.send_message('/learn/progress', [0.5, -9.25]); time.sleep(1.5); "
+            "c.send_message('/learn/done', ['default-learn-x', -8.5, -9.75, 1])")])
         harness = tmp_path / "harness.scd"
         harness.write_text(
             SC_GUI_HARNESS.replace("%CLIENT%", str(client))
             .replace("%NO_SCSYNTH%", str(tmp_path / "no-such-scsynth"))
             .replace("%GESTURES%", str(GESTURES))
             .replace("%OTHER_CLIENT%", sc_string(other))
+            .replace("%FAKE_LEARN%", sc_string(fake_learn))
         )
         out = run_client([sclang, str(harness)], env=sclang_env())
     assert "ERROR" not in out, out
@@ -426,6 +584,21 @@ def test_supercollider_client_gui_against_server(tmp_path):
     assert_line(r"^HARNESS STATUSLINE server: mode listen\b", out, "status line after /mode listen")
     assert_line(r"^HARNESS MODEMENU listen$", out, "mode menu after /mode listen")
     assert_line(r"^HARNESS SOUNDLINE sound: off - needs scsynth and a running JACK server", out, "sound line")
+    # the learn controls: the buttons, the real server's refusals, then a fake fine-tune
+    assert_line(r"^HARNESS BUTTONS reset hello learn stop$", out, "the buttons")
+    assert_line(r"^HARNESS LEARNLINE learn: play 100 moves or more, then press learn", out, "learn line at first")
+    assert_line(r"^Antiphon: learn: asked the server to learn from your playing for 60 s$", out, "learn pressed")
+    assert_line(r"^HARNESS LEARNLINE learn: /learn failed - too few performer events.* 30 played", out,
+                "the server's /error /learn (30 moves are too few) on the learn line")
+    assert_line(r"^HARNESS LEARNLINE learn: /learn/stop failed - ", out, "the server's /error /learn/stop")
+    assert_line(r"^HARNESS FAKE LEARN EXIT 0$", out, "the fake fine-tune")
+    assert_line(r"^HARNESS LEARNLINE learn: 50 % done, held-out NLL -9\.25 nats/event", out, "/learn/progress")
+    assert_line(r"^HARNESS LEARNBAR 0\.5$", out, "the progress bar at /learn/progress 0.5")
+    assert_line(r"^Antiphon: learn done: swapped in: default-learn-x \(held-out NLL -8\.5 -> -9\.75 nats/event\)$",
+                out, "/learn/done in the post window")
+    assert_line(r"^HARNESS LEARNLINE learn: done - swapped in: default-learn-x \(held-out NLL -8\.5 -> -9\.75 "
+                r"nats/event\), the new model plays now$", out, "/learn/done on the learn line")
+    assert_line(r"^HARNESS LEARNBAR 1(\.0)?$", out, "the progress bar full at /learn/done")
     count = int(assert_line(r"^HARNESS PREDICTIONS (\d+)$", out, "prediction count").group(1))
     assert count >= MIN_PREDICTIONS, f"moved the pad {GESTURES} times, got {count} predictions:\n{out}"
     pad = assert_line(r"^HARNESS MODELPAD (\S+) (\S+) LAST \[ (\S+), (\S+) \]$", out, "model pad")
@@ -479,11 +652,25 @@ def test_max_patch_is_valid_and_fully_wired():
             assert (box["numinlets"], box["numoutlets"]) == (1, 0)
         if name == "udpreceive":
             assert (box["numinlets"], box["numoutlets"]) == (1, 1)
+    # every OSC message box (/mode ..., /learn 60, /learn/stop, ...) is cabled to udpsend, and
+    # every address routed from udpreceive goes somewhere
+    udpsend = [bid for bid, b in boxes.items() if b["maxclass"] == "newobj" and b["text"].startswith("udpsend ")]
+    cords = {(ln["source"][0], ln["destination"][0]) for ln in lines}
+    unsent = [b["text"] for bid, b in boxes.items()
+              if b["maxclass"] == "message" and b.get("text", "").startswith("/") and (bid, udpsend[0]) not in cords]
+    assert len(udpsend) == 1 and not unsent, f"message boxes not cabled to udpsend: {unsent}"
+    udpreceive = [bid for bid, b in boxes.items() if b["maxclass"] == "newobj" and b["text"].startswith("udpreceive ")]
+    routes = [bid for bid in boxes if (udpreceive[0], bid) in cords and boxes[bid]["text"].startswith("route ")]
+    assert len(routes) == 1, "udpreceive should feed one route"
+    used = {ln["source"][1] for ln in lines if ln["source"][0] == routes[0]}
+    selectors = boxes[routes[0]]["text"].split()[1:]
+    assert used >= set(range(len(selectors))), (
+        f"route outlets with no cord: {[selectors[i] for i in set(range(len(selectors))) - used]}")
 
 
 # --------------------------------------------------------------------------- no drift
 
-ADDRESS = r"/[A-Za-z_][A-Za-z0-9_]*"
+ADDRESS = r"/[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*"  # /status, /learn/done
 
 
 def max_io() -> tuple[set[str], set[str]]:
@@ -511,7 +698,9 @@ def scd_io(path: Path) -> tuple[set[str], set[str]]:
     return sent, received
 
 
-CLIENT_MUST_SEND = {"/gesture", "/hello", "/temperature", "/sigma_temperature", "/mode", "/reset"}
+CLIENT_MUST_SEND = {"/gesture", "/hello", "/temperature", "/sigma_temperature", "/mode", "/reset",
+                    "/learn", "/learn/stop"}
+CLIENT_MUST_HEAR = {"/prediction", "/learn/progress", "/learn/done"}  # Max too: they come to udpreceive
 
 
 @pytest.mark.parametrize("client", ["pd", "max", "supercollider"])
@@ -520,6 +709,9 @@ def test_patch_addresses_exist_in_server(client):
     if client == "pd":
         sent, received, _ = pd_io(PD_PATCH)
         rt_sent, rt_received, _ = pd_io(PD_ROUNDTRIP)
+        learn_sent, learn_received, _ = pd_io(PD_LEARN)
+        assert {"/learn"} <= learn_sent and {"/learn/progress", "/learn/done"} <= learn_received
+        rt_sent, rt_received = rt_sent | learn_sent, rt_received | learn_received
     elif client == "max":
         sent, received = max_io()
         rt_sent, rt_received = set(), set()
@@ -531,7 +723,7 @@ def test_patch_addresses_exist_in_server(client):
         f"{client} expects addresses the server never sends: {(received | rt_received) - outputs}"
     )
     assert CLIENT_MUST_SEND <= sent, f"{client} client lacks controls for {CLIENT_MUST_SEND - sent}"
-    assert "/prediction" in received
+    assert CLIENT_MUST_HEAR <= received, f"{client} client does not listen for {CLIENT_MUST_HEAR - received}"
 
 
 def test_patch_ports_match_server_defaults():
@@ -545,8 +737,9 @@ def test_patch_ports_match_server_defaults():
     assert re.search(rf"#X msg \d+ \d+ {send_port};\s*#X obj \d+ \d+ oscformat -f i hello;", pd_source), (
         "the Pd /hello should name the listening port"
     )
-    rt = " ".join(" ".join(o.atoms) for o in pd_io(PD_ROUNDTRIP)[2])
-    assert f"list append {port} {send_port}" in rt, "roundtrip.pd defaults should be the server defaults"
+    for path in (PD_ROUNDTRIP, PD_LEARN):
+        rt = " ".join(" ".join(o.atoms) for o in pd_io(path)[2])
+        assert f"list append {port} {send_port}" in rt, f"{path.name} defaults should be the server defaults"
     # Max
     boxes, _ = max_boxes_and_lines()
     max_texts = [b.get("text", "") for b in boxes.values() if b["maxclass"] in ("newobj", "message")]
@@ -561,6 +754,6 @@ def test_patch_ports_match_server_defaults():
     assert f'"ANTIPHON_PORT".getenv ? "{port}"' in rt_sc
     assert f'"ANTIPHON_SEND_PORT".getenv ? "{send_port}"' in rt_sc
     # Every port number written in a patch is one of the defaults (catches a stray old port).
-    for path in (PD_PATCH, MAX_PATCH, SC_CLIENT, SC_ROUNDTRIP, PD_ROUNDTRIP):
+    for path in (PD_PATCH, MAX_PATCH, SC_CLIENT, SC_ROUNDTRIP, PD_ROUNDTRIP, PD_LEARN):
         numbers = set(re.findall(r"\b57\d\d\b", path.read_text()))
         assert numbers <= {str(port), str(send_port)}, f"{path.name} mentions ports {numbers}"

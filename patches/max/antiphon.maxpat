@@ -12,7 +12,7 @@
 		"rect": [
 			40.0,
 			60.0,
-			1060.0,
+			1460.0,
 			1180.0
 		],
 		"bglocked": 0,
@@ -631,19 +631,21 @@
 				"box": {
 					"id": "obj-33",
 					"maxclass": "newobj",
-					"numinlets": 2,
-					"numoutlets": 2,
+					"numinlets": 4,
+					"numoutlets": 4,
 					"outlettype": [
+						"",
+						"",
 						"",
 						""
 					],
 					"patching_rect": [
 						420.0,
 						585.0,
-						131.0,
+						283.0,
 						22.0
 					],
-					"text": "route /prediction"
+					"text": "route /prediction /learn/progress /learn/done"
 				}
 			},
 			{
@@ -1700,12 +1702,12 @@
 					"numoutlets": 0,
 					"patching_rect": [
 						860.0,
-						540.0,
+						520.0,
 						200.0,
-						80.0
+						100.0
 					],
-					"text": "udpsend cannot receive: /status and /error replies never reach Max. Only /prediction comes to 5711; anything else arriving is printed in the Max Console",
-					"linecount": 3
+					"text": "udpsend cannot receive: /status and /error replies never reach Max. To 5711 come /prediction and the learn results (step 4); anything else arriving there (an /error about a failed fine-tune) is printed in the Max Console",
+					"linecount": 6
 				}
 			},
 			{
@@ -1739,6 +1741,298 @@
 						22.0
 					],
 					"text": "loadmess set 1."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-97",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						90.0,
+						320.0,
+						20.0
+					],
+					"text": "Step 4: teach it your playing"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-98",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						115.0,
+						320.0,
+						80.0
+					],
+					"text": "After 100 moves or more, click /learn 60: the server fine-tunes the model on your playing for 60 s (edit the number for another length) and swaps the new model in only if it predicts you better. /learn/stop ends it early, keeping the best so far.",
+					"linecount": 5
+				}
+			},
+			{
+				"box": {
+					"id": "obj-99",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1080.0,
+						200.0,
+						70.0,
+						22.0
+					],
+					"text": "/learn 60"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-100",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1170.0,
+						200.0,
+						80.0,
+						22.0
+					],
+					"text": "/learn/stop"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-101",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						230.0,
+						320.0,
+						40.0
+					],
+					"text": "Both go out through udpsend. The server's answers come to udpreceive 5711 and show below.",
+					"linecount": 2
+				}
+			},
+			{
+				"box": {
+					"id": "obj-102",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"patching_rect": [
+						1080.0,
+						600.0,
+						96.0,
+						22.0
+					],
+					"text": "unpack 0. 0.",
+					"outlettype": [
+						"float",
+						"float"
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-103",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"patching_rect": [
+						1200.0,
+						600.0,
+						47.0,
+						22.0
+					],
+					"text": "t a a",
+					"outlettype": [
+						"",
+						""
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-104",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1240.0,
+						630.0,
+						130.0,
+						22.0
+					],
+					"text": "print antiphon-learn"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-105",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"patching_rect": [
+						1200.0,
+						660.0,
+						80.0,
+						22.0
+					],
+					"text": "prepend set",
+					"outlettype": [
+						""
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-106",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						570.0,
+						320.0,
+						20.0
+					],
+					"text": "/learn/progress fraction heldout_nll, /learn/done ..."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-107",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						700.0,
+						80.0,
+						20.0
+					],
+					"text": "progress"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-108",
+					"maxclass": "slider",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1160.0,
+						700.0,
+						150.0,
+						20.0
+					],
+					"orientation": 1,
+					"floatoutput": 1,
+					"size": 1.0,
+					"ignoreclick": 1,
+					"parameter_enable": 0
+				}
+			},
+			{
+				"box": {
+					"id": "obj-109",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						730.0,
+						100.0,
+						20.0
+					],
+					"text": "held-out NLL"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-110",
+					"maxclass": "flonum",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						"bang"
+					],
+					"patching_rect": [
+						1180.0,
+						730.0,
+						80.0,
+						22.0
+					],
+					"format": 6,
+					"ignoreclick": 1,
+					"parameter_enable": 0
+				}
+			},
+			{
+				"box": {
+					"id": "obj-111",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						760.0,
+						320.0,
+						40.0
+					],
+					"text": "result: model nll_before nll_after swapped (1: the new model plays now, 0: the old one stays)",
+					"linecount": 2
+				}
+			},
+			{
+				"box": {
+					"id": "obj-112",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1080.0,
+						805.0,
+						320.0,
+						22.0
+					],
+					"text": ""
+				}
+			},
+			{
+				"box": {
+					"id": "obj-113",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						835.0,
+						320.0,
+						80.0
+					],
+					"text": "NLL: nats per event on the last fifth of your playing, lower is better. A fine-tune that fails sends /error (printed in the Max Console); a refused /learn (fewer than 100 moves, or one already running) answers udpsend's port, so it never reaches Max.",
+					"linecount": 5
 				}
 			}
 		],
@@ -2683,7 +2977,7 @@
 				"patchline": {
 					"source": [
 						"obj-33",
-						1
+						3
 					],
 					"destination": [
 						"obj-95",
@@ -2711,6 +3005,114 @@
 					],
 					"destination": [
 						"obj-84",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-99",
+						0
+					],
+					"destination": [
+						"obj-92",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-100",
+						0
+					],
+					"destination": [
+						"obj-92",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						1
+					],
+					"destination": [
+						"obj-102",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-102",
+						0
+					],
+					"destination": [
+						"obj-108",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-102",
+						1
+					],
+					"destination": [
+						"obj-110",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						2
+					],
+					"destination": [
+						"obj-103",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-103",
+						1
+					],
+					"destination": [
+						"obj-104",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-103",
+						0
+					],
+					"destination": [
+						"obj-105",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-105",
+						0
+					],
+					"destination": [
+						"obj-112",
 						0
 					]
 				}

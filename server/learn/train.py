@@ -233,7 +233,8 @@ def _ranges(indices: list[int]) -> str:
             runs[-1][1] = i
         else:
             runs.append([i, i])
-    return ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in runs)
+    shown = ", ".join(f"{a + 1}" if a == b else f"{a + 1}-{b + 1}" for a, b in runs[:12])
+    return shown + (", ... (all in model.json)" if len(runs) > 12 else "")
 
 
 def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scores, history: dict,
