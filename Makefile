@@ -35,7 +35,7 @@ default-model: $(STAMP)  ## retrain models/default from the seeded synthetic ges
 	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --seed 1 --minutes 2.5
 
 touch-model: $(STAMP)  ## retrain models/touch from the touch-screen improvisations in ../shared/data (12 minutes)
-	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --seed 1 --minutes 12 \
+	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --minutes 12 \
 		--data-source "IMPSY touch-screen improvisations (github.com/cpmpercussion/impsy, datasets/training-dataset-4d.npz, first 36 performances)" \
 		--data-licence "$(TOUCH_LICENCE)"
 

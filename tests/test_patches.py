@@ -12,7 +12,9 @@
 - Round trips and the GUI get predictions only through their own `/hello <port>`: the
   server's `--send` points at a port nobody listens on. Each client sends GESTURES
   gestures in `accompany` mode and at least 90 % of the answers must arrive, in [0, 1].
-- Max: the patch is valid JSON whose cords join existing boxes and inlets/outlets.
+- Max: the patch is valid JSON whose cords join existing boxes and inlets/outlets; every
+  OSC message box (the learn and stop ones too) is cabled to udpsend, and every address
+  routed from udpreceive (/prediction, /learn/progress, /learn/done) goes somewhere.
 - No drift: every OSC address a patch sends or expects exists in `server.osc`, every
   client has the learn controls and listens for the learn results, and every patch uses
   the server's default ports.
