@@ -294,6 +294,8 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="the new model's folder name (default: <model>-learn-<time>)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--until", type=float, default=None, metavar="UNIX_TIME",
+                   help="only the events logged up to this time (a server passes when /learn was asked)")
     p.add_argument("--json", action="store_true", help="progress and result as JSON lines (what a server reads)")
     p.add_argument("--background", action="store_true",
                    help="lower priority and one thread, so a server on this machine keeps a core to itself")
@@ -329,7 +331,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     try:
         from server.learn.finetune import fine_tune
 
-        streams = log_streams(args.log, ("performer",))
+        streams = log_streams(args.log, ("performer",), until=args.until)
         result = fine_tune(folder, streams, args.seconds, args.models_dir, name, progress,
                            lineage={"session_logs": [str(p) for p in args.log]}, seed=args.seed)
     except (DatasetError, ModelError) as e:

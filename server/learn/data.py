@@ -147,8 +147,11 @@ def read_log(path: Path, dt_max: float = DT_MAX) -> list[np.ndarray]:
     return list(read_log_streams(path, dt_max).values())
 
 
-def read_log_streams(path: Path, dt_max: float = DT_MAX) -> dict[str, np.ndarray]:
+def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = None) -> dict[str, np.ndarray]:
     """Read one `logs/*.csv` into event arrays by source (`performer`, `model`; two events or more).
+
+    ``until`` (Unix seconds) keeps only the rows logged up to then: what a session had
+    played when `/learn` was asked, not what came while the fine-tune was starting.
 
     Each source is its own stream (dt is since the previous event of the same source).
     Lines are read one by one, so a damaged line (a torn row, a stray quote) costs only
@@ -171,6 +174,8 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX) -> dict[str, np.ndarray
                 row = _log_row(line)
                 if row is not None:
                     t, source, x, y = row
+                    if until is not None and t > until:
+                        continue
                     streams.setdefault(source, []).append((t, min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)))
                 elif line.strip() and line.endswith(("\n", "\r")):  # blank lines and a torn last row are no loss
                     skipped.append(number)
@@ -247,7 +252,8 @@ def performer_streams(paths: Iterable[Path], dt_max: float = DT_MAX) -> list[np.
     return log_streams(paths, ("performer",), dt_max)
 
 
-def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float = DT_MAX) -> list[np.ndarray]:
+def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float = DT_MAX,
+                until: float | None = None) -> list[np.ndarray]:
     """The streams of `sources` in each log (files and/or folders of them), in order.
 
     A log named on its own must be readable; one found in a folder that is not (an empty
@@ -262,7 +268,7 @@ def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float =
         for f in iter_files([given], "*.csv"):
             found += 1
             try:
-                streams = read_log_streams(f, dt_max)
+                streams = read_log_streams(f, dt_max, until)
             except DatasetError as e:
                 if not in_folder:
                     raise

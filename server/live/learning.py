@@ -94,7 +94,7 @@ class Learner:
         name = f"{parent[:NAME_BUDGET]}-learn-{time.strftime('%Y%m%d-%H%M%S')}"
         argv = [*self._command, "learn", "--model", str(folder), "--log", str(self._session_log()),
                 "--seconds", f"{seconds:g}", "--name", name, "--models-dir", str(self._models_dir),
-                "--json", "--background"]
+                "--until", f"{time.time():.6f}", "--json", "--background"]
         self.state = LearnState("starting", last=self.state.last)
         self.counts["learn_runs"] += 1
         self._task = self._loop.create_task(self._run(argv, parent))
