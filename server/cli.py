@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from server.config import as_flag, at_least, positive
 from server.learn.data import DT_MAX, DatasetError
 from server.model.files import DEFAULT_MODELS_DIR, check_model_name
 from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
@@ -41,29 +41,11 @@ def command(name: str, help: str):
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= `low`, so a bad value is refused before any work starts."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    return parse
+    """An argparse type: an integer >= `low`, refused before any work starts (the config's parser)."""
+    return as_flag(at_least(low))
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
+_positive_float = as_flag(positive)  # a finite number > 0
 
 
 def _output_file(text: str) -> Path:

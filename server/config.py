@@ -77,6 +77,39 @@ def _integer(raw: object) -> int:
     raise ValueError(f"expected an integer, got {raw!r}")
 
 
+def at_least(low: int) -> Callable[[object], int]:
+    """A parser for an integer >= `low`."""
+
+    def parse(raw: object) -> int:
+        value = _integer(raw)
+        if value < low:
+            raise ValueError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive(raw: object) -> float:
+    """A finite number > 0."""
+    try:
+        return _positive(raw)
+    except ValueError:
+        raise ValueError(f"must be a finite number > 0, got {raw!r}") from None
+
+
+def as_flag(parse: Callable[[object], Any]) -> Callable[[str], Any]:
+    """An argparse `type` from one of these parsers: every command's flags follow the same rules."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its messages
+    return convert
+
+
 def _int_in(low: int, high: int, what: str, note: str = "") -> Callable[[object], int]:
     """A parser for an integer in [low, high]; `what` and `note` word the error."""
 
