@@ -52,6 +52,18 @@ def models(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def served(tmp_path: Path, models: Path):
+    """A running server on a copy of models/ answering to a loopback peer; stopped cleanly after the test."""
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
+                       "--timescale", "0.01", "--seed", "3")
+    peer.target = ("127.0.0.1", srv.port)
+    yield srv, peer
+    assert srv.stop() == 0
+    peer.close()
+
+
 def score_on(folder: Path, events: np.ndarray) -> float:
     from server.learn.data import Dataset
     from server.learn.evaluate import score
@@ -79,108 +91,80 @@ def wait_for(peer: OscPeer, address: str, seconds: float, keep_playing: bool = F
     raise AssertionError(f"no {address} within {seconds} s")
 
 
-def test_learn_picks_up_the_figure_and_the_music_goes_on(tmp_path, models):
-    peer = OscPeer()
-    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
-                       "--timescale", "0.01", "--seed", "3")
-    peer.target = ("127.0.0.1", srv.port)
-    try:
-        played = figure(16)
-        play(peer, played)
-        peer.send("/learn", 30.0)
-        progress = []
-        done = None
-        end = time.monotonic() + 120
-        sent = answered = 0
-        while done is None and time.monotonic() < end:
-            peer.send("/gesture", 0.5 + 0.3 * np.sin(sent / 7), 0.5)  # the music goes on, 20 gestures a second
-            sent += 1
-            for _, address, args in peer.receive(0.05):
-                if address == "/prediction":
-                    answered += 1
-                elif address == "/learn/progress":
-                    progress.append(args)
-                elif address == "/learn/done":
-                    done = args
-                elif address == "/error":
-                    raise AssertionError(f"error: {args}")
-        assert done is not None, "no /learn/done"
-        name, before, after, swapped = done
-        assert swapped == 1 and name.startswith("default-learn-") and after < before, done
-        assert progress and all(0 <= f <= 1 for f, _ in progress)
-        answered += len(peer.receive(0.3, "/prediction"))
-        assert answered >= 0.95 * sent, (answered, sent)  # every gesture during the fine-tune was answered
-        status = peer.status()
-        assert status["model"] == name and status["learn"] == "done" and status["learn_swaps"] == 1
-        # the new model knows the figure: a fresh take of it is clearly more likely than under default
-        fresh = figure(4, seed=9)
-        assert score_on(models / name, fresh) < score_on(models / "default", fresh) - 1.0
-        assert (models / name / "model.json").read_text().count('"parent": "default"') == 1
-    finally:
-        assert srv.stop() == 0
-        peer.close()
+def test_learn_picks_up_the_figure_and_the_music_goes_on(served, models):
+    srv, peer = served
+    played = figure(16)
+    play(peer, played)
+    peer.send("/learn", 30.0)
+    progress = []
+    done = None
+    end = time.monotonic() + 120
+    sent = answered = 0
+    while done is None and time.monotonic() < end:
+        peer.send("/gesture", 0.5 + 0.3 * np.sin(sent / 7), 0.5)  # the music goes on, 20 gestures a second
+        sent += 1
+        for _, address, args in peer.receive(0.05):
+            if address == "/prediction":
+                answered += 1
+            elif address == "/learn/progress":
+                progress.append(args)
+            elif address == "/learn/done":
+                done = args
+            elif address == "/error":
+                raise AssertionError(f"error: {args}")
+    assert done is not None, "no /learn/done"
+    name, before, after, swapped = done
+    assert swapped == 1 and name.startswith("default-learn-") and after < before, done
+    assert progress and all(0 <= f <= 1 for f, _ in progress)
+    answered += len(peer.receive(0.3, "/prediction"))
+    assert answered >= 0.95 * sent, (answered, sent)  # every gesture during the fine-tune was answered
+    status = peer.status()
+    assert status["model"] == name and status["learn"] == "done" and status["learn_swaps"] == 1
+    # the new model knows the figure: a fresh take of it is clearly more likely than under default
+    fresh = figure(4, seed=9)
+    assert score_on(models / name, fresh) < score_on(models / "default", fresh) - 1.0
+    assert (models / name / "model.json").read_text().count('"parent": "default"') == 1
 
 
-def test_too_few_events_is_an_error_that_says_how_many(tmp_path, models):
-    peer = OscPeer()
-    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
-                       "--timescale", "0.01")
-    peer.target = ("127.0.0.1", srv.port)
-    try:
-        for i in range(10):
-            peer.send("/gesture", i / 10, 0.5)
-        reply = peer.request("/learn", 5.0, reply="/error")
-        assert reply[0] == "/learn" and "10 played" in reply[1] and "at least 100" in reply[1]
-        stop = peer.request("/learn/stop", reply="/error")
-        assert "no fine-tune is running" in stop[1]
-        assert peer.status()["learn"] == "idle"
-    finally:
-        assert srv.stop() == 0
-        peer.close()
+def test_too_few_events_is_an_error_that_says_how_many(served, models):
+    srv, peer = served
+    for i in range(10):
+        peer.send("/gesture", i / 10, 0.5)
+    reply = peer.request("/learn", 5.0, reply="/error")
+    assert reply[0] == "/learn" and "10 played" in reply[1] and "at least 100" in reply[1]
+    stop = peer.request("/learn/stop", reply="/error")
+    assert "no fine-tune is running" in stop[1]
+    assert peer.status()["learn"] == "idle"
 
 
-def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(tmp_path, models):
-    peer = OscPeer()
-    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
-                       "--timescale", "0.01")
-    peer.target = ("127.0.0.1", srv.port)
-    try:
-        play(peer, figure(8))
-        peer.send("/learn", 300.0)
-        wait_for(peer, "/learn/progress", 60)
-        reply = peer.request("/learn", 10.0, reply="/error")
-        assert "already running" in reply[1]
-        stopped = time.monotonic()
-        peer.send("/learn/stop")
-        args, sent, answered = wait_for(peer, "/learn/done", 60, keep_playing=True)
-        assert time.monotonic() - stopped < 30  # not the 300 s asked for
-        assert args[3] in (0, 1)
-    finally:
-        assert srv.stop() == 0
-        peer.close()
+def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(served, models):
+    srv, peer = served
+    play(peer, figure(8))
+    peer.send("/learn", 300.0)
+    wait_for(peer, "/learn/progress", 60)
+    reply = peer.request("/learn", 10.0, reply="/error")
+    assert "already running" in reply[1]
+    stopped = time.monotonic()
+    peer.send("/learn/stop")
+    args, sent, answered = wait_for(peer, "/learn/done", 60, keep_playing=True)
+    assert time.monotonic() - stopped < 30  # not the 300 s asked for
+    assert args[3] in (0, 1)
 
 
-def test_a_crashed_training_process_leaves_the_old_model_playing_and_says_so(tmp_path, models):
-    peer = OscPeer()
-    srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--send", f"127.0.0.1:{peer.port}",
-                       "--timescale", "0.01")
-    peer.target = ("127.0.0.1", srv.port)
-    try:
-        play(peer, figure(8))
-        peer.send("/learn", 120.0)
-        wait_for(peer, "/learn/progress", 60)
-        children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
-        assert children, "the fine-tune runs in a child process"
-        for child in children:
-            os.kill(int(child), signal.SIGKILL)
-        args, sent, answered = wait_for(peer, "/error", 30, keep_playing=True)
-        assert args[0] == "/learn" and "still playing default" in args[1]
-        assert answered >= 0.9 * sent
-        status = peer.status()
-        assert status["model"] == "default" and status["learn"] == "failed" and status["learn_failures"] == 1
-    finally:
-        assert srv.stop() == 0
-        peer.close()
+def test_a_crashed_training_process_leaves_the_old_model_playing_and_says_so(served, models):
+    srv, peer = served
+    play(peer, figure(8))
+    peer.send("/learn", 120.0)
+    wait_for(peer, "/learn/progress", 60)
+    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    assert children, "the fine-tune runs in a child process"
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    args, sent, answered = wait_for(peer, "/error", 30, keep_playing=True)
+    assert args[0] == "/learn" and "still playing default" in args[1]
+    assert answered >= 0.9 * sent
+    status = peer.status()
+    assert status["model"] == "default" and status["learn"] == "failed" and status["learn_failures"] == 1
 
 
 def test_a_fine_tune_that_makes_things_worse_is_not_kept(tmp_path):

@@ -8,7 +8,6 @@ import logging
 import math
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
