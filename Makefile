@@ -5,7 +5,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
-TOUCH_LICENCE := MIT licence, copyright 2019 Charles P Martin (see $(SHARED)/data/LICENSE-touch-performances.txt)
 
 .PHONY: run test bench soak default-model touch-model chorale-model models clean
 
@@ -37,7 +36,8 @@ default-model: $(STAMP)  ## retrain models/default from the seeded synthetic ges
 touch-model: $(STAMP)  ## retrain models/touch from the touch-screen improvisations in ../shared/data (12 minutes)
 	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --minutes 12 \
 		--data-source "IMPSY touch-screen improvisations (github.com/cpmpercussion/impsy, datasets/training-dataset-4d.npz, first 36 performances)" \
-		--data-licence "$(TOUCH_LICENCE)"
+		--data-licence "MIT licence: $$(cat $(SHARED)/data/LICENSE-touch-performances.txt)"
+	cp $(SHARED)/data/LICENSE-touch-performances.txt models/touch/LICENSE-data.txt
 
 chorale-model: $(STAMP)  ## retrain models/chorale from the Bach chorales in ../shared/data (10 minutes)
 	$(PY) -m server dataset --midi $(SHARED)/data/bach-chorales --out datasets/chorales.npz
