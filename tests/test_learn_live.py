@@ -21,13 +21,13 @@ CORNERS = [(0.1, 0.1), (0.9, 0.1), (0.9, 0.9), (0.1, 0.9)]
 
 
 def figure(repeats: int, seed: int = 0) -> np.ndarray:
-    """(dt, x, y): the square, 20 taps a phrase, 60 ms apart, a pause between phrases."""
+    """(dt, x, y): the square, 20 taps a phrase, 30 ms apart, a pause between phrases."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(repeats):
         for i in range(20):
             x, y = CORNERS[i % 4]
-            rows.append((0.06 if i else 1.3, x + rng.normal(0, 0.01), y + rng.normal(0, 0.01)))
+            rows.append((0.03 if i else 0.65, x + rng.normal(0, 0.01), y + rng.normal(0, 0.01)))
     return np.clip(np.array(rows, np.float32), 0.0, 5.0)
 
 
@@ -37,7 +37,7 @@ def play(peer: OscPeer, events: np.ndarray) -> int:
     t = 0.0
     answers = 0
     for dt, x, y in events:
-        t += float(dt) * 0.5  # twice as fast: the test is long enough
+        t += float(dt)
         while (left := start + t - time.monotonic()) > 0:
             answers += len(peer.receive(left, "/prediction"))
         peer.send("/gesture", float(x), float(y))
