@@ -22,8 +22,9 @@ from server.event import Event
 from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
 from server.model.spec import ModelError
 from server.model.files import resolve_model_dir
-from server.osc.namespace import namespace_text
-from server.osc.protocol import start_osc
+from server.osc.namespace import STATUS_PUSH_HZ, namespace_text, status_items
+from server.osc.output import OscOutput, status_message
+from server.osc.protocol import OscServerProtocol, start_osc
 from server.live.recorder import Recorder, RecorderError
 from server.model.predictor import Predictor
 
@@ -100,6 +101,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         notify=output.broadcast,
     )
     engine.status_sources.append(engine.learner.status)
+    watch_streams(loop, engine, output, protocol)
     midi: MidiLink | None = None
     if midi_requested(cfg):
         try:
@@ -135,6 +137,54 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         restore()
     say(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", out)
     return 0
+
+
+def watch_streams(loop: asyncio.AbstractEventLoop, engine: Engine, output: OscOutput,
+                  protocol: OscServerProtocol) -> None:
+    """Connect the OSC streams to the engine while someone subscribes, and only then (they cost nothing idle)."""
+    streams = output.streams
+    pusher = StatusPusher(loop, lambda: streams.send_data("status", status_message(
+        status_items(engine, protocol.counters))), 1.0 / STATUS_PUSH_HZ)
+
+    def mixture(values: list[float]) -> None:
+        streams.send("mixture", "/mixture", int(values[0]), *values[1:])
+
+    def surprise(nll: float, smoothed: float) -> None:
+        streams.send("surprise", "/surprise", nll, smoothed)
+
+    def changed(stream: str, active: bool) -> None:
+        if stream == "mixture":
+            engine.watch.mixture = mixture if active else None
+        elif stream == "surprise":
+            engine.watch.surprise = surprise if active else None
+        elif stream == "status":
+            pusher.start() if active else pusher.stop()
+
+    streams.on_change = changed
+
+
+class StatusPusher:
+    """Calls `push` every `period` seconds on an absolute schedule while started; no timer otherwise."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, push: Callable[[], None], period: float) -> None:
+        self._loop, self._push, self._period = loop, push, period
+        self._timer: asyncio.TimerHandle | None = None
+        self._next = 0.0
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._next = self._loop.time()
+            self._tick()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._push()
+        self._next = max(self._next + self._period, self._loop.time())  # after a stall: no burst of catch-up pushes
+        self._timer = self._loop.call_at(self._next, self._tick)
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.learn.data import Dataset
-from server.learn.evaluate import event_log_likelihoods, log_normal_cell
+from server.model.likelihood import event_log_likelihoods, log_normal_cell
 from server.learn.synth import synthetic_dataset
 from server.learn.windows import make_windows
 from server.model.mdn import RandomBlocks

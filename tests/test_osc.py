@@ -661,8 +661,10 @@ def test_namespace_docs_list_every_address_exactly_once() -> None:
     assert set(osc_ns.ADDRESSES) == {
         "/gesture", "/interface", "/note", "/temperature", "/sigma_temperature", "/timescale", "/mode",
         "/threshold", "/reset", "/pause", "/model", "/hello", "/status", "/learn", "/learn/stop",
+        "/subscribe", "/unsubscribe",
     }
-    assert osc_ns.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error", "/learn/progress", "/learn/done")
+    assert osc_ns.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error", "/learn/progress", "/learn/done",
+                                       "/mixture", "/surprise")
     assert "[port:int]" in osc_ns.namespace_text()
     mode_line = next(line for line in text_lines if line.startswith("/mode "))
     assert all(name in mode_line for name in MODE_NAMES)

@@ -112,6 +112,17 @@ class LatencyWindow:
         return float(np.percentile(self._values[:n], q)) if n else 0.0
 
 
+SURPRISE_SMOOTHING = 0.1  # weight of each new event in the running surprise (about the last ten events)
+
+
+@dataclass
+class Watchers:
+    """Callbacks for what the model thinks, set while someone subscribes; None means nobody does."""
+
+    mixture: Callable[[list[float]], None] | None = None  # the predictive distribution at each prediction
+    surprise: Callable[[float, float], None] | None = None  # (nll, smoothed) for each performer event
+
+
 class Scheduled:
     """One model event waiting for its time: what caused it (start), the model's wait (dt), where (x, y)."""
 
@@ -147,6 +158,8 @@ class Engine:
         self.models_dir = Path(models_dir)
         self.model_folder = self.models_dir / model_name  # where the playing model came from (run may give a path)
         self.learner: Learner | None = None  # fine-tunes on this session's playing, when the app provides one
+        self.watch = Watchers()  # who wants to see inside the model (the OSC streams); None costs nothing
+        self._surprise: float | None = None  # the smoothed running surprise
         self.settings = settings or Settings()
         self.sinks: list[Sink] = list(sinks or [])
         # Called whenever scheduled output is abandoned (mode change, pause, reset, model
@@ -209,10 +222,14 @@ class Engine:
         mode = self.settings.mode
         if mode is Mode.RESPOND:
             self._cancel_chain()  # the performer has the floor again
+        if self.watch.surprise is not None:  # only when someone listens: it costs a density evaluation
+            nll = self.predictor.surprise(dt, x, y)
+            self._surprise = nll if self._surprise is None else self._surprise + SURPRISE_SMOOTHING * (nll - self._surprise)
+            self.watch.surprise(nll, self._surprise)
         t0 = time.perf_counter()
         self.predictor.observe(dt, x, y)
         if mode is Mode.ACCOMPANY and not self.settings.paused:
-            dt_next, nx, ny = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
+            dt_next, nx, ny = self._sample()
             self.latency.add(time.perf_counter() - t0)
             self._schedule_answer(Scheduled(at, dt_next, nx, ny))
         else:
@@ -346,6 +363,13 @@ class Engine:
             **{k: v for source in self.status_sources for k, v in source().items()},
         }
 
+    def _sample(self) -> tuple[float, float, float]:
+        """The next model event; the predictive distribution goes to the `mixture` watcher first, if any."""
+        s = self.settings
+        if self.watch.mixture is not None:
+            self.watch.mixture(self.predictor.mixture(s.temperature, s.sigma_temperature))
+        return self.predictor.sample(self._rng, s.temperature, s.sigma_temperature)
+
     # ------------------------------------------------------------------ modes
 
     def _enter_mode(self) -> None:
@@ -381,7 +405,7 @@ class Engine:
         """
         self._cancel_chain()  # only ever one chain: a second could never be cancelled
         t0 = time.perf_counter() if t0 is None else t0
-        dt, x, y = self.predictor.sample(self._rng, self.settings.temperature, self.settings.sigma_temperature)
+        dt, x, y = self._sample()
         self.latency.add(time.perf_counter() - t0)
         self._chain = item = Scheduled(start, dt, x, y)
         self._arm_chain(item, start + dt * self.settings.timescale)

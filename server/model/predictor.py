@@ -93,3 +93,39 @@ class Predictor:
         z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
         dt, x, y = self.norm.inverse_event(z)
         return dt, x, y
+
+    def mixture(self, temperature: float, sigma_temperature: float) -> list[float]:
+        """The predictive distribution of the next event in original units, as the `mixture` stream sends it.
+
+        ``[K, w_1..w_K, then per component: dt_median_s, x_mean, y_mean, dt_log_sigma, x_sigma, y_sigma]``:
+        weights after ``temperature``, scales times ``sigma_temperature``. dt is log-normal
+        (its median in seconds and the sigma of log(dt + offset)); a constant dimension has
+        its value and sigma 0.
+        """
+        means, scales, logits = mdn.split_params(np.asarray(self.params, np.float64), self._k, self._d)
+        logits = np.nan_to_num(logits, nan=0.0, posinf=1e6, neginf=-1e6)
+        if temperature < mdn.GREEDY_BELOW:
+            weights = np.zeros(self._k)
+            weights[int(np.argmax(logits))] = 1.0
+        else:
+            weights = np.exp(mdn.log_softmax(logits / temperature))
+        norm = self.norm
+        out: list[float] = [float(self._k), *weights.tolist()]
+        for mean, scale in zip(means, scales):
+            location = norm.inverse_event(mean.tolist())
+            spread = []
+            for d in range(self._d):
+                if norm.constant[d] is not None:
+                    spread.append(0.0)
+                else:
+                    spread.append(float(min(max(scale[d], mdn.SCALE_EPS), 1e6)) * norm.scale[d] * sigma_temperature)
+            out += [*location, *spread]
+        return out
+
+    def surprise(self, dt: float, x: float, y: float) -> float:
+        """How unlikely an event is under the current prediction: NLL in nats, dequantised where quantised."""
+        from server.model.likelihood import event_log_likelihoods
+
+        event = np.asarray([[min(max(dt, 0.0), self.norm.clip_max[0]), min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)]])
+        _, deq = event_log_likelihoods(self.params[None, :], event, self.info)
+        return float(-deq[0])

@@ -24,6 +24,8 @@ MODEL_LOADS_PER_SECOND = 5.0  # per sender: a load reads and hashes files (off t
 STATUS_PER_SECOND = 50.0  # per sender: a reply is ~50x its request, so cap what a spoofed sender reflects
 HELLO_PER_SECOND = 5.0  # per sender: a client says /hello once, or as a slow keep-alive
 LEARN_PER_SECOND = 1.0  # per sender: each starts a training process
+SUBSCRIBE_PER_SECOND = 10.0  # per sender
+STATUS_PUSH_HZ = 4.0  # the status stream's rate
 # What the server sends, and when: the README's table and the patches' drift test read this.
 OUTPUTS: dict[str, str] = {
     "/prediction": "`x y` (float32) when a model event is due, to every destination",
@@ -33,6 +35,20 @@ OUTPUTS: dict[str, str] = {
     "/learn/progress": "`fraction heldout_nll` to every destination after each epoch of a fine-tune",
     "/learn/done": "`model nll_before nll_after swapped` to every destination when a fine-tune ends "
                    "(`swapped` 1: the new model now plays; 0: the old one stays)",
+    "/mixture": "to `mixture` subscribers with each prediction: `K w_1 .. w_K`, then for each component "
+                "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` (weights after `/temperature`, sigmas times "
+                "`/sigma_temperature`; dt log-normal: its median in seconds and the sigma of log(dt + offset); "
+                "a constant dimension: its value and sigma 0)",
+    "/surprise": "`nll smoothed` to `surprise` subscribers for each performer event: nats, how unlikely it was "
+                 "under the prediction just before it (dequantised where the model says a dimension is "
+                 "quantised), and a running figure over about the last ten events",
+}
+# What /subscribe takes: each stream and what it sends.
+STREAMS: dict[str, str] = {
+    "prediction": "`/prediction` (on already for `--send` and `/hello` destinations)",
+    "mixture": "`/mixture` with each prediction",
+    "surprise": "`/surprise` with each performer event",
+    "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second",
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 
@@ -184,9 +200,7 @@ def hello(ctx: Request, port: int = 0) -> None:
 @address("/status", max_rate=STATUS_PER_SECOND)
 def status(ctx: Request) -> None:
     """Reply /status key value ... (engine state and osc_* counters) to the sender."""
-    items = dict(ctx.controls.status())
-    items.update((f"osc_{key}", value) for key, value in ctx.counters().items())
-    ctx.output.send_status(ctx.sender, items)
+    ctx.output.send_status(ctx.sender, status_items(ctx.controls, ctx.counters))
 
 
 @address("/learn", max_rate=LEARN_PER_SECOND)
@@ -202,9 +216,47 @@ def learn_stop(ctx: Request) -> None:
     ctx.controls.stop_learning()
 
 
+def _stream_target(ctx: Request, stream: str, port: int) -> tuple[str, tuple[str, int]]:
+    if stream not in STREAMS:
+        raise ControlError(f"unknown stream {stream!r}; expected one of {', '.join(STREAMS)}")
+    if not 0 <= port <= 65535:
+        raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
+    return stream, (ctx.sender[0], port or ctx.sender[1])
+
+
+@address("/subscribe", max_rate=SUBSCRIBE_PER_SECOND)
+def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
+    """Send a stream (prediction, mixture, surprise, status) to the sender's host, at `port` or its own port."""
+    stream, target = _stream_target(ctx, stream, port)
+    try:
+        if stream == "prediction":
+            ctx.output.add_destination(target, ctx.sender, ctx.at)
+        else:
+            ctx.output.streams.add(stream, target)
+    except (DestinationsFull, ValueError) as exc:
+        raise ControlError(str(exc)) from None
+
+
+@address("/unsubscribe", max_rate=SUBSCRIBE_PER_SECOND)
+def unsubscribe(ctx: Request, stream: str, port: int = 0) -> None:
+    """Stop a stream to the sender's host (at `port` or its own port)."""
+    stream, target = _stream_target(ctx, stream, port)
+    if stream == "prediction":
+        ctx.output.remove_destination(target)
+    else:
+        ctx.output.streams.remove(stream, target)
+
+
+def status_items(controls: Controls, counters: Callable[[], dict[str, int | None]]) -> dict[str, object]:
+    """Everything `/status` says: the engine's (and its parts') keys, then the transport's `osc_` counters."""
+    items: dict[str, object] = dict(controls.status())
+    items.update((f"osc_{key}", value) for key, value in counters().items())
+    return items
+
+
 TABLE = AddressTable(
     (gesture, interface, note, temperature, sigma_temperature, timescale, mode, threshold,
-     reset, pause, model, hello, status, learn, learn_stop)
+     reset, pause, model, hello, status, learn, learn_stop, subscribe, unsubscribe)
 )
 ADDRESSES: tuple[str, ...] = TABLE.paths
 

@@ -67,6 +67,15 @@ class OscStats:
 
 
 
+def status_message(items: Mapping[str, Any]) -> bytes:
+    """`/status k v k v ...` as a datagram."""
+    args: list[int | float | str] = []
+    for key, value in items.items():
+        args.append(str(key))
+        args.append(_status_value(value))
+    return encode_message("/status", *args)
+
+
 def _status_value(value: object) -> int | float | str:
     """An OSC-friendly form of a status value (numpy numbers included, via the numbers ABCs)."""
     if isinstance(value, Enum):
@@ -110,6 +119,7 @@ class OscOutput:
         self._full_logged = False
         self._transport: asyncio.DatagramTransport | None = None
         self._warned = False
+        self.streams: Any = None  # the Subscriptions of the other streams (server.osc.streams), set by start_osc
         self.set_destinations(destinations)
 
     def attach(self, transport: asyncio.DatagramTransport) -> None:
@@ -160,6 +170,15 @@ class OscOutput:
         self._all = self._configured + tuple(self._hello)
         return True
 
+    def remove_destination(self, endpoint: Endpoint) -> bool:
+        """Drop a `/hello` destination (`/unsubscribe prediction`); --send ones stay. False if it was not one."""
+        endpoint = (str(endpoint[0]), int(endpoint[1]))
+        if endpoint not in self._hello:
+            return False
+        self._forget(endpoint)
+        self._all = self._configured + tuple(self._hello)
+        return True
+
     def _quietest(self, now: float) -> Endpoint | None:
         """The `/hello` destination whose sender has been quiet longest, if that is over PROTECTED_SECONDS."""
         heard = self.last_heard
@@ -200,11 +219,7 @@ class OscOutput:
 
     def send_status(self, to: Endpoint, items: Mapping[str, Any]) -> None:
         """Send `/status k v k v ...` to one address (enums as their value, other types as text)."""
-        args: list[int | float | str] = []
-        for key, value in items.items():
-            args.append(str(key))
-            args.append(_status_value(value))
-        self.send_to(to, encode_message("/status", *args))
+        self.send_to(to, status_message(items))
 
     def broadcast(self, address: str, *args: int | float | str) -> None:
         """Send one message to every destination (fine-tune progress and results)."""

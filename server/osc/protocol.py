@@ -52,7 +52,8 @@ from typing import Any, NamedTuple, cast
 from pythonosc.osc_message import OscMessage
 
 from server.live.controls import ControlError, Controls
-from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, TABLE, Request
+from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, STREAMS, TABLE, Request
+from server.osc.streams import Subscriptions
 from server.osc.output import Endpoint, OscOutput
 from server.osc.ratelimit import TokenBuckets
 from server.osc.table import Address as Handler
@@ -124,6 +125,8 @@ class OscServerProtocol(asyncio.DatagramProtocol):
     ) -> None:
         if max_run < 1 or max_bundle < 1 or not budget > 0:
             raise ValueError("max_run and max_bundle must be >= 1 and budget > 0")
+        if output.streams is None:
+            output.streams = Subscriptions(output, tuple(name for name in STREAMS if name != "prediction"))
         self.controls = controls
         self.output = output
         self.stats = output.stats

@@ -14,10 +14,12 @@ PROGRAM = ".venv/bin/antiphon"  # the one spelling of a command in the docs: wor
 
 
 def _osc() -> str:
-    from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUTS, namespace_markdown
+    from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, OUTPUTS, STREAMS, namespace_markdown
 
     rows = ["| address out | arguments and when |", "|---|---|"]
     rows += [f"| `{address}` | {meaning} |" for address, meaning in OUTPUTS.items()]
+    rows += ["", "| stream (`/subscribe`) | sends |", "|---|---|"]
+    rows += [f"| `{name}` | {meaning} |" for name, meaning in STREAMS.items()]
     return (
         f"Listens on `{DEFAULT_HOST}:{DEFAULT_PORT}` (UDP) and sends to `{DEFAULT_HOST}:{DEFAULT_SEND_PORT}` "
         f"unless told otherwise.\n\n{namespace_markdown()}\n\n" + "\n".join(rows)

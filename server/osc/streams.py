@@ -1,0 +1,80 @@
+"""Subscribable streams of what the model thinks: who gets `/mixture`, `/surprise` and pushed `/status`.
+
+A stream nobody subscribes to costs nothing: `on_change` tells the app when a stream
+gains its first subscriber or loses its last, so the engine computes a stream only
+while someone listens. Each destination's messages on a stream are rate-capped, so a
+subscriber cannot turn the server into a flood source, and each stream holds at most
+`MAX_DESTINATIONS` subscribers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from server.osc.output import MAX_DESTINATIONS, Endpoint, OscOutput
+from server.osc.ratelimit import TokenBuckets
+from server.osc.wire import encode_message
+
+STREAM_RATE = 200.0  # messages per second per destination and stream, after a burst of as many
+
+
+class StreamsFull(ValueError):
+    """A stream already has as many subscribers as it may."""
+
+
+class Subscriptions:
+    """The subscribers of each stream (not `prediction`: that is the output's destination list)."""
+
+    def __init__(
+        self,
+        output: OscOutput,
+        names: tuple[str, ...],
+        *,
+        max_each: int = MAX_DESTINATIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._output = output
+        self._subscribers: dict[str, dict[Endpoint, None]] = {name: {} for name in names}
+        self._max = max_each
+        self._limits = TokenBuckets(STREAM_RATE, STREAM_RATE, max_keys=4 * max_each * max(1, len(names)), clock=clock)
+        self.on_change: Callable[[str, bool], None] = lambda stream, active: None
+
+    def add(self, stream: str, endpoint: Endpoint) -> bool:
+        """Subscribe `endpoint`; False if it already was. StreamsFull when the stream has no room."""
+        subscribers = self._subscribers[stream]
+        if endpoint in subscribers:
+            return False
+        if len(subscribers) >= self._max:
+            raise StreamsFull(f"{stream} already has {self._max} subscribers")
+        subscribers[endpoint] = None
+        if len(subscribers) == 1:
+            self.on_change(stream, True)
+        return True
+
+    def remove(self, stream: str, endpoint: Endpoint) -> bool:
+        """Unsubscribe `endpoint`; False if it was not subscribed."""
+        subscribers = self._subscribers[stream]
+        if endpoint not in subscribers:
+            return False
+        del subscribers[endpoint]
+        if not subscribers:
+            self.on_change(stream, False)
+        return True
+
+    def active(self, stream: str) -> bool:
+        return bool(self._subscribers[stream])
+
+    def subscribers(self, stream: str) -> tuple[Endpoint, ...]:
+        return tuple(self._subscribers[stream])
+
+    def send(self, stream: str, address: str, *args: int | float | str) -> None:
+        """Send one message to the stream's subscribers, each within its rate."""
+        if self._subscribers[stream]:
+            self.send_data(stream, encode_message(address, *args))
+
+    def send_data(self, stream: str, data: bytes) -> None:
+        """Send an encoded message to the stream's subscribers, each within its rate."""
+        for endpoint in self._subscribers[stream]:
+            if self._limits.allow((stream, endpoint)):
+                self._output.send_to(endpoint, data)
