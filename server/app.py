@@ -25,6 +25,7 @@ from server.model.files import resolve_model_dir
 from server.osc.namespace import STATUS_PUSH_HZ, namespace_text, status_items
 from server.osc.output import OscOutput, status_message
 from server.osc.protocol import OscServerProtocol, start_osc
+from server.osc.streams import STREAM_RATE
 from server.live.recorder import Recorder, RecorderError
 from server.model.predictor import Predictor
 
@@ -143,6 +144,7 @@ def watch_streams(loop: asyncio.AbstractEventLoop, engine: Engine, output: OscOu
                   protocol: OscServerProtocol) -> None:
     """Connect the OSC streams to the engine while someone subscribes, and only then (they cost nothing idle)."""
     streams = output.streams
+    engine.watch.max_rate = STREAM_RATE
     pusher = StatusPusher(loop, lambda: streams.send_data("status", status_message(
         status_items(engine, protocol.counters))), 1.0 / STATUS_PUSH_HZ)
 

@@ -121,6 +121,9 @@ class Watchers:
 
     mixture: Callable[[list[float]], None] | None = None  # the predictive distribution at each prediction
     surprise: Callable[[float, float], None] | None = None  # (nll, smoothed) for each performer event
+    max_rate: float = 200.0  # each is computed at most this often a second (faster input skips some events)
+    next_mixture: float = 0.0  # loop time before which the next one is not computed
+    next_surprise: float = 0.0
 
 
 class Scheduled:
@@ -222,7 +225,9 @@ class Engine:
         mode = self.settings.mode
         if mode is Mode.RESPOND:
             self._cancel_chain()  # the performer has the floor again
-        if self.watch.surprise is not None:  # only when someone listens: it costs a density evaluation
+        watch = self.watch
+        if watch.surprise is not None and now >= watch.next_surprise:  # only when someone listens, at most max_rate/s
+            watch.next_surprise = now + 1.0 / watch.max_rate
             nll = self.predictor.surprise(dt, x, y)
             self._surprise = nll if self._surprise is None else self._surprise + SURPRISE_SMOOTHING * (nll - self._surprise)
             self.watch.surprise(nll, self._surprise)
@@ -365,9 +370,12 @@ class Engine:
 
     def _sample(self) -> tuple[float, float, float]:
         """The next model event; the predictive distribution goes to the `mixture` watcher first, if any."""
-        s = self.settings
-        if self.watch.mixture is not None:
-            self.watch.mixture(self.predictor.mixture(s.temperature, s.sigma_temperature))
+        s, watch = self.settings, self.watch
+        if watch.mixture is not None:
+            now = self._loop.time()
+            if now >= watch.next_mixture:
+                watch.next_mixture = now + 1.0 / watch.max_rate
+                watch.mixture(self.predictor.mixture(s.temperature, s.sigma_temperature))
         return self.predictor.sample(self._rng, s.temperature, s.sigma_temperature)
 
     # ------------------------------------------------------------------ modes

@@ -46,8 +46,8 @@ OUTPUTS: dict[str, str] = {
 # What /subscribe takes: each stream and what it sends.
 STREAMS: dict[str, str] = {
     "prediction": "`/prediction` (on already for `--send` and `/hello` destinations)",
-    "mixture": "`/mixture` with each prediction",
-    "surprise": "`/surprise` with each performer event",
+    "mixture": "`/mixture` with each prediction (at most 200 a second: faster play skips some)",
+    "surprise": "`/surprise` with each performer event (at most 200 a second: faster play skips some)",
     "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second",
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)

@@ -162,6 +162,7 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
             idle = 100 * (srv.cpu_seconds() - c0) / (time.monotonic() - t0)
             runs = [round_trip(sock, srv.port, rate, 2.0 if quick else secs) for rate, secs in ((100, 5.0), (1000, 5.0))]
             st = status(sock, srv.port)
+            watched = watched_round_trip(sock, srv.port, 2.0 if quick else 5.0)
         finally:
             code = srv.stop()
         timing = generate_timing(model, sock, Path(logs), 2.0 if quick else 10.0)
@@ -173,6 +174,7 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
         "round_trip": runs,
+        "round_trip_watched": watched,
         "generate_timing": timing,
         "runaway": runaway,
         "learning": learning,
@@ -219,6 +221,28 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
         srv.stop()
     return {"seconds": seconds, "cpu_percent": cpu, "log_bytes_per_s": growth, "events_per_s": received / elapsed,
             "max_rate": st.get("max_rate")}
+
+
+def watched_round_trip(sock: socket.socket, port: int, seconds: float) -> dict[str, Any]:
+    """The 1,000 msg/s round trip again while another socket subscribes to every stream (what a monitor does)."""
+    watcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    watcher.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    watcher.bind(("127.0.0.1", 0))
+    try:
+        for stream in ("mixture", "surprise", "status"):
+            watcher.sendto(encode_message("/subscribe", stream), ("127.0.0.1", port))
+        time.sleep(0.2)
+        result = round_trip(sock, port, 1000, seconds)
+        received = 0
+        while select.select([watcher], [], [], 0.1)[0]:
+            watcher.recv(65536)
+            received += 1
+        result["stream_messages"] = received
+        for stream in ("mixture", "surprise", "status"):
+            watcher.sendto(encode_message("/unsubscribe", stream), ("127.0.0.1", port))
+    finally:
+        watcher.close()
+    return result
 
 
 def learning_phase(model: str, sock: socket.socket, scratch: Path, seconds: float) -> dict[str, Any]:
@@ -295,6 +319,11 @@ def format_table(r: dict[str, Any]) -> str:
             f"  {t['rate']:>6.0f} {t['sent']:>6} {t['received']:>5} {t['median_us'] or 0:>11.0f} {t['p99_us'] or 0:>8.0f}"
             f"   {t['first_tenth_median_us'] or 0:>10.0f} / {t['last_tenth_median_us'] or 0:<10.0f}   {t['last_answer_after_last_input_us'] or 0:>10.0f}"
         )
+    w = v["round_trip_watched"]
+    lines.append(
+        f"  {w['rate']:>6.0f} {w['sent']:>6} {w['received']:>5} {w['median_us'] or 0:>11.0f} {w['p99_us'] or 0:>8.0f}"
+        f"   with mixture, surprise and status subscribed ({w['stream_messages']} stream messages)"
+    )
     lines += [
         "",
         f"ready in {v['ready_s']:.2f} s (process start to ready line); idle CPU {v['idle_cpu_percent']:.2f} %",
