@@ -392,6 +392,31 @@ def cmd_soak(args: argparse.Namespace) -> int:
     return 0 if soak_ok(result) else 1
 
 
+# --------------------------------------------------------------------------- monitor
+
+
+def _monitor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_at_least(0), default=5712, help="HTTP port (default 5712; 0 picks a free one)")
+    p.add_argument("--server", default="127.0.0.1:5710", help="HOST:PORT of the Antiphon server (default 127.0.0.1:5710)")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the server's models are (for the model menu)")
+
+
+@command("monitor", "serve the web monitor (its own process) on http://127.0.0.1:5712/, talking OSC to a running server")(_monitor_args)
+def cmd_monitor(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from server.monitor.app import serve
+    from server.monitor.bridge import parse_server
+
+    try:
+        server = parse_server(args.server)
+    except ValueError as e:
+        return _fail(f"--server: {e}")
+    asyncio.run(serve(args.host, args.port, server, args.models_dir))
+    return 0
+
+
 # --------------------------------------------------------------------------- docs
 
 
