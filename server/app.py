@@ -10,6 +10,7 @@ import asyncio
 import os
 import selectors
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,11 +88,17 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     except OSError as e:
         raise StartupError(str(e)) from e
 
-    def send_model_events(event: Event) -> None:
+    streams = output.streams
+
+    def send_events(event: Event) -> None:
         if event.source == "model":
             output.send_prediction(event.x, event.y)
+            if streams.active("prediction"):
+                streams.send("prediction", "/prediction", event.x, event.y)
+        elif streams.active("performer"):
+            streams.send("performer", "/performer", event.x, event.y)
 
-    engine.sinks[:] = [send_model_events, recorder.record]
+    engine.sinks[:] = [send_events, recorder.record]
     engine.status_sources.append(recorder.counts)
     engine.learner = Learner(
         loop, cfg.models_dir,
@@ -127,9 +134,12 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         out,
     )
     engine.start()
+    monitor = start_monitor(cfg, host, port) if cfg.monitor else None
     try:
         await stop.wait()
     finally:
+        if monitor is not None:
+            stop_monitor(monitor)
         engine.stop()
         engine.learner.close()
         if midi is not None:
@@ -187,6 +197,23 @@ class StatusPusher:
         self._push()
         self._next = max(self._next + self._period, self._loop.time())  # after a stall: no burst of catch-up pushes
         self._timer = self._loop.call_at(self._next, self._tick)
+
+
+def start_monitor(cfg: RunConfig, host: str, port: int) -> subprocess.Popen:
+    """`run --monitor`: the web monitor in its own process (a slow browser can never touch this loop)."""
+    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    argv = [sys.executable, "-m", "server", "monitor", "--port", str(cfg.monitor_port),
+            "--server", f"{target}:{port}", "--models-dir", str(cfg.models_dir)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+
+def stop_monitor(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

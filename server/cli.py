@@ -413,6 +413,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         server = parse_server(args.server)
     except ValueError as e:
         return _fail(f"--server: {e}")
+    try:
+        os.nice(5)  # the music comes first: on a shared machine the server wins the CPU when both want it
+    except (AttributeError, OSError):
+        pass
     asyncio.run(serve(args.host, args.port, server, args.models_dir))
     return 0
 

@@ -321,6 +321,11 @@ class RunConfig:
     midi_note_duration: float | None = field(default=None, metadata=_key(
         "seconds each model note sounds, or auto", "SECONDS", _duration,
         default_doc="auto: the smaller of the predicted dt and 0.5 s"))
+    monitor: bool = field(default=False, metadata=_key(
+        "also start the web monitor (its own process) on monitor_port; the bare flag means yes", "yes/no",
+        _switch, const=True, default_doc="no"))
+    monitor_port: int = field(default=5712, metadata=_key(
+        "HTTP port of the web monitor (loopback only; 0 = any free port)", "PORT", _port))
 
 
 def _keys() -> tuple[tuple[Field[Any], Key], ...]:

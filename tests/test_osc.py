@@ -664,7 +664,7 @@ def test_namespace_docs_list_every_address_exactly_once() -> None:
         "/subscribe", "/unsubscribe",
     }
     assert osc_ns.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error", "/learn/progress", "/learn/done",
-                                       "/mixture", "/surprise")
+                                       "/mixture", "/performer", "/surprise")
     assert "[port:int]" in osc_ns.namespace_text()
     mode_line = next(line for line in text_lines if line.startswith("/mode "))
     assert all(name in mode_line for name in MODE_NAMES)

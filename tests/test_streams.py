@@ -103,3 +103,35 @@ def test_prediction_can_be_subscribed_on_another_port_and_unsubscribed(served):
         assert other.receive(0.3, "/prediction") == []
     finally:
         other.close()
+
+
+def test_performer_events_are_streamed_for_displays(served):
+    srv, peer = served
+    peer.send("/subscribe", "performer")
+    peer.status()
+    peer.send("/gesture", 0.25, 0.75)
+    got = peer.receive(1.0, "/performer", count=1)
+    assert got and got[0][2] == pytest.approx([0.25, 0.75])
+
+
+def test_run_monitor_starts_the_monitor_beside_the_server_and_stops_it(tmp_path):
+    import re
+    import subprocess
+    import urllib.request
+
+    srv = start_server(tmp_path, "--monitor", "--monitor-port", "0")
+    try:
+        end = time.monotonic() + 30
+        url = None
+        while url is None and time.monotonic() < end:
+            found = [re.search(r"monitor: (http://127\.0\.0\.1:\d+/)", line) for line in srv.output]
+            url = next((m.group(1) for m in found if m), None)
+            time.sleep(0.1)
+        assert url, "".join(srv.output)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+        page = opener.open(url, timeout=10).read().decode()
+        assert "Antiphon" in page
+    finally:
+        assert srv.stop() == 0
+    pattern = f"server monitor.*--server 127.0.0.1:{srv.port}"
+    assert subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 1, "the monitor outlived run"

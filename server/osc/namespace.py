@@ -39,16 +39,19 @@ OUTPUTS: dict[str, str] = {
                 "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` (weights after `/temperature`, sigmas times "
                 "`/sigma_temperature`; dt log-normal: its median in seconds and the sigma of log(dt + offset); "
                 "a constant dimension: its value and sigma 0)",
+    "/performer": "`x y` to `performer` subscribers: each performer event as the model heard it (for a display)",
     "/surprise": "`nll smoothed` to `surprise` subscribers for each performer event: nats, how unlikely it was "
                  "under the prediction just before it (dequantised where the model says a dimension is "
                  "quantised), and a running figure over about the last ten events",
 }
 # What /subscribe takes: each stream and what it sends.
 STREAMS: dict[str, str] = {
-    "prediction": "`/prediction` (on already for `--send` and `/hello` destinations)",
+    "prediction": "`/prediction` (on already, uncapped, for `--send` and `/hello` destinations; "
+                  "subscribed, at most 200 a second: what a display needs)",
     "mixture": "`/mixture` with each prediction (at most 200 a second: faster play skips some)",
     "surprise": "`/surprise` with each performer event (at most 200 a second: faster play skips some)",
     "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second",
+    "performer": "`/performer` with each performer event, from any transport (at most 200 a second)",
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 
@@ -229,11 +232,8 @@ def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
     """Send a stream (prediction, mixture, surprise, status) to the sender's host, at `port` or its own port."""
     stream, target = _stream_target(ctx, stream, port)
     try:
-        if stream == "prediction":
-            ctx.output.add_destination(target, ctx.sender, ctx.at)
-        else:
-            ctx.output.streams.add(stream, target)
-    except (DestinationsFull, ValueError) as exc:
+        ctx.output.streams.add(stream, target)
+    except ValueError as exc:
         raise ControlError(str(exc)) from None
 
 
@@ -241,10 +241,9 @@ def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
 def unsubscribe(ctx: Request, stream: str, port: int = 0) -> None:
     """Stop a stream to the sender's host (at `port` or its own port)."""
     stream, target = _stream_target(ctx, stream, port)
+    ctx.output.streams.remove(stream, target)
     if stream == "prediction":
-        ctx.output.remove_destination(target)
-    else:
-        ctx.output.streams.remove(stream, target)
+        ctx.output.remove_destination(target)  # a /hello destination there stops too
 
 
 def status_items(controls: Controls, counters: Callable[[], dict[str, int | None]]) -> dict[str, object]:

@@ -126,7 +126,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         if max_run < 1 or max_bundle < 1 or not budget > 0:
             raise ValueError("max_run and max_bundle must be >= 1 and budget > 0")
         if output.streams is None:
-            output.streams = Subscriptions(output, tuple(name for name in STREAMS if name != "prediction"))
+            output.streams = Subscriptions(output, tuple(STREAMS))
         self.controls = controls
         self.output = output
         self.stats = output.stats

@@ -24,7 +24,7 @@ class StreamsFull(ValueError):
 
 
 class Subscriptions:
-    """The subscribers of each stream (not `prediction`: that is the output's destination list)."""
+    """The subscribers of each stream (`prediction` here is the capped one; `/hello` destinations get every event)."""
 
     def __init__(
         self,

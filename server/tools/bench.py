@@ -224,24 +224,18 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
 
 
 def watched_round_trip(sock: socket.socket, port: int, seconds: float) -> dict[str, Any]:
-    """The 1,000 msg/s round trip again while another socket subscribes to every stream (what a monitor does)."""
-    watcher = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    watcher.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    watcher.bind(("127.0.0.1", 0))
+    """The 1,000 msg/s round trip again with the web monitor running (it subscribes to every stream)."""
+    monitor = subprocess.Popen([sys.executable, "-m", "server", "monitor", "--port", "0", "--server", f"127.0.0.1:{port}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        for stream in ("mixture", "surprise", "status"):
-            watcher.sendto(encode_message("/subscribe", stream), ("127.0.0.1", port))
-        time.sleep(0.2)
+        assert monitor.stdout is not None
+        monitor.stdout.readline()  # its ready line
+        time.sleep(1.0)  # subscribed, and its first status polls are over
         result = round_trip(sock, port, 1000, seconds)
-        received = 0
-        while select.select([watcher], [], [], 0.1)[0]:
-            watcher.recv(65536)
-            received += 1
-        result["stream_messages"] = received
-        for stream in ("mixture", "surprise", "status"):
-            watcher.sendto(encode_message("/unsubscribe", stream), ("127.0.0.1", port))
+        result["streams"] = {k: status(sock, port).get(k) for k in ("osc_sent", "inputs")}
     finally:
-        watcher.close()
+        monitor.terminate()
+        monitor.wait(10)
     return result
 
 
@@ -322,7 +316,7 @@ def format_table(r: dict[str, Any]) -> str:
     w = v["round_trip_watched"]
     lines.append(
         f"  {w['rate']:>6.0f} {w['sent']:>6} {w['received']:>5} {w['median_us'] or 0:>11.0f} {w['p99_us'] or 0:>8.0f}"
-        f"   with mixture, surprise and status subscribed ({w['stream_messages']} stream messages)"
+        "   with the web monitor running (mixture, surprise, status and performer subscribed)"
     )
     lines += [
         "",

@@ -1,0 +1,164 @@
+"""The monitor's OSC side: one UDP socket that subscribes to a server's streams and
+turns what comes back into JSON-ready dicts for the browser.
+
+Keep-alive: `/subscribe prediction|mixture|surprise|status|performer` every few seconds
+(the server may restart); the subscribed streams are rate-capped, so a busy stage costs
+the monitor little and the monitor costs the stage little. Where `/subscribe` is refused
+(an older server), it says `/hello` for predictions and polls `/status` at 4 Hz instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from typing import Any, Callable
+
+from pythonosc.osc_message import OscMessage
+from pythonosc.osc_message_builder import OscMessageBuilder
+
+STREAMS = ("prediction", "mixture", "surprise", "status", "performer")
+KEEPALIVE_S = 5.0
+POLL_S = 0.25
+PUSH_STALE_S = 1.0
+CONNECTED_S = 2.5
+
+Publish = Callable[[dict[str, Any]], None]
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """`HOST:PORT` -> (host, port); ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def encode(address: str, args: list[Any]) -> bytes:
+    """One OSC message as bytes (floats as float32, ints as int32, strings as strings)."""
+    b = OscMessageBuilder(address)
+    for a in args:
+        b.add_arg(a)
+    return b.build().dgram
+
+
+def _finite(values: list[Any]) -> list[float] | None:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def decode(address: str, args: list[Any]) -> dict[str, Any] | None:
+    """A browser message for one OSC message from the server, or None when it is not one we show."""
+    if address == "/prediction" and len(args) >= 2:
+        xy = _finite(args[:2])
+        return None if xy is None else {"type": "prediction", "x": xy[0], "y": xy[1]}
+    if address == "/performer" and len(args) >= 2:
+        xy = _finite(args[:2])
+        return None if xy is None else {"type": "performer", "x": xy[0], "y": xy[1]}
+    if address == "/surprise" and len(args) >= 2:
+        v = _finite(args[:2])
+        return None if v is None else {"type": "surprise", "nll": v[0], "smoothed": v[1]}
+    if address == "/mixture" and args:
+        values = _finite(args)
+        if values is None or not values[0].is_integer() or values[0] < 1:
+            return None
+        k = int(values[0])
+        if len(values) != 1 + 7 * k:
+            return None
+        comps = [values[1 + k + 6 * i: 1 + k + 6 * (i + 1)] for i in range(k)]
+        return {"type": "mixture", "weights": values[1:1 + k], "components": comps}
+    if address == "/status":
+        pairs = {str(k): v for k, v in zip(args[::2], args[1::2])}
+        return {"type": "status", "values": pairs}
+    if address == "/error":
+        return {"type": "error", "address": str(args[0]) if args else "", "reason": " ".join(map(str, args[1:]))}
+    if address == "/learn/progress" or address == "/learn/done":
+        return {"type": "learn", "address": address, "args": [a if isinstance(a, (int, float, str)) else str(a) for a in args]}
+    return None
+
+
+class Bridge(asyncio.DatagramProtocol):
+    """Talks to one Antiphon server; `publish` receives each decoded message."""
+
+    def __init__(self, server: tuple[str, int], publish: Publish) -> None:
+        self.server = server
+        self.publish = publish
+        self.transport: asyncio.DatagramTransport | None = None
+        self.server_ips: set[str] = set()
+        self.last_heard = 0.0
+        self.last_push = 0.0
+        self.polls_outstanding = 0
+        self.subscribe_refused = False
+
+    async def start(self, bind_host: str = "127.0.0.1") -> None:
+        """Resolve the server, bind the socket and start the keep-alive and poll tasks."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.server[0], self.server[1], type=socket.SOCK_DGRAM, family=socket.AF_INET)
+        if not infos:
+            raise OSError(f"cannot resolve {self.server[0]}")
+        self.server_ips = {info[4][0] for info in infos}
+        self.server = (infos[0][4][0], self.server[1])
+        local = bind_host if not self.server[0].startswith("127.") else "127.0.0.1"
+        await loop.create_datagram_endpoint(lambda: self, local_addr=(local, 0), family=socket.AF_INET)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, address: str, args: list[Any] | None = None) -> None:
+        """Send one message to the server; never blocks, never raises."""
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.sendto(encode(address, args or []), self.server)
+            except (OSError, ValueError):
+                pass
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: the server is down
+        pass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if addr[0] not in self.server_ips or addr[1] != self.server[1]:
+            return
+        try:
+            msg = OscMessage(data)
+        except Exception:  # a bundle or garbage: the server sends plain messages to monitors
+            return
+        now = time.monotonic()
+        self.last_heard = now
+        if msg.address == "/status":
+            if self.polls_outstanding > 0:
+                self.polls_outstanding -= 1
+            else:
+                self.last_push = now
+        params = list(msg.params)
+        if msg.address == "/error" and params and params[0] == "/subscribe":
+            self.subscribe_refused = True
+        out = decode(msg.address, params)
+        if out is not None:
+            self.publish(out)
+
+    def connected(self) -> bool:
+        return time.monotonic() - self.last_heard < CONNECTED_S
+
+    async def keepalive(self) -> None:
+        """Subscribe now and every KEEPALIVE_S seconds (say hello instead to a server without streams)."""
+        while True:
+            for stream in STREAMS:
+                self.send("/subscribe", [stream])
+            if self.subscribe_refused:
+                self.send("/hello")
+            self.publish({"type": "server", "connected": self.connected(), "address": f"{self.server[0]}:{self.server[1]}"})
+            await asyncio.sleep(KEEPALIVE_S)
+
+    async def poll_status(self) -> None:
+        """Poll `/status` at 4 Hz while no pushed status arrives."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            if time.monotonic() - self.last_push > PUSH_STALE_S:
+                if self.polls_outstanding > 8:  # replies lost (server down): start counting afresh
+                    self.polls_outstanding = 0
+                self.polls_outstanding += 1
+                self.send("/status")

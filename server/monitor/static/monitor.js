@@ -1,0 +1,340 @@
+// Antiphon monitor page: WebSocket client, canvas drawing (<= 30 frames/s) and controls.
+// Messages in: prediction, performer, mixture, surprise, status, models, server, error, learn.
+// Messages out: {address, args} controls, validated again by the monitor process.
+"use strict";
+
+(() => {
+  const FRAME_MS = 1000 / 30;
+  const TRAIL_MS = 4000;
+  const TRAIL_MAX = 400;
+  const SURPRISE_MS = 30000;
+  const GRID = 64;
+  const DT_MIN = 0.001, DT_MAX = 10;
+  const TOUCH_HOLD_MS = 1500;
+
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    model: [], performer: [], mixture: null, heat: null, surprise: [], status: {},
+    dirty: true, ws: null, lastFrame: 0, touched: {},
+  };
+
+  // ------------------------------------------------------------------ websocket
+  function connect() {
+    const ws = new WebSocket(`ws://${location.host}/ws`);
+    state.ws = ws;
+    ws.onclose = () => { state.ws = null; checkLink(); setTimeout(connect, 1000); };
+    ws.onerror = () => {};
+    ws.onmessage = (ev) => {
+      let msg;
+      try { msg = JSON.parse(ev.data); } catch (e) { return; }
+      const handler = handlers[msg.type];
+      if (handler) { handler(msg); state.dirty = true; }
+    };
+  }
+
+  function send(address, args) {
+    if (state.ws && state.ws.readyState === WebSocket.OPEN) {
+      state.ws.send(JSON.stringify({ address, args: args || [] }));
+    }
+  }
+
+  function pushTrail(trail, x, y) {
+    trail.push({ x, y, t: performance.now() });
+    if (trail.length > TRAIL_MAX) trail.splice(0, trail.length - TRAIL_MAX);
+  }
+
+  const handlers = {
+    prediction: (m) => pushTrail(state.model, m.x, m.y),
+    performer: (m) => pushTrail(state.performer, m.x, m.y),
+    mixture: (m) => { state.mixture = m; state.heat = heatImage(m); drawDt(); },
+    surprise: (m) => {
+      state.surprise.push({ t: performance.now(), nll: m.nll, smoothed: m.smoothed });
+      $("f-surprise").textContent = m.smoothed.toFixed(2);
+    },
+    status: (m) => { state.status = m.values; showStatus(m.values); },
+    models: (m) => fillModels(m.names),
+    server: (m) => { $("server").textContent = `server ${m.address}`; },
+    error: (m) => say(`${m.address}: ${m.reason}`, true),
+    learn: (m) => say(`${m.address} ${m.args.map(fmt).join(" ")}`, false),
+  };
+
+  let serverSeen = 0;
+  function setLink(up, what) {
+    const el = $("link");
+    el.textContent = up ? "live" : `no ${what}`;
+    el.className = "badge " + (up ? "on" : "off");
+  }
+
+  function say(text, bad) {
+    const el = $("message");
+    el.textContent = text;
+    el.className = bad ? "bad" : "dim";
+  }
+
+  // ------------------------------------------------------------------ status and controls
+  function fmt(v, digits) {
+    if (typeof v !== "number") return String(v);
+    if (digits !== undefined) return v.toFixed(digits);
+    return Number.isInteger(v) ? String(v) : v.toFixed(3);
+  }
+
+  function showStatus(s) {
+    serverSeen = performance.now();
+    const text = (id, v) => { $(id).textContent = v; };
+    text("f-mode", s.mode === undefined ? "–" : s.mode + (Number(s.paused) ? " (paused)" : ""));
+    text("f-model", s.model === undefined ? "–" : (s.loading ? `${s.model} → ${s.loading}` : s.model));
+    text("f-temperature", s.temperature === undefined ? "–" : fmt(s.temperature, 2));
+    text("f-sigma_temperature", s.sigma_temperature === undefined ? "–" : fmt(s.sigma_temperature, 2));
+    text("f-timescale", s.timescale === undefined ? "–" : fmt(s.timescale, 3));
+    text("f-io", `${fmt(s.inputs ?? "–")} / ${fmt(s.outputs ?? "–")}`);
+    text("f-step", `${fmt(s.step_us_median ?? "–", 0)} / ${fmt(s.step_us_p99 ?? "–", 0)}`);
+    text("f-late", `${fmt(s.late_us_median ?? "–", 0)} / ${fmt(s.late_us_p99 ?? "–", 0)}`);
+    text("f-learn", s.learn === undefined ? "–" : s.learn + (s.learn === "running" && s.learn_progress !== undefined ? ` ${Math.round(100 * s.learn_progress)}%` : ""));
+    syncControl("c-mode", "mode", (v) => v);
+    syncControl("c-temperature", "temperature", (v) => v);
+    syncControl("c-sigma", "sigma_temperature", (v) => v);
+    syncControl("c-timescale", "timescale", (v) => Math.log10(Math.max(1e-3, v)));
+    syncControl("c-model", "model", (v) => v);
+    const paused = Number(s.paused) === 1;
+    $("c-pause").setAttribute("aria-pressed", String(paused));
+    $("c-pause").textContent = paused ? "resume" : "pause";
+    showOutputs();
+  }
+
+  function syncControl(id, key, map) {
+    const v = state.status[key];
+    if (v === undefined || performance.now() - (state.touched[id] || 0) < TOUCH_HOLD_MS) return;
+    const el = $(id);
+    const want = String(map(v));
+    if (el.tagName === "SELECT" && ![...el.options].some((o) => o.value === want)) return;
+    if (el.value !== want) el.value = want;
+  }
+
+  function showOutputs() {
+    $("o-temperature").textContent = Number($("c-temperature").value).toFixed(2);
+    $("o-sigma").textContent = Number($("c-sigma").value).toFixed(2);
+    $("o-timescale").textContent = timescaleValue().toPrecision(3);
+  }
+
+  const timescaleValue = () => Math.pow(10, Number($("c-timescale").value));
+
+  function fillModels(names) {
+    const sel = $("c-model");
+    const current = [...sel.options].map((o) => o.value).join("\n");
+    if (current === names.join("\n")) return;
+    sel.replaceChildren(...names.map((n) => { const o = document.createElement("option"); o.value = n; o.textContent = n; return o; }));
+    syncControl("c-model", "model", (v) => v);
+  }
+
+  function throttled(fn, ms) {
+    let last = 0, timer = null;
+    return () => {
+      const wait = last + ms - performance.now();
+      if (wait <= 0) { last = performance.now(); fn(); return; }
+      if (!timer) timer = setTimeout(() => { timer = null; last = performance.now(); fn(); }, wait);
+    };
+  }
+
+  function bindControls() {
+    const touch = (id) => { state.touched[id] = performance.now(); };
+    const slider = (id, address, value) => {
+      const sendNow = throttled(() => send(address, [value()]), 100);
+      $(id).addEventListener("input", () => { touch(id); showOutputs(); sendNow(); });
+      $(id).addEventListener("change", () => { touch(id); send(address, [value()]); });
+    };
+    slider("c-temperature", "/temperature", () => Number($("c-temperature").value));
+    slider("c-sigma", "/sigma_temperature", () => Number($("c-sigma").value));
+    slider("c-timescale", "/timescale", timescaleValue);
+    $("c-mode").addEventListener("change", () => { touch("c-mode"); send("/mode", [$("c-mode").value]); });
+    $("c-model").addEventListener("change", () => { touch("c-model"); send("/model", [$("c-model").value]); });
+    $("c-pause").addEventListener("click", () => {
+      const paused = $("c-pause").getAttribute("aria-pressed") === "true";
+      send("/pause", [paused ? 0 : 1]);
+    });
+    $("c-reset").addEventListener("click", () => { state.model.length = 0; state.performer.length = 0; send("/reset"); });
+    $("c-learn").addEventListener("click", () => send("/learn"));
+    $("c-stop").addEventListener("click", () => send("/learn/stop"));
+    $("controls").addEventListener("submit", (e) => e.preventDefault());
+    showOutputs();
+  }
+
+  // ------------------------------------------------------------------ mixture maths
+  function weightsOf(m) {
+    const total = m.weights.reduce((a, b) => a + Math.max(0, b), 0);
+    return m.weights.map((w) => (total > 0 ? Math.max(0, w) / total : 1 / m.weights.length));
+  }
+
+  // Heat map of the next position: sum of weighted 2D Gaussians on a GRID x GRID image.
+  function heatImage(m) {
+    const canvas = document.createElement("canvas");
+    canvas.width = GRID; canvas.height = GRID;
+    const ctx = canvas.getContext("2d");
+    const img = ctx.createImageData(GRID, GRID);
+    const w = weightsOf(m);
+    const dens = new Float32Array(GRID * GRID);
+    let max = 0;
+    for (let row = 0; row < GRID; row++) {
+      const y = 1 - (row + 0.5) / GRID;
+      for (let col = 0; col < GRID; col++) {
+        const x = (col + 0.5) / GRID;
+        let d = 0;
+        m.components.forEach((c, k) => {
+          const sx = Math.max(c[4], 0.75 / GRID), sy = Math.max(c[5], 0.75 / GRID);  // visible even when sharp
+          const zx = (x - c[1]) / sx, zy = (y - c[2]) / sy;
+          d += w[k] * Math.exp(-0.5 * (zx * zx + zy * zy)) / (sx * sy);
+        });
+        dens[row * GRID + col] = d;
+        if (d > max) max = d;
+      }
+    }
+    for (let i = 0; i < dens.length; i++) {
+      const v = max > 0 ? Math.pow(dens[i] / max, 0.4) : 0;
+      img.data[4 * i] = 60 + 195 * v;
+      img.data[4 * i + 1] = 40 + 60 * v * v;
+      img.data[4 * i + 2] = 200 + 55 * v;
+      img.data[4 * i + 3] = 230 * v;
+    }
+    ctx.putImageData(img, 0, 0);
+    return canvas;
+  }
+
+  // Density of log(dt) under the mixture (each component normal in log time).
+  function dtDensity(m, t) {
+    const w = weightsOf(m);
+    const lt = Math.log(t);
+    let d = 0;
+    m.components.forEach((c, k) => {
+      const s = Math.max(c[3], 1e-3);
+      const z = (lt - Math.log(Math.max(c[0], 1e-6))) / s;
+      d += w[k] * Math.exp(-0.5 * z * z) / (s * Math.sqrt(2 * Math.PI));
+    });
+    return d;
+  }
+
+  // ------------------------------------------------------------------ drawing
+  function scaleCanvas(canvas) {
+    const dpr = window.devicePixelRatio || 1;
+    const w = Math.round(canvas.clientWidth * dpr), h = Math.round(canvas.clientHeight * dpr);
+    if (w > 0 && h > 0 && (canvas.width !== w || canvas.height !== h)) { canvas.width = w; canvas.height = h; }
+    return [canvas.width, canvas.height];
+  }
+
+  function drawTrail(ctx, trail, colour, now, size) {
+    const [w, h] = size;
+    const r = Math.max(3, w / 90);
+    for (let i = 0; i < trail.length; i++) {
+      const p = trail[i];
+      const a = 1 - (now - p.t) / TRAIL_MS;
+      if (a <= 0) continue;
+      const px = p.x * w, py = (1 - p.y) * h;
+      if (i > 0) {
+        const q = trail[i - 1];
+        ctx.globalAlpha = a * 0.6;
+        ctx.strokeStyle = colour; ctx.lineWidth = r / 2;
+        ctx.beginPath(); ctx.moveTo(q.x * w, (1 - q.y) * h); ctx.lineTo(px, py); ctx.stroke();
+      }
+      ctx.globalAlpha = a;
+      ctx.fillStyle = colour;
+      ctx.beginPath(); ctx.arc(px, py, i === trail.length - 1 ? r * 1.8 : r, 0, 2 * Math.PI); ctx.fill();
+    }
+    ctx.globalAlpha = 1;
+    while (trail.length && now - trail[0].t > TRAIL_MS) trail.shift();
+  }
+
+  function drawPlane(now) {
+    const canvas = $("plane");
+    const size = scaleCanvas(canvas);
+    const [w, h] = size;
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h);
+    if (state.heat) { ctx.imageSmoothingEnabled = true; ctx.drawImage(state.heat, 0, 0, w, h); }
+    ctx.strokeStyle = "#1d232a"; ctx.lineWidth = 1;
+    for (let i = 1; i < 4; i++) {
+      ctx.beginPath(); ctx.moveTo((i * w) / 4, 0); ctx.lineTo((i * w) / 4, h); ctx.stroke();
+      ctx.beginPath(); ctx.moveTo(0, (i * h) / 4); ctx.lineTo(w, (i * h) / 4); ctx.stroke();
+    }
+    const css = getComputedStyle(document.documentElement);
+    drawTrail(ctx, state.performer, css.getPropertyValue("--performer").trim(), now, size);
+    drawTrail(ctx, state.model, css.getPropertyValue("--model").trim(), now, size);
+  }
+
+  function drawDt() {
+    const canvas = $("dt");
+    const [w, h] = scaleCanvas(canvas);
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, w, h);
+    const pad = 22 * (window.devicePixelRatio || 1);
+    ctx.fillStyle = "#8a949e"; ctx.font = `${Math.round(pad * 0.55)}px system-ui`;
+    const lmin = Math.log(DT_MIN), lmax = Math.log(DT_MAX);
+    const xOf = (t) => ((Math.log(t) - lmin) / (lmax - lmin)) * w;
+    [0.001, 0.01, 0.1, 1, 10].forEach((t) => {
+      const x = xOf(t);
+      ctx.fillRect(x, h - pad, 1, 4);
+      const label = t < 1 ? `${t * 1000} ms` : `${t} s`;
+      ctx.textAlign = t === 0.001 ? "left" : t === 10 ? "right" : "center";
+      ctx.fillText(label, x, h - 4);
+    });
+    if (!state.mixture) return;
+    const n = 200, ys = [];
+    let max = 0;
+    for (let i = 0; i <= n; i++) {
+      const t = Math.exp(lmin + ((lmax - lmin) * i) / n);
+      const d = dtDensity(state.mixture, t);
+      ys.push(d); if (d > max) max = d;
+    }
+    const plotH = h - pad - 4;
+    ctx.beginPath(); ctx.moveTo(0, plotH);
+    ys.forEach((d, i) => ctx.lineTo((w * i) / n, plotH - (max > 0 ? (d / max) * (plotH - 4) : 0)));
+    ctx.lineTo(w, plotH); ctx.closePath();
+    ctx.fillStyle = "rgba(125, 92, 255, 0.45)"; ctx.fill();
+    ctx.strokeStyle = "#7d5cff"; ctx.lineWidth = 2; ctx.stroke();
+  }
+
+  function drawSurprise(now) {
+    const canvas = $("surprise");
+    const [w, h] = scaleCanvas(canvas);
+    const ctx = canvas.getContext("2d");
+    ctx.clearRect(0, 0, w, h);
+    const pts = state.surprise;
+    while (pts.length && now - pts[0].t > SURPRISE_MS) pts.shift();
+    if (!pts.length) return;
+    let lo = Infinity, hi = -Infinity;
+    pts.forEach((p) => { lo = Math.min(lo, p.nll, p.smoothed); hi = Math.max(hi, p.nll, p.smoothed); });
+    if (hi - lo < 1) { hi += 0.5; lo -= 0.5; }
+    const xOf = (t) => w - ((now - t) / SURPRISE_MS) * w;
+    const yOf = (v) => h - 6 - ((v - lo) / (hi - lo)) * (h - 12);
+    const line = (key, colour, width) => {
+      ctx.beginPath();
+      pts.forEach((p, i) => (i ? ctx.lineTo(xOf(p.t), yOf(p[key])) : ctx.moveTo(xOf(p.t), yOf(p[key]))));
+      ctx.strokeStyle = colour; ctx.lineWidth = width; ctx.stroke();
+    };
+    line("nll", "rgba(56, 208, 255, 0.45)", 1);
+    line("smoothed", "#38d0ff", 3);
+    ctx.fillStyle = "#8a949e"; ctx.font = `${Math.round(h / 10)}px system-ui`;
+    ctx.textAlign = "left"; ctx.fillText(hi.toFixed(1), 4, h / 10 + 2); ctx.fillText(lo.toFixed(1), 4, h - 4);
+  }
+
+  function frame(now) {
+    requestAnimationFrame(frame);
+    if (now - state.lastFrame < FRAME_MS) return;
+    const animating = state.model.length || state.performer.length || state.surprise.length;
+    if (!state.dirty && !animating) return;
+    state.lastFrame = now;
+    state.dirty = false;
+    drawPlane(now);
+    drawSurprise(now);
+  }
+
+  function checkLink() {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) setLink(false, "monitor");
+    else if (!serverSeen || performance.now() - serverSeen > 3000) setLink(false, "server");
+    else setLink(true);
+  }
+
+  window.addEventListener("resize", () => { state.dirty = true; drawDt(); });
+  bindControls();
+  drawDt();
+  connect();
+  requestAnimationFrame(frame);
+  setInterval(checkLink, 500);
+})();
