@@ -2,21 +2,26 @@
 
 - Pd: the shipped patch opens in a headless `pd` with every object created; its learn
   controls send `/learn <seconds>` and `/learn/stop`, and its step 4 shows what
-  `/learn/progress` and `/learn/done` carry (against a fake server); the headless
+  `/learn/progress` and `/learn/done` carry (against a fake server); it sends
+  `/subscribe surprise <its port>` on load and with hello, and a `/surprise` moves its
+  meter, its number box and the model voice's cutoff (against a fake server); the headless
   round-trip patch gets predictions back from a real server (`antiphon run`), and the
   headless learn patch gets a `/learn/done` from a real fine-tune.
 - SuperCollider: the client compiles; its GUI runs headless against a real server with the
   audio server failing to boot, and posts what it saw (including the learn buttons, and a
-  `/learn/progress` and `/learn/done` sent to it); the round-trip script gets predictions
+  `/learn/progress` and `/learn/done` sent to it, the `/surprise` its own `/subscribe`
+  brings, and a `/surprise` sent to it on its surprise line and bar); the round-trip script gets predictions
   back.
 - Round trips and the GUI get predictions only through their own `/hello <port>`: the
   server's `--send` points at a port nobody listens on. Each client sends GESTURES
   gestures in `accompany` mode and at least 90 % of the answers must arrive, in [0, 1].
 - Max: the patch is valid JSON whose cords join existing boxes and inlets/outlets; every
-  OSC message box (the learn and stop ones too) is cabled to udpsend, and every address
-  routed from udpreceive (/prediction, /learn/progress, /learn/done) goes somewhere.
+  OSC message box (the learn, stop and subscribe ones too) is cabled to udpsend, and every
+  address routed from udpreceive (/prediction, /learn/progress, /learn/done, /surprise) goes
+  somewhere.
 - No drift: every OSC address a patch sends or expects exists in `server.osc`, every
-  client has the learn controls and listens for the learn results, and every patch uses
+  client has the learn controls, subscribes to surprise and listens for the learn results
+  and `/surprise`, and every patch uses
   the server's default ports.
 
 Tests that need `pd` or `sclang` skip with the reason when the program is missing, except
@@ -418,6 +423,78 @@ def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
     assert_line(r"^antiphon-error: /learn too\\? few", out, "a refused /learn in the Pd window")
 
 
+# What step "Surprise" shows: the number box and the meter (its send name: the value after
+# clipping to -15..15) and the model voice's cutoff, which the meter shifts.
+PD_SURPRISE_DISPLAYS = ("surprise", "surprise-meter", "model-cutoff")
+PD_SURPRISE_HELPER = "#N canvas 0 0 400 400 12;\n" + "".join(
+    f"#X obj 20 {20 + 60 * i} r antiphon-{name};\n#X obj 20 {45 + 60 * i} print SHOWN-{name.upper()};\n"
+    for i, name in enumerate(PD_SURPRISE_DISPLAYS)
+) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_SURPRISE_DISPLAYS)))
+
+
+def test_pd_patch_subscribes_to_surprise_and_shows_it(tmp_path):
+    """antiphon.pd against a fake server: it sends /subscribe surprise <its port>, and a
+    /surprise nll smoothed reaching it moves the meter and the number box to `smoothed`
+    (clipped to -15..15 on the meter) and shifts the model voice's cutoff by that many semitones."""
+    from pythonosc.osc_message import OscMessage
+
+    pd = require_program("pd", "puredata-core")
+    _, _, port, send_port = server_contract()
+    gui = " ".join(" ".join(o.atoms) for o in pd_io(PD_PATCH)[2] if o.kind != "text")
+    assert r"hsl 250 18 -15 15 0 0 \$0-surprise-meter \$0-surprise-meter-in " in gui, "no surprise meter on -15..15"
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fake.bind(("127.0.0.1", 0))
+    fake.settimeout(15)
+    listen_port = free_udp_ports(1)[0]
+    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-")
+    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
+    (tmp_path / "antiphon.pd").write_text(source)
+    (tmp_path / "helper.pd").write_text(PD_SURPRISE_HELPER)
+    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
+           "-send", "antiphon-hello bang"]  # what clicking hello does: a second /subscribe
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    got = []
+    try:
+        try:
+            while sum(address == "/subscribe" for address, _ in got) < 2:
+                data, _ = fake.recvfrom(65536)
+                message = OscMessage(data)
+                got.append((message.address, list(message.params)))
+        except socket.timeout:
+            pass
+        if got:
+            to_patch = ("127.0.0.1", listen_port)
+            for smoothed in (3.5, 30.0):  # in range, then beyond the meter's +15
+                fake.sendto(osc_message("/surprise", -8.0, smoothed), to_patch)
+                time.sleep(0.3)
+                fake.sendto(osc_message("/prediction", 0.5, 0.5), to_patch)  # cutoff applies on the pluck
+                time.sleep(0.3)
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+        fake.close()
+    for problem in ("can't open", "couldn't create"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    subscribes = [params for address, params in got if address == "/subscribe"]
+    assert subscribes == [["surprise", listen_port]] * 2, (
+        f"on load and with hello the patch should send /subscribe surprise {listen_port} (its port); got {got}\n{out}")
+    shown = [(name, float(value)) for name, value in re.findall(r"^SHOWN-([A-Z-]+): (\S+)$", out, re.MULTILINE)]
+    numbers = [v for name, v in shown if name == "SURPRISE"]
+    meter = [v for name, v in shown if name == "SURPRISE-METER"]
+    cutoff = [v for name, v in shown if name == "MODEL-CUTOFF"]
+    assert numbers == [3.5, 30.0], f"the number box should show the smoothed surprise; shown {shown}\n{out}"
+    assert len(meter) == 2 and abs(meter[0] - 3.5) < 0.01 and abs(meter[1] - 15.0) < 0.01, (
+        f"the meter should follow the smoothed surprise, clipped to 15; shown {shown}\n{out}")
+    midicps = lambda note: 440.0 * 2 ** ((note - 69) / 12)  # noqa: E731
+    # y 0.5 alone gives MIDI 80; the meter adds its value in semitones
+    assert len(cutoff) == 2 and all(abs(c - midicps(80 + m)) < 0.5 for c, m in zip(cutoff, (3.5, 15.0))), (
+        f"the model voice's cutoff should rise with the surprise: {cutoff}\n{out}")
+
+
 def test_pd_learn_against_server(tmp_path):
     """learn.pd plays 120 gestures, asks /learn 5 and prints the real server's /learn/done."""
     pd = require_program("pd", "puredata-core")
@@ -485,16 +562,17 @@ def test_supercollider_round_trip_against_server(tmp_path):
 # server send /learn/progress and then /learn/done to the window's port. Waits are
 # generous and end early.
 SC_GUI_HARNESS = r"""
-var count = 0, last;
+var count = 0, last, surprises = 0;
 var wait = { |seconds, condition|  // poll until condition or timeout; never a proof of absence
 	var waited = 0;
 	while { condition.value.not and: { waited < seconds } } { 0.1.wait; waited = waited + 0.1 };
 };
 Server.program = "exec %NO_SCSYNTH%";
 OSCdef(\testCount, { |msg| count = count + 1; last = msg[1..2] }, '/prediction');
+OSCdef(\testSurprise, { |msg| surprises = surprises + 1 }, '/surprise');
 thisProcess.interpreter.executeFile("%CLIENT%");
 Routine {
-	var window, pads, texts, line, buttons, bar;
+	var window, pads, texts, line, buttons, bar, surpriseBar;
 	wait.(20, { (Window.allWindows ? []).any { |w| w.name == "Antiphon" } });
 	window = (Window.allWindows ? []).detect { |w| w.name == "Antiphon" };
 	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit; nil.alwaysYield };
@@ -507,6 +585,8 @@ Routine {
 	%GESTURES%.do { |i| pads[0].setXYActive(i / %GESTURES%, 1 - (i / %GESTURES%)); 0.1.wait };
 	wait.(30, { count >= %GESTURES% });
 	("HARNESS PREDICTIONS " ++ count).postln;
+	wait.(5, { surprises > 0 });
+	("HARNESS SURPRISES " ++ surprises).postln;
 	wait.(5, { last.notNil and: { (pads[1].x - last[0]).abs < 0.001 } });
 	("HARNESS MODELPAD % % LAST %".format(pads[1].x, pads[1].y, last)).postln;
 	%OTHER_CLIENT%.unixCmd({ |code| ("HARNESS OTHER CLIENT EXIT " ++ code).postln });
@@ -518,6 +598,7 @@ Routine {
 	buttons = window.view.children.select { |v| v.isKindOf(Button) };
 	("HARNESS BUTTONS " ++ buttons.collect { |b| b.states[0][0] }.join(" ")).postln;
 	bar = window.view.children.detect { |v| v.isKindOf(Slider) };
+	surpriseBar = window.view.children.select { |v| v.isKindOf(Slider) }[1];
 	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
 	buttons.detect { |b| b.states[0][0] == "learn" }.doAction;
 	wait.(10, { line.("learn:").contains("failed") });
@@ -532,6 +613,9 @@ Routine {
 	wait.(10, { line.("learn:").beginsWith("learn: done") });
 	("HARNESS LEARNLINE " ++ line.("learn:")).postln;
 	("HARNESS LEARNBAR " ++ bar.value).postln;
+	wait.(10, { line.("surprise:").contains("3.5 nats") });
+	("HARNESS SURPRISELINE " ++ line.("surprise:")).postln;
+	("HARNESS SURPRISEBAR " ++ surpriseBar.value).postln;
 	window.close;
 	0.5.wait;
 	0.exit;
@@ -557,7 +641,8 @@ def test_supercollider_client_gui_against_server(tmp_path):
             "import time; from pythonosc.udp_client import SimpleUDPClient; "
             f"c = SimpleUDPClient('127.0.0.1', {srv.client_port}); "
             "c.send_message('/learn/progress', [0.5, -9.25]); time.sleep(1.5); "
-            "c.send_message('/learn/done', ['default-learn-x', -8.5, -9.75, 1])")])
+            "c.send_message('/learn/done', ['default-learn-x', -8.5, -9.75, 1]); time.sleep(0.5); "
+            "c.send_message('/surprise', [-8.0, 3.5])")])
         harness = tmp_path / "harness.scd"
         harness.write_text(
             SC_GUI_HARNESS.replace("%CLIENT%", str(client))
@@ -601,6 +686,14 @@ def test_supercollider_client_gui_against_server(tmp_path):
     assert_line(r"^HARNESS LEARNLINE learn: done - swapped in: default-learn-x \(held-out NLL -8\.5 -> -9\.75 "
                 r"nats/event\), the new model plays now$", out, "/learn/done on the learn line")
     assert_line(r"^HARNESS LEARNBAR 1(\.0)?$", out, "the progress bar full at /learn/done")
+    # surprise: its own /subscribe made the real server send /surprise for the pad moves,
+    # and a /surprise -8.0 3.5 sent to the window's port shows on its line and bar (-15..15)
+    surprises = int(assert_line(r"^HARNESS SURPRISES (\d+)$", out, "surprise count").group(1))
+    assert surprises > 0, f"the window's /subscribe surprise should bring /surprise from the server:\n{out}"
+    assert_line(r"^HARNESS SURPRISELINE surprise: 3\.5 nats \(smoothed; last move -8(\.0)?\)", out,
+                "the smoothed surprise on the surprise line")
+    bar_value = float(assert_line(r"^HARNESS SURPRISEBAR (\S+)$", out, "the surprise bar").group(1))
+    assert abs(bar_value - 18.5 / 30) < 1e-3, f"the surprise bar should sit at 3.5 on -15..15:\n{out}"
     count = int(assert_line(r"^HARNESS PREDICTIONS (\d+)$", out, "prediction count").group(1))
     assert count >= MIN_PREDICTIONS, f"moved the pad {GESTURES} times, got {count} predictions:\n{out}"
     pad = assert_line(r"^HARNESS MODELPAD (\S+) (\S+) LAST \[ (\S+), (\S+) \]$", out, "model pad")
@@ -701,8 +794,8 @@ def scd_io(path: Path) -> tuple[set[str], set[str]]:
 
 
 CLIENT_MUST_SEND = {"/gesture", "/hello", "/temperature", "/sigma_temperature", "/mode", "/reset",
-                    "/learn", "/learn/stop"}
-CLIENT_MUST_HEAR = {"/prediction", "/learn/progress", "/learn/done"}  # Max too: they come to udpreceive
+                    "/learn", "/learn/stop", "/subscribe"}  # /subscribe surprise <port>
+CLIENT_MUST_HEAR = {"/prediction", "/learn/progress", "/learn/done", "/surprise"}  # Max too: they come to udpreceive
 
 
 @pytest.mark.parametrize("client", ["pd", "max", "supercollider"])
@@ -739,6 +832,9 @@ def test_patch_ports_match_server_defaults():
     assert re.search(rf"#X msg \d+ \d+ {send_port};\s*#X obj \d+ \d+ oscformat -f i hello;", pd_source), (
         "the Pd /hello should name the listening port"
     )
+    assert re.search(rf"#X msg \d+ \d+ list surprise {send_port};\s*#X obj \d+ \d+ oscformat -f si subscribe;", pd_source), (
+        "the Pd /subscribe surprise should name the listening port"
+    )
     for path in (PD_ROUNDTRIP, PD_LEARN):
         rt = " ".join(" ".join(o.atoms) for o in pd_io(path)[2])
         assert f"list append {port} {send_port}" in rt, f"{path.name} defaults should be the server defaults"
@@ -748,10 +844,12 @@ def test_patch_ports_match_server_defaults():
     assert f"udpsend 127.0.0.1 {port}" in max_texts
     assert f"udpreceive {send_port}" in max_texts
     assert any(t.startswith(f"/hello {send_port}") for t in max_texts)
+    assert f"/subscribe surprise {send_port}" in max_texts
     # SuperCollider
     sc = SC_CLIENT.read_text()
     assert f"var serverPort = {port};" in sc
     assert f"var listenPort = {send_port};" in sc
+    assert """antiphon.sendMsg('/subscribe', "surprise", listenPort)""" in sc
     rt_sc = SC_ROUNDTRIP.read_text()
     assert f'"ANTIPHON_PORT".getenv ? "{port}"' in rt_sc
     assert f'"ANTIPHON_SEND_PORT".getenv ? "{send_port}"' in rt_sc

@@ -631,9 +631,10 @@
 				"box": {
 					"id": "obj-33",
 					"maxclass": "newobj",
-					"numinlets": 4,
-					"numoutlets": 4,
+					"numinlets": 5,
+					"numoutlets": 5,
 					"outlettype": [
+						"",
 						"",
 						"",
 						"",
@@ -642,10 +643,10 @@
 					"patching_rect": [
 						420.0,
 						585.0,
-						283.0,
+						350.0,
 						22.0
 					],
-					"text": "route /prediction /learn/progress /learn/done"
+					"text": "route /prediction /learn/progress /learn/done /surprise"
 				}
 			},
 			{
@@ -2034,6 +2035,137 @@
 					"text": "NLL: nats per event on the last fifth of your playing, lower is better. A fine-tune that fails sends /error (printed in the Max Console); a refused /learn (fewer than 100 moves, or one already running) answers udpsend's port, so it never reaches Max.",
 					"linecount": 5
 				}
+			},
+			{
+				"box": {
+					"id": "obj-114",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						900.0,
+						435.0,
+						160.0,
+						22.0
+					],
+					"text": "/subscribe surprise 5711"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-115",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						1080.0,
+						930.0,
+						320.0,
+						60.0
+					],
+					"text": "Surprise (sent on load by /subscribe surprise 5711): how unexpected your last move was to the model, smoothed, in nats (about -10..-5 is typical, above 0 is a surprise). It opens the model voice's filter by one semitone per nat (-15..15)."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-116",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"float",
+						"float"
+					],
+					"patching_rect": [
+						1080.0,
+						995.0,
+						96.0,
+						22.0
+					],
+					"text": "unpack 0. 0."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-117",
+					"maxclass": "newobj",
+					"numinlets": 3,
+					"numoutlets": 1,
+					"outlettype": [
+						"float"
+					],
+					"patching_rect": [
+						1160.0,
+						1025.0,
+						96.0,
+						22.0
+					],
+					"text": "clip -15. 15."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-118",
+					"maxclass": "flonum",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"outlettype": [
+						"",
+						"bang"
+					],
+					"patching_rect": [
+						1270.0,
+						1025.0,
+						60.0,
+						22.0
+					],
+					"format": 6,
+					"parameter_enable": 0
+				}
+			},
+			{
+				"box": {
+					"id": "obj-119",
+					"maxclass": "slider",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"outlettype": [
+						""
+					],
+					"patching_rect": [
+						1160.0,
+						1060.0,
+						200.0,
+						20.0
+					],
+					"min": -15.0,
+					"size": 30.0,
+					"floatoutput": 1,
+					"orientation": 1,
+					"ignoreclick": 1,
+					"parameter_enable": 0
+				}
+			},
+			{
+				"box": {
+					"id": "obj-120",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"outlettype": [
+						"float"
+					],
+					"patching_rect": [
+						730.0,
+						790.0,
+						40.0,
+						22.0
+					],
+					"text": "+ 0."
+				}
 			}
 		],
 		"lines": [
@@ -2574,7 +2706,7 @@
 						0
 					],
 					"destination": [
-						"obj-53",
+						"obj-120",
 						0
 					]
 				}
@@ -2977,7 +3109,7 @@
 				"patchline": {
 					"source": [
 						"obj-33",
-						3
+						4
 					],
 					"destination": [
 						"obj-95",
@@ -3114,6 +3246,102 @@
 					"destination": [
 						"obj-112",
 						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-120",
+						0
+					],
+					"destination": [
+						"obj-53",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-88",
+						0
+					],
+					"destination": [
+						"obj-114",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-114",
+						0
+					],
+					"destination": [
+						"obj-92",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						3
+					],
+					"destination": [
+						"obj-116",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-116",
+						1
+					],
+					"destination": [
+						"obj-118",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-116",
+						1
+					],
+					"destination": [
+						"obj-117",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-117",
+						0
+					],
+					"destination": [
+						"obj-119",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-117",
+						0
+					],
+					"destination": [
+						"obj-120",
+						1
 					]
 				}
 			}
