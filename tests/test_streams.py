@@ -44,9 +44,9 @@ def test_mixture_comes_with_each_prediction_and_describes_a_distribution(served)
     peer.send("/subscribe", "mixture")
     peer.send("/temperature", 0.5)
     peer.status()
-    for i in range(10):
+    for i in range(10):  # slower than the streams' 60 a second, so every prediction has its /mixture
         peer.send("/gesture", 0.2 + 0.05 * i, 0.6)
-        time.sleep(0.02)
+        time.sleep(0.04)
     got = peer.receive(2.0, "/mixture", count=10)
     assert len(got) == 10
     for _, _, args in got:

@@ -15,6 +15,7 @@ from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.modes import parse_mode
 from server.model.files import check_model_name
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
+from server.osc.streams import STREAM_RATE
 from server.osc.table import AddressTable, address
 
 DEFAULT_HOST = "127.0.0.1"
@@ -47,11 +48,11 @@ OUTPUTS: dict[str, str] = {
 # What /subscribe takes: each stream and what it sends.
 STREAMS: dict[str, str] = {
     "prediction": "`/prediction` (on already, uncapped, for `--send` and `/hello` destinations; "
-                  "subscribed, at most 200 a second: what a display needs)",
-    "mixture": "`/mixture` with each prediction (at most 200 a second: faster play skips some)",
-    "surprise": "`/surprise` with each performer event (at most 200 a second: faster play skips some)",
+                  f"subscribed, at most {STREAM_RATE:g} a second: what a display needs)",
+    "mixture": f"`/mixture` with each prediction (at most {STREAM_RATE:g} a second: faster play skips some)",
+    "surprise": f"`/surprise` with each performer event (at most {STREAM_RATE:g} a second: faster play skips some)",
     "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second",
-    "performer": "`/performer` with each performer event, from any transport (at most 200 a second)",
+    "performer": f"`/performer` with each performer event, from any transport (at most {STREAM_RATE:g} a second)",
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 

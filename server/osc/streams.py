@@ -16,7 +16,7 @@ from server.osc.output import MAX_DESTINATIONS, Endpoint, OscOutput
 from server.osc.ratelimit import TokenBuckets
 from server.osc.wire import encode_message
 
-STREAM_RATE = 200.0  # messages per second per destination and stream, after a burst of as many
+STREAM_RATE = 60.0  # messages per second per destination and stream (a display draws 30 frames a second)
 
 
 class StreamsFull(ValueError):
