@@ -157,10 +157,10 @@ def test_short_performances_train_and_a_constant_comes_back_exactly(chorale_like
 def test_evaluate_leads_with_the_dequantised_figure_and_it_matches_model_json(chorale_like, tmp_path, capsys):
     from server.cli import main
     from server.learn.data import save_dataset
-    from server.learn.train import split_with_indices
+    from server.learn.data import split_performances
 
     folder, ds = chorale_like
-    _, val, _ = split_with_indices(ds, 0.15, seed=2)
+    _, val, _ = split_performances(ds, 0.15, seed=2)
     path = save_dataset(val, tmp_path / "val.npz")
     assert main(["evaluate", "--model", str(folder), "--data", str(path)]) == 0
     out = capsys.readouterr().out

@@ -72,7 +72,7 @@ def test_validation_nll_is_the_evaluate_figure(tiny_model, tiny_dataset, tmp_pat
     from server.cli import main
 
     folder, result = tiny_model
-    _, val = data.split_performances(tiny_dataset, 0.15, seed=3)
+    _, val, _ = data.split_performances(tiny_dataset, 0.15, seed=3)
     path = data.save_dataset(val, tmp_path / "val.npz")
     assert main(["evaluate", "--model", str(folder), "--data", str(path)]) == 0
     printed = float(re.search(r": (-?[0-9.]+) nats per event", capsys.readouterr().out).group(1))

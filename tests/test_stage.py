@@ -130,40 +130,33 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_run_stops_cleanly_where_add_signal_handler_is_missing(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WITHOUT_SIGNAL_HANDLERS, "run", "--port", "0", "--log-dir", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def run_then_sigterm(argv: list[str], stderr: int, before_stop=lambda proc: None) -> tuple[int, str, str]:
+    """Start `argv`, wait for its `ready:` line, (optionally act,) SIGTERM it: (exit code, stdout rest, stderr)."""
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("ready:"):
                 break
+        before_stop(proc)
         proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=20)[0]
+        out, err = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, rest
+    return proc.returncode, out or "", err or ""
+
+
+def test_run_stops_cleanly_where_add_signal_handler_is_missing(tmp_path):
+    argv = [sys.executable, "-c", WITHOUT_SIGNAL_HANDLERS, "run", "--port", "0", "--log-dir", str(tmp_path)]
+    code, rest, _ = run_then_sigterm(argv, subprocess.STDOUT)
+    assert code == 0, rest
     assert "stopped:" in rest and "Traceback" not in rest
 
 
 def test_a_closed_stdout_at_exit_is_not_a_traceback(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "run", "--port", "0", "--log-dir", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("ready:"):
-                break
-        proc.stdout.close()  # the reader went away (e.g. `antiphon run | head`)
-        proc.send_signal(signal.SIGTERM)
-        err = proc.communicate(timeout=20)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+    argv = [sys.executable, "-m", "server", "run", "--port", "0", "--log-dir", str(tmp_path)]
+    # the reader goes away (e.g. `antiphon run | head`)
+    code, _, err = run_then_sigterm(argv, subprocess.PIPE, before_stop=lambda proc: proc.stdout.close())
+    assert code == 0, err
     assert "Traceback" not in err and "Exception ignored" not in err

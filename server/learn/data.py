@@ -247,11 +247,6 @@ def dataset_from_logs(paths: Iterable[Path], dt_max: float = DT_MAX, include_mod
 
 
 
-def performer_streams(paths: Iterable[Path], dt_max: float = DT_MAX) -> list[np.ndarray]:
-    """The performer's stream of each log (files and/or folders of them): what retraining on your playing uses."""
-    return log_streams(paths, ("performer",), dt_max)
-
-
 def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float = DT_MAX,
                 until: float | None = None) -> list[np.ndarray]:
     """The streams of `sources` in each log (files and/or folders of them), in order.
@@ -282,28 +277,27 @@ def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float =
     return perfs
 
 
-# --------------------------------------------------------------------------- training windows
+# --------------------------------------------------------------------------- validation split
 
 
-def split_performances(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Split by whole performances (never by windows) so validation measures generalisation."""
+def split_performances(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[int]]:
+    """Split by whole performances (never windows), saying which (0-based, in dataset order) were held out.
+
+    A dataset of one performance (a single session) holds out its last part instead.
+    """
     n = len(ds.starts)
-    if n < 2:
-        raise DatasetError("need at least two performances to hold one out for validation")
+    if n == 1:  # one long session: its last part is held out, as a performance of its own
+        events = ds.events
+        if len(events) < 8:
+            raise DatasetError(f"one performance of {len(events)} events is too short to train and validate on")
+        cut = int(len(events) * (1 - max(val_fraction, 0.1)))
+        tail = events[cut:].copy()
+        tail[0, 0] = 0.0
+        return Dataset.from_performances([events[:cut]]), Dataset.from_performances([tail]), [0]
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, int(round(n * val_fraction))), n - 1)
-    return ds.subset(sorted(order[n_val:])), ds.subset(sorted(order[:n_val]))
-
-
-def windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> np.ndarray:
-    """Overlapping windows of ``length + 1`` events (inputs ``[:-1]``, targets ``[1:]``)."""
-    out: list[np.ndarray] = []
-    for p in perfs:
-        for start in range(0, len(p) - length, stride):
-            out.append(p[start : start + length + 1])
-    if not out:
-        raise DatasetError(f"no performance is longer than the window of {length} events")
-    return np.stack(out).astype(np.float32)
+    held_out = sorted(int(i) for i in order[:n_val])
+    return ds.subset(sorted(int(i) for i in order[n_val:])), ds.subset(held_out), held_out
 
 
 def iter_files(paths: Iterable[Path], pattern: str) -> Iterator[Path]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from server.learn.data import DT_MAX, Dataset, DatasetError
+from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
 from server.learn.windows import Windows, make_windows
 from server.model.normalise import Normaliser
 from server.model.spec import ModelInfo, ModelSpec
@@ -85,7 +85,7 @@ def train(
     minutes = cfg.minutes if cfg.minutes is not None else default_minutes(len(ds.events))
     if not minutes > 0:
         raise DatasetError("--minutes must be > 0")
-    train_ds, val_ds, held_out = split_with_indices(ds, cfg.val_fraction, cfg.seed)
+    train_ds, val_ds, held_out = split_performances(ds, cfg.val_fraction, cfg.seed)
     model, spec, norm, parent = build_for(cfg, train_ds)
     train_w, val_w = _windows(train_ds, val_ds, norm, cfg)
     origin = f"fine-tuning {parent.label}" if parent is not None else "training"
@@ -186,26 +186,6 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     except KeyboardInterrupt:
         return best, True
     return best, False
-
-
-def split_with_indices(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset, list[int]]:
-    """Split by whole performances (never windows), saying which (0-based, in dataset order) were held out.
-
-    A dataset of one performance (a single session) holds out its last part instead.
-    """
-    n = len(ds.starts)
-    if n == 1:  # one long session: its last part is held out, as a performance of its own
-        events = ds.events
-        if len(events) < 8:
-            raise DatasetError(f"one performance of {len(events)} events is too short to train and validate on")
-        cut = int(len(events) * (1 - max(val_fraction, 0.1)))
-        tail = events[cut:].copy()
-        tail[0, 0] = 0.0
-        return Dataset.from_performances([events[:cut]]), Dataset.from_performances([tail]), [0]
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(max(1, int(round(n * val_fraction))), n - 1)
-    held_out = sorted(int(i) for i in order[:n_val])
-    return ds.subset(sorted(int(i) for i in order[n_val:])), ds.subset(held_out), held_out
 
 
 def _windows(train_ds: Dataset, val_ds: Dataset, norm: Normaliser, cfg: TrainConfig) -> tuple[Windows, Windows]:

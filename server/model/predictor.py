@@ -15,6 +15,7 @@ import numpy as np
 
 from server.model import mdn
 from server.model.files import ModelFiles, read_model
+from server.model.likelihood import event_log_likelihoods
 from server.model.litert import LiteRTStep, StepFunction, litert_available
 from server.model.spec import ModelError, ModelInfo
 
@@ -124,8 +125,6 @@ class Predictor:
 
     def surprise(self, dt: float, x: float, y: float) -> float:
         """How unlikely an event is under the current prediction: NLL in nats, dequantised where quantised."""
-        from server.model.likelihood import event_log_likelihoods
-
         event = np.asarray([[min(max(dt, 0.0), self.norm.clip_max[0]), min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)]])
         _, deq = event_log_likelihoods(self.params[None, :], event, self.info)
         return float(-deq[0])

@@ -154,7 +154,7 @@ def threshold(ctx: Request, seconds: float) -> None:
 
 @address("/reset")
 def reset(ctx: Request) -> None:
-    """Zero the RNN state."""
+    """A fresh start: cancel the output scheduled from the old state, then zero the RNN state."""
     ctx.controls.reset()
 
 
