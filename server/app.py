@@ -18,6 +18,7 @@ from typing import Any, Callable, TextIO
 
 from server.config import RunConfig
 from server.live.engine import Engine, Settings
+from server.live.voices import VoiceOptions, VoicePolicy
 from server.live.learning import Learner
 from server.event import Event
 from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
@@ -27,6 +28,7 @@ from server.osc.namespace import STATUS_PUSH_HZ, namespace_text, status_items
 from server.osc.output import OscOutput, status_message
 from server.osc.protocol import OscServerProtocol, start_osc
 from server.osc.streams import STREAM_RATE
+from server.osc.wire import ntp_timetag
 from server.live.recorder import Recorder, RecorderError
 from server.model.predictor import Predictor
 
@@ -57,7 +59,7 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
     except ModelError as e:
         raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
     try:
-        recorder = Recorder(cfg.log_dir)
+        recorder = Recorder(cfg.log_dir, voices=cfg.voices is VoicePolicy.PER_SENDER)
     except RecorderError as e:
         raise StartupError(str(e)) from e
     try:
@@ -77,9 +79,11 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         timescale=cfg.timescale,
         threshold=cfg.threshold,
         max_rate=cfg.max_rate,
+        lookahead=cfg.lookahead,
     )
     model_name = folder.name
-    engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name)
+    voices = VoiceOptions(cfg.voices, cfg.max_voices, cfg.voice_timeout)
+    engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name, voices=voices)
     engine.model_folder = folder
     try:
         transport, protocol, output = await start_osc(
@@ -91,12 +95,16 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     streams = output.streams
 
     def send_events(event: Event) -> None:
+        voice = () if event.voice is None else (event.voice,)
         if event.source == "model":
-            output.send_prediction(event.x, event.y)
-            if streams.active("prediction"):
-                streams.send("prediction", "/prediction", event.x, event.y)
+            timetag = None
+            if settings.lookahead > 0.0:  # the event's time, from the loop's monotonic schedule to the wall clock
+                timetag = ntp_timetag(time.time() + (event.time - loop.time()))
+            output.send_prediction(event.x, event.y, event.voice, event.route, timetag)
+            if streams.active("prediction"):  # displays get plain messages as they leave
+                streams.send("prediction", "/prediction", event.x, event.y, *voice)
         elif streams.active("performer"):
-            streams.send("performer", "/performer", event.x, event.y)
+            streams.send("performer", "/performer", event.x, event.y, *voice)
 
     engine.sinks[:] = [send_events, recorder.record]
     engine.status_sources.append(recorder.counts)
@@ -158,11 +166,11 @@ def watch_streams(loop: asyncio.AbstractEventLoop, engine: Engine, output: OscOu
     pusher = StatusPusher(loop, lambda: streams.send_data("status", status_message(
         status_items(engine, protocol.counters))), 1.0 / STATUS_PUSH_HZ)
 
-    def mixture(values: list[float]) -> None:
-        streams.send("mixture", "/mixture", int(values[0]), *values[1:])
+    def mixture(values: list[float], voice: int | None) -> None:
+        streams.send("mixture", "/mixture", int(values[0]), *values[1:], *(() if voice is None else (voice,)))
 
-    def surprise(nll: float, smoothed: float) -> None:
-        streams.send("surprise", "/surprise", nll, smoothed)
+    def surprise(nll: float, smoothed: float, voice: int | None) -> None:
+        streams.send("surprise", "/surprise", nll, smoothed, *(() if voice is None else (voice,)))
 
     def changed(stream: str, active: bool) -> None:
         if stream == "mixture":

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.live.modes import MODE_NAMES, Mode, parse_mode
+from server.live.voices import DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, VOICE_POLICIES, VoicePolicy, parse_voice_policy
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
@@ -189,6 +190,19 @@ def _mode(raw: object) -> Mode:
     return parse_mode(raw)
 
 
+def _voices(raw: object) -> VoicePolicy:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected one of {', '.join(VOICE_POLICIES)}, got {raw!r}")
+    return parse_voice_policy(raw)
+
+
+def _lookahead(raw: object) -> float:
+    value = _non_negative(raw)
+    if value > 2.0:
+        raise ValueError(f"must be at most 2 seconds, got {value:g}")
+    return value
+
+
 def _path(raw: object) -> Path:
     if not isinstance(raw, (str, Path)) or not str(raw) or "\0" in str(raw):
         raise ValueError(f"expected a path, got {raw!r}")
@@ -285,9 +299,20 @@ class RunConfig:
     timescale: float = field(default=1.0, metadata=_key(
         "multiplies predicted dt before scheduling (> 0)", "FACTOR", _positive))
     max_rate: float = field(default=200.0, metadata=_key(
-        "most model events per second, in every mode and at any timescale (> 0)", "N", _positive))
+        "most model events per second per voice, in every mode and at any timescale (> 0)", "N", _positive))
     threshold: float = field(default=1.5, metadata=_key(
         "seconds of performer silence before respond mode takes over (>= 0)", "SECONDS", _non_negative))
+    voices: VoicePolicy = field(default=VoicePolicy.ONE, metadata=_key(
+        "one (every performer shares one voice) or per-sender (each OSC sender or MIDI channel, or a voice "
+        "argument, is a voice with its own memory; outputs carry the voice number)", "POLICY", _voices,
+        default_doc=VoicePolicy.ONE.value))
+    max_voices: int = field(default=DEFAULT_MAX_VOICES, metadata=_key(
+        "most voices playing at once when voices is per-sender (1-128)", "N", _int_in(1, 128, "voice count")))
+    voice_timeout: float = field(default=DEFAULT_VOICE_TIMEOUT, metadata=_key(
+        "seconds without a performer event after which a voice is forgotten (> 0)", "SECONDS", _positive))
+    lookahead: float = field(default=0.0, metadata=_key(
+        "send each model event this many seconds early, as an OSC bundle timetagged with its time "
+        "(0-2; 0 = plain messages when due)", "SECONDS", _lookahead))
     log_dir: Path = field(default=Path("logs"), metadata=_key(
         "folder for performance logs, one CSV per run", "DIR", _path, relative_to_file=True))
     seed: int | None = field(default=None, metadata=_key(
@@ -307,7 +332,8 @@ class RunConfig:
         "is not given (macOS, Linux; not Windows); the bare flag means yes", "yes/no", _switch, const=True,
         default_doc="no"))
     midi_channel: int = field(default=1, metadata=_key(
-        "MIDI channel the model's notes are sent on (1-16)", "N", _int_in(1, 16, "MIDI channel")))
+        "MIDI channel the model's notes are sent on when voices is one (1-16); with per-sender, voice n "
+        "plays on channel n+1", "N", _int_in(1, 16, "MIDI channel")))
     midi_input_channel: int = field(default=0, metadata=_key(
         "MIDI channel listened to (1-16; 0 = any)", "N", _int_in(0, 16, "MIDI channel", " (0 = any)"),
         default_doc="0 (any)"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,3 +22,5 @@ class Event:
     y: float
     source: Source
     dt: float | None = None  # for model events: the predicted wait before it (seconds, after /timescale)
+    voice: int | None = None  # its voice's number when voices are on (`per-sender`), else None
+    route: Hashable | None = None  # the transport's name for the voice's performer (an OSC sender, a MIDI channel)

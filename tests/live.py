@@ -19,6 +19,16 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 REPO = Path(__file__).resolve().parent.parent
 
 
+def decode_datagram(data: bytes) -> list[tuple[float | None, OscMessage]]:
+    """The messages of a datagram with the timetag (Unix seconds) of the bundle they came in, or None."""
+    from server.osc.wire import bundle_messages, is_bundle, timetag_seconds
+
+    if not is_bundle(data):
+        return [(None, OscMessage(data))]
+    tag = timetag_seconds(int.from_bytes(data[8:16], "big"))
+    return [(tag, OscMessage(m)) for m in bundle_messages(data)]
+
+
 class OscPeer:
     """One UDP socket that sends OSC to the server and collects what comes back (predictions, errors)."""
 
@@ -51,9 +61,24 @@ class OscPeer:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 return out
-            msg = OscMessage(data)
-            if address is None or msg.address == address:
-                out.append((time.monotonic(), msg.address, list(msg.params)))
+            now = time.monotonic()
+            for _, msg in decode_datagram(data):  # a bundle's messages too (lookahead)
+                if address is None or msg.address == address:
+                    out.append((now, msg.address, list(msg.params)))
+
+    def receive_timetagged(self, seconds: float, count: int) -> list[tuple[float, float | None, str, list]]:
+        """(arrival as Unix time, the bundle's timetag as Unix time or None, address, args), up to `count`."""
+        out: list[tuple[float, float | None, str, list]] = []
+        end = time.monotonic() + seconds
+        while len(out) < count and (left := end - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                break
+            arrived = time.time()
+            out.extend((arrived, tag, msg.address, list(msg.params)) for tag, msg in decode_datagram(data))
+        return out
 
     def drain(self, seconds: float = 0.05) -> None:
         self.receive(seconds)

@@ -9,12 +9,18 @@ from server.live.controls import ControlError
 from server.live.modes import Mode
 
 
+def _voice(voice: int | None) -> tuple[int, ...]:
+    """A call records its voice only when one was given, so calls without look as they always did."""
+    return () if voice is None else (voice,)
+
+
 class FakeControls:
     """A test double of the engine: records every call; can refuse or break on demand."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.times: list[float | None] = []  # each perform's `at`, in call order
+        self.routes: list[Any] = []  # each perform's `route` (the OSC sender), in call order
         self.on_error: dict[str, Callable[[str], None] | None] = {}  # load_model's callback, by model name
         self.broken = False
 
@@ -23,15 +29,20 @@ class FakeControls:
             raise RuntimeError("engine bug")
         self.calls.append(call)
 
-    def perform(self, x: float, y: float, at: float | None = None) -> None:
-        self._call("perform", x, y)
+    def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+                route: Any = None) -> None:
+        self._call("perform", x, y, *_voice(voice))
         self.times.append(at)
+        self.routes.append(route)
 
-    def set_temperature(self, value: float) -> None:
-        self._call("set_temperature", value)
+    def set_temperature(self, value: float, voice: int | None = None) -> None:
+        self._call("set_temperature", value, *_voice(voice))
 
-    def set_sigma_temperature(self, value: float) -> None:
-        self._call("set_sigma_temperature", value)
+    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None:
+        self._call("set_sigma_temperature", value, *_voice(voice))
+
+    def set_lookahead(self, seconds: float) -> None:
+        self._call("set_lookahead", seconds)
 
     def set_timescale(self, value: float) -> None:
         self._call("set_timescale", value)
@@ -39,11 +50,11 @@ class FakeControls:
     def set_threshold(self, seconds: float) -> None:
         self._call("set_threshold", seconds)
 
-    def set_mode(self, name: str) -> None:
-        self._call("set_mode", name)
+    def set_mode(self, name: str, voice: int | None = None) -> None:
+        self._call("set_mode", name, *_voice(voice))
 
-    def reset(self) -> None:
-        self._call("reset")
+    def reset(self, voice: int | None = None) -> None:
+        self._call("reset", *_voice(voice))
 
     def set_paused(self, paused: bool) -> None:
         self._call("set_paused", paused)

@@ -257,7 +257,7 @@ def test_timescale_change_reschedules_pending_output_from_now(predictor):
     loop.advance(10.0)
     quiet = len(model_events(events))
     engine.set_timescale(1.0)
-    pending_wait = engine._chain.dt  # the model's next predicted wait
+    pending_wait = engine.voice(0).chain.dt  # the model's next predicted wait
     changed = loop.now
     loop.advance(pending_wait + 0.011)
     later = model_events(events)[quiet:]
@@ -280,14 +280,14 @@ def test_reset_in_generate_cancels_the_old_chain_and_starts_from_zero(predictor)
     loop, engine, events, spy = make(Mode.GENERATE, predictor, timescale=0.05)
     engine.start()
     loop.advance(1.0)
-    stale = engine._chain
+    stale = engine.voice(0).chain
     silenced = []
-    engine.silencers.append(lambda: silenced.append(loop.now))
+    engine.silencers.append(lambda voice=None: silenced.append(loop.now))
     observed = len(spy.observed)
     engine.reset()
     assert stale.handle is None and silenced == [loop.now] and spy.resets == 1
     assert np.all(predictor.state == 0)
-    fresh = engine._chain
+    fresh = engine.voice(0).chain
     assert fresh is not stale
     loop.advance(fresh.when - loop.now)
     # the first event fed to the zeroed state is the one sampled after the reset, not the stale one
@@ -304,7 +304,7 @@ def test_reset_in_respond_cancels_the_takeover_and_waits_for_the_performer(predi
     loop.advance(3.0)
     assert model_events(events) == []  # nothing from before the reset plays
     engine.perform(0.2, 0.2)
-    assert engine._fresh is False
+    assert engine.voice(0).fresh is False
     loop.advance(1.0)
     assert model_events(events) and model_events(events)[0].time >= events[1].time + 0.5
 
@@ -415,4 +415,15 @@ def test_every_status_key_is_documented_and_every_documented_key_is_sent(predict
     from server.live.engine import STATUS_KEYS
 
     _, engine, _, _ = make(Mode.ACCOMPANY, predictor)
-    assert list(engine.status()) == list(STATUS_KEYS)
+    shared = [k for k in STATUS_KEYS if not k.startswith("voice<n>_")]
+    assert list(engine.status()) == shared
+    # per-sender: each playing voice adds its own keys, as documented by the voice<n>_ pattern
+    from server.live.voices import VoiceOptions, VoicePolicy
+
+    loop = VirtualLoop()
+    engine = Engine(loop, predictor, DEFAULT.parent, Settings(), seed=1, voices=VoiceOptions(VoicePolicy.PER_SENDER))
+    engine.perform(0.5, 0.5, route=("127.0.0.1", 9000))
+    engine.perform(0.5, 0.5, voice=3)
+    per_voice = [k.replace("<n>", str(n)) for n in (0, 3) for k in STATUS_KEYS if k.startswith("voice<n>_")]
+    assert list(engine.status()) == shared + per_voice
+    assert engine.status()["voice0_from"] == "127.0.0.1:9000" and engine.status()["voices"] == 2

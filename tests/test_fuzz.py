@@ -163,7 +163,8 @@ def _check_calls(calls: list[tuple[Any, ...]]) -> None:
             if isinstance(value, float):
                 assert math.isfinite(value), (name, args)
         if name == "perform":
-            assert all(0.0 <= v <= 1.0 for v in args), args
+            assert all(0.0 <= v <= 1.0 for v in args[:2]), args
+            assert len(args) == 2 or (type(args[2]) is int and args[2] >= 0), args  # a voice is asked for by number
         elif name in ("set_temperature", "set_sigma_temperature", "set_threshold"):
             assert args[0] >= 0.0
         elif name == "set_timescale":
@@ -349,7 +350,7 @@ def test_random_datagrams_against_a_running_server(tmp_path: Path) -> None:
             for data in packets[start : start + 500]:
                 fuzzer.sendto(data, peer.target)
             peer.status()  # wait for the server to read them: the kernel buffer never overflows
-        for control in (("/pause", 0), ("/mode", "accompany"), ("/timescale", 1e-6)):  # undo what fuzz may have set
+        for control in (("/pause", 0), ("/mode", "accompany"), ("/timescale", 1e-6), ("/lookahead", 0.0)):  # undo what fuzz may have set
             peer.send(*control)
         status = peer.status()
         assert srv.proc.poll() is None

@@ -254,8 +254,8 @@ def _deep_bundle(depth: int) -> bytes:
 
 BAD: list[tuple[str, bytes, str, str]] = [
     ("unknown address", message("/nope", 1), "/nope", "unknown address"),
-    ("too few arguments", message("/gesture", 0.5), "/gesture", "expected 2 arguments"),
-    ("too many arguments", message("/reset", 1), "/reset", "expected no arguments"),
+    ("too few arguments", message("/gesture", 0.5), "/gesture", "expected 2-3 arguments"),
+    ("too many arguments", message("/reset", 1, 2), "/reset", "expected 0-1 arguments"),
     ("hello takes at most one", message("/hello", 1, 2), "/hello", "expected 0-1 arguments"),
     ("string where float", message("/temperature", "hot"), "/temperature", "expected a number"),
     ("nan", message("/temperature", math.nan), "/temperature", "finite"),
@@ -539,7 +539,8 @@ def test_costly_requests_are_limited_per_sender() -> None:
 
 def test_engine_refusing_a_position_is_a_rejection() -> None:
     class Refusing(FakeControls):
-        def perform(self, x: float, y: float, at: float | None = None) -> None:
+        def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+                    route: Any = None) -> None:
             raise ControlError("not now")
 
     output = osc_output.OscOutput()
@@ -594,8 +595,9 @@ def test_loops_without_add_reader_fall_back_to_asyncio_transport() -> None:
             super().__init__()
             self.got = asyncio.Event()
 
-        def perform(self, x: float, y: float, at: float | None = None) -> None:
-            super().perform(x, y, at)
+        def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+                    route: Any = None) -> None:
+            super().perform(x, y, at, voice, route)
             self.got.set()
 
     def no_add_reader(*args: Any) -> None:
@@ -659,7 +661,7 @@ def test_namespace_docs_list_every_address_exactly_once() -> None:
         assert sum(line.split()[0] == path for line in text_lines) == 1
         assert sum(line.startswith(f"| `{path}` |") for line in markdown_lines) == 1
     assert set(osc_ns.ADDRESSES) == {
-        "/gesture", "/interface", "/note", "/temperature", "/sigma_temperature", "/timescale", "/mode",
+        "/gesture", "/interface", "/note", "/temperature", "/sigma_temperature", "/timescale", "/mode", "/lookahead",
         "/threshold", "/reset", "/pause", "/model", "/hello", "/status", "/learn", "/learn/stop",
         "/subscribe", "/unsubscribe",
     }

@@ -255,9 +255,9 @@ def test_a_bundle_carries_at_most_its_cap_and_the_rest_is_refused_once() -> None
 class SlowControls(FakeControls):
     """An engine whose every control costs ~10 us, so 16,000 of them are ~0.2 s of work."""
 
-    def set_temperature(self, value: float) -> None:
+    def set_temperature(self, value: float, voice: int | None = None) -> None:
         sum(range(2000))
-        super().set_temperature(value)
+        super().set_temperature(value, voice)
 
 
 def test_a_batch_of_heavy_datagrams_is_worked_through_in_slices(server: Server, client: Client) -> None:

@@ -153,7 +153,9 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
     ``until`` (Unix seconds) keeps only the rows logged up to then: what a session had
     played when `/learn` was asked, not what came while the fine-tune was starting.
 
-    Each source is its own stream (dt is since the previous event of the same source).
+    Each source is its own stream (dt is since the previous event of the same source);
+    in a log with a `voice` column (voices per-sender) each voice's too, keyed
+    `performer.<n>` / `model.<n>`.
     Lines are read one by one, so a damaged line (a torn row, a stray quote) costs only
     itself: it is skipped with a warning naming the line. A torn last line, what a crash
     leaves, is skipped silently. A line too long to be a row means the file is not a
@@ -168,10 +170,12 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
             first = next(lines, None)
             if first is None:
                 raise DatasetError(f"{path}: the file is empty; a performance log starts with {','.join(LOG_HEADER)}")
-            if _fields(first[1]) != list(LOG_HEADER):
+            header = _fields(first[1])
+            if header not in (list(LOG_HEADER), [*LOG_HEADER, "voice"]):
                 raise DatasetError(f"{path}: expected header {','.join(LOG_HEADER)}, found {first[1][:60].strip()!r}")
+            width = len(header)
             for number, line in lines:
-                row = _log_row(line)
+                row = _log_row(line, width)
                 if row is not None:
                     t, source, x, y = row
                     if until is not None and t > until:
@@ -187,14 +191,19 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
         shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
         log.warning("%s: skipped %d malformed line(s) (line %s)", path, len(skipped), shown)
     out: dict[str, np.ndarray] = {}
-    for source in ("performer", "model"):
-        pts = streams.get(source, [])
+    for source, pts in sorted(streams.items(), key=_stream_order):
         if len(pts) < 2:
             continue
         arr = np.asarray(pts, dtype=np.float64)
         dt = np.clip(np.diff(arr[:, 0], prepend=arr[0, 0]), 0.0, dt_max)
         out[source] = np.stack([dt, arr[:, 1], arr[:, 2]], axis=1).astype(np.float32)
     return out
+
+
+def _stream_order(item: tuple[str, object]) -> tuple[int, int]:
+    """performer before model (as logs always read), then voices in number order (no voice first)."""
+    base, _, voice = item[0].partition(".")
+    return (base != "performer", int(voice) if voice else -1)
 
 
 def _log_lines(f: IO[str], path: Path) -> Iterator[tuple[int, str]]:
@@ -223,16 +232,21 @@ def _fields(line: str) -> list[str]:
         return []
 
 
-def _log_row(line: str) -> tuple[float, str, float, float] | None:
-    """(time, source, x, y) of a well-formed row, else None."""
+def _log_row(line: str, width: int = 4) -> tuple[float, str, float, float] | None:
+    """(time, source, x, y) of a well-formed row, else None; a voice column makes the source `performer.<n>`."""
     fields = _fields(line)
-    if len(fields) != 4 or fields[1] not in ("performer", "model"):
+    if len(fields) != width or fields[1] not in ("performer", "model"):
         return None
+    source = fields[1]
+    if width == 5 and fields[4]:
+        if not fields[4].isdigit() or len(fields[4]) > 3:
+            return None
+        source = f"{source}.{int(fields[4])}"
     try:
         t, x, y = float(fields[0]), float(fields[2]), float(fields[3])
     except ValueError:
         return None
-    return (t, fields[1], x, y) if all(math.isfinite(v) for v in (t, x, y)) else None
+    return (t, source, x, y) if all(math.isfinite(v) for v in (t, x, y)) else None
 
 
 def dataset_from_logs(paths: Iterable[Path], dt_max: float = DT_MAX, include_model: bool = False) -> Dataset:
@@ -269,7 +283,7 @@ def log_streams(paths: Iterable[Path], sources: tuple[str, ...], dt_max: float =
                     raise
                 log.warning("skipped %s", e)
                 continue
-            perfs.extend(streams[s] for s in sources if s in streams)
+            perfs.extend(stream for key, stream in streams.items() if key.partition(".")[0] in sources)
     if not found:
         raise DatasetError(f"no performance logs (*.csv) in {', '.join(map(str, paths)) or 'no paths'}")
     if not perfs:

@@ -8,7 +8,7 @@ an `/error` reply and the engine keeps its previous state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 
@@ -17,26 +17,33 @@ class ControlError(ValueError):
 
 
 class Controls(Protocol):
-    def perform(self, x: float, y: float, at: float | None = None) -> None:
+    def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+                route: Hashable | None = None) -> None:
         """A performer event at position (x, y) in [0, 1]^2.
 
         `at` is when it arrived, on the loop's clock (`time.monotonic`): the kernel's
         receive stamp or the MIDI callback's, so a stalled loop still sees the true
-        spacing of queued events. None means now.
+        spacing of queued events. None means now. `voice` is a voice number the
+        performer asked for; `route` names the performer to the transport that brought
+        it (an OSC sender `(host, port)`, a MIDI channel as text): with voices
+        per-sender it finds the voice when no number is given, and the voice's output
+        goes back there.
         """
 
-    def set_temperature(self, value: float) -> None: ...
+    def set_temperature(self, value: float, voice: int | None = None) -> None: ...
 
-    def set_sigma_temperature(self, value: float) -> None: ...
+    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None: ...
 
     def set_timescale(self, value: float) -> None: ...
 
+    def set_lookahead(self, seconds: float) -> None: ...
+
     def set_threshold(self, seconds: float) -> None: ...
 
-    def set_mode(self, name: str) -> None: ...
+    def set_mode(self, name: str, voice: int | None = None) -> None: ...
 
-    def reset(self) -> None:
-        """Zero the RNN state."""
+    def reset(self, voice: int | None = None) -> None:
+        """Zero the RNN state (of one voice, or of all) and cancel what it scheduled."""
 
     def set_paused(self, paused: bool) -> None: ...
 

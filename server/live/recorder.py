@@ -27,6 +27,7 @@ from typing import Protocol
 from server.event import Event
 
 HEADER = "time,source,x,y\n"
+VOICE_HEADER = "time,source,x,y,voice\n"  # with voices per-sender: each row names its voice
 _MAX_SUFFIX = 1000
 RECREATE_PAUSE = 1.0  # seconds between attempts to recreate a log that cannot be created now
 # A full disk or quota keeps the file: the next row may fit. Anything else means the
@@ -66,12 +67,16 @@ class Recorder:
         clock_offset: float | None = None,
         *,
         started: float | None = None,
+        voices: bool = False,
     ) -> None:
         """Open a new log in `log_dir` (created if missing); never overwrites an existing file.
 
         `clock_offset` is Unix time minus `time.monotonic()` (measured now if None);
-        `started` is the Unix time that names the file (now if None).
+        `started` is the Unix time that names the file (now if None). With `voices`
+        (per-sender) every row ends with its voice's number, so each voice reads back
+        as its own stream.
         """
+        self._header = VOICE_HEADER if voices else HEADER
         self.clock_offset = time.time() - time.monotonic() if clock_offset is None else clock_offset
         self.log_dir = Path(log_dir)
         self._stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
@@ -84,7 +89,7 @@ class Recorder:
         self._torn = False  # the file does not end with a newline
         self._retry_at = 0.0  # monotonic time before which no new log is attempted
         self._dropped_because = ""
-        self.path, file = _create_log(self.log_dir, self._stamp)
+        self.path, file = _create_log(self.log_dir, self._stamp, self._header)
         self._file: LogFile | None = file
         self._links_tell = _link_count(file) != 0  # some file systems report 0 links for every file
 
@@ -97,7 +102,8 @@ class Recorder:
         """Append one event and push it to the OS; on trouble warn once, count, and carry on."""
         if self._closed:
             return
-        row = f"{event.time + self.clock_offset:.6f},{event.source},{event.x:.6f},{event.y:.6f}\n".encode("ascii")
+        voice = "" if self._header is HEADER else f",{event.voice if event.voice is not None else ''}"
+        row = f"{event.time + self.clock_offset:.6f},{event.source},{event.x:.6f},{event.y:.6f}{voice}\n".encode("ascii")
         for _ in range(2):  # a second try only into a log that replaces a deleted one
             file = self._file if self._file is not None else self._replace()
             if file is None or not self._write(file, row):
@@ -144,7 +150,7 @@ class Recorder:
         if time.monotonic() < self._retry_at:
             return None
         try:
-            path, file = _create_log(self.log_dir, self._stamp)
+            path, file = _create_log(self.log_dir, self._stamp, self._header)
         except RecorderError as exc:
             self.write_errors += 1
             self._retry_at = time.monotonic() + RECREATE_PAUSE
@@ -197,7 +203,7 @@ def _link_count(file: LogFile) -> int:
         return -1
 
 
-def _create_log(log_dir: Path, stamp: str) -> tuple[Path, FileIO]:
+def _create_log(log_dir: Path, stamp: str, header: str = HEADER) -> tuple[Path, FileIO]:
     """Create `<stamp>.csv`, or `<stamp>-1.csv`, ... if taken (exclusive create: race-free), with its header."""
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +214,7 @@ def _create_log(log_dir: Path, stamp: str) -> tuple[Path, FileIO]:
             except FileExistsError:
                 continue
             try:
-                file.write(HEADER.encode("ascii"))
+                file.write(header.encode("ascii"))
             except OSError:
                 file.close()
                 raise

@@ -63,6 +63,10 @@ class Predictor:
         """Read, check and open a model folder (what `run` and the tools do)."""
         return cls(read_model(folder, model_files_for(backend), label), backend)
 
+    def fork(self) -> "Predictor":
+        """Another state on the same model and interpreter (a voice): the step is stateless, so it is shared."""
+        return Predictor(self.model, self.backend, step=(self.step, self.backend))
+
     @property
     def label(self) -> str:
         return self.model.label
@@ -95,15 +99,16 @@ class Predictor:
         dt, x, y = self.norm.inverse_event(z)
         return dt, x, y
 
-    def mixture(self, temperature: float, sigma_temperature: float) -> list[float]:
+    def mixture(self, temperature: float, sigma_temperature: float, params: np.ndarray | None = None) -> list[float]:
         """The predictive distribution of the next event in original units, as the `mixture` stream sends it.
 
         ``[K, w_1..w_K, then per component: dt_median_s, x_mean, y_mean, dt_log_sigma, x_sigma, y_sigma]``:
         weights after ``temperature``, scales times ``sigma_temperature``. dt is log-normal
         (its median in seconds and the sigma of log(dt + offset)); a constant dimension has
-        its value and sigma 0.
+        its value and sigma 0. ``params`` are an earlier prediction's (the current one by default).
         """
-        means, scales, logits = mdn.split_params(np.asarray(self.params, np.float64), self._k, self._d)
+        params = self.params if params is None else params
+        means, scales, logits = mdn.split_params(np.asarray(params, np.float64), self._k, self._d)
         logits = np.nan_to_num(logits, nan=0.0, posinf=1e6, neginf=-1e6)
         if temperature < mdn.GREEDY_BELOW:
             weights = np.zeros(self._k)
@@ -123,8 +128,9 @@ class Predictor:
             out += [*location, *spread]
         return out
 
-    def surprise(self, dt: float, x: float, y: float) -> float:
-        """How unlikely an event is under the current prediction: NLL in nats, dequantised where quantised."""
+    def surprise(self, dt: float, x: float, y: float, params: np.ndarray | None = None) -> float:
+        """How unlikely an event is under the current prediction (or ``params``): NLL in nats, dequantised where quantised."""
+        params = self.params if params is None else params
         event = np.asarray([[min(max(dt, 0.0), self.norm.clip_max[0]), min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)]])
-        _, deq = event_log_likelihoods(self.params[None, :], event, self.info)
+        _, deq = event_log_likelihoods(np.asarray(params)[None, :], event, self.info)
         return float(-deq[0])

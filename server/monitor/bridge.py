@@ -67,8 +67,9 @@ def decode(address: str, args: list[Any]) -> dict[str, Any] | None:
         if values is None or not values[0].is_integer() or values[0] < 1:
             return None
         k = int(values[0])
-        if len(values) != 1 + 7 * k:
+        if len(values) not in (1 + 7 * k, 2 + 7 * k):  # the voice's number last, with voices per-sender
             return None
+        values = values[:1 + 7 * k]
         comps = [values[1 + k + 6 * i: 1 + k + 6 * (i + 1)] for i in range(k)]
         return {"type": "mixture", "weights": values[1:1 + k], "components": comps}
     if address == "/status":

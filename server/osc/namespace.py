@@ -13,6 +13,7 @@ from typing import NamedTuple
 from server.live.controls import ControlError, Controls
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.modes import parse_mode
+from server.live.voices import voice_number
 from server.model.files import check_model_name
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
 from server.osc.streams import STREAM_RATE
@@ -29,7 +30,10 @@ SUBSCRIBE_PER_SECOND = 10.0  # per sender
 STATUS_PUSH_HZ = 4.0  # the status stream's rate
 # What the server sends, and when: the README's table and the patches' drift test read this.
 OUTPUTS: dict[str, str] = {
-    "/prediction": "`x y` (float32) when a model event is due, to every destination",
+    "/prediction": "`x y` (float32) when a model event is due, to every destination; with voices per-sender "
+                   "`x y voice`, to the voice's performer (its `/hello` port, else its own) and the `--send` "
+                   "destinations; with `lookahead` > 0 sent that much early, alone in a bundle timetagged with "
+                   "its time",
     "/status": "`key value ...` in reply to `/status` (keys below)",
     "/error": "`address reason` to the sender of a refused message (rate limited), or to every destination "
               "when a fine-tune fails",
@@ -39,11 +43,13 @@ OUTPUTS: dict[str, str] = {
     "/mixture": "to `mixture` subscribers with each prediction: `K w_1 .. w_K`, then for each component "
                 "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` (weights after `/temperature`, sigmas times "
                 "`/sigma_temperature`; dt log-normal: its median in seconds and the sigma of log(dt + offset); "
-                "a constant dimension: its value and sigma 0)",
-    "/performer": "`x y` to `performer` subscribers: each performer event as the model heard it (for a display)",
+                "a constant dimension: its value and sigma 0); with voices per-sender, then the voice number",
+    "/performer": "`x y` to `performer` subscribers: each performer event as the model heard it (for a display); "
+                  "`x y voice` with voices per-sender",
     "/surprise": "`nll smoothed` to `surprise` subscribers for each performer event: nats, how unlikely it was "
                  "under the prediction just before it (dequantised where the model says a dimension is "
-                 "quantised), and a running figure over about the last ten events",
+                 "quantised), and a running figure over about the last ten events (the voice's own); then the voice "
+                 "number with voices per-sender",
 }
 # What /subscribe takes: each stream and what it sends.
 STREAMS: dict[str, str] = {
@@ -56,7 +62,7 @@ STREAMS: dict[str, str] = {
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 
-Position = tuple[float, float]
+Position = tuple[float, float, int | None]  # x, y and the voice asked for (None: the sender's own)
 
 
 class Request(NamedTuple):
@@ -89,43 +95,43 @@ def _unit(value: float) -> float:
 
 
 @address("/gesture", performer=True)
-def gesture(ctx: Request, x: float, y: float) -> Position:
-    """Performer position in [0, 1] (out-of-range values are clamped and counted)."""
+def gesture(ctx: Request, x: float, y: float, voice: int = -1) -> Position:
+    """Performer position in [0, 1] (out-of-range values are clamped and counted); `voice` picks one (per-sender)."""
     cx, cy = _unit(x), _unit(y)
     if cx != x or cy != y:
         ctx.stats.clamped += 1
-    return cx, cy
+    return cx, cy, voice_number(voice)
 
 
 @address("/interface", performer=True)
-def interface(ctx: Request, x: float, y: float) -> Position:
+def interface(ctx: Request, x: float, y: float, voice: int = -1) -> Position:
     """Alias of /gesture (IMPSY-compatible)."""
-    return gesture(ctx, x, y)
+    return gesture(ctx, x, y, voice)
 
 
 @address("/note", performer=True)
-def note(ctx: Request, pitch: int, velocity: int) -> Position | None:
+def note(ctx: Request, pitch: int, velocity: int, voice: int = -1) -> Position | None:
     """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
     if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
         raise ControlError(f"pitch and velocity must be 0-127, got {pitch} {velocity}")
     if velocity == 0:
         ctx.stats.ignored += 1
         return None
-    return pitch / 127.0, velocity / 127.0
+    return pitch / 127.0, velocity / 127.0, voice_number(voice)
 
 
 @address("/temperature")
-def temperature(ctx: Request, value: float) -> None:
-    """Mixture-weight temperature (>= 0; 0 picks the most likely component)."""
+def temperature(ctx: Request, value: float, voice: int = -1) -> None:
+    """Mixture-weight temperature (>= 0; 0 picks the most likely component); of one voice if given."""
     _at_least("temperature", value, 0.0)
-    ctx.controls.set_temperature(value)
+    ctx.controls.set_temperature(value, voice_number(voice))
 
 
 @address("/sigma_temperature")
-def sigma_temperature(ctx: Request, value: float) -> None:
-    """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean)."""
+def sigma_temperature(ctx: Request, value: float, voice: int = -1) -> None:
+    """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean); of one voice if given."""
     _at_least("sigma_temperature", value, 0.0)
-    ctx.controls.set_sigma_temperature(value)
+    ctx.controls.set_sigma_temperature(value, voice_number(voice))
 
 
 @address("/timescale")
@@ -136,13 +142,20 @@ def timescale(ctx: Request, value: float) -> None:
 
 
 @address("/mode")
-def mode(ctx: Request, name: str) -> None:
-    """Interaction mode: respond, accompany, generate or listen."""
+def mode(ctx: Request, name: str, voice: int = -1) -> None:
+    """Interaction mode: respond, accompany, generate or listen; of one voice if given."""
     try:
         parse_mode(name)
     except ValueError as exc:
         raise ControlError(str(exc)) from None
-    ctx.controls.set_mode(name)
+    ctx.controls.set_mode(name, voice_number(voice))
+
+
+@address("/lookahead")
+def lookahead(ctx: Request, seconds: float) -> None:
+    """Send model events this early (0-2 s) as bundles timetagged with their time; 0: plain messages when due."""
+    _at_least("lookahead", seconds, 0.0)
+    ctx.controls.set_lookahead(seconds)
 
 
 @address("/threshold")
@@ -153,9 +166,9 @@ def threshold(ctx: Request, seconds: float) -> None:
 
 
 @address("/reset")
-def reset(ctx: Request) -> None:
-    """A fresh start: cancel the output scheduled from the old state, then zero the RNN state."""
-    ctx.controls.reset()
+def reset(ctx: Request, voice: int = -1) -> None:
+    """A fresh start: cancel the output scheduled from the old state, then zero the RNN state (of one voice if given)."""
+    ctx.controls.reset(voice_number(voice))
 
 
 @address("/pause")
@@ -255,7 +268,7 @@ def status_items(controls: Controls, counters: Callable[[], dict[str, int | None
 
 
 TABLE = AddressTable(
-    (gesture, interface, note, temperature, sigma_temperature, timescale, mode, threshold,
+    (gesture, interface, note, temperature, sigma_temperature, timescale, mode, lookahead, threshold,
      reset, pause, model, hello, status, learn, learn_stop, subscribe, unsubscribe)
 )
 ADDRESSES: tuple[str, ...] = TABLE.paths

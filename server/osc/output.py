@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from server.osc.wire import encode_message, encode_prediction
+from server.osc.wire import encode_bundle, encode_message, encode_prediction
 
 MAX_DESTINATIONS = 32
 PROTECTED_SECONDS = 10.0  # a /hello destination whose sender sent within this long is never evicted
@@ -56,6 +56,7 @@ class OscStats:
     bundles_capped: int = _counter("bundles that carried more than the cap; the messages beyond it were refused")
     deferred: int = _counter("loop wake-ups that ran out of their work budget and left the rest of a batch for later")
     destinations_evicted: int = _counter("/hello destinations dropped to make room (their sender had gone quiet)")
+    subscribers_dropped: int = _counter("stream subscriptions dropped because their port reported unreachable (the subscriber closed)")
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -211,11 +212,34 @@ class OscOutput:
             self._evict(victim if victim is not None else next(iter(self._hello)))
         self._all = self._configured + tuple(self._hello)
 
-    def send_prediction(self, x: float, y: float) -> None:
-        """Send `/prediction x y` (float32) to every destination."""
-        data = encode_prediction(x, y)
-        for endpoint in self._all:
+    def send_prediction(self, x: float, y: float, voice: int | None = None, route: object = None,
+                        timetag: int | None = None) -> None:
+        """Send `/prediction x y` (float32; `x y voice` for a voice), as a bundle when given a timetag.
+
+        Without a voice it goes to every destination. A voice's goes to the `--send`
+        destinations and to its own performer (`route`, an OSC sender): at the port
+        that sender said `/hello` from, else back to the sender's own port.
+        """
+        data = encode_prediction(x, y, voice)
+        if timetag is not None:
+            data = encode_bundle(timetag, data)
+        if voice is None:
+            for endpoint in self._all:
+                self.send_to(endpoint, data)
+            return
+        for endpoint in self._configured:
             self.send_to(endpoint, data)
+        if type(route) is tuple and len(route) == 2:
+            own = self.reply_to(route)  # type: ignore[arg-type]
+            if own not in self._configured:
+                self.send_to(own, data)
+
+    def reply_to(self, sender: Endpoint) -> Endpoint:
+        """Where a performer wants its voice's output: the destination it said `/hello` for, else its own address."""
+        for endpoint, owner in self._hello.items():
+            if owner == sender:
+                return endpoint
+        return sender
 
     def send_status(self, to: Endpoint, items: Mapping[str, Any]) -> None:
         """Send `/status k v k v ...` to one address (enums as their value, other types as text)."""

@@ -22,7 +22,7 @@ wins. The socket is drained in batches (`server.osc.udp`); each batch is decoded
 whole, then applied in arrival order. When a batch holds more than `MAX_RUN`
 performer positions (`/gesture`, `/interface`, `/note`), the server has fallen behind,
 and every position superseded by a newer one from the same sender in the same batch
-is skipped (counted in `osc_coalesced`) while control messages, interleaved or not,
+(and voice) is skipped (counted in `osc_coalesced`) while control messages, interleaved or not,
 are all applied in their order. A kept position is never moved across a control, so
 nothing from before a `/reset` reaches the model after it. Under a steady flood a
 wake-up finds ever more waiting, so batches grow and collapse: the policy regulates
@@ -85,6 +85,7 @@ class _Position(NamedTuple):
     at: float  # arrival time on the loop's clock
     path: str
     sender: Endpoint
+    voice: int | None  # the voice asked for, or None for the sender's own
 
 
 class _Control(NamedTuple):
@@ -167,6 +168,19 @@ class OscServerProtocol(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # On an unconnected UDP socket this is an ICMP report about an earlier send.
         self.output.send_failed(exc)
+
+    def unreachable(self, endpoint: Endpoint) -> None:
+        """`endpoint`'s port reported itself closed (`server.osc.udp`): drop its stream subscriptions.
+
+        `--send` and `/hello` destinations stay: a performer's patch may come back on the
+        same port, and sending to it costs no model work.
+        """
+        streams = self.output.streams
+        if streams is not None:
+            dropped = streams.drop((str(endpoint[0]), int(endpoint[1])))
+            if dropped:
+                self.stats.subscribers_dropped += len(dropped)
+                logger.debug("%s:%s closed its port: dropped from %s", endpoint[0], endpoint[1], ", ".join(dropped))
 
     # The transport's keys in /status beyond OscStats (documented for the README's table).
     EXTRA_COUNTERS = {
@@ -266,16 +280,17 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         return True
 
     def _skip_superseded(self) -> None:
-        """Behind: blank out every position that a newer one from the same sender in this batch supersedes."""
+        """Behind: blank out every position that a newer one from the same sender and voice in this batch supersedes."""
         actions = self._actions
-        seen: set[Endpoint] = set()
+        seen: set[tuple[Endpoint, int | None]] = set()
         for i in range(len(actions) - 1, -1, -1):
             action = actions[i]
             if type(action) is _Position:
-                if action.sender in seen:
+                key = (action.sender, action.voice)
+                if key in seen:
                     actions[i] = None
                 else:
-                    seen.add(action.sender)
+                    seen.add(key)
 
     def _apply(self, deadline: float) -> bool:
         """Apply the decoded actions in order; False if the budget ran out first."""
@@ -372,7 +387,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
             if position is None:
                 self.stats.handled += 1
             else:
-                self._actions.append(_Position(position[0], position[1], at, path, sender))
+                self._actions.append(_Position(position[0], position[1], at, path, sender, position[2]))
                 self._positions += 1
 
     def _request(self, sender: Endpoint, at: float) -> Request:
@@ -380,7 +395,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
 
     def _perform(self, p: _Position) -> None:
         try:
-            self.controls.perform(p.x, p.y, p.at)
+            self.controls.perform(p.x, p.y, p.at, p.voice, p.sender)
         except ControlError as exc:
             self._reject(p.path, str(exc) or "refused", p.sender)
         except Exception:

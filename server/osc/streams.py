@@ -5,6 +5,14 @@ gains its first subscriber or loses its last, so the engine computes a stream on
 while someone listens. Each destination's messages on a stream are rate-capped, so a
 subscriber cannot turn the server into a flood source, and each stream holds at most
 `MAX_DESTINATIONS` subscribers.
+
+A subscriber that goes away seldom says so (a killed monitor, a closed patch), so one
+whose port reports itself closed (ICMP port unreachable, see `server.osc.udp`) is
+dropped from every stream (`drop`): otherwise the engine would go on computing for a
+dead port for good. A live subscriber that was dropped by mistake (its port closed
+for a moment) gets its streams back by subscribing again, as the monitor's keep-alive
+does. `/hello` and `--send` destinations are not streams and are never dropped: a
+performer's patch may come back on the same port.
 """
 
 from __future__ import annotations
@@ -61,6 +69,13 @@ class Subscriptions:
         if not subscribers:
             self.on_change(stream, False)
         return True
+
+    def drop(self, endpoint: Endpoint) -> list[str]:
+        """Unsubscribe `endpoint` from every stream (its port is closed); the streams it was in."""
+        left = [stream for stream, subscribers in self._subscribers.items() if endpoint in subscribers]
+        for stream in left:
+            self.remove(stream, endpoint)
+        return left
 
     def active(self, stream: str) -> bool:
         return bool(self._subscribers[stream])

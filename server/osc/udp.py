@@ -22,6 +22,20 @@ full the kernel drops arrivals and counts them, see `kernel_drops`) plus one bat
 Sending goes straight to the socket and never queues: a datagram the kernel cannot
 take right now raises BlockingIOError for the caller to count, as UDP may lose it
 anyway.
+
+Closed ports: a subscriber that goes away without a word (a killed monitor, a closed
+patch) leaves only ICMP "port unreachable" replies, which Linux drops on an unconnected
+socket unless `IP_RECVERR` (`IPV6_RECVERR`) is on. With it on, the transport reads
+them off the socket's error queue and hands each closed (host, port) to the protocol's
+optional `unreachable`, so the server stops working for a port nobody listens on. But
+any ICMP error, port unreachable or not, then also fails the socket's next read and its
+next send, wherever that goes: a read drains the queue and reads on, and `sendto`
+drains it and sends again, once, so a datagram waiting behind a report is not held
+back and a live destination never loses one to a dead one. The queue is drained only
+when an error is pending (a read or send fails, or a wake-up finds no datagram), as a
+dead `--send` destination makes a report per send, and promptly, as reports count
+against the receive buffer. Elsewhere ICMP errors come from reads, to `error_received`,
+as before.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ RECEIVE_BUFFER = 1 << 20  # requested SO_RCVBUF; Linux doubles it: ~2,500 small 
 MAX_STAMP_AGE = 10.0  # seconds; an older kernel stamp means the wall clock was stepped: use the read time
 
 Address = tuple[Any, ...]
+Endpoint = tuple[str, int]  # as `server.osc.output` keys destinations
 Datagram = tuple[bytes, Address, float]  # payload, sender, arrival time on the loop's clock
 
 # Linux: getsockopt(SO_MEMINFO) returns u32 counters; SK_MEMINFO_DROPS is the ninth.
@@ -50,6 +65,19 @@ _MEMINFO = struct.Struct("=9I")
 _SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("@ll")
 _STAMP_BUFFER = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+# Linux: IP_RECVERR / IPV6_RECVERR (unnamed in Python 3.11) queue ICMP errors about what the socket
+# sent; recvmsg(MSG_ERRQUEUE) returns one with the original destination as its address and a
+# struct sock_extended_err (errno, origin, type, code, pad, info, data; the offender follows)
+# under the same level and type. A dual-stack IPv6 socket needs IP_RECVERR too for IPv4 peers.
+_IP_RECVERR = 11
+_IPV6_RECVERR = 25
+_ERROR_KINDS = frozenset({(socket.IPPROTO_IP, _IP_RECVERR), (socket.IPPROTO_IPV6, _IPV6_RECVERR)})
+_EXTENDED_ERR = struct.Struct("=IBBBBII")
+# (ee_origin, ee_type, ee_code) of "port unreachable": SO_EE_ORIGIN_ICMP with type 3 code 3,
+# SO_EE_ORIGIN_ICMP6 with type 1 code 4 (the kernel reports both as ECONNREFUSED)
+_PORT_UNREACHABLE = frozenset({(2, 3, 3), (3, 1, 4)})
+_ERROR_BUFFER = 256  # the error, its offender's address and a receive stamp (SO_TIMESTAMPNS applies here too)
+_MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0)
 
 
 class BatchProtocol(Protocol):
@@ -60,6 +88,8 @@ class BatchProtocol(Protocol):
     def datagrams_received(self, batch: Sequence[Datagram]) -> None: ...
 
     def error_received(self, exc: Exception) -> None: ...
+
+    # Optional: `unreachable(endpoint)`, called with each (host, port) that reported its port closed.
 
     def connection_lost(self, exc: Exception | None) -> None: ...
 
@@ -86,6 +116,8 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
         self._closing = False
         self._reading = True
         self._stamped = _enable_timestamps(sock)
+        self._errors = _enable_error_queue(sock)
+        self._unreported: dict[Endpoint, None] = {}  # closed endpoints found while sending, reported soon
         loop.add_reader(sock.fileno(), self._read_ready)  # NotImplementedError on Windows' proactor loop
         protocol.connection_made(self)
 
@@ -94,34 +126,69 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
         """True if arrival times come from the kernel's receive stamps (Linux), not from read times."""
         return self._stamped
 
+    @property
+    def reports_unreachable(self) -> bool:
+        """True if ICMP "port unreachable" reports reach the protocol's `unreachable` (Linux)."""
+        return self._errors
+
     def _read_ready(self) -> None:
         now = self._loop.time()
         batch: list[Datagram] = []
+        closed: list[Endpoint] = []
+        failed = 0
         try:
             if self._stamped:
-                self._read_stamped(batch, now, now - time.time())
+                failed = self._read_stamped(batch, now, now - time.time(), closed)
             else:
-                recv = self._sock.recvfrom
-                for _ in range(self._max_batch):
-                    data, addr = recv(MAX_DATAGRAM)
-                    batch.append((data, addr, now))
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError as exc:  # e.g. an ICMP error reported on a later read (not on Linux)
+                failed = self._read_plain(batch, now, closed)
+        except OSError as exc:  # e.g. an ICMP error reported on a later read (where the error queue is off)
             self._protocol.error_received(exc)
+        if self._errors and not batch and not failed:
+            self._drain_errors(closed)  # woken for a report alone (its pending error already taken)
+        if closed or self._unreported:
+            self._report(closed)  # before the batch: a /subscribe in it is newer than the reports
         if batch:
             self._protocol.datagrams_received(batch)
 
-    def _read_stamped(self, batch: list[Datagram], now: float, offset: float) -> None:
+    def _read_plain(self, batch: list[Datagram], now: float, closed: list[Endpoint]) -> int:
+        """Read up to `max_batch` datagrams into `batch`, stamped `now`; as `_read_stamped` otherwise."""
+        recv = self._sock.recvfrom
+        failed = 0
+        for _ in range(self._max_batch):
+            try:
+                data, addr = recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # an ICMP report pending: it fails this read, not the datagrams behind it
+                if not self._errors or not self._drain_errors(closed):
+                    raise
+                failed += 1
+                continue
+            batch.append((data, addr, now))
+        return failed
+
+    def _read_stamped(self, batch: list[Datagram], now: float, offset: float, closed: list[Endpoint]) -> int:
         """Read up to `max_batch` datagrams into `batch`, each with its kernel stamp on the loop's clock.
 
         `offset` is loop time minus wall time; a stamp later than `now`, or older than
-        MAX_STAMP_AGE, is replaced by `now`.
+        MAX_STAMP_AGE, is replaced by `now`. A read failed by a pending ICMP report drains the
+        error queue (closed endpoints into `closed`) and reading goes on; it takes one
+        datagram's place in the batch. Returns how many reads failed so; any other error
+        raises.
         """
         recvmsg = self._sock.recvmsg
         oldest = now - MAX_STAMP_AGE
+        failed = 0
         for _ in range(self._max_batch):
-            data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, _STAMP_BUFFER)
+            try:
+                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, _STAMP_BUFFER)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # an ICMP report pending: it fails this read, not the datagrams behind it
+                if not self._errors or not self._drain_errors(closed):
+                    raise
+                failed += 1
+                continue
             at = now
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(cdata) >= _TIMESPEC.size:
@@ -130,6 +197,46 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
                     if oldest <= stamp < now:
                         at = stamp
             batch.append((data, addr, at))
+        return failed
+
+    def _drain_errors(self, closed: list[Endpoint]) -> int:
+        """Read the error queue (at most `max_batch` reports), adding each port reported closed to `closed`.
+
+        Returns how many reports there were. One left over keeps the socket readable and
+        an error pending, so the next wake-up reads on.
+        """
+        recvmsg = self._sock.recvmsg
+        count = 0
+        for _ in range(self._max_batch):
+            try:
+                _data, ancdata, _flags, addr = recvmsg(0, _ERROR_BUFFER, _MSG_ERRQUEUE)
+            except OSError:  # BlockingIOError: the queue is empty
+                break
+            count += 1
+            endpoint = port_unreachable(ancdata, addr)
+            if endpoint is not None and endpoint not in closed:
+                closed.append(endpoint)
+        return count
+
+    def _report(self, closed: list[Endpoint]) -> None:
+        """Hand each closed endpoint (and any found while sending) to the protocol's `unreachable`, once."""
+        endpoints = dict(self._unreported)
+        self._unreported.clear()
+        endpoints.update(dict.fromkeys(closed))
+        unreachable = getattr(self._protocol, "unreachable", None)
+        if unreachable is None or self._closing:
+            return
+        for endpoint in endpoints:
+            try:
+                unreachable(endpoint)
+            except Exception as exc:  # a report must not cost the batch behind it
+                self._loop.call_exception_handler(
+                    {"message": "unreachable() failed", "exception": exc, "protocol": self._protocol}
+                )
+
+    def _report_unreported(self) -> None:
+        if self._unreported:
+            self._report([])
 
     def pause_reading(self) -> None:
         """Stop watching the socket (arrivals wait in the kernel buffer) until `resume_reading`."""
@@ -146,10 +253,29 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
         return self._reading and not self._closing
 
     def sendto(self, data: bytes | bytearray | memoryview, addr: Address | None = None) -> None:
-        """Send now or raise OSError (BlockingIOError when the send buffer is full); never queues."""
+        """Send now or raise OSError (BlockingIOError when the send buffer is full); never queues.
+
+        With the error queue on, a send can fail with an ICMP report about an earlier
+        one (Linux fails the next send with it, wherever it goes): if reports were
+        queued, they are read, the closed ports among them reported at the loop's next
+        turn (the caller may be going through a list of them), and the datagram is sent
+        again, once.
+        """
         if addr is None:
             raise ValueError("this transport is unconnected: give an address")
-        self._sock.sendto(data, addr)
+        try:
+            self._sock.sendto(data, addr)
+        except BlockingIOError:
+            raise
+        except OSError:
+            closed: list[Endpoint] = []
+            if not self._errors or not self._drain_errors(closed):
+                raise  # this send's own failure
+            if closed:
+                if not self._unreported:
+                    self._loop.call_soon(self._report_unreported)
+                self._unreported.update(dict.fromkeys(closed))
+            self._sock.sendto(data, addr)
 
     def kernel_drops(self) -> int | None:
         """Datagrams the kernel dropped because the receive buffer was full (Linux; None elsewhere)."""
@@ -193,6 +319,43 @@ def _enable_timestamps(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+def _enable_error_queue(sock: socket.socket) -> bool:
+    """Ask the kernel to queue ICMP errors about what `sock` sends (Linux); False where that is not available."""
+    if not sys.platform.startswith("linux") or not _MSG_ERRQUEUE or not hasattr(sock, "recvmsg"):
+        return False
+    if sock.family == socket.AF_INET:
+        options = [(socket.IPPROTO_IP, _IP_RECVERR)]
+    elif sock.family == socket.AF_INET6:  # IPv4 peers of a dual-stack socket report through IP_RECVERR
+        options = [(socket.IPPROTO_IPV6, _IPV6_RECVERR), (socket.IPPROTO_IP, _IP_RECVERR)]
+    else:
+        return False
+    enabled = False
+    for level, option in options:
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError:
+            continue
+        enabled = True
+    return enabled
+
+
+def port_unreachable(ancdata: Sequence[tuple[int, int, bytes]], addr: Address | None) -> Endpoint | None:
+    """The (host, port) an error-queue message reports closed (ICMP or ICMPv6 port unreachable), else None.
+
+    `ancdata` and `addr` are what `recvmsg(..., MSG_ERRQUEUE)` returned; `addr` is the
+    destination of the datagram that was refused, keyed as senders are: (host, port),
+    an IPv4 peer of a dual-stack socket as `::ffff:a.b.c.d`.
+    """
+    if not addr:
+        return None
+    for level, kind, cdata in ancdata:
+        if (level, kind) in _ERROR_KINDS and len(cdata) >= _EXTENDED_ERR.size:
+            _errno, origin, icmp_type, icmp_code = _EXTENDED_ERR.unpack_from(cdata)[:4]
+            if (origin, icmp_type, icmp_code) in _PORT_UNREACHABLE:
+                return (str(addr[0]), int(addr[1]))
+    return None
 
 
 async def bind_udp(

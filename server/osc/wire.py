@@ -173,9 +173,33 @@ def encode_message(address: str, *args: int | float | str) -> bytes:
 _PREDICTION_HEAD = encode_string("/prediction") + encode_string(",ff")
 
 
-def encode_prediction(x: float, y: float) -> bytes:
-    """`/prediction x y` as float32: the one message sent per model event, so it is precomputed."""
+_VOICED_HEAD = encode_string("/prediction") + encode_string(",ffi")
+NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
+_TIMETAG = struct.Struct(">Q")
+_SIZE = struct.Struct(">i")
+
+
+def encode_prediction(x: float, y: float, voice: int | None = None) -> bytes:
+    """`/prediction x y` as float32 (`x y voice` with a voice): sent per model event, so it is cheap."""
+    head, tail = (_PREDICTION_HEAD, b"") if voice is None else (_VOICED_HEAD, _INT.pack(voice))
     try:
-        return _PREDICTION_HEAD + _FLOAT2.pack(x, y)
+        return head + _FLOAT2.pack(x, y) + tail
     except OverflowError:
-        return _PREDICTION_HEAD + _encode_float(x) + _encode_float(y)
+        return head + _encode_float(x) + _encode_float(y) + tail
+
+
+def ntp_timetag(unix_seconds: float) -> int:
+    """The 64-bit OSC timetag (NTP: seconds since 1900 in the high 32 bits, the fraction in the low 32)."""
+    whole = math.floor(unix_seconds)
+    fraction = min(int((unix_seconds - whole) * 4294967296.0), 0xFFFFFFFF)
+    return ((int(whole) + NTP_EPOCH_OFFSET) & 0xFFFFFFFF) << 32 | fraction
+
+
+def timetag_seconds(timetag: int) -> float:
+    """Unix seconds of a 64-bit OSC timetag (the inverse of `ntp_timetag`, to a few hundred picoseconds)."""
+    return (timetag >> 32) - NTP_EPOCH_OFFSET + (timetag & 0xFFFFFFFF) / 4294967296.0
+
+
+def encode_bundle(timetag: int, *messages: bytes) -> bytes:
+    """An OSC bundle of encoded messages, to be acted on at `timetag` (see `ntp_timetag`)."""
+    return _BUNDLE + _TIMETAG.pack(timetag) + b"".join(_SIZE.pack(len(m)) + m for m in messages)

@@ -170,6 +170,10 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
         runaway = runaway_guard(model, sock, Path(logs), 2.0 if quick else 5.0)
     with tempfile.TemporaryDirectory() as scratch:
         learning = learning_phase(model, sock, Path(scratch), 10.0 if quick else 30.0)
+    with tempfile.TemporaryDirectory() as logs:
+        ensemble = voices_round_trip(ServerUnderTest, model, Path(logs), 8, 100.0, 2.0 if quick else 5.0)
+    with tempfile.TemporaryDirectory() as logs:
+        timetags = lookahead_timing(ServerUnderTest, model, sock, Path(logs), 0.05, 3.0 if quick else 10.0)
     return {
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
@@ -178,6 +182,8 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
         "generate_timing": timing,
         "runaway": runaway,
         "learning": learning,
+        "voices": ensemble,
+        "lookahead": timetags,
         "server_status": {k: st.get(k) for k in ("inputs", "outputs", "dropped", "osc_rejected", "osc_coalesced",
                                                  "step_us_median", "step_us_p99", "late_us_median", "late_us_p99")},
         "exit_code": code,
@@ -221,6 +227,9 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
         srv.stop()
     return {"seconds": seconds, "cpu_percent": cpu, "log_bytes_per_s": growth, "events_per_s": received / elapsed,
             "max_rate": st.get("max_rate")}
+
+
+from server.tools.bench_ensemble import lookahead_timing, voices_round_trip  # noqa: E402  (they use ServerUnderTest)
 
 
 def watched_round_trip(sock: socket.socket, port: int, seconds: float) -> dict[str, Any]:
@@ -332,6 +341,14 @@ def format_table(r: dict[str, Any]) -> str:
         f"median {v['learning']['during']['median_us'] or 0:.0f} us, p99 {v['learning']['during']['p99_us'] or 0:.0f} us "
         f"({v['learning']['during']['received']}/{v['learning']['during']['sent']} answered); "
         f"/learn/done after {v['learning']['seconds_end_to_end'] or 0:.1f} s: {v['learning']['done']}",
+        f"{v['voices']['voices']} voices x {v['voices']['rate_each']:.0f} msg/s each, accompany (voices per-sender): "
+        f"{v['voices']['received']}/{v['voices']['sent']} answered, round trip median {v['voices']['median_us'] or 0:.0f} us, "
+        f"p99 {v['voices']['p99_us'] or 0:.0f} us",
+        f"generate with lookahead {v['lookahead']['lookahead_s'] * 1000:.0f} ms for {v['lookahead']['seconds']:.0f} s: "
+        f"{v['lookahead']['bundles']} bundles ({v['lookahead']['plain_messages']} plain), arriving "
+        f"{v['lookahead']['early_ms_median'] or 0:.1f} ms (median) / {v['lookahead']['early_ms_p1'] or 0:.1f} ms (p1) "
+        f"before their timetag; timetag minus scheduled time median {v['lookahead']['timetag_minus_scheduled_us_median'] or 0:.0f} us, "
+        f"spread (p1-p99) {v['lookahead']['timetag_minus_scheduled_us_spread_p1_p99'] or 0:.0f} us",
         f"server counters: {v['server_status']}",
     ]
     return "\n".join(lines)
