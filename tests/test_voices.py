@@ -216,3 +216,24 @@ def test_changing_lookahead_reschedules_what_waits(predictor):
     assert chain.send_at == pytest.approx(max(loop.now, chain.when - 0.5))
     with pytest.raises(ControlError):
         engine.set_lookahead(5.0)
+
+
+def test_the_log_keeps_each_voice_apart_and_reads_back_one_performance_per_voice(predictor, tmp_path):
+    from server.learn.data import dataset_from_logs, read_log_streams
+    from server.live.recorder import Recorder
+
+    recorder = Recorder(tmp_path, voices=True)
+    loop, engine, _ = make(predictor)
+    engine.sinks.append(recorder.record)
+    play(loop, engine, {A: circle, B: zigzag}, 20, gap=0.1)
+    recorder.close()
+    header = recorder.path.read_text().splitlines()[0]
+    assert header == "time,source,x,y,voice"
+    streams = read_log_streams(recorder.path)
+    assert set(streams) == {"performer.0", "performer.1", "model.0", "model.1"}
+    for voice, figure in ((0, circle), (1, zigzag)):
+        events = streams[f"performer.{voice}"]
+        assert len(events) == 20
+        assert events[1:, 0] == pytest.approx(0.1, abs=1e-5)  # dt within the voice, not between the two voices
+        assert events[:, 1] == pytest.approx([figure(i)[0] for i in range(20)], abs=1e-5)
+    assert len(dataset_from_logs([recorder.path]).starts) == 2  # a performance per voice

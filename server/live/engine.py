@@ -393,11 +393,12 @@ class Engine:
             raise ControlError(str(e)) from None
         if voice is not None:
             v = self._existing(voice)
-            if mode is not self._mode(v):
+            changed = mode is not self._mode(v)
+            v.mode = mode  # its own from now on, whatever the global mode does
+            if changed:
                 self._cancel_voice(v)
                 self._silence(v.number)
-            v.mode = mode
-            self._enter_mode(v)
+                self._enter_mode(v)
             return
         if mode is self.settings.mode:
             return

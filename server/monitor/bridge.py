@@ -51,14 +51,19 @@ def _finite(values: list[Any]) -> list[float] | None:
     return out if all(math.isfinite(v) for v in out) else None
 
 
+def _voice(args: list[Any]) -> int | None:
+    """The voice number a message carries after x and y (voices per-sender), else None."""
+    return args[2] if len(args) == 3 and type(args[2]) is int and 0 <= args[2] < 1000 else None
+
+
 def decode(address: str, args: list[Any]) -> dict[str, Any] | None:
     """A browser message for one OSC message from the server, or None when it is not one we show."""
     if address == "/prediction" and len(args) >= 2:
         xy = _finite(args[:2])
-        return None if xy is None else {"type": "prediction", "x": xy[0], "y": xy[1]}
+        return None if xy is None else {"type": "prediction", "x": xy[0], "y": xy[1], "voice": _voice(args)}
     if address == "/performer" and len(args) >= 2:
         xy = _finite(args[:2])
-        return None if xy is None else {"type": "performer", "x": xy[0], "y": xy[1]}
+        return None if xy is None else {"type": "performer", "x": xy[0], "y": xy[1], "voice": _voice(args)}
     if address == "/surprise" and len(args) >= 2:
         v = _finite(args[:2])
         return None if v is None else {"type": "surprise", "nll": v[0], "smoothed": v[1]}

@@ -14,7 +14,7 @@
 
   const $ = (id) => document.getElementById(id);
   const state = {
-    model: [], performer: [], mixture: null, heat: null, surprise: [], status: {},
+    model: {}, performer: {}, mixture: null, heat: null, surprise: [], status: {},
     dirty: true, ws: null, lastFrame: 0, touched: {},
   };
 
@@ -38,14 +38,26 @@
     }
   }
 
-  function pushTrail(trail, x, y) {
-    trail.push({ x, y, t: performance.now() });
+  // One trail per voice (key "" when the server plays one voice), so voices never join up.
+  function pushTrail(trails, m) {
+    const key = m.voice === undefined || m.voice === null ? "" : String(m.voice);
+    const trail = trails[key] || (trails[key] = []);
+    trail.push({ x: m.x, y: m.y, t: performance.now() });
     if (trail.length > TRAIL_MAX) trail.splice(0, trail.length - TRAIL_MAX);
   }
 
+  function drawTrails(ctx, trails, colour, now, size) {
+    for (const key of Object.keys(trails)) {
+      drawTrail(ctx, trails[key], colour, now, size, key);
+      if (!trails[key].length) delete trails[key];
+    }
+  }
+
+  function anyTrail(trails) { return Object.keys(trails).length > 0; }
+
   const handlers = {
-    prediction: (m) => pushTrail(state.model, m.x, m.y),
-    performer: (m) => pushTrail(state.performer, m.x, m.y),
+    prediction: (m) => pushTrail(state.model, m),
+    performer: (m) => pushTrail(state.performer, m),
     mixture: (m) => { state.mixture = m; state.heat = heatImage(m); drawDt(); },
     surprise: (m) => {
       state.surprise.push({ t: performance.now(), nll: m.nll, smoothed: m.smoothed });
@@ -151,7 +163,7 @@
       const paused = $("c-pause").getAttribute("aria-pressed") === "true";
       send("/pause", [paused ? 0 : 1]);
     });
-    $("c-reset").addEventListener("click", () => { state.model.length = 0; state.performer.length = 0; send("/reset"); });
+    $("c-reset").addEventListener("click", () => { state.model = {}; state.performer = {}; send("/reset"); });
     $("c-learn").addEventListener("click", () => send("/learn"));
     $("c-stop").addEventListener("click", () => send("/learn/stop"));
     $("controls").addEventListener("submit", (e) => e.preventDefault());
@@ -219,7 +231,7 @@
     return [canvas.width, canvas.height];
   }
 
-  function drawTrail(ctx, trail, colour, now, size) {
+  function drawTrail(ctx, trail, colour, now, size, label) {
     const [w, h] = size;
     const r = Math.max(3, w / 90);
     for (let i = 0; i < trail.length; i++) {
@@ -236,6 +248,13 @@
       ctx.globalAlpha = a;
       ctx.fillStyle = colour;
       ctx.beginPath(); ctx.arc(px, py, i === trail.length - 1 ? r * 1.8 : r, 0, 2 * Math.PI); ctx.fill();
+    }
+    const last = trail[trail.length - 1];
+    if (label && last && now - last.t < TRAIL_MS) {  // the voice's number beside its newest point
+      ctx.globalAlpha = 1 - (now - last.t) / TRAIL_MS;
+      ctx.fillStyle = colour;
+      ctx.font = `${Math.round(r * 3)}px system-ui, sans-serif`;
+      ctx.fillText(label, last.x * w + r * 2.2, (1 - last.y) * h - r * 2.2);
     }
     ctx.globalAlpha = 1;
     while (trail.length && now - trail[0].t > TRAIL_MS) trail.shift();
@@ -254,8 +273,8 @@
       ctx.beginPath(); ctx.moveTo(0, (i * h) / 4); ctx.lineTo(w, (i * h) / 4); ctx.stroke();
     }
     const css = getComputedStyle(document.documentElement);
-    drawTrail(ctx, state.performer, css.getPropertyValue("--performer").trim(), now, size);
-    drawTrail(ctx, state.model, css.getPropertyValue("--model").trim(), now, size);
+    drawTrails(ctx, state.performer, css.getPropertyValue("--performer").trim(), now, size);
+    drawTrails(ctx, state.model, css.getPropertyValue("--model").trim(), now, size);
   }
 
   function drawDt() {
@@ -317,7 +336,7 @@
   function frame(now) {
     requestAnimationFrame(frame);
     if (now - state.lastFrame < FRAME_MS) return;
-    const animating = state.model.length || state.performer.length || state.surprise.length;
+    const animating = anyTrail(state.model) || anyTrail(state.performer) || state.surprise.length;
     if (!state.dirty && !animating) return;
     state.lastFrame = now;
     state.dirty = false;
@@ -337,4 +356,6 @@
   connect();
   requestAnimationFrame(frame);
   setInterval(checkLink, 500);
+  // Read-only: which voices have a trail on the plane now (for tests, and for the curious in the console).
+  window.antiphonVoices = () => ({ model: Object.keys(state.model), performer: Object.keys(state.performer) });
 })();
