@@ -32,7 +32,10 @@ from server.midi.link import EchoGuard, open_midi
 from server.learn.midifile import TempoMap, read_midi
 from server.midi.ports import MidiError, match_port
 from server.live.modes import Mode
+from server.live.voices import VoiceOptions, VoicePolicy
+from server.midi.mapping import note_for
 from server.model.predictor import Predictor
+from tests.test_engine import VirtualLoop
 
 REPO = Path(__file__).resolve().parent.parent
 M = mido.Message
@@ -58,11 +61,12 @@ class MemoryOutput(mido.ports.BaseOutput):
     def _open(self, fail: bool = False, **_: object) -> None:
         self.sent: list[tuple[float, mido.Message]] = []
         self.fail = fail
+        self.clock: Callable[[], float] = time.monotonic  # a test on a virtual loop sets its clock
 
     def _send(self, msg: mido.Message) -> None:
         if self.fail:
             raise OSError("device unplugged")
-        self.sent.append((time.monotonic(), msg))
+        self.sent.append((self.clock(), msg))
 
     @property
     def messages(self) -> list[mido.Message]:
@@ -260,7 +264,8 @@ def test_output_plays_each_model_event_and_releases_it():
         out(Event(t0, 0.2, 0.2, "performer"))  # performer events are not played
         out(Event(t0 + 0.05, 64 / 127, 0.0, "model"))  # 50 ms after the previous: 50 ms long
         out(Event(t0 + 0.06, 64 / 127, 1.0, "model"))  # same pitch again: re-struck
-        assert out.sounding == [60, 64]
+        assert out.sounding == [60] and out.waiting == 2  # handed over early: each waits for its time
+        await until(lambda: out.sounding == [60, 64] and not out.waiting)
         await until(lambda: not out.sounding)
         msgs = synth.messages
         assert well_formed(msgs, channel=2) == set()
@@ -268,6 +273,7 @@ def test_output_plays_each_model_event_and_releases_it():
             ("note_on", 60, 100), ("note_on", 64, 1), ("note_off", 64, 0), ("note_on", 64, 127)]
         times = {(m.type, m.note, m.velocity): t for t, m in synth.sent}
         assert times[("note_off", 60, 0)] - times[("note_on", 60, 100)] == pytest.approx(0.5, abs=0.1)
+        assert times[("note_on", 64, 1)] >= t0 + 0.05 - 1e-6  # at its time, not when handed over
         link.close()
         assert synth.messages[-1] == M("control_change", channel=2, control=123, value=0)
         assert synth.closed
@@ -476,6 +482,155 @@ def test_midi_in_engine_midi_out_with_the_default_model():
         link.close()
         assert well_formed(synth.messages, channel=4) == set()
         assert synth.messages[-1].is_cc(123) and synth.closed
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- voices and lookahead, on a virtual clock
+
+
+class MidiLoop(VirtualLoop):
+    """`tests.test_engine.VirtualLoop` plus what the MIDI link uses (retry timers, the input's hand-over)."""
+
+    def call_later(self, delay: float, callback: Callable[..., None], *args: object):
+        return self.call_at(self.now + delay, callback, *args)
+
+    def call_soon_threadsafe(self, callback: Callable[..., None], *args: object):
+        return self.call_soon(callback, *args)
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.load(REPO / "models" / "default")
+
+
+def virtual_rig(predictor: Predictor, policy: VoicePolicy, mode: Mode = Mode.ACCOMPANY, **settings: object):
+    """An engine on a virtual loop, wired to in-memory MIDI ports as `serve` wires it; synth times are loop times."""
+    loop = MidiLoop()
+    predictor.reset()
+    events: list[tuple[float, Event]] = []  # (loop time handed over, event)
+    engine = Engine(loop, predictor, REPO / "models", Settings(mode=mode, **settings), seed=3,  # type: ignore[arg-type]
+                    sinks=[lambda e: events.append((loop.now, e))], voices=VoiceOptions(policy))
+    backend = MemoryBackend(inputs=("Keys",), outputs=("Synth",))
+    link = open_midi(loop, cfg(midi_in="Keys", midi_out="Synth", voices=policy), engine.perform, backend)  # type: ignore[arg-type]
+    engine.sinks.append(link.output)
+    engine.silencers.append(link.output.silence)
+    synth = backend.last("Synth")
+    synth.clock = loop.time
+    return loop, engine, link, backend.last("Keys"), synth, events
+
+
+def on_channel(messages: list[mido.Message], channel: int) -> list[mido.Message]:
+    return [m for m in messages if m.type in ("note_on", "note_off") and m.channel == channel]
+
+
+def test_each_voice_plays_on_its_own_channel(predictor):
+    loop, engine, link, _, synth, events = virtual_rig(predictor, VoicePolicy.PER_SENDER)
+    engine.start()
+    for i in range(20):
+        engine.perform(0.3 + i / 100, 0.5, route=("10.0.0.1", 9000))  # voice 0
+        engine.perform(0.8 - i / 100, 0.7, route="midi channel 9")  # voice 1
+        loop.advance(0.1)
+    loop.advance(2.0)
+    for voice in (0, 1):
+        model = [note_for(e.x, e.y) for _, e in events if e.source == "model" and e.voice == voice]
+        played = [(m.note, m.velocity) for m in on_channel(synth.messages, voice) if m.type == "note_on"]
+        assert len(model) >= 15 and played == model  # every note of voice n, on channel n+1, and only those
+        assert well_formed(on_channel(synth.messages, voice), channel=voice) == set()
+    assert {m.channel for m in synth.messages if m.type == "note_on"} == {0, 1}
+    assert "out 'Synth' a channel per voice (voice n on channel n+1)" in link.describe()
+    link.close()
+    assert [m.channel for m in synth.messages if m.is_cc(123)] == [0, 1]  # All Notes Off on each channel used
+
+
+def test_the_same_pitch_on_two_voices_is_two_notes_and_silence_releases_one_voice(predictor):
+    loop, engine, link, keys, synth, _ = virtual_rig(predictor, VoicePolicy.PER_SENDER)
+    out = link.output
+    out.duration = 10.0
+    now = loop.now
+    for voice in (0, 1):
+        out(Event(now, 60 / 127, 0.5, "model", 0.1, voice=voice))
+        out(Event(now, 70 / 127, 0.5, "model", 0.1, voice=voice))
+        out(Event(now + 0.5, 80 / 127, 0.5, "model", 0.1, voice=voice))  # handed over early: waits
+    assert out.held == [(0, 60), (0, 70), (1, 60), (1, 70)] and out.waiting == 2
+    assert [m.type for m in synth.messages] == ["note_on"] * 4  # pitch 60 on voice 1 did not end voice 0's
+    out.silence(0)
+    assert out.held == [(1, 60), (1, 70)] and out.waiting == 1
+    assert sorted((m.channel, m.note) for m in synth.messages if m.type == "note_off") == [(0, 60), (0, 70)]
+    loop.advance(0.5)
+    assert out.held == [(1, 60), (1, 70), (1, 80)]  # voice 1's waiting note played; voice 0's never will
+    assert not [m for m in on_channel(synth.messages, 0) if m.type == "note_on" and m.note == 80]
+    # the echo guard keeps each channel apart: voice 1's note echoed on channel 2 is not a performer
+    keys.play(M("note_on", channel=1, note=80, velocity=64))
+    keys.play(M("note_on", channel=0, note=80, velocity=64))
+    loop.advance(0.0)
+    assert link.input.counts["echoes"] == 1 and engine.status()["voice0_from"] == "midi channel 1"
+    out.silence(None)
+    assert out.held == [] and not out.waiting
+    for channel in (0, 1):
+        assert well_formed(on_channel(synth.messages, channel), channel=channel) == set()
+    link.close()
+
+
+def test_with_lookahead_a_note_sounds_at_its_time_not_when_handed_over(predictor):
+    loop, engine, link, _, synth, events = virtual_rig(predictor, VoicePolicy.ONE, Mode.GENERATE,
+                                                        lookahead=0.05, timescale=0.5)
+    engine.start()
+    loop.advance(10.0)
+    model = [(t, e) for t, e in events if e.source == "model"]
+    ons = [t for t, m in synth.sent if m.type == "note_on"]
+    assert len(model) > 20 and len(ons) == len(model)
+    for (handed, event), on in zip(model, ons):
+        assert handed == pytest.approx(event.time - 0.05, abs=1e-9)  # the engine hands it over 50 ms early
+        assert on == event.time  # and it sounds exactly at its time, on the loop's clock
+    sent = synth.sent
+    for i, (t, m) in enumerate(sent):
+        if m.type == "note_off":
+            start = max(u for u, n in sent[:i] if n.type == "note_on" and n.note == m.note)
+            assert t > start  # every note-off after its own note-on
+    while not link.output.waiting:  # stop while a note handed over early waits for its time
+        loop.advance(0.001)
+    engine.set_mode("listen")  # abandoned: nothing waits, nothing sounds, nothing plays later
+    assert not link.output.waiting and not link.output.sounding
+    count = len(synth.sent)
+    loop.advance(1.0)
+    assert len(synth.sent) == count and well_formed(synth.messages) == set()
+    link.close()
+
+
+@pytest.mark.parametrize(("policy", "voices"), [(VoicePolicy.PER_SENDER, 2), (VoicePolicy.ONE, 1)])
+def test_midi_input_channels_are_voices_with_per_sender(predictor, policy, voices):
+    loop, engine, link, keys, synth, events = virtual_rig(predictor, policy)
+    for i in range(5):
+        keys.play(M("note_on", channel=0, note=60 + i, velocity=80))
+        keys.play(M("note_on", channel=4, note=40 + i, velocity=50))
+        loop.advance(0.1)
+    loop.advance(2.0)
+    status = engine.status()
+    assert status["voices"] == voices and status["inputs"] == 10
+    if policy is VoicePolicy.PER_SENDER:
+        assert (status["voice0_from"], status["voice1_from"]) == ("midi channel 1", "midi channel 5")
+        assert (status["voice0_inputs"], status["voice1_inputs"]) == (5, 5)
+        # and each voice answers on its own channel: channel 5's performer is voice 1, heard on channel 2
+        assert {m.channel for m in synth.messages if m.type == "note_on"} == {0, 1}
+    else:
+        assert {m.channel for m in synth.messages if m.type == "note_on"} == {0}
+    link.close()
+
+
+def test_cc_values_are_kept_per_channel_when_channels_are_voices():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        played: list[tuple[float, float, object]] = []
+        backend = MemoryBackend(inputs=("XY pad",))
+        link = open_midi(loop, cfg(midi_in="pad", midi_input_map="cc", voices=VoicePolicy.PER_SENDER),
+                         lambda x, y, at=None, route=None: played.append((x, y, route)), backend)
+        pad = backend.last("XY pad")
+        for control, value, channel in ((1, 127, 0), (2, 127, 1), (2, 127, 0)):
+            pad.play(M("control_change", control=control, value=value, channel=channel))
+        await until(lambda: len(played) == 3)
+        assert played == [(1.0, 0.0, "midi channel 1"), (0.0, 1.0, "midi channel 2"), (1.0, 1.0, "midi channel 1")]
+        link.close()
 
     asyncio.run(scenario())
 

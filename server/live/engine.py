@@ -297,7 +297,7 @@ class Engine:
             v.expiry = self._loop.call_at(due, self._expire, v)
             return
         self._cancel_voice(v)
-        self._silence(v.number)
+        self._silence(self._label(v))
         del self._voices[v.number]
         if v.key is not None and self._keys.get(v.key) == v.number:
             del self._keys[v.key]
@@ -397,7 +397,7 @@ class Engine:
             v.mode = mode  # its own from now on, whatever the global mode does
             if changed:
                 self._cancel_voice(v)
-                self._silence(v.number)
+                self._silence(self._label(v))
                 self._enter_mode(v)
             return
         if mode is self.settings.mode:
@@ -406,14 +406,14 @@ class Engine:
         for v in self._voices.values():
             if v.mode is None:
                 self._cancel_voice(v)
-                self._silence(v.number)
+                self._silence(self._label(v))
                 self._enter_mode(v)
 
     def reset(self, voice: int | None = None) -> None:
         """A fresh start (of one voice, or all): nothing scheduled from the old state plays, and the state is zero."""
         for v in self._targets(voice):
             self._cancel_voice(v)
-            self._silence(None if voice is None and not self.voice_options.per_sender else v.number)
+            self._silence(self._label(v))
             v.predictor.reset()
             v.fresh = True
             v.heard_performer = False

@@ -2,15 +2,26 @@
 
 Input messages arrive on the MIDI backend's own thread; only the few that can matter
 are handed to the event loop (`call_soon_threadsafe`), so a 24-ppq clock never wakes
-the loop. Output is an engine sink: every model event becomes a `note_on` whose
-`note_off` is scheduled with `loop.call_at`, and every note turned on is turned off
-exactly once, also when the engine abandons its output (the silencer) and at close.
-A port that vanishes is reported once and reopened by a loop timer; OSC never notices.
+the loop. With voices `per-sender` each input channel c is its own performer (route
+`midi channel c`, hence its own voice, with its own controller values for the `cc`
+map); with voices `one` every channel plays the one voice, as before.
+
+Output is an engine sink: every model event becomes a `note_on` whose `note_off` is
+scheduled with `loop.call_at`. An event of voice n plays on channel n+1 (n mod 16:
+voice 16 shares channel 1 with voice 0); an event with no voice (voices `one`) plays
+on `midi_channel`. MIDI has no timetags, so an event handed over early (`lookahead`)
+waits here and sounds exactly at its time, never before. Held notes are kept per
+channel and pitch, and every note turned on is turned off exactly once: at its end,
+when the engine abandons a voice's output (the silencer, which also cancels that
+voice's notes still waiting for their time), and at close, which also sends All Notes
+Off on every channel it played. A port that vanishes is reported once and reopened by
+a loop timer; OSC never notices.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 from collections import deque
@@ -19,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import mido
 
 from server.event import Event
+from server.live.voices import VoicePolicy
 from server.midi.mapping import InputMap, make_input_map, note_duration, note_for
 from server.midi.ports import (
     VIRTUAL_IN,
@@ -38,8 +50,10 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 2.0  # how often a missing port is looked for (and a present one checked)
 ECHO_WINDOW = 0.02  # seconds: an incoming note equal to one sent this recently is an echo
 ALL_NOTES_OFF = 123
+CHANNELS = 16
 
-Perform = Callable[[float, float, float], None]  # x, y, arrival time on the loop's clock
+# engine.perform: (x, y, arrival time on the loop's clock), and route= when each channel is a voice
+Perform = Callable[..., None]
 
 
 class EchoGuard:
@@ -163,8 +177,12 @@ class MidiInput:
         "coalesced": "MIDI messages dropped by a flood (the newest win)",
     }
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard,
+                 per_voice: bool = False) -> None:
+        """``per_voice``: each channel is its own performer (voices `per-sender`), with its own copy of ``mapping``."""
         self._loop, self._mapping, self._perform, self._guard = loop, mapping, perform, guard
+        self.per_voice = per_voice
+        self._maps: dict[int, InputMap] = {}  # per_voice: each channel's own mapper (a cc map's last values)
         self._closed = False
         self._lock = threading.Lock()
         self._inbox: deque[tuple[Any, float]] = deque(maxlen=INBOX_SIZE)
@@ -202,17 +220,29 @@ class MidiInput:
         if msg.type == "note_on" and self._guard.is_echo(msg.channel, msg.note, msg.velocity, stamp):
             self.counts["echoes"] += 1
             return
-        position = self._mapping(msg)
+        if not self.per_voice:
+            position = self._mapping(msg)
+            if position is not None:
+                self.counts["events"] += 1
+                self._perform(position[0], position[1], stamp)
+            return
+        mapping = self._maps.get(msg.channel)
+        if mapping is None:
+            mapping = self._maps[msg.channel] = copy.deepcopy(self._mapping)
+        position = mapping(msg)
         if position is not None:
             self.counts["events"] += 1
-            self._perform(position[0], position[1], stamp)
+            self._perform(position[0], position[1], stamp, route=f"midi channel {msg.channel + 1}")
 
     def close(self) -> None:
         self._closed = True
 
 
 class MidiOutput:
-    """Engine sink and silencer: model events play notes on one channel of a port."""
+    """Engine sink and silencer: model events play notes on a port, each voice on its own channel.
+
+    An event with no voice plays on ``channel``; voice n plays on channel n (0-based, mod 16).
+    """
 
     STATUS_KEYS = {  # in /status as midi_out_<key>
         "notes": "notes the model played",
@@ -226,58 +256,122 @@ class MidiOutput:
         channel: int = 0,
         duration: float | None = None,
         guard: EchoGuard | None = None,
+        per_voice: bool = False,
     ) -> None:
-        """``channel`` is 0-15; ``duration`` in seconds, None for min(predicted dt, 0.5 s)."""
+        """``channel`` is 0-15; ``duration`` in seconds, None for min(predicted dt, 0.5 s).
+
+        ``per_voice`` (voices `per-sender`) only changes how `describe` names the channels:
+        the channel always follows each event's voice.
+        """
         self._loop, self._port, self.channel, self.duration = loop, port, channel, duration
+        self.per_voice = per_voice
         self._guard = guard or EchoGuard()
-        self._held: dict[int, asyncio.TimerHandle] = {}  # sounding pitch -> its scheduled note_off
-        self._last_model: float | None = None
+        # (channel, pitch) sounding -> (the voice that played it, its scheduled note_off)
+        self._held: dict[tuple[int, int], tuple[int | None, asyncio.TimerHandle]] = {}
+        # note_ons waiting for their event's time (lookahead): id -> (voice, handle)
+        self._waiting: dict[int, tuple[int | None, asyncio.TimerHandle]] = {}
+        self._next_wait = 0
+        self._last_model: dict[int | None, float] = {}  # each voice's previous model event time
+        self._used: set[int] = set()  # channels a note was played on, for All Notes Off at close
         self.counts = dict.fromkeys(self.STATUS_KEYS, 0)
+
+    def channel_for(self, voice: int | None) -> int:
+        """The channel (0-15) a voice's notes play on."""
+        return self.channel if voice is None else voice % CHANNELS
+
+    def describe(self) -> str:
+        if self.per_voice:
+            return "a channel per voice (voice n on channel n+1)"
+        return f"channel {self.channel + 1}"
 
     def __call__(self, event: Event) -> None:
         if event.source != "model":
             return
-        # The engine's predicted wait for this event; else the time since the previous model note.
+        # The engine's predicted wait for this event; else the time since the voice's previous model note.
+        voice = event.voice
         if event.dt is not None:
             gap: float | None = event.dt
         else:
-            gap = None if self._last_model is None else event.time - self._last_model
-        self._last_model = event.time
-        if self._port.port is None:
-            self.counts["dropped"] += 1
-            return
+            last = self._last_model.get(voice)
+            gap = None if last is None else event.time - last
+        self._last_model[voice] = event.time
         pitch, velocity = note_for(event.x, event.y)
-        if pitch in self._held:
-            self._release(pitch)  # same pitch again: end the old note so each on has its own off
-        now = self._loop.time()
-        if not self._send(mido.Message("note_on", channel=self.channel, note=pitch, velocity=velocity)):
+        length = note_duration(gap, self.duration)
+        if event.time > self._loop.time():  # handed over early (lookahead): sound at its time, not now
+            self._next_wait += 1
+            key = self._next_wait
+            handle = self._loop.call_at(event.time, self._play_waiting, key, voice, pitch, velocity, length)
+            self._waiting[key] = (voice, handle)
             return
-        self.counts["notes"] += 1
-        self._guard.sent(self.channel, pitch, velocity, now)
-        off_at = max(event.time, now) + note_duration(gap, self.duration)
-        self._held[pitch] = self._loop.call_at(off_at, self._release, pitch)
+        self._play(voice, pitch, velocity, length)
 
-    def silence(self) -> None:
-        """Turn every sounding note off now: the engine abandoned its scheduled output."""
-        for pitch in list(self._held):
-            self._release(pitch)
-        self._last_model = None
+    def silence(self, voice: int | None = None) -> None:
+        """Turn a voice's sounding notes off now and forget its waiting ones (None: every voice's).
+
+        The engine abandoned that voice's scheduled output. Notes with no voice (voices
+        `one`) belong to the only voice there is, so any silence releases them.
+        """
+        for key, (owner, handle) in list(self._waiting.items()):
+            if voice is None or owner is None or owner == voice:
+                handle.cancel()
+                del self._waiting[key]
+        for note, (owner, _) in list(self._held.items()):
+            if voice is None or owner is None or owner == voice:
+                self._release(note)
+        if voice is None:
+            self._last_model.clear()
+        else:
+            self._last_model.pop(voice, None)
+            self._last_model.pop(None, None)
 
     def close(self) -> None:
-        """Silence, then All Notes Off on our channel for anything a synth still holds, then close."""
+        """Silence, then All Notes Off on every channel played, for anything a synth still holds, then close."""
         self.silence()
-        self._send(mido.Message("control_change", channel=self.channel, control=ALL_NOTES_OFF, value=0))
+        for channel in sorted(self._used or {self.channel}):
+            self._send(mido.Message("control_change", channel=channel, control=ALL_NOTES_OFF, value=0))
         self._port.close()
 
     @property
     def sounding(self) -> list[int]:
+        """The pitches sounding, on any channel."""
+        return sorted(pitch for _, pitch in self._held)
+
+    @property
+    def held(self) -> list[tuple[int, int]]:
+        """(channel, pitch) of every note sounding."""
         return sorted(self._held)
 
-    def _release(self, pitch: int) -> None:
-        handle = self._held.pop(pitch, None)
-        if handle is not None:
-            handle.cancel()  # harmless when it is the handle running now
-            self._send(mido.Message("note_off", channel=self.channel, note=pitch, velocity=0))
+    @property
+    def waiting(self) -> int:
+        """Notes handed over early, waiting for their time."""
+        return len(self._waiting)
+
+    def _play_waiting(self, key: int, voice: int | None, pitch: int, velocity: int, length: float) -> None:
+        if self._waiting.pop(key, None) is not None:
+            self._play(voice, pitch, velocity, length)
+
+    def _play(self, voice: int | None, pitch: int, velocity: int, length: float) -> None:
+        if self._port.port is None:
+            self.counts["dropped"] += 1
+            return
+        channel = self.channel_for(voice)
+        if (channel, pitch) in self._held:
+            self._release((channel, pitch))  # same note again: end the old one so each on has its own off
+        now = self._loop.time()
+        if not self._send(mido.Message("note_on", channel=channel, note=pitch, velocity=velocity)):
+            self.counts["dropped"] += 1
+            return
+        self.counts["notes"] += 1
+        self._used.add(channel)
+        self._guard.sent(channel, pitch, velocity, now)
+        self._held[channel, pitch] = (voice, self._loop.call_at(now + length, self._release, (channel, pitch)))
+
+    def _release(self, note: tuple[int, int]) -> None:
+        held = self._held.pop(note, None)
+        if held is not None:
+            held[1].cancel()  # harmless when it is the handle running now
+            channel, pitch = note
+            self._send(mido.Message("note_off", channel=channel, note=pitch, velocity=0))
 
     def _send(self, msg: mido.Message) -> bool:
         port = self._port.port
@@ -312,7 +406,7 @@ class MidiLink:
             parts.append(f"in {self.inport.port.name!r}" + (" (virtual)" if self.inport.virtual else ""))
         if self.outport is not None and self.outport.port is not None and self.output is not None:
             parts.append(f"out {self.outport.port.name!r}" + (" (virtual)" if self.outport.virtual else "")
-                         + f" channel {self.output.channel + 1}")
+                         + f" {self.output.describe()}")
         return ", ".join(parts) or "no ports"
 
     def close(self) -> None:
@@ -338,7 +432,9 @@ def open_midi(
 ) -> MidiLink:
     """Open the ports `cfg` asks for (an explicit name wins over `midi_virtual` per direction).
 
-    Raises MidiError, with nothing left open, when a port is missing or MIDI is unavailable.
+    With `cfg.voices` per-sender each input channel plays its own voice and each voice
+    is heard on its own output channel. Raises MidiError, with nothing left open, when
+    a port is missing or MIDI is unavailable.
     """
     want_virtual_in = cfg.midi_virtual and not cfg.midi_in
     want_virtual_out = cfg.midi_virtual and not cfg.midi_out
@@ -350,6 +446,7 @@ def open_midi(
                                  cfg.midi_input_channel - 1 if cfg.midi_input_channel else None)
     except ValueError as e:
         raise MidiError(str(e)) from None
+    per_voice = VoicePolicy(cfg.voices) is VoicePolicy.PER_SENDER
     backend = backend or open_backend()
     guard = EchoGuard()
     link = MidiLink(None, None, None, None)
@@ -359,10 +456,10 @@ def open_midi(
             link.outport = KeptPort(loop, "output", out_pattern, lambda name: backend.open_output(name, want_virtual_out),
                                     backend.output_names, virtual=want_virtual_out, retry=retry)
             link.outport.open()
-            link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard)
+            link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard, per_voice)
         in_pattern = VIRTUAL_IN if want_virtual_in else cfg.midi_in
         if in_pattern:
-            link.input = MidiInput(loop, mapping, perform, guard)
+            link.input = MidiInput(loop, mapping, perform, guard, per_voice)
             on_message = link.input.on_message
             link.inport = KeptPort(loop, "input", in_pattern, lambda name: backend.open_input(name, on_message, want_virtual_in),
                                    backend.input_names, virtual=want_virtual_in, retry=retry)
