@@ -12,6 +12,12 @@
   `/learn/progress` and `/learn/done` sent to it, the `/surprise` its own `/subscribe`
   brings, and a `/surprise` sent to it on its surprise line and bar); the round-trip script gets predictions
   back.
+- Lookahead and voices: the SuperCollider client, against a server with `--lookahead` in
+  `generate` mode and a fake audio server, sees each bundle's timetag as its OSC `time`
+  (about the lookahead after arrival) and schedules each pluck for exactly the server's
+  time; `/prediction x y voice` plays panned by voice; its lookahead button turns it off.
+  Both round trips run again with `--lookahead 0.05 --voices per-sender`, and antiphon.pd
+  plays bundled and voiced predictions at once (Pd ignores timetags).
 - Round trips and the GUI get predictions only through their own `/hello <port>`: the
   server's `--send` points at a port nobody listens on. Each client sends GESTURES
   gestures in `accompany` mode and at least 90 % of the answers must arrive, in [0, 1].
@@ -40,6 +46,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -327,11 +334,18 @@ def test_pd_patch_has_no_dead_objects(path):
         assert not dead, f"{path.name}: objects with no cords: {dead}"
 
 
-def test_pd_round_trip_against_server(tmp_path):
+# The round trips again with the server's lookahead and voices on: each /prediction then
+# comes in a timetagged bundle and carries a third argument, its voice number. Pd's
+# oscparse unpacks the bundle (ignoring its timetag) and the voice rides along.
+TIMING_FLAGS = {"plain": (), "bundles-and-voices": ("--lookahead", "0.05", "--voices", "per-sender")}
+
+
+@pytest.mark.parametrize("flags", list(TIMING_FLAGS.values()), ids=list(TIMING_FLAGS))
+def test_pd_round_trip_against_server(tmp_path, flags):
     """roundtrip.pd says /hello <its port> itself; the server's --send points elsewhere."""
     pd = require_program("pd", "puredata-core")
     assert PD_ROUNDTRIP.is_file(), PD_ROUNDTRIP  # pd would wait forever after "can't open"
-    with running_server(tmp_path) as srv:
+    with running_server(tmp_path, *flags) as srv:
         out = run_client([pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-open", str(PD_ROUNDTRIP),
                           "-send", f"roundtrip-ports {srv.port} {srv.client_port}"])
     for problem in ("can't open", "couldn't create"):
@@ -340,7 +354,8 @@ def test_pd_round_trip_against_server(tmp_path):
     assert not re.search(r"^ERROR:", out, re.MULTILINE), f"server rejected a message:\n{out}"
     # the /status reply comes back through netsend, after the patch's /mode accompany
     assert_line(r"^STATUS: mode accompany\b", out, "no /status reply")
-    points = parse_predictions(out, r"^PREDICTION: (\S+) (\S+)$")
+    voiced = "--voices" in flags
+    points = parse_predictions(out, r"^PREDICTION: (\S+) (\S+) \d+$" if voiced else r"^PREDICTION: (\S+) (\S+)$")
     assert_predictions(points, out)
     received = int(assert_line(r"^RECEIVED: (\d+)$", out, "the patch did not report its count").group(1))
     assert received == len(points), out
@@ -495,6 +510,71 @@ def test_pd_patch_subscribes_to_surprise_and_shows_it(tmp_path):
         f"the model voice's cutoff should rise with the surprise: {cutoff}\n{out}")
 
 
+# What the model's pad and voice get from a /prediction: the x and y sliders and the cutoff.
+PD_MODEL_DISPLAYS = ("model-x", "model-y", "model-cutoff")
+PD_MODEL_HELPER = "#N canvas 0 0 400 400 12;\n" + "".join(
+    f"#X obj 20 {20 + 60 * i} r antiphon-{name};\n#X obj 20 {45 + 60 * i} print SHOWN-{name.upper()};\n"
+    for i, name in enumerate(PD_MODEL_DISPLAYS)
+) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_MODEL_DISPLAYS)))
+
+
+def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
+    """antiphon.pd gets /prediction in a timetagged bundle (the server's lookahead) and with a
+    third voice argument (voices per-sender): each moves the model's pad and plucks its voice.
+    Pd ignores the timetag: a bundle stamped 1 s ahead plays at once, before a plain message
+    sent after it."""
+    from server.osc.wire import encode_bundle, encode_prediction, ntp_timetag
+
+    pd = require_program("pd", "puredata-core")
+    _, _, port, send_port = server_contract()
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the patch's /hello and /status go here
+    fake.bind(("127.0.0.1", 0))
+    listen_port = free_udp_ports(1)[0]
+    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-")
+    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
+    (tmp_path / "antiphon.pd").write_text(source)
+    (tmp_path / "helper.pd").write_text(PD_MODEL_HELPER)
+    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd")]
+    sent = [  # (packet, x, y) in the order sent
+        (encode_prediction(0.5, 0.25), 0.5, 0.25),  # plain, as with lookahead 0 and voices one
+        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction(0.75, 0.125, 2)), 0.75, 0.125),
+        (encode_prediction(0.375, 0.625, 1), 0.375, 0.625),  # plain, with a voice
+        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction(0.625, 0.875)), 0.625, 0.875),
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        fake.settimeout(15)
+        try:
+            fake.recvfrom(65536)  # the patch is up: it said /hello
+        except socket.timeout:
+            pass
+        time.sleep(0.3)
+        for packet, _, _ in sent:
+            fake.sendto(packet, ("127.0.0.1", listen_port))
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=15)[0]
+        fake.close()
+    for problem in ("can't open", "couldn't create", "error", "mismatch"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    shown = [(name, float(value)) for name, value in re.findall(r"^SHOWN-([A-Z-]+): (\S+)$", out, re.MULTILINE)]
+    xs = [v for name, v in shown if name == "MODEL-X"]
+    ys = [v for name, v in shown if name == "MODEL-Y"]
+    cutoff = [v for name, v in shown if name == "MODEL-CUTOFF"]
+    # bundles stamped a minute ahead show up at once, in the order they were sent
+    assert xs == [x for _, x, _ in sent] and ys == [y for _, _, y in sent], (
+        f"every /prediction (plain, bundled, with a voice) should move the model's pad at once; shown {shown}\n{out}")
+    midicps = lambda note: 440.0 * 2 ** ((note - 69) / 12)  # noqa: E731
+    expected = [midicps(50 + 60 * y) for _, _, y in sent]  # the meter is at 0: y alone sets the cutoff
+    assert len(cutoff) == len(sent) and all(abs(c - e) < 0.5 for c, e in zip(cutoff, expected)), (
+        f"each /prediction should pluck the model voice (cutoff {expected}): {cutoff}\n{out}")
+
+
 def test_pd_learn_against_server(tmp_path):
     """learn.pd plays 120 gestures, asks /learn 5 and prints the real server's /learn/done."""
     pd = require_program("pd", "puredata-core")
@@ -537,10 +617,11 @@ def test_supercollider_client_compiles(tmp_path):
     assert "COMPILE OK" in out, out
 
 
-def test_supercollider_round_trip_against_server(tmp_path):
+@pytest.mark.parametrize("flags", list(TIMING_FLAGS.values()), ids=list(TIMING_FLAGS))
+def test_supercollider_round_trip_against_server(tmp_path, flags):
     """roundtrip.scd says /hello <its port> itself; the server's --send points elsewhere."""
     sclang = require_program("sclang", "supercollider-language")
-    with running_server(tmp_path) as srv:
+    with running_server(tmp_path, *flags) as srv:
         env = sclang_env(ANTIPHON_HOST="127.0.0.1", ANTIPHON_PORT=str(srv.port),
                          ANTIPHON_SEND_PORT=str(srv.client_port))
         out = run_client([sclang, str(SC_ROUNDTRIP)], env=env)
@@ -672,7 +753,7 @@ def test_supercollider_client_gui_against_server(tmp_path):
     assert_line(r"^HARNESS MODEMENU listen$", out, "mode menu after /mode listen")
     assert_line(r"^HARNESS SOUNDLINE sound: off - needs scsynth and a running JACK server", out, "sound line")
     # the learn controls: the buttons, the real server's refusals, then a fake fine-tune
-    assert_line(r"^HARNESS BUTTONS reset hello learn stop$", out, "the buttons")
+    assert_line(r"^HARNESS BUTTONS reset hello learn stop lookahead: off$", out, "the buttons")
     assert_line(r"^HARNESS LEARNLINE learn: play 100 moves or more, then press learn", out, "learn line at first")
     assert_line(r"^Antiphon: learn: asked the server to learn from your playing for 60 s$", out, "learn pressed")
     assert_line(r"^HARNESS LEARNLINE learn: /learn failed - too few performer events.* 30 played", out,
@@ -700,6 +781,330 @@ def test_supercollider_client_gui_against_server(tmp_path):
     px, py, lx, ly = (float(v) for v in pad.groups())
     assert abs(px - lx) < 1e-3 and abs(py - ly) < 1e-3, f"the orange pad should show the last prediction:\n{out}"
     assert 0.0 <= lx <= 1.0 and 0.0 <= ly <= 1.0
+
+
+# --------------------------------------------------------------------------- SuperCollider: lookahead
+
+# What arrives at the fake audio server: OSC as scsynth gets it (commands may be numbers).
+SCSYNTH_COMMANDS = {1: "/notify", 2: "/status", 3: "/quit", 9: "/s_new", 52: "/sync", 64: "/version"}
+NTP_IMMEDIATE = 1  # the timetag that means "now"
+
+
+def _osc_string(data: bytes, i: int) -> tuple[str, int]:
+    end = data.index(b"\0", i)
+    return data[i:end].decode(errors="replace"), (end + 4) & ~3
+
+
+def decode_osc(data: bytes, timetag: int | None = None):
+    """Yield (timetag or None, address, args) for each message of a packet, bundles unpacked.
+
+    Enough OSC for what sclang sends scsynth: int, float, string, blob, double, int64, and
+    numbered commands (`9` for /s_new) as well as named ones.
+    """
+    if data.startswith(b"#bundle\0"):
+        tag, i = int.from_bytes(data[8:16], "big"), 16
+        while i + 4 <= len(data):
+            size = int.from_bytes(data[i:i + 4], "big", signed=True)
+            yield from decode_osc(data[i + 4:i + 4 + size], tag)
+            i += 4 + size
+        return
+    if data[:1] == b"/":
+        address, i = _osc_string(data, 0)
+    else:
+        number, i = int.from_bytes(data[:4], "big", signed=True), 4
+        address = SCSYNTH_COMMANDS.get(number, number)
+    tags, i = _osc_string(data, i) if i < len(data) else (",", i)
+    args: list = []
+    for t in tags[1:]:
+        if t == "i":
+            args.append(int.from_bytes(data[i:i + 4], "big", signed=True))
+            i += 4
+        elif t == "f":
+            args.append(struct.unpack(">f", data[i:i + 4])[0])
+            i += 4
+        elif t in "sS":
+            text, i = _osc_string(data, i)
+            args.append(text)
+        elif t == "b":
+            size = int.from_bytes(data[i:i + 4], "big")
+            args.append(data[i + 4:i + 4 + size])
+            i += 4 + ((size + 3) & ~3)
+        elif t == "d":
+            args.append(struct.unpack(">d", data[i:i + 8])[0])
+            i += 8
+        elif t == "h":
+            args.append(int.from_bytes(data[i:i + 8], "big", signed=True))
+            i += 8
+        else:
+            break
+    yield timetag, address, args
+
+
+def ntp_seconds(timetag: int) -> float:
+    from server.osc.wire import timetag_seconds
+
+    return timetag_seconds(timetag)
+
+
+class FakeScsynth:
+    """A stand-in for the audio server on a free UDP port, in a thread: it answers what sclang
+    needs to think it runs (/status, /notify, /sync) and records every `/s_new` with its
+    bundle's timetag and the wall-clock time it arrived."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.synths: list[tuple[float, int | None, list]] = []  # (arrived, timetag, s_new args)
+        self.addresses: set = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _serve(self):
+        replies = {
+            "/status": lambda args: osc_message("/status.reply", 1, 0, 0, 2, 1, 0.5, 0.6, 48000.0, 48000.0),
+            "/notify": lambda args: osc_message("/done", "/notify", 0, 1),  # client id 0, one login
+            "/sync": lambda args: osc_message("/synced", *args[:1]),
+            "/quit": lambda args: osc_message("/done", "/quit"),
+        }
+        while not self._stop.is_set():
+            try:
+                data, sender = self.sock.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            arrived = time.time()
+            try:
+                messages = list(decode_osc(data))
+            except (ValueError, IndexError, struct.error):
+                self.addresses.add("(undecodable)")
+                continue
+            for timetag, address, args in messages:
+                self.addresses.add(address)
+                if address == "/s_new":
+                    self.synths.append((arrived, timetag, args))
+                elif address in replies:
+                    self.sock.sendto(replies[address](args), sender)
+
+    def plucks(self) -> list[tuple[float, int | None, dict]]:
+        """The model voice's plucks: (arrived, timetag, controls by name)."""
+        return [(arrived, timetag, dict(zip(args[4::2], args[5::2])))
+                for arrived, timetag, args in list(self.synths) if args and args[0] == "antiphonModel"]
+
+
+class BundleListener:
+    """A second client of the server, in a thread: says /hello from its own port and keeps the
+    timetag of every `/prediction x y` bundle, by (x, y) as float32: the reference the
+    SuperCollider client's plucks are compared with."""
+
+    def __init__(self, server_port: int):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.server_port = server_port
+        self.timetags: dict[tuple[float, float], list[int]] = {}
+        self.bundles = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+
+    def __enter__(self):
+        self.sock.sendto(osc_message("/hello"), ("127.0.0.1", self.server_port))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+    def _listen(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                messages = list(decode_osc(data))
+            except (ValueError, IndexError, struct.error):
+                continue
+            for timetag, address, args in messages:
+                if address == "/prediction" and timetag is not None:
+                    self.bundles += 1
+                    self.timetags.setdefault((args[0], args[1]), []).append(timetag)
+
+
+def sc_client_for(srv: RunningServer, tmp_path: Path) -> Path:
+    """A copy of antiphon.scd talking to `srv` and listening on its free client port."""
+    source = SC_CLIENT.read_text()
+    for old, new in (("var serverPort = 5710;", f"var serverPort = {srv.port};"),
+                     ("var listenPort = 5711;", f"var listenPort = {srv.client_port};")):
+        assert old in source, f"{SC_CLIENT.name} no longer has {old!r}"
+        source = source.replace(old, new)
+    client = tmp_path / "antiphon.scd"
+    client.write_text(source)
+    return client
+
+
+LOOKAHEAD = 0.05  # seconds: what the server is started with
+LOOKAHEAD_PREDICTIONS = 40  # predictions the harness waits for with the sound on
+# The voice test: a plain /prediction with a voice, then a bundle with a voice, 0.3 s early.
+VOICE_PLAIN = (0.25, 0.75, 3)
+VOICE_BUNDLE = (0.125, 0.625, 4)
+VOICE_BUNDLE_EARLY = 0.3
+
+# Runs antiphon.scd headless against a fake audio server (so its sound is "on") and a real
+# Antiphon server started with --lookahead and --mode generate. The harness's own
+# /prediction responder prints, for each prediction, how far its time (the bundle's
+# timetag) is ahead of now; the client schedules each pluck on the fake audio server,
+# which records the timetags. Then another program sends it a plain and a bundled
+# /prediction with a voice, and the harness turns the lookahead button off.
+SC_LOOKAHEAD_HARNESS = r"""
+var counting = false, count = 0;
+var wait = { |seconds, condition|
+	var waited = 0;
+	while { condition.value.not and: { waited < seconds } } { 0.1.wait; waited = waited + 0.1 };
+};
+Server.default = Server(\antiphonTest, NetAddr("127.0.0.1", %SCSYNTH_PORT%));
+s = Server.default;
+OSCdef(\testEarly, { |msg, time|
+	if(counting and: { count < %PREDICTIONS% }) {
+		count = count + 1;
+		("HARNESS EARLY " ++ (time - Main.elapsedTime)).postln;  // the timetag minus now
+	};
+}, '/prediction');
+Routine {
+	var window, texts, line, button;
+	s.startAliveThread;  // the fake audio server answers /status: it "runs", nothing to boot
+	wait.(10, { s.serverRunning });
+	("HARNESS SCSYNTH RUNNING " ++ s.serverRunning).postln;
+	thisProcess.interpreter.executeFile("%CLIENT%");
+	wait.(20, { (Window.allWindows ? []).any { |w| w.name == "Antiphon" } });
+	window = (Window.allWindows ? []).detect { |w| w.name == "Antiphon" };
+	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit; nil.alwaysYield };
+	texts = window.view.children.select { |v| v.isKindOf(StaticText) };
+	line = { |prefix| var view = texts.detect { |t| t.string.beginsWith(prefix) }; if(view.isNil) { "" } { view.string } };
+	button = window.view.children.detect { |v| v.isKindOf(Button) and: { v.states[0][0].beginsWith("lookahead") } };
+	wait.(20, { line.("sound:").beginsWith("sound: on") });
+	("HARNESS SOUNDLINE " ++ line.("sound:")).postln;
+	counting = true;
+	wait.(30, { count >= %PREDICTIONS% });
+	("HARNESS PREDICTIONS " ++ count).postln;
+	wait.(5, { line.("timing:").contains("before its time") });
+	("HARNESS TIMINGLINE " ++ line.("timing:")).postln;
+	wait.(5, { line.("server:").contains("lookahead") });
+	("HARNESS STATUSLINE " ++ line.("server:")).postln;
+	("HARNESS LOOKAHEAD BUTTON " ++ button.value).postln;
+	%VOICES%.unixCmd({ |code| ("HARNESS VOICES EXIT " ++ code).postln });
+	(%VOICE_EARLY% + 1).wait;
+	button.valueAction = 0;  // lookahead off: the server sends plain messages, played on arrival
+	wait.(10, { line.("timing:").contains("lookahead off") });
+	("HARNESS TIMINGLINE " ++ line.("timing:")).postln;
+	wait.(10, { line.("server:").contains("lookahead 0.0") });
+	("HARNESS STATUSLINE " ++ line.("server:")).postln;
+	window.close;
+	0.5.wait;
+	0.exit;
+}.play(AppClock);
+"""
+
+
+def test_supercollider_client_schedules_lookahead_bundles(tmp_path):
+    """With --lookahead the server sends each /prediction early in a bundle timetagged with its
+    time: sclang's OSC `time` is that timetag (about LOOKAHEAD ahead of arrival), and the
+    client schedules each pluck on the audio server for exactly the server's time (the
+    fake audio server sees the same timetag). A third `voice` argument pans the pluck; the
+    lookahead button turns it off on the server."""
+    sclang = require_program("sclang", "supercollider-language")
+    with FakeScsynth() as scsynth, running_server(
+            tmp_path, "--lookahead", str(LOOKAHEAD), "--mode", "generate", "--timescale", "0.25") as srv, \
+            BundleListener(srv.port) as reference:
+        voices = shlex.join([sys.executable, "-c", (
+            f"import sys, time, socket; sys.path.insert(0, {str(REPO)!r}); "
+            "from server.osc.wire import encode_bundle, encode_prediction, ntp_timetag; "
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+            f"to = ('127.0.0.1', {srv.client_port}); "
+            f"s.sendto(encode_prediction(*{VOICE_PLAIN!r}), to); time.sleep(0.1); "
+            f"tag = ntp_timetag(time.time() + {VOICE_BUNDLE_EARLY}); "
+            f"s.sendto(encode_bundle(tag, encode_prediction(*{VOICE_BUNDLE!r})), to)")])
+        harness = tmp_path / "harness.scd"
+        harness.write_text(
+            SC_LOOKAHEAD_HARNESS.replace("%CLIENT%", str(sc_client_for(srv, tmp_path)))
+            .replace("%SCSYNTH_PORT%", str(scsynth.port))
+            .replace("%PREDICTIONS%", str(LOOKAHEAD_PREDICTIONS))
+            .replace("%VOICES%", sc_string(voices))
+            .replace("%VOICE_EARLY%", str(VOICE_BUNDLE_EARLY))
+        )
+        out = run_client([sclang, str(harness)], env=sclang_env())
+        plucks = scsynth.plucks()
+    assert "ERROR" not in out, out
+    assert_line(r"^HARNESS SCSYNTH RUNNING true$", out, "the fake audio server should answer sclang")
+    assert_line(r"^HARNESS SOUNDLINE sound: on\b", out, "the client should start its voices on the fake audio server")
+    count = int(assert_line(r"^HARNESS PREDICTIONS (\d+)$", out, "prediction count").group(1))
+    assert count >= LOOKAHEAD_PREDICTIONS, out
+    # sclang sees the timetag: `time` is about LOOKAHEAD ahead of the moment the bundle arrived
+    early = sorted(float(v) for v in re.findall(r"^HARNESS EARLY (\S+)$", out, re.MULTILINE))
+    assert len(early) >= LOOKAHEAD_PREDICTIONS, out
+    median = early[len(early) // 2]
+    assert 0.6 * LOOKAHEAD <= median <= 1.4 * LOOKAHEAD, (
+        f"sclang's OSC time should be the bundle's timetag, ~{LOOKAHEAD} s after arrival; median {median}:\n{out}")
+    # the client says what it does, in the window and the post window
+    shown = int(assert_line(r"^HARNESS TIMINGLINE timing: /prediction arrives (\d+) ms before its time: "
+                            r"each pluck is scheduled for it on the audio server$", out, "the timing line").group(1))
+    assert 0.6 * LOOKAHEAD * 1000 <= shown <= 1.4 * LOOKAHEAD * 1000, out
+    assert_line(r"^Antiphon: timing: /prediction arrives \d+ ms before its time: each pluck is scheduled for it "
+                r"on the audio server$", out, "the post window says predictions arrive early")
+    assert_line(rf"^HARNESS STATUSLINE server: .*\blookahead {LOOKAHEAD}\b", out, "the lookahead on the status line")
+    assert_line(r"^HARNESS LOOKAHEAD BUTTON 1$", out, "the lookahead button follows the server's /status")
+    # each pluck is scheduled for the server's time: the fake audio server gets the very
+    # timetag the server put on the bundle (matched by x and y), well ahead of when it arrives
+    ours = [(arrived, timetag, c) for arrived, timetag, c in plucks
+            if (c.get("x"), c.get("y")) in reference.timetags]
+    assert len(ours) >= LOOKAHEAD_PREDICTIONS // 2, (
+        f"{len(plucks)} plucks reached the audio server, {len(ours)} of them from the server's "
+        f"{reference.bundles} bundles; it was sent {sorted(map(str, scsynth.addresses))}:\n{out}")
+    on_time = [(arrived, timetag) for arrived, timetag, c in ours
+               if timetag not in (None, NTP_IMMEDIATE)
+               and any(abs(ntp_seconds(timetag) - ntp_seconds(theirs)) < 0.001
+                       for theirs in reference.timetags[c["x"], c["y"]])]
+    assert len(on_time) >= 0.9 * len(ours), (
+        f"only {len(on_time)} of {len(ours)} plucks were timetagged with the server's time "
+        f"(the rest played at once: {[t for _, t, _ in ours][:5]}):\n{out}")
+    ahead = sorted(ntp_seconds(timetag) - arrived for arrived, timetag in on_time)
+    assert 0.6 * LOOKAHEAD <= ahead[len(ahead) // 2] <= 1.4 * LOOKAHEAD, (
+        f"plucks should reach the audio server ~{LOOKAHEAD} s before their time; median {ahead[len(ahead) // 2]}")
+    # the optional voice: a plain message plays at once, a bundle at its time, each panned by voice
+    pans = {3: 0.8, 4: 1.0}  # antiphon.scd's voicePan: 0.2 + 0.2 * (voice % 5)
+    by_xy = {(c["x"], c["y"]): (arrived, timetag, c) for arrived, timetag, c in plucks}
+    assert_line(r"^HARNESS VOICES EXIT 0$", out, "the program sending /prediction with a voice")
+    x, y, voice = VOICE_PLAIN
+    assert (x, y) in by_xy, f"/prediction {x} {y} {voice} (plain) should play a pluck; plucks {len(plucks)}:\n{out}"
+    _, timetag, controls = by_xy[x, y]
+    assert timetag in (None, NTP_IMMEDIATE), f"a plain /prediction plays at once, got timetag {timetag}"
+    assert abs(controls["pan"] - pans[voice]) < 1e-6, f"voice {voice} should pan to {pans[voice]}: {controls}"
+    x, y, voice = VOICE_BUNDLE
+    assert (x, y) in by_xy, f"/prediction {x} {y} {voice} (a bundle) should play a pluck:\n{out}"
+    arrived, timetag, controls = by_xy[x, y]
+    assert timetag not in (None, NTP_IMMEDIATE), "a bundle's pluck should be scheduled"
+    assert abs(ntp_seconds(timetag) - arrived - VOICE_BUNDLE_EARLY) < 0.1, (
+        f"the pluck should be scheduled {VOICE_BUNDLE_EARLY} s ahead, got {ntp_seconds(timetag) - arrived}")
+    assert abs(controls["pan"] - pans[voice]) < 1e-6, f"voice {voice} should pan to {pans[voice]}: {controls}"
+    # the lookahead button turns it off on the server: then plain messages, played as they arrive
+    assert_line(r"^HARNESS TIMINGLINE timing: each /prediction plays as it arrives \(lookahead off\)$", out,
+                "the timing line after the lookahead button is turned off")
+    assert_line(r"^HARNESS STATUSLINE server: .*\blookahead 0\.0\b", out, "the server's lookahead after the button")
 
 
 # --------------------------------------------------------------------------- Max
