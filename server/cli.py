@@ -402,6 +402,22 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the server's models are (for the model menu)")
 
 
+def yield_to_the_music() -> None:
+    """Run this process only when the CPU would otherwise idle: a display must never delay an answer.
+
+    Linux: SCHED_IDLE, which any waking server preempts at once; elsewhere the lowest nice.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # type: ignore[attr-defined]
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.nice(19)
+    except (AttributeError, OSError):
+        pass
+
+
 @command("monitor", "serve the web monitor (its own process) on http://127.0.0.1:5712/, talking OSC to a running server")(_monitor_args)
 def cmd_monitor(args: argparse.Namespace) -> int:
     import asyncio
@@ -413,10 +429,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         server = parse_server(args.server)
     except ValueError as e:
         return _fail(f"--server: {e}")
-    try:
-        os.nice(5)  # the music comes first: on a shared machine the server wins the CPU when both want it
-    except (AttributeError, OSError):
-        pass
+    yield_to_the_music()
     asyncio.run(serve(args.host, args.port, server, args.models_dir))
     return 0
 

@@ -154,18 +154,23 @@ def monitor(server):
 
 
 @pytest.fixture(scope="module")
-def page(monitor):
+def browser():
     sync_playwright = require_browser()
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        errors: list[str] = []
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.errors = errors
-        page.goto(monitor.url)
-        yield page
-        browser.close()
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, monitor):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    page.goto(monitor.url)
+    yield page
 
 
 def plane_pixels(page) -> str:
@@ -229,9 +234,8 @@ def test_killing_the_monitor_leaves_the_server_playing(page, monitor, server, pe
     assert server.proc.poll() is None
 
 
-def test_each_voice_gets_its_own_trail(tmp_path):
+def test_each_voice_gets_its_own_trail(tmp_path, browser):
     """With voices per-sender the page keeps one trail per voice (labelled), so two performers never join up."""
-    sync_playwright = require_browser()
     dummy = OscPeer()
     srv = start_server(tmp_path, "--voices", "per-sender", "--send", f"127.0.0.1:{dummy.port}", "--timescale", "0.01")
     mon = MonitorProcess(srv.port)
@@ -239,19 +243,17 @@ def test_each_voice_gets_its_own_trail(tmp_path):
     try:
         for p in peers:
             p.target = ("127.0.0.1", srv.port)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(mon.url)
-            assert wait_for(lambda: page.text_content("#link") == "live", 10.0)
-            for i in range(40):
-                peers[0].send("/gesture", 0.2 + 0.01 * i, 0.2)
-                peers[1].send("/gesture", 0.8 - 0.01 * i, 0.8)
-                time.sleep(0.02)
-            voices = wait_for(lambda: (v := page.evaluate("window.antiphonVoices()"))["performer"] == ["0", "1"] and v)
-            browser.close()
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(mon.url)
+        assert wait_for(lambda: page.text_content("#link") == "live", 10.0)
+        for i in range(40):
+            peers[0].send("/gesture", 0.2 + 0.01 * i, 0.2)
+            peers[1].send("/gesture", 0.8 - 0.01 * i, 0.8)
+            time.sleep(0.02)
+        voices = wait_for(lambda: (v := page.evaluate("window.antiphonVoices()"))["performer"] == ["0", "1"] and v)
+        page.close()
         assert voices and sorted(voices["model"]) == ["0", "1"], voices
         assert errors == []
     finally:

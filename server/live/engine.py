@@ -135,8 +135,12 @@ class LatencyWindow:
         self._n += 1
 
     def percentile(self, q: float) -> float:
+        return self.percentiles((q,))[0]
+
+    def percentiles(self, qs: tuple[float, ...]) -> tuple[float, ...]:
+        """Several at once: one sort for all (the status push reads two per window four times a second)."""
         n = min(self._n, len(self._values))
-        return float(np.percentile(self._values[:n], q)) if n else 0.0
+        return tuple(float(v) for v in np.percentile(self._values[:n], qs)) if n else tuple(0.0 for _ in qs)
 
 
 SURPRISE_SMOOTHING = 0.1  # weight of each new event in the running surprise (about the last ten events)
@@ -333,7 +337,6 @@ class Engine:
         v.heard_performer = True
         v.inputs += 1
         self.counts["inputs"] += 1
-        self._emit_to_sinks(Event(at, x, y, "performer", voice=self._label(v), route=v.route))
         mode = self._mode(v)
         if mode is Mode.RESPOND:
             self._cancel_chain(v)  # the performer has the floor again
@@ -351,6 +354,8 @@ class Engine:
             self.latency.add(time.perf_counter() - t0)
         if mode is Mode.RESPOND:
             self._arm_takeover(v)
+        # Logged and shown after an answer that was due at once has left: the log and displays can wait.
+        self._emit_to_sinks(Event(at, x, y, "performer", voice=self._label(v), route=v.route))
 
     def set_temperature(self, value: float, voice: int | None = None) -> None:
         value = _check(value, "temperature", minimum=0.0)
@@ -515,10 +520,8 @@ class Engine:
             "voices_policy": self.voice_options.policy.value,
             "voices": len(self._voices),
             "pending": sum(v.pending_count() for v in self._voices.values()),
-            "step_us_median": round(self.latency.percentile(50) * 1e6, 1),
-            "step_us_p99": round(self.latency.percentile(99) * 1e6, 1),
-            "late_us_median": round(self.lateness.percentile(50) * 1e6, 1),
-            "late_us_p99": round(self.lateness.percentile(99) * 1e6, 1),
+            **_micro("step_us", self.latency.percentiles((50, 99))),
+            **_micro("late_us", self.lateness.percentiles((50, 99))),
             "uptime_s": round(now - self._started, 1),
         }
         if self.voice_options.per_sender:
@@ -653,8 +656,14 @@ class Engine:
             v.pending.pop(next(iter(v.pending))).cancel()
             self.counts["dropped"] += 1
         self._next_id += 1
+        when = item.start + item.dt * self.settings.timescale
+        send_at = max(when - self.settings.lookahead, item.start)
+        if send_at <= self._loop.time():  # due already (a tiny timescale, a lookahead): now, not a loop turn later
+            item.when, item.send_at = when, send_at
+            self._answer_fire(v, self._next_id, item)
+            return
         v.pending[self._next_id] = item
-        self._arm_answer(v, self._next_id, item, item.start + item.dt * self.settings.timescale, item.start)
+        self._arm_answer(v, self._next_id, item, when, item.start)
 
     def _arm_answer(self, v: Voice, key: int, item: Scheduled, when: float, earliest: float) -> None:
         item.when = when
@@ -741,6 +750,11 @@ class Engine:
             except Exception:
                 self.counts["sink_errors"] += 1
                 log.exception("output silencer failed")
+
+
+def _micro(name: str, seconds: tuple[float, ...]) -> dict[str, float]:
+    """`<name>_median` and `<name>_p99` in microseconds, to 0.1."""
+    return {f"{name}_median": round(seconds[0] * 1e6, 1), f"{name}_p99": round(seconds[1] * 1e6, 1)}
 
 
 def _check(value: float, name: str, minimum: float) -> float:

@@ -43,8 +43,12 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
     return np.where(x < 25.0, np.log(np.maximum(_erfc(safe), 1e-300)), series)
 
 
-def event_log_likelihoods(params: np.ndarray, events: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, np.ndarray]:
-    """Per event (raw, dequantised) log-likelihood in original units for ``params [n, P]`` and ``events [n, 3]``."""
+def event_log_likelihoods(params: np.ndarray, events: np.ndarray, info: ModelInfo,
+                          raw: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """Per event (raw, dequantised) log-likelihood in original units for ``params [n, P]`` and ``events [n, 3]``.
+
+    ``raw=False`` skips the raw figure (None), for the live `surprise` stream, which sends only the dequantised one.
+    """
     spec, norm = info.spec, info.normaliser
     means, scales, logits = mdn.split_params(np.asarray(params, np.float64), spec.mixtures, spec.dims)
     scales = np.maximum(scales, mdn.SCALE_EPS)
@@ -54,7 +58,7 @@ def event_log_likelihoods(params: np.ndarray, events: np.ndarray, info: ModelInf
     # raw: Gaussian density over the active dimensions
     zz = (z[:, None, :] - means) / scales
     log_pdf = -0.5 * zz * zz - np.log(scales) - 0.5 * math.log(2 * math.pi)  # [n, K, D]
-    raw = logsumexp(log_w + log_pdf[:, :, list(active)].sum(-1)) + norm.log_jacobian(events)
+    raw_ll = logsumexp(log_w + log_pdf[:, :, list(active)].sum(-1)) + norm.log_jacobian(events) if raw else None
     # dequantised: gridded dimensions as the mass of their cell divided by its width
     continuous = [d for d in active if d not in gridded]
     comp = log_pdf[:, :, continuous].sum(-1)
@@ -63,7 +67,7 @@ def event_log_likelihoods(params: np.ndarray, events: np.ndarray, info: ModelInf
         lo, hi = z[:, None, d] - half, z[:, None, d] + half
         comp = comp + log_normal_cell(means[:, :, d], scales[:, :, d], lo, hi) - math.log(norm.grid[d])
     deq = logsumexp(log_w + comp) + norm.log_jacobian(events, continuous)
-    return raw, deq
+    return raw_ll, deq
 
 
 def logsumexp(x: np.ndarray) -> np.ndarray:

@@ -116,21 +116,14 @@ class Predictor:
         else:
             weights = np.exp(mdn.log_softmax(logits / temperature))
         norm = self.norm
-        out: list[float] = [float(self._k), *weights.tolist()]
-        for mean, scale in zip(means, scales):
-            location = norm.inverse_event(mean.tolist())
-            spread = []
-            for d in range(self._d):
-                if norm.constant[d] is not None:
-                    spread.append(0.0)
-                else:
-                    spread.append(float(min(max(scale[d], mdn.SCALE_EPS), 1e6)) * norm.scale[d] * sigma_temperature)
-            out += [*location, *spread]
-        return out
+        locations = norm.inverse(means)  # [K, D] in original units, clipped; constants as their value
+        spreads = np.clip(scales, mdn.SCALE_EPS, 1e6) * np.asarray(norm.scale) * sigma_temperature
+        spreads[:, [d for d, c in enumerate(norm.constant) if c is not None]] = 0.0
+        return [float(self._k), *weights.tolist(), *np.concatenate([locations, spreads], axis=1).ravel().tolist()]
 
     def surprise(self, dt: float, x: float, y: float, params: np.ndarray | None = None) -> float:
         """How unlikely an event is under the current prediction (or ``params``): NLL in nats, dequantised where quantised."""
         params = self.params if params is None else params
         event = np.asarray([[min(max(dt, 0.0), self.norm.clip_max[0]), min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)]])
-        _, deq = event_log_likelihoods(np.asarray(params)[None, :], event, self.info)
+        _, deq = event_log_likelihoods(np.asarray(params)[None, :], event, self.info, raw=False)
         return float(-deq[0])

@@ -147,7 +147,9 @@ async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(t) for t in (monitor.bridge.keepalive(), monitor.bridge.poll_status(), monitor.refresh_models())]
+    bridge = monitor.bridge
+    tasks = [asyncio.create_task(t) for t in (bridge.read(), bridge.keepalive(), bridge.poll_status(),
+                                              monitor.refresh_models())]
     try:
         await stop.wait()
     finally:
@@ -156,5 +158,4 @@ async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path)
         for client in list(monitor.clients):
             await client.ws.close()
         await runner.cleanup()
-        if monitor.bridge.transport is not None:
-            monitor.bridge.transport.close()
+        bridge.close()

@@ -5,11 +5,17 @@ Keep-alive: `/subscribe prediction|mixture|surprise|status|performer` every few 
 (the server may restart); the subscribed streams are rate-capped, so a busy stage costs
 the monitor little and the monitor costs the stage little. Where `/subscribe` is refused
 (an older server), it says `/hello` for predictions and polls `/status` at 4 Hz instead.
+
+Reading: the socket is drained once per display frame (`READ_PERIOD_S`), not on each
+datagram, so the monitor wakes 30 times a second whatever the server sends, and the
+server's sends to it wake nobody: on a two-core machine a process that wakes for every
+stream message steals the core the server is about to answer on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import socket
 import time
@@ -23,6 +29,8 @@ KEEPALIVE_S = 5.0
 POLL_S = 0.25
 PUSH_STALE_S = 1.0
 CONNECTED_S = 2.5
+READ_PERIOD_S = 1 / 30  # one read of everything that came, per frame the page can draw
+RECEIVE_BUFFER = 1 << 20  # a frame's worth of every stream, with room to spare
 
 Publish = Callable[[dict[str, Any]], None]
 
@@ -87,13 +95,13 @@ def decode(address: str, args: list[Any]) -> dict[str, Any] | None:
     return None
 
 
-class Bridge(asyncio.DatagramProtocol):
+class Bridge:
     """Talks to one Antiphon server; `publish` receives each decoded message."""
 
     def __init__(self, server: tuple[str, int], publish: Publish) -> None:
         self.server = server
         self.publish = publish
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
         self.server_ips: set[str] = set()
         self.last_heard = 0.0
         self.last_push = 0.0
@@ -109,21 +117,45 @@ class Bridge(asyncio.DatagramProtocol):
         self.server_ips = {info[4][0] for info in infos}
         self.server = (infos[0][4][0], self.server[1])
         local = bind_host if not self.server[0].startswith("127.") else "127.0.0.1"
-        await loop.create_datagram_endpoint(lambda: self, local_addr=(local, 0), family=socket.AF_INET)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind((local, 0))
+        self.sock = sock
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def send(self, address: str, args: list[Any] | None = None) -> None:
         """Send one message to the server; never blocks, never raises."""
-        if self.transport is not None and not self.transport.is_closing():
+        if self.sock is not None:
             try:
-                self.transport.sendto(encode(address, args or []), self.server)
+                self.sock.sendto(encode(address, args or []), self.server)
             except (OSError, ValueError):
                 pass
 
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable: the server is down
-        pass
+    async def read(self) -> None:
+        """Drain the socket once per frame (see the module doc)."""
+        while True:
+            await asyncio.sleep(READ_PERIOD_S)
+            self.read_now()
+
+    def read_now(self, most: int = 4096) -> int:
+        """Handle every datagram waiting (up to `most`); returns how many."""
+        count = 0
+        while self.sock is not None and count < most:
+            try:
+                data, addr = self.sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # an ICMP report (the server is down): the next read goes on
+                continue
+            count += 1
+            self.datagram_received(data, addr)
+        return count
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if addr[0] not in self.server_ips or addr[1] != self.server[1]:

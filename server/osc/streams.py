@@ -24,7 +24,7 @@ from server.osc.output import MAX_DESTINATIONS, Endpoint, OscOutput
 from server.osc.ratelimit import TokenBuckets
 from server.osc.wire import encode_message
 
-STREAM_RATE = 60.0  # messages per second per destination and stream (a display draws 30 frames a second)
+STREAM_RATE = 30.0  # messages per second per destination and stream: what a display drawing 30 frames a second shows
 
 
 class StreamsFull(ValueError):

@@ -91,7 +91,7 @@ class ServerUnderTest:
         return self.proc.wait(20)
 
 
-def round_trip(sock: socket.socket, port: int, rate: float, seconds: float) -> dict[str, Any]:
+def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False) -> dict[str, Any]:
     """Send /gesture at ``rate`` on an absolute schedule; pair the i-th /prediction with the i-th input."""
     while select.select([sock], [], [], 0.05)[0]:  # what an earlier phase left on the socket is not ours
         sock.recv(65536)
@@ -129,6 +129,7 @@ def round_trip(sock: socket.socket, port: int, rate: float, seconds: float) -> d
         "first_tenth_median_us": float(np.median(rtt[:tenth]) * 1e6) if len(rtt) else None,
         "last_tenth_median_us": float(np.median(rtt[-tenth:]) * 1e6) if len(rtt) else None,
         "last_answer_after_last_input_us": float((got[-1] - sent[i - 1]) * 1e6) if received and i else None,
+        **({"rtt": rtt} if keep else {}),
     }
 
 
@@ -162,7 +163,7 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
             idle = 100 * (srv.cpu_seconds() - c0) / (time.monotonic() - t0)
             runs = [round_trip(sock, srv.port, rate, 2.0 if quick else secs) for rate, secs in ((100, 5.0), (1000, 5.0))]
             st = status(sock, srv.port)
-            watched = watched_round_trip(sock, srv.port, 2.0 if quick else 5.0)
+            watched = watched_round_trip(sock, srv.port, 2.0 if quick else 4.0, 2 if quick else 3)
         finally:
             code = srv.stop()
         timing = generate_timing(model, sock, Path(logs), 2.0 if quick else 10.0)
@@ -232,20 +233,45 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
 from server.tools.bench_ensemble import lookahead_timing, voices_round_trip  # noqa: E402  (they use ServerUnderTest)
 
 
-def watched_round_trip(sock: socket.socket, port: int, seconds: float) -> dict[str, Any]:
-    """The 1,000 msg/s round trip again with the web monitor running (it subscribes to every stream)."""
-    monitor = subprocess.Popen([sys.executable, "-m", "server", "monitor", "--port", "0", "--server", f"127.0.0.1:{port}"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert monitor.stdout is not None
-        monitor.stdout.readline()  # its ready line
-        time.sleep(1.0)  # subscribed, and its first status polls are over
-        result = round_trip(sock, port, 1000, seconds)
-        result["streams"] = {k: status(sock, port).get(k) for k in ("osc_sent", "inputs")}
-    finally:
-        monitor.terminate()
-        monitor.wait(10)
-    return result
+def watched_round_trip(sock: socket.socket, port: int, seconds: float, rounds: int = 3) -> dict[str, Any]:
+    """The 1,000 msg/s round trip with the web monitor running (it subscribes to every stream) beside the same
+    without it, alternating `rounds` times so both see the same machine; each figure pools its rounds."""
+    plain: list[np.ndarray] = []
+    watched: list[np.ndarray] = []
+    sent = {"plain": 0, "watched": 0}
+    received = {"plain": 0, "watched": 0}
+    streams: dict[str, Any] = {}
+    for _ in range(rounds):
+        r = round_trip(sock, port, 1000, seconds, keep=True)
+        plain.append(r.pop("rtt"))
+        sent["plain"] += r["sent"]
+        received["plain"] += r["received"]
+        monitor = subprocess.Popen([sys.executable, "-m", "server", "monitor", "--port", "0", "--server",
+                                    f"127.0.0.1:{port}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True)
+        try:
+            assert monitor.stdout is not None
+            monitor.stdout.readline()  # its ready line
+            time.sleep(1.0)  # subscribed, and its first status polls are over
+            r = round_trip(sock, port, 1000, seconds, keep=True)
+            watched.append(r.pop("rtt"))
+            sent["watched"] += r["sent"]
+            received["watched"] += r["received"]
+            streams = {k: status(sock, port).get(k) for k in ("osc_sent", "inputs", "osc_subscribers_dropped")}
+        finally:
+            monitor.terminate()
+            monitor.wait(10)
+        time.sleep(0.5)  # its subscriptions are dropped when its port closes
+    p, w = np.concatenate(plain), np.concatenate(watched)
+    return {
+        "rate": 1000, "rounds": rounds, "seconds_each": seconds,
+        "sent": sent["watched"], "received": received["watched"],
+        "median_us": float(np.median(w) * 1e6), "p99_us": float(np.percentile(w, 99) * 1e6),
+        "without_median_us": float(np.median(p) * 1e6), "without_p99_us": float(np.percentile(p, 99) * 1e6),
+        "without_sent": sent["plain"], "without_received": received["plain"],
+        "p99_ratio": float(np.percentile(w, 99) / np.percentile(p, 99)),
+        "streams": streams,
+    }
 
 
 def learning_phase(model: str, sock: socket.socket, scratch: Path, seconds: float) -> dict[str, Any]:
@@ -326,6 +352,11 @@ def format_table(r: dict[str, Any]) -> str:
     lines.append(
         f"  {w['rate']:>6.0f} {w['sent']:>6} {w['received']:>5} {w['median_us'] or 0:>11.0f} {w['p99_us'] or 0:>8.0f}"
         "   with the web monitor running (mixture, surprise, status and performer subscribed)"
+    )
+    lines.append(
+        f"  {w['rate']:>6.0f} {w['without_sent']:>6} {w['without_received']:>5} {w['without_median_us']:>11.0f} "
+        f"{w['without_p99_us']:>8.0f}   the same without it, alternating {w['rounds']} x {w['seconds_each']:.0f} s: "
+        f"p99 {w['p99_ratio']:.2f}x"
     )
     lines += [
         "",
