@@ -162,7 +162,7 @@ def watch_streams(loop: asyncio.AbstractEventLoop, engine: Engine, output: OscOu
                   protocol: OscServerProtocol) -> None:
     """Connect the OSC streams to the engine while someone subscribes, and only then (they cost nothing idle)."""
     streams = output.streams
-    engine.watch.max_rate = STREAM_RATE
+    engine.watch.max_rate, engine.watch.burst = STREAM_RATE, STREAM_RATE
     pusher = StatusPusher(loop, lambda: streams.send_data("status", status_message(
         status_items(engine, protocol.counters))), 1.0 / STATUS_PUSH_HZ)
 

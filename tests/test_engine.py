@@ -427,3 +427,21 @@ def test_every_status_key_is_documented_and_every_documented_key_is_sent(predict
     per_voice = [k.replace("<n>", str(n)) for n in (0, 3) for k in STATUS_KEYS if k.startswith("voice<n>_")]
     assert list(engine.status()) == shared + per_voice
     assert engine.status()["voice0_from"] == "127.0.0.1:9000" and engine.status()["voices"] == 2
+
+
+def test_streams_see_a_quick_run_whole_and_thin_a_sustained_flood(predictor):
+    """The surprise stream's budget is a bucket: 20 notes in 0.2 s are all scored; 2 s at 200/s get rate x time."""
+    loop, engine, _, _ = make(Mode.LISTEN, predictor)
+    scored: list[float] = []
+    engine.watch.surprise = lambda nll, smoothed, voice: scored.append(nll)
+    engine.watch.max_rate, engine.watch.burst = 30.0, 30.0
+    for i in range(20):
+        engine.perform(0.3 + 0.01 * i, 0.5)
+        loop.advance(0.01)
+    assert len(scored) == 20
+    loop.advance(2.0)  # the bucket refills
+    scored.clear()
+    for i in range(400):
+        engine.perform(0.5, 0.3 + 0.001 * i)
+        loop.advance(0.005)
+    assert 30 + 2.0 * 30 - 2 <= len(scored) <= 30 + 2.0 * 30 + 2

@@ -48,8 +48,14 @@ def test_flood_from_two_clients_is_bounded_counted_and_recovers(tmp_path: Path) 
         ended = time.monotonic()
         _drain(peer.sock)  # answers to the flood, not to us
         peer.send("/gesture", 0.25, 0.75)
-        after = peer.status()  # a barrier: the server has read everything sent before it
-        answers = peer.receive(0.03, "/prediction")  # ours is the last (at most a few flood answers precede it)
+        peer.send("/status")  # a barrier: the server has read everything sent before it
+        got: list = []
+        while not got or got[-1][1] != "/status":
+            more = peer.receive(2.0, count=1)
+            assert more, "no /status reply after the flood"
+            got += more
+        after = dict(zip(got[-1][2][::2], got[-1][2][1::2]))
+        answers = [m for m in got if m[1] == "/prediction"]  # ours is the last, answered before the barrier
         assert answers, "no answer to the /gesture sent after the flood"
         recovered = answers[-1][0] - ended
         rss_after = rss_kib(srv.proc.pid)

@@ -39,7 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -156,9 +156,19 @@ class Watchers:
 
     mixture: Callable[[list[float], int | None], None] | None = None  # the predictive distribution, per prediction
     surprise: Callable[[float, float, int | None], None] | None = None  # (nll, smoothed) per performer event
-    max_rate: float = 200.0  # each is computed at most this often a second (faster input skips some events)
-    next_mixture: float = 0.0  # loop time before which the next one is not computed
-    next_surprise: float = 0.0
+    max_rate: float = 200.0  # each is computed at most this often a second on average (faster input skips some)
+    burst: float = 30.0  # ... after a burst of this many: a quick run of a few notes is seen whole
+    _tokens: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (tokens, loop time)
+
+    def allow(self, stream: str, now: float) -> bool:
+        """Whether to compute `stream` now: a token bucket (rate `max_rate`, depth `burst`)."""
+        tokens, then = self._tokens.get(stream, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - then) * self.max_rate)
+        if tokens < 1.0:
+            self._tokens[stream] = (tokens, now)
+            return False
+        self._tokens[stream] = (tokens - 1.0, now)
+        return True
 
 
 class Engine:
@@ -341,8 +351,7 @@ class Engine:
         if mode is Mode.RESPOND:
             self._cancel_chain(v)  # the performer has the floor again
         watch = self.watch
-        if watch.surprise is not None and now >= watch.next_surprise:  # only when someone listens, at most max_rate/s
-            watch.next_surprise = now + 1.0 / watch.max_rate
+        if watch.surprise is not None and watch.allow("surprise", now):  # only when someone listens, within its rate
             self._look(partial(self._tell_surprise, v, v.predictor, v.predictor.params, dt, x, y))
         t0 = time.perf_counter()
         v.predictor.observe(dt, x, y)
@@ -541,8 +550,7 @@ class Engine:
         sigma = s.sigma_temperature if v.sigma_temperature is None else v.sigma_temperature
         if watch.mixture is not None:
             now = self._loop.time()
-            if now >= watch.next_mixture:
-                watch.next_mixture = now + 1.0 / watch.max_rate
+            if watch.allow("mixture", now):
                 self._look(partial(self._tell_mixture, v, v.predictor, v.predictor.params, temperature, sigma))
         return v.predictor.sample(v.draws, temperature, sigma)
 
