@@ -262,6 +262,7 @@ def watched_round_trip(sock: socket.socket, port: int, seconds: float, rounds: i
             monitor.terminate()
             monitor.wait(10)
         time.sleep(0.5)  # its subscriptions are dropped when its port closes
+    browser = browser_round_trip(sock, port, seconds)
     p, w = np.concatenate(plain), np.concatenate(watched)
     return {
         "rate": 1000, "rounds": rounds, "seconds_each": seconds,
@@ -271,7 +272,56 @@ def watched_round_trip(sock: socket.socket, port: int, seconds: float, rounds: i
         "without_sent": sent["plain"], "without_received": received["plain"],
         "p99_ratio": float(np.percentile(w, 99) / np.percentile(p, 99)),
         "streams": streams,
+        "browser": browser,
     }
+
+
+BROWSER = "/usr/bin/chromium"
+_OPEN_PAGE = """
+import sys, time
+from playwright.sync_api import sync_playwright
+with sync_playwright() as pw:
+    page = pw.chromium.launch(executable_path=sys.argv[1], args=["--no-proxy-server"], headless=True).new_page(
+        viewport={"width": 1280, "height": 800})
+    page.goto(sys.argv[2])
+    print("open", flush=True)
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def browser_round_trip(sock: socket.socket, port: int, seconds: float) -> dict[str, Any] | None:
+    """The 1,000 msg/s round trip while headless Chromium draws the monitor's page on the same machine
+    (None when Chromium or Playwright is missing): what a browser on the stage laptop costs."""
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return None
+    if not os.access(BROWSER, os.X_OK):
+        return None
+    monitor = subprocess.Popen([sys.executable, "-m", "server", "monitor", "--port", "0", "--server",
+                                f"127.0.0.1:{port}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    page = None
+    try:
+        assert monitor.stdout is not None
+        url = re.match(r"monitor: (http://[^ ]+/)", monitor.stdout.readline())
+        if url is None:
+            return None
+        page = subprocess.Popen([sys.executable, "-c", _OPEN_PAGE, BROWSER, url.group(1), str(seconds + 30)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert page.stdout is not None
+        if page.stdout.readline().strip() != "open":
+            return None
+        time.sleep(2.0)
+        r = round_trip(sock, port, 1000, seconds)
+        return {"median_us": r["median_us"], "p99_us": r["p99_us"], "sent": r["sent"], "received": r["received"]}
+    finally:
+        if page is not None:
+            page.kill()
+            page.wait(10)
+        monitor.terminate()
+        monitor.wait(10)
+        time.sleep(0.5)
 
 
 def learning_phase(model: str, sock: socket.socket, scratch: Path, seconds: float) -> dict[str, Any]:
@@ -358,6 +408,13 @@ def format_table(r: dict[str, Any]) -> str:
         f"{w['without_p99_us']:>8.0f}   the same without it, alternating {w['rounds']} x {w['seconds_each']:.0f} s: "
         f"p99 {w['p99_ratio']:.2f}x"
     )
+    if w.get("browser"):
+        b = w["browser"]
+        lines.append(
+            f"  {w['rate']:>6.0f} {b['sent']:>6} {b['received']:>5} {b['median_us'] or 0:>11.0f} {b['p99_us'] or 0:>8.0f}"
+            f"   with headless Chromium drawing the monitor's page on the same machine: p99 "
+            f"{(b['p99_us'] or 0) / w['without_p99_us']:.1f}x"
+        )
     lines += [
         "",
         f"ready in {v['ready_s']:.2f} s (process start to ready line); idle CPU {v['idle_cpu_percent']:.2f} %",

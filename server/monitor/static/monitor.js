@@ -5,10 +5,12 @@
 
 (() => {
   const FRAME_MS = 1000 / 30;
+  const SLOW_FRAME_MS = 250;
   const TRAIL_MS = 4000;
   const TRAIL_MAX = 400;
   const SURPRISE_MS = 30000;
-  const GRID = 64;
+  const GRID = 48;
+  const HEAT_MS = 100;  // the heat map and the dt chart follow the model 10 times a second: a 30 fps redraw costs a core
   const DT_MIN = 0.001, DT_MAX = 10;
   const TOUCH_HOLD_MS = 1500;
 
@@ -58,7 +60,7 @@
   const handlers = {
     prediction: (m) => pushTrail(state.model, m),
     performer: (m) => pushTrail(state.performer, m),
-    mixture: (m) => { state.mixture = m; state.heat = heatImage(m); drawDt(); },
+    mixture: (m) => { state.mixture = m; state.heatStale = true; },
     surprise: (m) => {
       state.surprise.push({ t: performance.now(), nll: m.nll, smoothed: m.smoothed });
       $("f-surprise").textContent = m.smoothed.toFixed(2);
@@ -177,11 +179,13 @@
   }
 
   // Heat map of the next position: sum of weighted 2D Gaussians on a GRID x GRID image.
+  const heatCanvas = document.createElement("canvas");
+  heatCanvas.width = GRID; heatCanvas.height = GRID;
+  const heatCtx = heatCanvas.getContext("2d");
+  const heatData = heatCtx.createImageData(GRID, GRID);
+
   function heatImage(m) {
-    const canvas = document.createElement("canvas");
-    canvas.width = GRID; canvas.height = GRID;
-    const ctx = canvas.getContext("2d");
-    const img = ctx.createImageData(GRID, GRID);
+    const canvas = heatCanvas, ctx = heatCtx, img = heatData;
     const w = weightsOf(m);
     const dens = new Float32Array(GRID * GRID);
     let max = 0;
@@ -260,11 +264,16 @@
     while (trail.length && now - trail[0].t > TRAIL_MS) trail.shift();
   }
 
-  function drawPlane(now) {
-    const canvas = $("plane");
-    const size = scaleCanvas(canvas);
-    const [w, h] = size;
-    const ctx = canvas.getContext("2d");
+  // The plane's background (black, the heat map scaled up, the grid) is drawn once per heat map or resize,
+  // not once per frame: scaling an image is the costliest thing on the page where canvas runs in software.
+  const background = document.createElement("canvas");
+  let backgroundFor = null;
+  let colours = null;
+
+  function planeBackground(w, h) {
+    if (backgroundFor === state.heat && background.width === w && background.height === h) return background;
+    background.width = w; background.height = h;
+    const ctx = background.getContext("2d");
     ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h);
     if (state.heat) { ctx.imageSmoothingEnabled = true; ctx.drawImage(state.heat, 0, 0, w, h); }
     ctx.strokeStyle = "#1d232a"; ctx.lineWidth = 1;
@@ -272,10 +281,24 @@
       ctx.beginPath(); ctx.moveTo((i * w) / 4, 0); ctx.lineTo((i * w) / 4, h); ctx.stroke();
       ctx.beginPath(); ctx.moveTo(0, (i * h) / 4); ctx.lineTo(w, (i * h) / 4); ctx.stroke();
     }
-    const css = getComputedStyle(document.documentElement);
-    drawTrails(ctx, state.performer, css.getPropertyValue("--performer").trim(), now, size);
-    drawTrails(ctx, state.model, css.getPropertyValue("--model").trim(), now, size);
+    backgroundFor = state.heat;
+    return background;
   }
+
+  function drawPlane(now) {
+    const canvas = $("plane");
+    const size = scaleCanvas(canvas);
+    const [w, h] = size;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(planeBackground(w, h), 0, 0);
+    if (!colours) {
+      const css = getComputedStyle(document.documentElement);
+      colours = { performer: css.getPropertyValue("--performer").trim(), model: css.getPropertyValue("--model").trim() };
+    }
+    drawTrails(ctx, state.performer, colours.performer, now, size);
+    drawTrails(ctx, state.model, colours.model, now, size);
+  }
+
 
   function drawDt() {
     const canvas = $("dt");
@@ -336,10 +359,18 @@
   function frame(now) {
     requestAnimationFrame(frame);
     if (now - state.lastFrame < FRAME_MS) return;
-    const animating = anyTrail(state.model) || anyTrail(state.performer) || state.surprise.length;
-    if (!state.dirty && !animating) return;
+    const trails = anyTrail(state.model) || anyTrail(state.performer);
+    // Only the surprise history scrolling (30 s across the chart): a few frames a second are enough.
+    if (!state.dirty && !trails && (!state.surprise.length || now - state.lastFrame < SLOW_FRAME_MS)) return;
     state.lastFrame = now;
     state.dirty = false;
+    if (state.heatStale && state.mixture && now - (state.lastHeat || 0) >= HEAT_MS) {
+      state.heat = heatImage(state.mixture);
+      backgroundFor = null;
+      drawDt();
+      state.heatStale = false;
+      state.lastHeat = now;
+    }
     drawPlane(now);
     drawSurprise(now);
   }
