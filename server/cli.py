@@ -337,10 +337,7 @@ def _background() -> None:
 
     for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
         os.environ[var] = "1"
-    try:
-        os.nice(10)
-    except (AttributeError, OSError):
-        pass
+    yield_to_the_music()
     from server.model.network import tf
 
     tf.config.threading.set_intra_op_parallelism_threads(1)

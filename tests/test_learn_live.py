@@ -142,6 +142,9 @@ def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(serv
     play(peer, figure(8))
     peer.send("/learn", 300.0)
     wait_for(peer, "/learn/progress", 60)
+    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
+    assert children and all(os.sched_getscheduler(int(c)) == os.SCHED_IDLE for c in children), \
+        "the fine-tune must only get CPU the server does not want"
     reply = peer.request("/learn", 10.0, reply="/error")
     assert "already running" in reply[1]
     stopped = time.monotonic()

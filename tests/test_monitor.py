@@ -220,6 +220,10 @@ def test_controls_change_the_server(page, peer):
     assert page.errors == []
 
 
+def test_the_monitor_only_gets_cpu_the_server_does_not_want(monitor):
+    assert os.sched_getscheduler(monitor.proc.pid) == os.SCHED_IDLE
+
+
 def test_killing_the_monitor_leaves_the_server_playing(page, monitor, server, peer):
     page.close()
     monitor.proc.kill()

@@ -1,7 +1,7 @@
 """`/learn` on stage: a fine-tune in its own process, watched from the loop, swapped in only if better.
 
-The training runs as `antiphon learn --json --background` in a child process: lower
-priority, one thread, so one core stays free for the loop, and a crash there cannot
+The training runs as `antiphon learn --json --background` in a child process: one
+thread, at SCHED_IDLE (CPU the server does not want), and a crash there cannot
 touch the music. The loop only reads the child's JSON lines (progress, result) from a
 pipe as they come, never waits on it, and on a better model asks the engine to swap
 it in (the swap itself is read off the loop too). No TensorFlow is imported here.
