@@ -18,6 +18,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.live.engine import MAX_LOOKAHEAD
 from server.live.modes import MODE_NAMES, Mode, parse_mode
 from server.live.voices import DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, VOICE_POLICIES, VoicePolicy, parse_voice_policy
 from server.midi import mapping as midimap
@@ -198,8 +199,8 @@ def _voices(raw: object) -> VoicePolicy:
 
 def _lookahead(raw: object) -> float:
     value = _non_negative(raw)
-    if value > 2.0:
-        raise ValueError(f"must be at most 2 seconds, got {value:g}")
+    if value > MAX_LOOKAHEAD:
+        raise ValueError(f"must be at most {MAX_LOOKAHEAD:g} seconds, got {value:g}")
     return value
 
 
@@ -312,7 +313,7 @@ class RunConfig:
         "seconds without a performer event after which a voice is forgotten (> 0)", "SECONDS", _positive))
     lookahead: float = field(default=0.0, metadata=_key(
         "send each model event this many seconds early, as an OSC bundle timetagged with its time "
-        "(0-2; 0 = plain messages when due)", "SECONDS", _lookahead))
+        f"(0-{MAX_LOOKAHEAD:g}; 0 = plain messages when due)", "SECONDS", _lookahead))
     log_dir: Path = field(default=Path("logs"), metadata=_key(
         "folder for performance logs, one CSV per run", "DIR", _path, relative_to_file=True))
     seed: int | None = field(default=None, metadata=_key(

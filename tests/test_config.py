@@ -160,6 +160,12 @@ def test_reference_documents_every_key_once() -> None:
         ("allow = [167772160]", "allow: expected an address or CIDR"),
         ('log_dir = "logs\\u0000x"', "log_dir: expected a path"),
         ('host = "127.0.0.1\\u0000"', "host: expected a host"),
+        ('voices = "many"', "voices: unknown voices setting 'many'; expected one of one, per-sender"),
+        ("voices = 2", "voices: expected one of one, per-sender"),
+        ("lookahead = 5", "lookahead: must be at most 2 seconds"),
+        ("lookahead = -0.1", "lookahead: must be >= 0"),
+        ("max_voices = 0", "max_voices:"),
+        ("voice_timeout = 0", "voice_timeout:"),
     ],
 )
 def test_values_that_would_fail_later_are_refused_now(tmp_path: Path, toml: str, message: str) -> None:
@@ -190,3 +196,11 @@ def test_a_file_that_is_not_toml_text_is_a_config_error(tmp_path: Path, content:
 def test_a_config_folder_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder"):
         resolve("--config", str(tmp_path))
+
+
+def test_voices_and_lookahead_from_flags() -> None:
+    from server.live.voices import VoicePolicy
+
+    cfg = resolve("--voices", "per-sender", "--max-voices", "4", "--voice-timeout", "9", "--lookahead", "0.05")
+    assert (cfg.voices, cfg.max_voices, cfg.voice_timeout, cfg.lookahead) == (VoicePolicy.PER_SENDER, 4, 9.0, 0.05)
+    assert resolve().voices is VoicePolicy.ONE and resolve().lookahead == 0.0

@@ -846,18 +846,14 @@ def ntp_seconds(timetag: int) -> float:
     return timetag_seconds(timetag)
 
 
-class FakeScsynth:
-    """A stand-in for the audio server on a free UDP port, in a thread: it answers what sclang
-    needs to think it runs (/status, /notify, /sync) and records every `/s_new` with its
-    bundle's timetag and the wall-clock time it arrived."""
+class UdpThread:
+    """A loopback UDP socket served by a thread until the `with` block ends; subclasses handle each datagram."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
-        self.synths: list[tuple[float, int | None, list]] = []  # (arrived, timetag, s_new args)
-        self.addresses: set = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
@@ -870,13 +866,7 @@ class FakeScsynth:
         self._thread.join(timeout=5)
         self.sock.close()
 
-    def _serve(self):
-        replies = {
-            "/status": lambda args: osc_message("/status.reply", 1, 0, 0, 2, 1, 0.5, 0.6, 48000.0, 48000.0),
-            "/notify": lambda args: osc_message("/done", "/notify", 0, 1),  # client id 0, one login
-            "/sync": lambda args: osc_message("/synced", *args[:1]),
-            "/quit": lambda args: osc_message("/done", "/quit"),
-        }
+    def _serve(self) -> None:
         while not self._stop.is_set():
             try:
                 data, sender = self.sock.recvfrom(65536)
@@ -888,14 +878,44 @@ class FakeScsynth:
             try:
                 messages = list(decode_osc(data))
             except (ValueError, IndexError, struct.error):
-                self.addresses.add("(undecodable)")
+                self.undecodable()
                 continue
             for timetag, address, args in messages:
-                self.addresses.add(address)
-                if address == "/s_new":
-                    self.synths.append((arrived, timetag, args))
-                elif address in replies:
-                    self.sock.sendto(replies[address](args), sender)
+                self.handle(timetag, address, args, sender, arrived)
+
+    def undecodable(self) -> None:
+        pass
+
+    def handle(self, timetag, address: str, args: list, sender, arrived: float) -> None:
+        raise NotImplementedError
+
+
+class FakeScsynth(UdpThread):
+    """A stand-in for the audio server on a free UDP port, in a thread: it answers what sclang
+    needs to think it runs (/status, /notify, /sync) and records every `/s_new` with its
+    bundle's timetag and the wall-clock time it arrived."""
+
+    REPLIES = {
+        "/status": lambda args: osc_message("/status.reply", 1, 0, 0, 2, 1, 0.5, 0.6, 48000.0, 48000.0),
+        "/notify": lambda args: osc_message("/done", "/notify", 0, 1),  # client id 0, one login
+        "/sync": lambda args: osc_message("/synced", *args[:1]),
+        "/quit": lambda args: osc_message("/done", "/quit"),
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.synths: list[tuple[float, int | None, list]] = []  # (arrived, timetag, s_new args)
+        self.addresses: set = set()
+
+    def undecodable(self) -> None:
+        self.addresses.add("(undecodable)")
+
+    def handle(self, timetag, address, args, sender, arrived):
+        self.addresses.add(address)
+        if address == "/s_new":
+            self.synths.append((arrived, timetag, args))
+        elif address in self.REPLIES:
+            self.sock.sendto(self.REPLIES[address](args), sender)
 
     def plucks(self) -> list[tuple[float, int | None, dict]]:
         """The model voice's plucks: (arrived, timetag, controls by name)."""
@@ -903,47 +923,25 @@ class FakeScsynth:
                 for arrived, timetag, args in list(self.synths) if args and args[0] == "antiphonModel"]
 
 
-class BundleListener:
+class BundleListener(UdpThread):
     """A second client of the server, in a thread: says /hello from its own port and keeps the
     timetag of every `/prediction x y` bundle, by (x, y) as float32: the reference the
     SuperCollider client's plucks are compared with."""
 
     def __init__(self, server_port: int):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
+        super().__init__()
         self.server_port = server_port
         self.timetags: dict[tuple[float, float], list[int]] = {}
         self.bundles = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, daemon=True)
 
     def __enter__(self):
         self.sock.sendto(osc_message("/hello"), ("127.0.0.1", self.server_port))
-        self._thread.start()
-        return self
+        return super().__enter__()
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-    def _listen(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                messages = list(decode_osc(data))
-            except (ValueError, IndexError, struct.error):
-                continue
-            for timetag, address, args in messages:
-                if address == "/prediction" and timetag is not None:
-                    self.bundles += 1
-                    self.timetags.setdefault((args[0], args[1]), []).append(timetag)
+    def handle(self, timetag, address, args, sender, arrived):
+        if address == "/prediction" and timetag is not None:
+            self.bundles += 1
+            self.timetags.setdefault((args[0], args[1]), []).append(timetag)
 
 
 def sc_client_for(srv: RunningServer, tmp_path: Path) -> Path:

@@ -137,10 +137,7 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
         closed: list[Endpoint] = []
         failed = 0
         try:
-            if self._stamped:
-                failed = self._read_stamped(batch, now, now - time.time(), closed)
-            else:
-                failed = self._read_plain(batch, now, closed)
+            failed = self._read(batch, now, closed)
         except OSError as exc:  # e.g. an ICMP error reported on a later read (where the error queue is off)
             self._protocol.error_received(exc)
         if self._errors and not batch and not failed:
@@ -150,38 +147,27 @@ class BatchDatagramTransport(asyncio.DatagramTransport):
         if batch:
             self._protocol.datagrams_received(batch)
 
-    def _read_plain(self, batch: list[Datagram], now: float, closed: list[Endpoint]) -> int:
-        """Read up to `max_batch` datagrams into `batch`, stamped `now`; as `_read_stamped` otherwise."""
-        recv = self._sock.recvfrom
-        failed = 0
-        for _ in range(self._max_batch):
-            try:
-                data, addr = recv(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # an ICMP report pending: it fails this read, not the datagrams behind it
-                if not self._errors or not self._drain_errors(closed):
-                    raise
-                failed += 1
-                continue
-            batch.append((data, addr, now))
-        return failed
+    def _read(self, batch: list[Datagram], now: float, closed: list[Endpoint]) -> int:
+        """Read up to `max_batch` datagrams into `batch`, each with its arrival time on the loop's clock.
 
-    def _read_stamped(self, batch: list[Datagram], now: float, offset: float, closed: list[Endpoint]) -> int:
-        """Read up to `max_batch` datagrams into `batch`, each with its kernel stamp on the loop's clock.
-
-        `offset` is loop time minus wall time; a stamp later than `now`, or older than
-        MAX_STAMP_AGE, is replaced by `now`. A read failed by a pending ICMP report drains the
-        error queue (closed endpoints into `closed`) and reading goes on; it takes one
-        datagram's place in the batch. Returns how many reads failed so; any other error
-        raises.
+        With kernel stamps, a stamp later than `now`, or older than MAX_STAMP_AGE, is
+        replaced by `now`; without, every datagram arrived `now`. A read failed by a
+        pending ICMP report drains the error queue (closed endpoints into `closed`) and
+        reading goes on; it takes one datagram's place in the batch. Returns how many
+        reads failed so; any other error raises.
         """
-        recvmsg = self._sock.recvmsg
+        stamped = self._stamped
+        offset = now - time.time()  # loop time minus wall time, for the kernel's wall-clock stamps
         oldest = now - MAX_STAMP_AGE
+        recvmsg, recvfrom = self._sock.recvmsg, self._sock.recvfrom
         failed = 0
         for _ in range(self._max_batch):
             try:
-                data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, _STAMP_BUFFER)
+                if stamped:
+                    data, ancdata, _flags, addr = recvmsg(MAX_DATAGRAM, _STAMP_BUFFER)
+                else:
+                    data, addr = recvfrom(MAX_DATAGRAM)
+                    ancdata = []
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:  # an ICMP report pending: it fails this read, not the datagrams behind it

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ import numpy as np
 
 from server.model.mdn import RandomBlocks
 from server.osc.wire import encode_message
-
-REPO = Path(__file__).resolve().parents[2]
+from server.tools.bench_ensemble import lookahead_timing, voices_round_trip
+from server.tools.under_test import REPO, ServerUnderTest, status
 ROUND_TRIP_MAX_RATE = 5000
 
 
@@ -60,35 +59,6 @@ def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
     out["ratio_tensorflow_vs_litert"] = out["tensorflow"]["median_us"] / base
     out["ratio_predict_vs_litert"] = out["keras_predict"]["median_us"] / base
     return out
-
-
-class ServerUnderTest:
-    """A `python -m server run` subprocess on a free port, answering to our socket."""
-
-    def __init__(self, model: str, reply_port: int, log_dir: Path, mode: str = "accompany", timescale: float = 1e-6,
-                 *flags: str) -> None:
-        cmd = [sys.executable, "-m", "server", "run", "--port", "0", "--model", model, "--mode", mode,
-               "--timescale", str(timescale), "--send", f"127.0.0.1:{reply_port}", "--log-dir", str(log_dir), *flags]
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("ready:"):
-                self.ready_s = time.monotonic() - t0
-                self.port = int(re.search(r"listening on [^ ]+:(\d+)", line).group(1))
-                break
-        else:
-            raise RuntimeError("server exited before it was ready")
-        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(20)
 
 
 def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False) -> dict[str, Any]:
@@ -133,21 +103,6 @@ def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep
     }
 
 
-def status(sock: socket.socket, port: int) -> dict[str, Any]:
-    from pythonosc.osc_message import OscMessage
-
-    sock.sendto(encode_message("/status"), ("127.0.0.1", port))
-    end = time.monotonic() + 2.0
-    while time.monotonic() < end:
-        readable, _, _ = select.select([sock], [], [], end - time.monotonic())
-        if readable:
-            data = sock.recv(65536)
-            if data.startswith(b"/status"):
-                args = OscMessage(data).params
-                return dict(zip(args[::2], args[1::2]))
-    return {}
-
-
 def bench_server(model: str, quick: bool) -> dict[str, Any]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -172,9 +127,9 @@ def bench_server(model: str, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         learning = learning_phase(model, sock, Path(scratch), 10.0 if quick else 30.0)
     with tempfile.TemporaryDirectory() as logs:
-        ensemble = voices_round_trip(ServerUnderTest, model, Path(logs), 8, 100.0, 2.0 if quick else 5.0)
+        ensemble = voices_round_trip(model, Path(logs), 8, 100.0, 2.0 if quick else 5.0)
     with tempfile.TemporaryDirectory() as logs:
-        timetags = lookahead_timing(ServerUnderTest, model, sock, Path(logs), 0.05, 3.0 if quick else 10.0)
+        timetags = lookahead_timing(model, sock, Path(logs), 0.05, 3.0 if quick else 10.0)
     return {
         "ready_s": srv.ready_s,
         "idle_cpu_percent": idle,
@@ -228,9 +183,6 @@ def runaway_guard(model: str, sock: socket.socket, log_dir: Path, seconds: float
         srv.stop()
     return {"seconds": seconds, "cpu_percent": cpu, "log_bytes_per_s": growth, "events_per_s": received / elapsed,
             "max_rate": st.get("max_rate")}
-
-
-from server.tools.bench_ensemble import lookahead_timing, voices_round_trip  # noqa: E402  (they use ServerUnderTest)
 
 
 def watched_round_trip(sock: socket.socket, port: int, seconds: float, rounds: int = 3) -> dict[str, Any]:

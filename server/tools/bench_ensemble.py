@@ -1,6 +1,6 @@
 """Bench phases for the ensemble: many voices at once, and how early timetagged bundles arrive.
 
-Both start their own `run` subprocess (see `server.tools.bench.ServerUnderTest`): one with
+Both start their own `run` subprocess (`server.tools.under_test.ServerUnderTest`): one with
 `voices = per-sender` played by several sockets at once, one generating with `lookahead`
 whose bundles are checked against the server's own log of when each event was due.
 """
@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from server.osc.wire import bundle_messages, encode_message, is_bundle, timetag_seconds
+from server.tools.under_test import ServerUnderTest
+from server.tools.under_test import status as query_status
 
 
-def voices_round_trip(server_type: Any, model: str, log_dir: Path, voices: int = 8, rate: float = 100.0,
+def voices_round_trip(model: str, log_dir: Path, voices: int = 8, rate: float = 100.0,
                       seconds: float = 5.0) -> dict[str, Any]:
     """`voices` sockets each send /gesture at `rate` (interleaved, on an absolute schedule); each answer is paired
     with the oldest unanswered input of the socket it came back to."""
@@ -30,7 +32,7 @@ def voices_round_trip(server_type: Any, model: str, log_dir: Path, voices: int =
         socks.append(s)
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the --send copy of every voice: never read
     sink.bind(("127.0.0.1", 0))
-    srv = server_type(model, sink.getsockname()[1], log_dir, "accompany", 1e-6, "--voices", "per-sender")
+    srv = ServerUnderTest(model, sink.getsockname()[1], log_dir, "accompany", 1e-6, "--voices", "per-sender")
     target = ("127.0.0.1", srv.port)
     try:
         n = int(rate * seconds)
@@ -66,7 +68,7 @@ def voices_round_trip(server_type: Any, model: str, log_dir: Path, voices: int =
                     if data.startswith(b"/prediction") and waiting[k]:
                         rtts.append(time.monotonic() - waiting[k].pop(0))
                         received += 1
-        status = _status(socks[1], target)
+        status = query_status(socks[1], srv.port)
     finally:
         srv.stop()
         for s in (*socks, sink):
@@ -80,11 +82,11 @@ def voices_round_trip(server_type: Any, model: str, log_dir: Path, voices: int =
     }
 
 
-def lookahead_timing(server_type: Any, model: str, sock: socket.socket, log_dir: Path, lookahead: float = 0.05,
+def lookahead_timing(model: str, sock: socket.socket, log_dir: Path, lookahead: float = 0.05,
                      seconds: float = 10.0) -> dict[str, Any]:
     """Generate at timescale 1 with `lookahead`: how early each bundle arrives before its timetag, and how far the
     timetag is from the time the server scheduled (its log, on one fixed wall-minus-monotonic offset)."""
-    srv = server_type(model, sock.getsockname()[1], log_dir, "generate", 1.0, "--lookahead", str(lookahead))
+    srv = ServerUnderTest(model, sock.getsockname()[1], log_dir, "generate", 1.0, "--lookahead", str(lookahead))
     tags: list[float] = []
     early: list[float] = []
     plain = 0
@@ -117,17 +119,3 @@ def lookahead_timing(server_type: Any, model: str, sock: socket.socket, log_dir:
         "timetag_minus_scheduled_us_spread_p1_p99": float((np.percentile(offset, 99) - np.percentile(offset, 1)) * 1e6)
         if n else None,
     }
-
-
-def _status(sock: socket.socket, target: tuple[str, int]) -> dict[str, Any]:
-    from pythonosc.osc_message import OscMessage
-
-    sock.sendto(encode_message("/status"), target)
-    end = time.monotonic() + 2.0
-    while (left := end - time.monotonic()) > 0:
-        if select.select([sock], [], [], left)[0]:
-            data = sock.recv(65536)
-            if data.startswith(b"/status"):
-                args = OscMessage(data).params
-                return dict(zip(args[::2], args[1::2]))
-    return {}
