@@ -18,19 +18,18 @@ from typing import Any, Callable, TextIO
 
 from server.config import RunConfig
 from server.live.engine import Engine, Settings
-from server.live.voices import VoiceOptions, VoicePolicy
 from server.live.learning import Learner
-from server.event import Event
-from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
-from server.model.spec import ModelError
-from server.model.files import resolve_model_dir
-from server.osc.namespace import STATUS_PUSH_HZ, namespace_text, status_items
-from server.osc.output import OscOutput, status_message
-from server.osc.protocol import OscServerProtocol, start_osc
-from server.osc.streams import STREAM_RATE
-from server.osc.wire import ntp_timetag
+from server.live.outputs import Sink
 from server.live.recorder import Recorder, RecorderError
+from server.live.voices import VoiceOptions, VoicePolicy
+from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
+from server.model.files import resolve_model_dir
 from server.model.predictor import Predictor
+from server.model.spec import ModelError
+from server.osc.namespace import namespace_text
+from server.osc.output import OscOutput
+from server.osc.protocol import start_osc
+from server.osc.sink import OscSink
 
 
 class StartupError(RuntimeError):
@@ -71,6 +70,7 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
 
 async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: Recorder, started: float,
                  out: TextIO) -> int:
+    """Outputs first (OSC, MIDI, the recorder), then the engine built with them, then the inputs that drive it."""
     loop = asyncio.get_running_loop()
     settings = Settings(
         mode=cfg.mode,
@@ -81,54 +81,32 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         max_rate=cfg.max_rate,
         lookahead=cfg.lookahead,
     )
-    model_name = folder.name
-    voices = VoiceOptions(cfg.voices, cfg.max_voices, cfg.voice_timeout)
-    engine = Engine(loop, predictor, cfg.models_dir, settings, seed=cfg.seed, model_name=model_name, voices=voices)
-    engine.model_folder = folder
-    try:
-        transport, protocol, output = await start_osc(
-            engine, host=cfg.host, port=cfg.port, destinations=cfg.send, allow=cfg.allow
-        )
-    except OSError as e:
-        raise StartupError(str(e)) from e
-
-    streams = output.streams
-
-    def send_events(event: Event) -> None:
-        voice = () if event.voice is None else (event.voice,)
-        if event.source == "model":
-            timetag = None
-            if settings.lookahead > 0.0:  # the event's time, from the loop's monotonic schedule to the wall clock
-                timetag = ntp_timetag(time.time() + (event.time - loop.time()))
-            output.send_prediction(event.x, event.y, event.voice, event.route, timetag)
-            if streams.active("prediction"):  # displays get plain messages as they leave
-                streams.send("prediction", "/prediction", event.x, event.y, *voice)
-        elif streams.active("performer"):
-            streams.send("performer", "/performer", event.x, event.y, *voice)
-
-    engine.sinks[:] = [send_events, recorder.record]
-    engine.status_sources.append(recorder.counts)
-    engine.learner = Learner(
-        loop, cfg.models_dir,
-        session_log=lambda: recorder.path,
-        playing=lambda: (engine.model_name, engine.model_folder),
-        performer_events=lambda: engine.counts["inputs"],
-        swap=lambda name, on_error, on_loaded: engine.load_model(name, on_error, on_loaded),
-        notify=output.broadcast,
-    )
-    engine.status_sources.append(engine.learner.status)
-    watch_streams(loop, engine, output, protocol)
+    output = OscOutput()
+    osc = OscSink(loop, output)
+    learner = Learner(loop, cfg.models_dir, session_log=lambda: recorder.path, notify=output.broadcast)
     midi: MidiLink | None = None
     if midi_requested(cfg):
         try:
-            midi = open_midi(loop, cfg, engine.perform)
+            midi = open_midi(loop, cfg)
         except MidiError as e:
-            transport.close()
             raise StartupError(str(e)) from e
-        engine.status_sources.append(midi.counts)
-        if midi.output is not None:
-            engine.sinks.append(midi.output)
-            engine.silencers.append(midi.output.silence)
+    sinks: list[Sink] = [osc, recorder]
+    if midi is not None and midi.output is not None:
+        sinks.append(midi.output)
+    engine = Engine(loop, predictor, cfg.models_dir, settings, sinks=sinks, streams=osc,
+                    status_sources=[recorder.counts, *([midi.counts] if midi is not None else [])],
+                    learner=learner, seed=cfg.seed, model_name=folder.name, model_folder=folder,
+                    voices=VoiceOptions(cfg.voices, cfg.max_voices, cfg.voice_timeout))
+    try:
+        transport, protocol, output = await start_osc(
+            engine, host=cfg.host, port=cfg.port, destinations=cfg.send, allow=cfg.allow, output=output
+        )
+    except OSError as e:
+        if midi is not None:
+            midi.close()
+        raise StartupError(str(e)) from e
+    if midi is not None:
+        midi.listen(engine.perform)
     stop = asyncio.Event()
     restore = install_stop_signals(loop, stop.set)
     host, port = transport.get_extra_info("sockname")[:2]
@@ -137,7 +115,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         say(f"midi: {midi.describe()}", out)
     sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
     say(
-        f"ready: listening on {host}:{port}, sending to {sends}, model {model_name} ({predictor.backend}), "
+        f"ready: listening on {host}:{port}, sending to {sends}, model {folder.name} ({predictor.backend}), "
         f"mode {settings.mode.value}, log {recorder.path} ({time.monotonic() - started:.2f} s)",
         out,
     )
@@ -149,62 +127,13 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         if monitor is not None:
             stop_monitor(monitor)
         engine.stop()
-        engine.learner.close()
+        learner.close()
         if midi is not None:
             midi.close()  # every held note off, then All Notes Off
         transport.close()
         restore()
     say(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", out)
     return 0
-
-
-def watch_streams(loop: asyncio.AbstractEventLoop, engine: Engine, output: OscOutput,
-                  protocol: OscServerProtocol) -> None:
-    """Connect the OSC streams to the engine while someone subscribes, and only then (they cost nothing idle)."""
-    streams = output.streams
-    engine.watch.max_rate, engine.watch.burst = STREAM_RATE, STREAM_RATE
-    pusher = StatusPusher(loop, lambda: streams.send_data("status", status_message(
-        status_items(engine, protocol.counters))), 1.0 / STATUS_PUSH_HZ)
-
-    def mixture(values: list[float], voice: int | None) -> None:
-        streams.send("mixture", "/mixture", int(values[0]), *values[1:], *(() if voice is None else (voice,)))
-
-    def surprise(nll: float, smoothed: float, voice: int | None) -> None:
-        streams.send("surprise", "/surprise", nll, smoothed, *(() if voice is None else (voice,)))
-
-    def changed(stream: str, active: bool) -> None:
-        if stream == "mixture":
-            engine.watch.mixture = mixture if active else None
-        elif stream == "surprise":
-            engine.watch.surprise = surprise if active else None
-        elif stream == "status":
-            pusher.start() if active else pusher.stop()
-
-    streams.on_change = changed
-
-
-class StatusPusher:
-    """Calls `push` every `period` seconds on an absolute schedule while started; no timer otherwise."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, push: Callable[[], None], period: float) -> None:
-        self._loop, self._push, self._period = loop, push, period
-        self._timer: asyncio.TimerHandle | None = None
-        self._next = 0.0
-
-    def start(self) -> None:
-        if self._timer is None:
-            self._next = self._loop.time()
-            self._tick()
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _tick(self) -> None:
-        self._push()
-        self._next = max(self._next + self._period, self._loop.time())  # after a stall: no burst of catch-up pushes
-        self._timer = self._loop.call_at(self._next, self._tick)
 
 
 def start_monitor(cfg: RunConfig, host: str, port: int) -> subprocess.Popen:

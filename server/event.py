@@ -1,4 +1,4 @@
-"""The one value that flows through the server: a timed 2D event from a performer or the model."""
+"""The one value that flows out of the engine: a timed 2D event from a performer or the model, for every output."""
 
 from __future__ import annotations
 
@@ -24,3 +24,4 @@ class Event:
     dt: float | None = None  # for model events: the predicted wait before it (seconds, after /timescale)
     voice: int | None = None  # its voice's number when voices are on (`per-sender`), else None
     route: Hashable | None = None  # the transport's name for the voice's performer (an OSC sender, a MIDI channel)
+    timetagged: bool = False  # a model event handed over `lookahead` early: send it timetagged with its time

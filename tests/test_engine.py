@@ -1,15 +1,7 @@
-"""The engine's timing and controls on a virtual clock: exact schedules, rate floors, stalls, resets, swaps.
-
-`VirtualLoop` is the part of an asyncio loop the engine uses (time, call_at, call_soon,
-run_in_executor), driven by the test: callbacks run in time order, exactly at their
-time, and a stall is time that passes with nothing run. So a test can play thousands of
-events in milliseconds and check times to the last bit, on the loop's own clock.
-"""
+"""The engine's timing and controls on a virtual clock (`tests.rig`): exact schedules, rate floors, stalls, resets, swaps."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import shutil
 from pathlib import Path
@@ -23,78 +15,10 @@ from server.live.controls import ControlError
 from server.live.engine import RATE_BURST, Engine, Settings
 from server.live.modes import Mode
 from server.model.predictor import Predictor
+from tests.rig import VirtualLoop, build_engine
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default"
-
-
-class Handle:
-    def __init__(self, when: float, callback: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self.when, self.callback, self.args, self.cancelled = when, callback, args, False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class Done:
-    """A finished future, as `run_in_executor` returns (the work ran at once)."""
-
-    def __init__(self, loop: "VirtualLoop", fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        self._loop, self._result, self._error = loop, None, None
-        try:
-            self._result = fn(*args)
-        except Exception as exc:  # noqa: BLE001 - handed to the engine like a real future would
-            self._error = exc
-
-    def add_done_callback(self, callback: Callable[["Done"], None]) -> None:
-        self._loop.call_soon(callback, self)
-
-    def cancelled(self) -> bool:
-        return False
-
-    def exception(self) -> BaseException | None:
-        return self._error
-
-    def result(self) -> Any:
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
-class VirtualLoop:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self._queue: list[tuple[float, int, Handle]] = []
-        self._order = itertools.count()
-
-    def time(self) -> float:
-        return self.now
-
-    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> Handle:
-        handle = Handle(when, callback, args)
-        heapq.heappush(self._queue, (when, next(self._order), handle))
-        return handle
-
-    def call_soon(self, callback: Callable[..., None], *args: Any) -> Handle:
-        return self.call_at(self.now, callback, *args)
-
-    def run_in_executor(self, executor: Any, fn: Callable[..., Any], *args: Any) -> Done:
-        return Done(self, fn, args)
-
-    def advance(self, seconds: float) -> None:
-        """Run every callback due within `seconds`, each at its time, then stop at the end."""
-        end = self.now + seconds
-        while self._queue and self._queue[0][0] <= end:
-            when, _, handle = heapq.heappop(self._queue)
-            if handle.cancelled:
-                continue
-            self.now = max(self.now, when)
-            handle.callback(*handle.args)
-        self.now = end
-
-    def stall(self, seconds: float) -> None:
-        """Time passes and nothing runs (a SIGSTOP, a swap to disk)."""
-        self.now += seconds
 
 
 class Spy:
@@ -122,13 +46,16 @@ def predictor() -> Predictor:
     return Predictor.load(DEFAULT)
 
 
+SILENCED: dict[Engine, list] = {}  # each engine `make` built -> what its outputs were told to release
+
+
 def make(mode: Mode, predictor: Predictor, seed: int = 1, **settings: Any) -> tuple[VirtualLoop, Engine, list[Event], Spy]:
     loop = VirtualLoop()
     predictor.reset()
     spy = Spy(predictor)
-    events: list[Event] = []
-    engine = Engine(loop, spy, REPO / "models", Settings(mode=mode, **settings), sinks=[events.append], seed=seed)  # type: ignore[arg-type]
-    return loop, engine, events, spy
+    engine, played = build_engine(loop, spy, Settings(mode=mode, **settings), seed=seed)
+    SILENCED[engine] = played.silenced
+    return loop, engine, played.events, spy
 
 
 def model_events(events: list[Event]) -> list[Event]:
@@ -277,15 +204,16 @@ def test_timescale_change_reschedules_accompaniment_answers(predictor):
 
 
 def test_reset_in_generate_cancels_the_old_chain_and_starts_from_zero(predictor):
-    loop, engine, events, spy = make(Mode.GENERATE, predictor, timescale=0.05)
+    loop = VirtualLoop()
+    predictor.reset()
+    spy = Spy(predictor)
+    engine, played = build_engine(loop, spy, Settings(mode=Mode.GENERATE, timescale=0.05))
     engine.start()
     loop.advance(1.0)
     stale = engine.voice(0).chain
-    silenced = []
-    engine.silencers.append(lambda voice=None: silenced.append(loop.now))
     observed = len(spy.observed)
     engine.reset()
-    assert stale.handle is None and silenced == [loop.now] and spy.resets == 1
+    assert stale.handle is None and played.silenced == [(loop.now, None)] and spy.resets == 1
     assert np.all(predictor.state == 0)
     fresh = engine.voice(0).chain
     assert fresh is not stale
@@ -362,10 +290,9 @@ def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def swap_engine(models: Path) -> tuple[VirtualLoop, Engine, list[Event]]:
     loop = VirtualLoop()
-    events: list[Event] = []
-    engine = Engine(loop, Predictor.load(models / "a"), models, Settings(mode=Mode.GENERATE, timescale=0.1),
-                    sinks=[events.append], seed=3, model_name="a")
-    return loop, engine, events
+    engine, played = build_engine(loop, Predictor.load(models / "a"), Settings(mode=Mode.GENERATE, timescale=0.1),
+                                  seed=3, models_dir=models, model_name="a")
+    return loop, engine, played.events
 
 
 def test_the_swap_asked_for_last_wins(two_models):
@@ -421,7 +348,7 @@ def test_every_status_key_is_documented_and_every_documented_key_is_sent(predict
     from server.live.voices import VoiceOptions, VoicePolicy
 
     loop = VirtualLoop()
-    engine = Engine(loop, predictor, DEFAULT.parent, Settings(), seed=1, voices=VoiceOptions(VoicePolicy.PER_SENDER))
+    engine, _ = build_engine(loop, predictor, Settings(), seed=1, voices=VoiceOptions(VoicePolicy.PER_SENDER))
     engine.perform(0.5, 0.5, route=("127.0.0.1", 9000))
     engine.perform(0.5, 0.5, voice=3)
     per_voice = [k.replace("<n>", str(n)) for n in (0, 3) for k in STATUS_KEYS if k.startswith("voice<n>_")]
@@ -431,10 +358,10 @@ def test_every_status_key_is_documented_and_every_documented_key_is_sent(predict
 
 def test_streams_see_a_quick_run_whole_and_thin_a_sustained_flood(predictor):
     """The surprise stream's budget is a bucket: 20 notes in 0.2 s are all scored; 2 s at 200/s get rate x time."""
-    loop, engine, _, _ = make(Mode.LISTEN, predictor)
-    scored: list[float] = []
-    engine.watch.surprise = lambda nll, smoothed, voice: scored.append(nll)
-    engine.watch.max_rate, engine.watch.burst = 30.0, 30.0
+    loop = VirtualLoop()
+    predictor.reset()
+    engine, played = build_engine(loop, predictor, Settings(mode=Mode.LISTEN), watch=True, stream_rate=30.0)
+    scored = played.surprises
     for i in range(20):
         engine.perform(0.3 + 0.01 * i, 0.5)
         loop.advance(0.01)

@@ -19,7 +19,8 @@ from server.live.engine import Engine, Settings
 from server.live.modes import Mode
 from server.live.voices import VoiceOptions, VoicePolicy
 from server.model.predictor import Predictor
-from tests.test_engine import DEFAULT, REPO, Spy, VirtualLoop
+from tests.rig import VirtualLoop, build_engine
+from tests.test_engine import DEFAULT, REPO, Spy
 
 A, B = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
 
@@ -36,20 +37,24 @@ class Sent:
         self.loop = loop
         self.events: list[tuple[float, Event]] = []
 
-    def __call__(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
         self.events.append((self.loop.now, event))
+
+    def silence(self, voice: int | None) -> None:
+        pass
 
     def model(self, voice: int | None = "any") -> list[Event]:  # type: ignore[assignment]
         return [e for _, e in self.events if e.source == "model" and (voice == "any" or e.voice == voice)]
 
 
 def make(predictor: Predictor, mode: Mode = Mode.ACCOMPANY, policy: VoicePolicy = VoicePolicy.PER_SENDER,
-         seed: int = 7, limit: int = 16, timeout: float = 60.0, **settings: Any) -> tuple[VirtualLoop, Engine, Sent]:
+         seed: int = 7, limit: int = 16, timeout: float = 60.0, sinks: tuple[Any, ...] = (),
+         **settings: Any) -> tuple[VirtualLoop, Engine, Sent]:
     loop = VirtualLoop()
     predictor.reset()
     sent = Sent(loop)
-    engine = Engine(loop, predictor, REPO / "models", Settings(mode=mode, **settings), sinks=[sent], seed=seed,
-                    voices=VoiceOptions(policy, limit, timeout))  # type: ignore[arg-type]
+    engine, _ = build_engine(loop, predictor, Settings(mode=mode, **settings), seed=seed,  # type: ignore[arg-type]
+                             voices=VoiceOptions(policy, limit, timeout), sinks=(sent, *sinks))
     engine.start()
     return loop, engine, sent
 
@@ -223,8 +228,7 @@ def test_the_log_keeps_each_voice_apart_and_reads_back_one_performance_per_voice
     from server.live.recorder import Recorder
 
     recorder = Recorder(tmp_path, voices=True)
-    loop, engine, _ = make(predictor)
-    engine.sinks.append(recorder.record)
+    loop, engine, _ = make(predictor, sinks=(recorder,))
     play(loop, engine, {A: circle, B: zigzag}, 20, gap=0.1)
     recorder.close()
     header = recorder.path.read_text().splitlines()[0]

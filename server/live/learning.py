@@ -25,12 +25,13 @@ from server.live.controls import ControlError
 
 log = logging.getLogger(__name__)
 
-MIN_EVENTS = 100  # performer events a fine-tune needs (the child checks the log again)
-DEFAULT_SECONDS = 60.0
+MIN_EVENTS = 100  # performer events a fine-tune needs: fewer say too little to learn from or judge by
+DEFAULT_SECONDS = 60.0  # a fine-tune's time budget when /learn (or `antiphon learn`) names none
 MAX_SECONDS = 3600.0
 NAME_BUDGET = 40  # characters of the parent's name kept in the new model's name
 
 Notify = Callable[..., None]  # (address, *args): an OSC message to every destination
+Swap = Callable[[str, Callable[[str], None], Callable[[], None]], None]  # (model name, on_error, on_loaded)
 
 
 @dataclass
@@ -58,18 +59,12 @@ class Learner:
         loop: asyncio.AbstractEventLoop,
         models_dir: Path,
         session_log: Callable[[], Path],
-        playing: Callable[[], tuple[str, Path]],
-        performer_events: Callable[[], int],
-        swap: Callable[[str, Callable[[str], None], Callable[[], None]], None],
         notify: Notify,
         command: tuple[str, ...] = (sys.executable, "-m", "server"),
     ) -> None:
         self._loop = loop
         self._models_dir = Path(models_dir)
         self._session_log = session_log
-        self._playing = playing
-        self._performer_events = performer_events
-        self._swap = swap
         self._notify = notify
         self._command = command
         self._proc: asyncio.subprocess.Process | None = None
@@ -81,23 +76,24 @@ class Learner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self, seconds: float = DEFAULT_SECONDS) -> None:
-        """Begin a fine-tune of the playing model on this session's performer events; ControlError if it cannot."""
-        if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
-            raise ControlError(f"seconds must be in (0, {MAX_SECONDS:g}], got {seconds:g}")
+    def start(self, seconds: float, parent: str, folder: Path, performer_events: int, swap: Swap) -> None:
+        """Fine-tune ``parent`` (the playing model, from ``folder``) on this session's performer events.
+
+        ``swap(name, on_error, on_loaded)`` loads the result if it is better. ControlError if it cannot start.
+        """
+        check_seconds(seconds)
         if self.running:
             raise ControlError("a fine-tune is already running; /learn/stop ends it")
-        events = self._performer_events()
+        events = performer_events
         if events < MIN_EVENTS:
             raise ControlError(f"too few performer events to learn from: {events} played, at least {MIN_EVENTS} needed")
-        parent, folder = self._playing()
-        name = f"{parent[:NAME_BUDGET]}-learn-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = learned_name(parent)
         argv = [*self._command, "learn", "--model", str(folder), "--log", str(self._session_log()),
                 "--seconds", f"{seconds:g}", "--name", name, "--models-dir", str(self._models_dir),
                 "--until", f"{time.time():.6f}", "--json", "--background"]
         self.state = LearnState("starting", last=self.state.last)
         self.counts["learn_runs"] += 1
-        self._task = self._loop.create_task(self._run(argv, parent))
+        self._task = self._loop.create_task(self._run(argv, parent, swap))
 
     def stop(self) -> None:
         """End a running fine-tune early; it keeps (and judges) the best model so far."""
@@ -123,7 +119,7 @@ class Learner:
 
     # ------------------------------------------------------------------ the child
 
-    async def _run(self, argv: list[str], parent: str) -> None:
+    async def _run(self, argv: list[str], parent: str, swap: Swap) -> None:
         result: dict[str, Any] | None = None
         error = ""
         try:
@@ -157,7 +153,7 @@ class Learner:
         if result is None:
             self._failed(error or "unknown failure", parent)
             return
-        self._finish(result, parent)
+        self._finish(result, parent, swap)
 
     def _failed(self, reason: str, parent: str) -> None:
         self.counts["learn_failures"] += 1
@@ -165,7 +161,7 @@ class Learner:
         log.warning("fine-tune failed: %s; still playing %s", reason, parent)
         self._notify("/error", "/learn", f"{reason}; still playing {parent}")
 
-    def _finish(self, result: dict[str, Any], parent: str) -> None:
+    def _finish(self, result: dict[str, Any], parent: str, swap: Swap) -> None:
         name = str(result.get("model", parent))
         before, after = float(result.get("nll_before", math.nan)), float(result.get("nll_after", math.nan))
         self.state.fraction = 1.0
@@ -184,7 +180,19 @@ class Learner:
             self._notify("/error", "/learn", reason)
             done(False)
 
-        self._swap(name, refused, lambda: done(True))
+        swap(name, refused, lambda: done(True))
+
+
+def check_seconds(seconds: float) -> float:
+    """``seconds`` if a fine-tune may have that budget, else ControlError: the one rule the server and monitor apply."""
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS):
+        raise ControlError(f"seconds must be in (0, {MAX_SECONDS:g}], got {seconds:g}")
+    return seconds
+
+
+def learned_name(parent: str, at: float | None = None) -> str:
+    """The folder name of a model fine-tuned from ``parent`` at ``at`` (Unix time; None: now), short enough to load."""
+    return f"{parent[:NAME_BUDGET]}-learn-{time.strftime('%Y%m%d-%H%M%S', time.localtime(at))}"
 
 
 def _parse(line: bytes) -> dict[str, Any]:

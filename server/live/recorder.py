@@ -98,6 +98,13 @@ class Recorder:
         values = (self.rows, self.lost, self.write_errors, self.reopened)
         return dict(zip(self.STATUS_KEYS, values))
 
+    def emit(self, event: Event) -> None:
+        """As an engine output (`server.live.outputs.Sink`): every event is recorded."""
+        self.record(event)
+
+    def silence(self, voice: int | None) -> None:
+        """A log holds no notes: what was played stays written."""
+
     def record(self, event: Event) -> None:
         """Append one event and push it to the OS; on trouble warn once, count, and carry on."""
         if self._closed:

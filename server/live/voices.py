@@ -1,30 +1,32 @@
-"""Voices: one musical memory per performer, so an ensemble on one server never scrambles its partners.
+"""The table of voices: which voice a performer event belongs to, how many may play, and forgetting silent ones.
 
-A voice is everything the engine keeps about one conversation: the RNN state (its own
-`Predictor`, sharing the model's one interpreter: the LSTM state is an explicit
-tensor), its random stream, its dt clock, what it has scheduled, its mode timers and
-its overrides of the global controls. `VoicePolicy` says how performer events find
-their voice: `one` (everyone shares voice 0, today's behaviour) or `per-sender` (each
-sender is a voice, or an explicit voice number picks one). The table of voices and
-who maps to which lives here; what a voice *does* is the engine's.
+`VoicePolicy` says how performer events find their voice: `one` (everyone shares
+voice 0, outputs carry no voice number) or `per-sender` (each sender is a voice, or an
+explicit voice number picks one). Each voice plays on its own fork of the model (the
+LSTM state is an explicit tensor, the interpreter is shared) with its own random
+stream from the seed, so a voice plays as it would alone. What a voice does is
+`server.live.voice`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+
 from server.live.controls import ControlError
-from server.live.modes import Mode
+from server.live.stage import Stage
+from server.live.voice import Voice
 from server.model.mdn import RandomBlocks
 from server.model.predictor import Predictor
+from server.model.spec import DIMS
 
 DEFAULT_MAX_VOICES = 16  # one per MIDI channel
 DEFAULT_VOICE_TIMEOUT = 60.0  # seconds without a performer event before a voice is forgotten
-RATE_BURST = 8.0  # answers that may come closer than 1/max_rate (a chord), before the rate holds
 
 
 class VoicePolicy(str, Enum):
@@ -65,64 +67,6 @@ class VoiceOptions:
         return self.policy is VoicePolicy.PER_SENDER
 
 
-class Scheduled:
-    """One model event waiting: its cause's time (start), the model's wait (dt), where (x, y).
-
-    `when` is the event's time (what it is timetagged with); `send_at` is when it may
-    leave: `lookahead` earlier, but never before it was computed.
-    """
-
-    __slots__ = ("start", "dt", "x", "y", "when", "send_at", "handle")
-
-    def __init__(self, start: float, dt: float, x: float, y: float) -> None:
-        self.start, self.dt, self.x, self.y = start, dt, x, y
-        self.when = self.send_at = start
-        self.handle: asyncio.TimerHandle | None = None
-
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-
-class Voice:
-    """One conversation's state (see the module doc); the engine drives it."""
-
-    def __init__(self, number: int, predictor: Predictor, draws: RandomBlocks, now: float) -> None:
-        self.number = number
-        self.predictor = predictor
-        self.draws = draws
-        self.pending: dict[int, Scheduled] = {}  # accompaniment answers, insertion-ordered: oldest first
-        self.chain: Scheduled | None = None  # the one self-playing event (generate, respond)
-        self.takeover: asyncio.TimerHandle | None = None
-        self.expiry: asyncio.TimerHandle | None = None
-        self.last_performer = now  # loop time of its performer's last event
-        self.last_active = now  # loop time it last heard its performer (for the idle timeout)
-        self.last_emit = -math.inf  # scheduled time of its last model event
-        self.tokens, self.tokens_at = RATE_BURST, -math.inf  # its answers' rate bucket, full at start
-        self.heard_performer = False
-        self.fresh = True  # the next performer event opens a performance (dt 0)
-        self.surprise: float | None = None  # the smoothed running surprise
-        self.key: Hashable | None = None  # the sender that found it (per-sender), None for a numbered voice
-        self.route: Hashable | None = None  # where its output goes: the transport's name for its performer
-        # Overrides of the global controls; None follows the global value.
-        self.mode: Mode | None = None
-        self.temperature: float | None = None
-        self.sigma_temperature: float | None = None
-        self.inputs = 0
-        self.outputs = 0
-
-    def pending_count(self) -> int:
-        return len(self.pending) + (self.chain is not None)
-
-
-def route_text(route: Hashable | None) -> str:
-    """A voice's route as `/status` shows it: `host:port` for an OSC sender, else its text."""
-    if isinstance(route, tuple) and len(route) == 2 and isinstance(route[1], int):
-        return f"{route[0]}:{route[1]}"
-    return "" if route is None else str(route)
-
-
 def voice_number(value: int) -> int | None:
     """An OSC voice argument: a negative number (the default) means none given."""
     return None if value < 0 else value
@@ -134,3 +78,113 @@ def check_voice(number: int, options: VoiceOptions) -> int:
     if not 0 <= number < options.limit:
         raise ControlError(f"voice must be 0-{options.limit - 1}, got {number}")
     return number
+
+
+class VoiceTable:
+    """The playing voices by number, who maps to which, and each one's idle timer (per-sender)."""
+
+    def __init__(self, stage: Stage, options: VoiceOptions, predictor: Predictor, seed: int | None) -> None:
+        self._stage = stage
+        self.options = options
+        self.predictor = predictor  # the model; voice 0 plays on it when voices are off, others fork it
+        self._seed = seed
+        self._voices: dict[int, Voice] = {}
+        self._keys: dict[Hashable, int] = {}  # per-sender: the sender's name -> its voice
+        self._expiry: dict[int, asyncio.TimerHandle] = {}
+        if not options.per_sender:
+            self._open(0)
+
+    def __iter__(self) -> Iterator[Voice]:
+        return iter(tuple(self._voices.values()))
+
+    def __len__(self) -> int:
+        return len(self._voices)
+
+    def get(self, number: int) -> Voice | None:
+        return self._voices.get(number)
+
+    def numbered(self) -> list[tuple[int, Voice]]:
+        return sorted(self._voices.items())
+
+    def find(self, voice: int | None, route: Hashable | None) -> Voice:
+        """The voice a performer event belongs to, opened (and started) if new; ControlError if none may be."""
+        options = self.options
+        if not options.per_sender:
+            if voice is not None:
+                check_voice(voice, options)  # says why not
+            v = self._voices[0]
+        elif voice is not None:
+            v = self._voices.get(check_voice(voice, options)) or self._open_or_refuse(voice)
+        else:
+            number = self._keys.get(route)
+            found = self._voices.get(number) if number is not None else None
+            if found is None:
+                free = next((n for n in range(options.limit) if n not in self._voices), None)
+                found = self._open_or_refuse(free)
+                found.key = route
+                self._keys[route] = found.number
+            v = found
+        if route is not None:
+            v.route = route
+        return v
+
+    def existing(self, number: int) -> Voice:
+        """A playing voice by number; ControlError if there is none."""
+        v = self._voices.get(check_voice(number, self.options))
+        if v is None:
+            raise ControlError(f"voice {number} is not playing (a voice starts with its first performer event)")
+        return v
+
+    def targets(self, number: int | None) -> tuple[Voice, ...]:
+        """The voice asked for, or every voice when none is."""
+        return tuple(self._voices.values()) if number is None else (self.existing(number),)
+
+    def play_on(self, predictor: Predictor) -> None:
+        """A new model for every voice (each its own fork when voices are per-sender)."""
+        self.predictor = predictor
+        per_sender = self.options.per_sender
+        for v in self._voices.values():
+            v.play_on(predictor.fork() if per_sender else predictor)
+
+    def stop(self) -> None:
+        for v in self._voices.values():
+            v.cancel()
+        for timer in self._expiry.values():
+            timer.cancel()
+        self._expiry.clear()
+
+    def _open(self, number: int) -> Voice:
+        per_sender = self.options.per_sender
+        predictor = self.predictor.fork() if per_sender else self.predictor
+        # Each voice's random stream starts from the seed, so a voice plays as it would alone.
+        draws = RandomBlocks(np.random.default_rng(self._seed), DIMS)
+        v = Voice(number, number if per_sender else None, predictor, draws, self._stage)
+        self._voices[number] = v
+        if per_sender:
+            loop = self._stage.loop
+            self._expiry[number] = loop.call_at(loop.time() + self.options.timeout, self._expire, v)
+        return v
+
+    def _open_or_refuse(self, number: int | None) -> Voice:
+        if number is None or len(self._voices) >= self.options.limit:
+            self._stage.counts["voices_refused"] += 1
+            raise ControlError(f"all {self.options.limit} voices are playing; a voice is free again after "
+                               f"{self.options.timeout:g} s of silence")
+        v = self._open(number)
+        v.start()
+        return v
+
+    def _expire(self, v: Voice) -> None:
+        """Forget a voice whose performer has been silent for the timeout (checked lazily: one timer per voice)."""
+        loop = self._stage.loop
+        due = v.last_active + self.options.timeout
+        if loop.time() < due:
+            self._expiry[v.number] = loop.call_at(due, self._expire, v)
+            return
+        del self._expiry[v.number]
+        v.silence()
+        del self._voices[v.number]
+        if v.key is not None and self._keys.get(v.key) == v.number:
+            del self._keys[v.key]
+        self._stage.streams.forget(v.number)
+        self._stage.counts["voices_expired"] += 1

@@ -284,7 +284,8 @@ class MidiOutput:
             return "a channel per voice (voice n on channel n+1)"
         return f"channel {self.channel + 1}"
 
-    def __call__(self, event: Event) -> None:
+    def emit(self, event: Event) -> None:
+        """As an engine output (`server.live.outputs.Sink`): a model event plays a note at its time."""
         if event.source != "model":
             return
         # The engine's predicted wait for this event; else the time since the voice's previous model note.
@@ -390,6 +391,15 @@ class MidiLink:
 
     def __init__(self, inport: KeptPort | None, input: MidiInput | None, outport: KeptPort | None, output: MidiOutput | None) -> None:
         self.inport, self.input, self.outport, self.output = inport, input, outport, output
+        self._perform: Perform | None = None
+
+    def listen(self, perform: Perform) -> None:
+        """Send what the input hears to ``perform`` (the engine's): the output is opened first, to be built into it."""
+        self._perform = perform
+
+    def _heard(self, *args: Any, **kwargs: Any) -> None:
+        if self._perform is not None:  # before `listen`, nobody plays yet
+            self._perform(*args, **kwargs)
 
     def counts(self) -> dict[str, int]:
         """MIDI counters for `/status`, prefixed `midi_`."""
@@ -426,7 +436,7 @@ def midi_requested(cfg: RunConfig) -> bool:
 def open_midi(
     loop: asyncio.AbstractEventLoop,
     cfg: RunConfig,
-    perform: Perform,
+    perform: Perform | None = None,
     backend: PortBackend | None = None,
     retry: float = RETRY_SECONDS,
 ) -> MidiLink:
@@ -434,7 +444,8 @@ def open_midi(
 
     With `cfg.voices` per-sender each input channel plays its own voice and each voice
     is heard on its own output channel. Raises MidiError, with nothing left open, when
-    a port is missing or MIDI is unavailable.
+    a port is missing or MIDI is unavailable. The input reaches ``perform``, or whatever
+    `MidiLink.listen` names later (so the output can be handed to the engine first).
     """
     want_virtual_in = cfg.midi_virtual and not cfg.midi_in
     want_virtual_out = cfg.midi_virtual and not cfg.midi_out
@@ -459,7 +470,7 @@ def open_midi(
             link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard, per_voice)
         in_pattern = VIRTUAL_IN if want_virtual_in else cfg.midi_in
         if in_pattern:
-            link.input = MidiInput(loop, mapping, perform, guard, per_voice)
+            link.input = MidiInput(loop, mapping, link._heard, guard, per_voice)
             on_message = link.input.on_message
             link.inport = KeptPort(loop, "input", in_pattern, lambda name: backend.open_input(name, on_message, want_virtual_in),
                                    backend.input_names, virtual=want_virtual_in, retry=retry)
@@ -467,5 +478,7 @@ def open_midi(
     except BaseException:
         link.close()
         raise
+    if perform is not None:
+        link.listen(perform)
     return link
 

@@ -1,11 +1,12 @@
-"""The OSC transport: Antiphon's namespace (one handler per address), the UDP server and the sender.
+"""The OSC transport's receiving side: `OscServerProtocol` and `start_osc`, which binds it.
 
-Data flows one way: a datagram is decoded (python-osc), its arguments are checked
-against the handler's signature (see `server.osc.table`), and the handler calls
-`Controls`; the transport never touches the model. Every refusal is answered with
-`/error <address> <reason>` to its sender, rate-limited per sender, with anything that
-looks like an absolute server path cut to its last component, and nothing a client
-sends can raise into the event loop.
+The namespace (one handler per address) is `server.osc.namespace`, the sending side
+`server.osc.output`, the socket reads `server.osc.udp`. Data flows one way: a datagram
+is decoded (python-osc), its arguments are checked against the handler's signature
+(see `server.osc.table`), and the handler calls `Controls`; the transport never
+touches the model. Every refusal is answered with `/error <address> <reason>` to its
+sender, rate-limited per sender, with anything that looks like an absolute server path
+cut to its last component, and nothing a client sends can raise into the event loop.
 
 Bundles, nested too, are unpacked and their messages applied at once, in order:
 timetags are ignored, because the engine schedules on its own clock and a gesture
@@ -14,7 +15,7 @@ with one `/error` (counted in `osc_bundles_capped`) and not even read. Addresses
 literal: OSC patterns (`*`, `?`, `[...]`, `{...}`) are not expanded.
 
 Time: a performer event's time is when its datagram arrived (the kernel's receive
-stamp where there is one, see `server.osc.udp`), passed on as `perform(x, y, at)`, so
+stamp where there is one, see `server.osc.udp`), passed on as `perform(..., at=...)`, so
 a stall of the loop does not squash the spacing of what queued meanwhile.
 
 Flood policy: no datagram buys more than its share, and the newest performer position
@@ -31,8 +32,9 @@ the batch waits for the next turn of the loop (a zero-delay timer, counted in
 `osc_deferred`) so due timers, output included, run first; meanwhile reading is
 paused, so the only queue is the kernel's receive buffer, of fixed size: if even
 reading cannot keep up, the kernel drops new datagrams and `/status` reports them as
-`osc_kernel_drops`. Costly requests (`/model`), replies bigger than their request
-(`/status`) and `/hello` are limited per sender.
+`osc_kernel_drops`. Costly requests (`/model`, `/learn`), replies bigger than their
+request (`/status`), `/hello`, `/subscribe` and `/unsubscribe` are limited per sender,
+each at the `max_rate` its handler declares in `server.osc.namespace`.
 """
 
 
@@ -52,9 +54,10 @@ from typing import Any, NamedTuple, cast
 from pythonosc.osc_message import OscMessage
 
 from server.live.controls import ControlError, Controls
-from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, STREAMS, TABLE, Request
-from server.osc.streams import Subscriptions
-from server.osc.output import Endpoint, OscOutput
+from server.osc.namespace import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, STATUS_PUSH_HZ, STREAMS, TABLE,
+                                  Request, status_items)
+from server.osc.streams import StatusPusher, Subscriptions
+from server.osc.output import Endpoint, OscOutput, status_message
 from server.osc.ratelimit import TokenBuckets
 from server.osc.table import Address as Handler
 from server.osc.table import AddressTable
@@ -489,8 +492,12 @@ async def start_osc(
     port: int = DEFAULT_PORT,
     destinations: Iterable[Endpoint] = ((DEFAULT_HOST, DEFAULT_SEND_PORT),),
     allow: Sequence[Network] = (),
+    output: OscOutput | None = None,
 ) -> tuple[asyncio.DatagramTransport, OscServerProtocol, OscOutput]:
     """Listen on host:port (0 = any free port) and return (transport, protocol, output).
+
+    ``output`` is the one the engine's `OscSink` sends through, if it was made first.
+    The `status` stream is pushed `STATUS_PUSH_HZ` times a second while anyone subscribes.
 
     Destination host names are resolved once here, for the socket's address family, so
     sending never blocks on DNS. Raises OSError with a readable message if the port is
@@ -502,8 +509,9 @@ async def start_osc(
     read times.
     """
     loop = asyncio.get_running_loop()
-    output = OscOutput()
+    output = OscOutput() if output is None else output
     protocol = OscServerProtocol(controls, output, allow=allow, loop=loop)
+    push_status(loop, controls, protocol)
     try:
         sock = await bind_udp(loop, host, port)
     except OSError as exc:
@@ -523,6 +531,22 @@ async def start_osc(
         logger.warning(warning)
     logger.debug("OSC receive buffer: %d bytes", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
     return transport, protocol, output
+
+
+def push_status(loop: asyncio.AbstractEventLoop, controls: Controls, protocol: OscServerProtocol) -> None:
+    """Push `/status` to the `status` stream's subscribers while there are any (no timer otherwise)."""
+    streams = protocol.output.streams
+
+    def push() -> None:
+        streams.send_data("status", status_message(status_items(controls, protocol.counters)))
+
+    pusher = StatusPusher(loop, push, 1.0 / STATUS_PUSH_HZ)
+
+    def changed(stream: str, active: bool) -> None:
+        if stream == "status":
+            pusher.start() if active else pusher.stop()
+
+    streams.on_change = changed
 
 
 def exposure_warning(sockname: Address, allow: Sequence[Network] = ()) -> str | None:

@@ -17,14 +17,15 @@ performer's patch may come back on the same port.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
+from server.live.streams import STREAM_RATE
 from server.osc.output import MAX_DESTINATIONS, Endpoint, OscOutput
 from server.osc.ratelimit import TokenBuckets
 from server.osc.wire import encode_message
 
-STREAM_RATE = 30.0  # messages per second per destination and stream: what a display drawing 30 frames a second shows
 
 
 class StreamsFull(ValueError):
@@ -93,3 +94,27 @@ class Subscriptions:
         for endpoint in self._subscribers[stream]:
             if self._limits.allow((stream, endpoint)):
                 self._output.send_to(endpoint, data)
+
+
+class StatusPusher:
+    """Calls `push` every `period` seconds on an absolute schedule while started; no timer otherwise."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, push: Callable[[], None], period: float) -> None:
+        self._loop, self._push, self._period = loop, push, period
+        self._timer: asyncio.TimerHandle | None = None
+        self._next = 0.0
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._next = self._loop.time()
+            self._tick()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._push()
+        self._next = max(self._next + self._period, self._loop.time())  # after a stall: no burst of catch-up pushes
+        self._timer = self._loop.call_at(self._next, self._tick)

@@ -1,0 +1,56 @@
+"""One voice's waiting model events and the limits on them: the pending cap, the late limit, the rate bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+MAX_PENDING = 256  # scheduled accompaniment answers per voice; beyond this the oldest is dropped and counted
+LATE_TOLERANCE = 0.05  # seconds: an event later than this is dropped rather than played late
+RATE_BURST = 8.0  # answers that may come closer than 1/max_rate (a chord), before the rate holds
+
+
+class Scheduled:
+    """One model event waiting: its cause's time (start), the model's wait (dt), where (x, y).
+
+    `when` is the event's time (what it is timetagged with); `send_at` is when it may
+    leave: `lookahead` earlier, but never before it was computed.
+    """
+
+    __slots__ = ("start", "dt", "x", "y", "when", "send_at", "handle")
+
+    def __init__(self, start: float, dt: float, x: float, y: float) -> None:
+        self.start, self.dt, self.x, self.y = start, dt, x, y
+        self.when = self.send_at = start
+        self.handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def late(self, now: float) -> bool:
+        """It would leave more than `LATE_TOLERANCE` after its time (a stall): drop it, never rush it out."""
+        return now - self.send_at > LATE_TOLERANCE
+
+
+class RateBucket:
+    """A voice's answers' `max_rate` bucket (burst `RATE_BURST`), refilled on the schedule's clock.
+
+    Refilled by when answers *should* leave, so a stall adds no tokens and a chord of
+    up to `RATE_BURST` answers survives.
+    """
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self) -> None:
+        self.tokens, self.at = RATE_BURST, -math.inf
+
+    def take(self, when: float, rate: float) -> bool:
+        """Take a token for an answer due to leave at ``when``; False if none is left."""
+        self.tokens = min(RATE_BURST, self.tokens + max(0.0, when - self.at) * rate)
+        self.at = max(self.at, when)
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True

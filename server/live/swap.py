@@ -1,0 +1,88 @@
+"""Which model plays, and changing it without stopping the music: read, checked and built off the loop.
+
+A load runs in a worker thread (files, checks, interpreter) and the result is handed
+to `install` on the loop; of two loads racing, the one asked for last wins, and a
+failed load leaves the playing model alone. Reasons name the model, never a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from server.live.controls import ControlError
+from server.model.files import check_model_name, resolve_model_dir
+from server.model.predictor import Predictor
+from server.model.spec import ModelError
+
+log = logging.getLogger(__name__)
+
+
+class ModelSwap:
+    """The playing model's name and folder, and the loads that may replace it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, models_dir: Path, name: str, folder: Path | None,
+                 install: Callable[[Predictor], None], counts: dict[str, int]) -> None:
+        self._loop = loop
+        self.models_dir = Path(models_dir)
+        self.name = name  # the playing model's name
+        self.folder = folder if folder is not None else self.models_dir / name  # where it came from
+        self.loading = ""  # the model being loaded, if any
+        self._install = install
+        self._counts = counts
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._serial = 0
+
+    def load(self, name: str, on_error: Callable[[str], None] | None = None,
+             on_loaded: Callable[[], None] | None = None) -> None:
+        """Start loading models/<name>; ControlError at once for a bad name, `on_error(reason)` later if it fails."""
+        try:
+            check_model_name(name)
+        except ValueError as e:
+            raise ControlError(str(e)) from None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self._serial += 1
+        serial = self._serial
+        self.loading = name
+        future = self._loop.run_in_executor(self._pool, self._read, name)
+        future.add_done_callback(lambda f: self._loaded(f, serial, name, on_error, on_loaded))
+
+    def stop(self) -> None:
+        """Abandon any load in flight."""
+        self._serial += 1
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _read(self, name: str) -> Predictor:
+        """Worker thread: files, checks and interpreter; errors name the model, never a path."""
+        folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
+        return Predictor.load(folder, label=name)
+
+    def _loaded(self, future: asyncio.Future[Predictor], serial: int, name: str,
+                on_error: Callable[[str], None] | None, on_loaded: Callable[[], None] | None) -> None:
+        if serial != self._serial or future.cancelled():
+            return  # a later request (or stop) superseded this one
+        self.loading = ""
+        error = future.exception()
+        if error is not None:
+            self._counts["model_load_errors"] += 1
+            if isinstance(error, (ModelError, OSError, ValueError)):
+                reason = f"model {name!r} not loaded, keeping {self.name!r}: {error}"
+            else:
+                log.error("loading model %s failed", name, exc_info=error)
+                reason = f"model {name!r} not loaded, keeping {self.name!r}: internal error"
+            if on_error is not None:
+                on_error(reason)
+            return
+        predictor = future.result()
+        self.name, self.folder = name, self.models_dir / name
+        self._counts["model_swaps"] += 1
+        log.info("model swapped to %s (%s)", name, predictor.backend)
+        self._install(predictor)
+        if on_loaded is not None:
+            on_loaded()
