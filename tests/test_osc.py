@@ -23,6 +23,7 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from pythonosc.udp_client import SimpleUDPClient
 
 from server.osc import namespace as osc_ns
+from server.osc import allow as osc_allow
 from server.osc import protocol as osc_proto
 from server.osc import output as osc_output
 from server.osc import udp as udpbatch
@@ -643,7 +644,7 @@ def _rmem_max() -> int:
     ],
 )
 def test_exposure_warning_judges_the_bound_address(sockname: tuple, allow: tuple, expected: str | None) -> None:
-    warning = osc_proto.exposure_warning(sockname, allow)
+    warning = osc_allow.exposure_warning(sockname, allow)
     if expected is None:
         assert warning is None
     else:

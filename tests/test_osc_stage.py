@@ -38,6 +38,7 @@ from pythonosc.osc_message import OscMessage
 from server.osc import namespace as osc_ns
 from server.osc import output as osc_output
 from server.osc import protocol as osc_proto
+from server.osc import refusals
 from server.osc import udp as osc_udp
 from server.osc.wire import encode_message
 from tests.live import REPO, OscPeer, ServerProcess, start_server
@@ -384,7 +385,7 @@ def test_error_reasons_never_carry_absolute_paths() -> None:
         ("expected one of /gesture /reset", "expected one of /gesture /reset"),
         ("relative models/x/model.json is fine", "relative models/x/model.json is fine"),
     ]:
-        assert osc_proto.sanitise_reason(text, keep) == expected
+        assert refusals.sanitise_reason(text, keep) == expected
 
 
 def test_a_late_model_failure_is_answered_with_an_error(server: Server, client: Client) -> None:

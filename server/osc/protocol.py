@@ -41,10 +41,8 @@ each at the `max_rate` its handler declares in `server.osc.namespace`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
-import re
 import socket
 import time
 from collections import deque
@@ -61,23 +59,18 @@ from server.osc.output import Endpoint, OscOutput, status_message
 from server.osc.ratelimit import TokenBuckets
 from server.osc.table import Address as Handler
 from server.osc.table import AddressTable
+from server.osc.allow import AllowList, Network, exposure_warning
+from server.osc.refusals import Refusals
 from server.osc.udp import Address, BatchDatagramTransport, Datagram, bind_udp
 from server.osc.wire import BundleTooLarge, bundle_messages, is_bundle, message_problem, peek_address
 
 MAX_RUN = 32  # positions in one batch applied one by one (~1 ms of model work); more means we are behind
 MAX_BUNDLE = 64  # messages applied from one bundle; the rest are refused
 WORK_BUDGET = 0.002  # seconds of decoding and applying per loop wake-up before due timers get their turn
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 logger = logging.getLogger(__name__)
 
-_MAX_ALLOW_CACHE = 4096
-_LOGGED_ERRORS = 10  # internal errors logged in full before only every 1000th is
 
-# Absolute paths in /error reasons: POSIX or Windows, quoted (spaces allowed) or bare (two or more parts).
-_QUOTED_PATH = re.compile(r"""(['"])((?:[A-Za-z]:)?[\\/][^'"\n]*)\1""")
-_BARE_PATH = re.compile(r"""(?<![\w.~\\/-])(?:[A-Za-z]:)?[\\/]+(?:[^\s\\/'"`:;,()<>\[\]]+[\\/]+)+[^\s\\/'"`:;,()<>\[\]]*""")
-_SEPARATORS = re.compile(r"[\\/]+")
 
 
 class _Position(NamedTuple):
@@ -136,11 +129,9 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         self.stats = output.stats
         self.transport: asyncio.DatagramTransport | None = None
         self._lookup = table.lookup
-        self._addresses = frozenset(table.paths)
         self._unknown = f"unknown address; expected one of {' '.join(table.paths)}"
-        self._allow = tuple(allow)
-        self._allowed: dict[str, bool] = {}  # host -> verdict, so the check is one dict hit
-        self._error_limit = TokenBuckets(error_rate, error_burst)
+        self._allow = AllowList(allow)
+        self._refusals = Refusals(output, self.stats, frozenset(table.paths), error_rate, error_burst)
         self._limits = {a.path: TokenBuckets(a.max_rate, a.max_rate) for a in table if a.max_rate is not None}
         self._max_run = max_run
         self._max_bundle = max_bundle
@@ -271,7 +262,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
             try:
                 self._datagram(data, addr, at)
             except Exception:  # last line of defence: the loop must keep serving
-                self._internal_error("?", (addr[0], addr[1]))
+                self._refusals.internal_error("?", (addr[0], addr[1]))
             if i < count and time.perf_counter() > deadline:
                 self._read = i
                 return False
@@ -279,21 +270,8 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         if not self._decoded:
             self._decoded = True
             if self._positions > self._max_run:
-                self._skip_superseded()
+                skip_superseded(self._actions)
         return True
-
-    def _skip_superseded(self) -> None:
-        """Behind: blank out every position that a newer one from the same sender and voice in this batch supersedes."""
-        actions = self._actions
-        seen: set[tuple[Endpoint, int | None]] = set()
-        for i in range(len(actions) - 1, -1, -1):
-            action = actions[i]
-            if type(action) is _Position:
-                key = (action.sender, action.voice)
-                if key in seen:
-                    actions[i] = None
-                else:
-                    seen.add(key)
 
     def _apply(self, deadline: float) -> bool:
         """Apply the decoded actions in order; False if the budget ran out first."""
@@ -321,7 +299,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
     # --- one datagram, one message ---
 
     def _datagram(self, data: bytes, addr: Address, at: float) -> None:
-        if self._allow and not self._is_allowed(addr[0]):
+        if self._allow and not self._allow.allows(addr[0]):
             self.stats.denied += 1
             return
         self.stats.received += 1
@@ -333,7 +311,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         elif is_bundle(data):
             self._bundle(data, sender, at)
         else:
-            self._reject(peek_address(data), "not an OSC message or bundle", sender)
+            self._refusals.reject(peek_address(data), "not an OSC message or bundle", sender)
 
     def _bundle(self, data: bytes, sender: Endpoint, at: float) -> None:
         capped = False
@@ -342,13 +320,13 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         except BundleTooLarge as exc:
             packets, capped = exc.messages, True
         except ValueError as exc:
-            self._reject("#bundle", f"malformed OSC bundle: {exc}", sender)
+            self._refusals.reject("#bundle", f"malformed OSC bundle: {exc}", sender)
             return
         for packet in packets:
             self._message(packet, sender, at)
         if capped:
             self.stats.bundles_capped += 1
-            self._reject("#bundle", f"a bundle may carry at most {self._max_bundle} messages; the rest were refused",
+            self._refusals.reject("#bundle", f"a bundle may carry at most {self._max_bundle} messages; the rest were refused",
                          sender)
 
     def _message(self, packet: bytes, sender: Endpoint, at: float) -> None:
@@ -360,12 +338,12 @@ class OscServerProtocol(asyncio.DatagramProtocol):
                 logger.debug("undecodable OSC message from %s: %r", sender, exc)
                 problem = "undecodable message"
         if problem is not None:
-            self._reject(peek_address(packet), f"malformed OSC message: {problem}", sender)
+            self._refusals.reject(peek_address(packet), f"malformed OSC message: {problem}", sender)
             return
         path = message.address
         handler = self._lookup.get(path)
         if handler is None:
-            self._reject(path, self._unknown, sender)
+            self._refusals.reject(path, self._unknown, sender)
             return
         if handler.performer:
             self._position(handler, message.params, sender, at)
@@ -373,7 +351,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         limit = self._limits.get(path)
         if limit is not None and not limit.allow(sender):
             self.stats.rate_limited += 1
-            self._reject(path, f"too many requests: at most {handler.max_rate:g} per second", sender)
+            self._refusals.reject(path, f"too many requests: at most {handler.max_rate:g} per second", sender)
             return
         self._actions.append(_Control(handler, message.params, sender, at))
 
@@ -383,9 +361,9 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         try:
             position = handler.invoke(self._request(sender, at), params)
         except ControlError as exc:
-            self._reject(path, str(exc) or "refused", sender)
+            self._refusals.reject(path, str(exc) or "refused", sender)
         except Exception:
-            self._internal_error(path, sender)
+            self._refusals.internal_error(path, sender)
         else:
             if position is None:
                 self.stats.handled += 1
@@ -394,15 +372,15 @@ class OscServerProtocol(asyncio.DatagramProtocol):
                 self._positions += 1
 
     def _request(self, sender: Endpoint, at: float) -> Request:
-        return Request(self.controls, self.output, self.stats, sender, self._counters, at, self._reply_error)
+        return Request(self.controls, self.output, self.stats, sender, self._counters, at, self._refusals.reply)
 
     def _perform(self, p: _Position) -> None:
         try:
             self.controls.perform(p.x, p.y, p.at, p.voice, p.sender)
         except ControlError as exc:
-            self._reject(p.path, str(exc) or "refused", p.sender)
+            self._refusals.reject(p.path, str(exc) or "refused", p.sender)
         except Exception:
-            self._internal_error(p.path, p.sender)
+            self._refusals.internal_error(p.path, p.sender)
         else:
             self.stats.handled += 1
 
@@ -411,78 +389,25 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         try:
             c.handler.invoke(self._request(c.sender, c.at), c.params)
         except ControlError as exc:
-            self._reject(path, str(exc) or "refused", c.sender)
+            self._refusals.reject(path, str(exc) or "refused", c.sender)
         except Exception:
-            self._internal_error(path, c.sender)
+            self._refusals.internal_error(path, c.sender)
         else:
             self.stats.handled += 1
 
-    # --- refusals ---
-
-    def _internal_error(self, path: str, sender: Endpoint) -> None:
-        self.stats.internal_errors += 1
-        count = self.stats.internal_errors
-        if count <= _LOGGED_ERRORS or count % 1000 == 0:  # a broken engine must not flood the log
-            logger.exception("internal error handling %s from %s (#%d)", path, sender, count)
-        self._reply_error(path, "internal error", sender)
-
-    def _reject(self, path: str, reason: str, sender: Endpoint) -> None:
-        self.stats.rejected += 1
-        logger.debug("rejected %s from %s: %s", path, sender, reason)
-        self._reply_error(path, reason, sender)
-
-    def _reply_error(self, path: str, reason: str, sender: Endpoint) -> None:
-        """Send `/error <path> <reason>` unless the sender's error budget is spent; never reveals server paths."""
-        if self._error_limit.allow(sender):
-            self.output.send_error(sender, path, sanitise_reason(reason, self._addresses))
-        else:
-            self.stats.errors_suppressed += 1
-
-    def _is_allowed(self, host: str) -> bool:
-        verdict = self._allowed.get(host)
-        if verdict is None:
-            verdict = _in_networks(host, self._allow)
-            if len(self._allowed) >= _MAX_ALLOW_CACHE:
-                self._allowed.clear()
-            self._allowed[host] = verdict
-        return verdict
 
 
-def sanitise_reason(reason: str, keep: frozenset[str] = frozenset()) -> str:
-    """`reason` with every absolute path (POSIX or Windows) cut to its last component; paths in `keep` stay.
-
-    The last line of defence for `/error`: whatever an engine error says, a client
-    never learns where the server keeps its files. OSC addresses look like paths, so
-    the server's own (`keep`) are left alone.
-    """
-    if "/" not in reason and "\\" not in reason:
-        return reason
-
-    def last_part(match: re.Match[str]) -> str:
-        text = match.group(0)
-        if text in keep:
-            return text
-        parts = [part for part in _SEPARATORS.split(text) if part]
-        return parts[-1] if parts else ""
-
-    def quoted(match: re.Match[str]) -> str:
-        quote, text = match.group(1), match.group(2)
-        parts = [part for part in _SEPARATORS.split(text) if part]
-        if text in keep or len(parts) < 2:  # one part ("/etc") names no place on this machine
-            return match.group(0)
-        return f"{quote}{parts[-1]}{quote}"
-
-    return _BARE_PATH.sub(last_part, _QUOTED_PATH.sub(quoted, reason))
-
-
-def _in_networks(host: str, networks: Sequence[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])  # drop an IPv6 zone id
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # a dual-stack socket reports IPv4 senders as ::ffff:a.b.c.d
-    return any(ip in net for net in networks)
+def skip_superseded(actions: list[_Action]) -> None:
+    """Behind: blank out every position that a newer one from the same sender and voice in this batch supersedes."""
+    seen: set[tuple[Endpoint, int | None]] = set()
+    for i in range(len(actions) - 1, -1, -1):
+        action = actions[i]
+        if type(action) is _Position:
+            key = (action.sender, action.voice)
+            if key in seen:
+                actions[i] = None
+            else:
+                seen.add(key)
 
 
 async def start_osc(
@@ -547,30 +472,6 @@ def push_status(loop: asyncio.AbstractEventLoop, controls: Controls, protocol: O
             pusher.start() if active else pusher.stop()
 
     streams.on_change = changed
-
-
-def exposure_warning(sockname: Address, allow: Sequence[Network] = ()) -> str | None:
-    """Why listening on `sockname` (the bound address) deserves a warning, or None for loopback.
-
-    Judged from the address actually bound, so a host name or `0.0.0.0` is seen for
-    what it is.
-    """
-    host = str(sockname[0]).split("%", 1)[0]
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip is not None and ip.is_loopback:
-        return None
-    where = "every interface" if ip is not None and ip.is_unspecified else host
-    if allow:
-        return (f"OSC is listening on {where}, not only this machine; "
-                f"accepting senders in {', '.join(map(str, allow))} only")
-    return (f"OSC is listening on {where}, not only this machine: anyone who can reach it can play "
-            "and steer the server; limit senders with --allow CIDR")
 
 
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, family: int) -> Endpoint:
