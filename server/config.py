@@ -25,7 +25,7 @@ from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS
-from server.osc.protocol import Network
+from server.osc.allow import Network
 
 Endpoint = tuple[str, int]
 
