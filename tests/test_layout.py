@@ -110,3 +110,52 @@ def test_the_top_of_the_package_is_small():
     assert len(top) <= 8, top
     for sub in ("model", "learn", "live", "osc", "midi", "tools"):
         assert (PACKAGE / sub / "__init__.py").is_file(), sub
+
+
+MAX_CLASS_LINES = 300  # a class a newcomer can read in one sitting
+
+
+def long_classes(source: str, limit: int = MAX_CLASS_LINES) -> list[str]:
+    """The classes in ``source`` longer than ``limit`` lines, with their length."""
+    return [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"  # type: ignore[operator]
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef)
+            and node.end_lineno - node.lineno + 1 > limit]  # type: ignore[operator]
+
+
+def engine_assignments(source: str) -> list[int]:
+    """Lines that assign to an attribute of something named `engine` (`engine.x = ...`, `engine.a.b += ...`)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for part in (target.elts if isinstance(target, ast.Tuple) else [target]):
+                base = part
+                while isinstance(base, (ast.Attribute, ast.Subscript)):
+                    base = base.value
+                if part is not base and isinstance(base, ast.Name) and base.id == "engine":
+                    lines.append(node.lineno)
+    return lines
+
+
+def test_the_checks_find_what_they_look_for():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_CLASS_LINES))
+    assert long_classes(f"class Big:\n{body}\n") == [f"Big ({MAX_CLASS_LINES + 1} lines)"]
+    assert long_classes("class Small:\n    x = 1\n") == []
+    assert engine_assignments("engine.sinks = []\nengine.watch.rate += 1\nx = engine.counts\n"
+                              "engine.counts['x'] = 1\na, engine.b = 1, 2\n") == [1, 2, 4, 5]
+
+
+def test_no_class_in_the_server_is_over_300_lines():
+    offenders = {str(p.relative_to(REPO)): found for p in PACKAGE.rglob("*.py")
+                 if (found := long_classes(p.read_text(encoding="utf-8")))}
+    assert offenders == {}
+
+
+def test_nothing_outside_live_assigns_to_an_engine():
+    """The engine is built with its outputs, streams, status sources and learner: nobody wires it afterwards."""
+    files = [p for p in (*PACKAGE.rglob("*.py"), *(REPO / "tests").glob("*.py"))
+             if (PACKAGE / "live") not in p.parents]
+    offenders = {str(p.relative_to(REPO)): lines for p in files
+                 if (lines := engine_assignments(p.read_text(encoding="utf-8")))}
+    assert offenders == {}
