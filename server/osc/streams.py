@@ -1,8 +1,8 @@
 """Subscribable streams of what the model thinks: who gets `/mixture`, `/surprise` and pushed `/status`.
 
-A stream nobody subscribes to costs nothing: `on_change` tells the app when a stream
-gains its first subscriber or loses its last, so the engine computes a stream only
-while someone listens. Each destination's messages on a stream are rate-capped, so a
+A stream nobody subscribes to costs nothing: the engine asks (`active`, through
+`server.osc.sink.OscSink.wants`) before it computes one, and `on_change` starts the
+status push when `status` gains its first subscriber and stops it when it loses its last. Each destination's messages on a stream are rate-capped, so a
 subscriber cannot turn the server into a flood source, and each stream holds at most
 `MAX_DESTINATIONS` subscribers.
 
