@@ -15,8 +15,12 @@ from typing import Callable
 
 from server.config import as_flag, at_least, positive
 from server.learn.data import DT_MAX, DatasetError
+from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.model.files import DEFAULT_MODELS_DIR, check_model_name
 from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
+from server.monitor import DEFAULT_HOST as MONITOR_HOST
+from server.monitor import DEFAULT_PORT as MONITOR_PORT
+from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,12 +105,13 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--include-model", action="store_true",
                    help="from logs, also the model's own events (default: the performer's only)")
     p.add_argument("--out", type=_output_file, default=Path("datasets/performances.npz"))
-    p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help="clip dt to this many seconds (default 5)")
+    p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help=f"clip dt to this many seconds (default {DT_MAX:g})")
 
 
 @command("dataset", "build a training dataset from performance logs and/or MIDI files")(_dataset_args)
 def cmd_dataset(args: argparse.Namespace) -> int:
     from server.learn.data import Dataset, dataset_from_logs, save_dataset
+    from server.learn.train import TrainConfig
 
     if not args.paths and not args.midi:
         raise DatasetError("give performance logs or folders, and/or --midi PATH...")
@@ -122,9 +127,10 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         perfs += tracks
     ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
-    short = sum(1 for p in ds.performances if len(p) < 51)
+    window = TrainConfig().sequence_length  # a window is this many inputs and their next events
+    short = sum(1 for p in ds.performances if len(p) < window + 1)
     print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances"
-          + (f" ({short} shorter than a training window of 50 events: they train padded)" if short else ""))
+          + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
     return 0
 
 
@@ -253,7 +259,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-@command("run", "serve a model over OSC (defaults: models/default, listen 127.0.0.1:5710, send to :5711)")(_run_args)
+@command("run", f"serve a model over OSC (defaults: models/default, listen {DEFAULT_HOST}:{DEFAULT_PORT}, "
+                f"send to :{DEFAULT_SEND_PORT})")(_run_args)
 def cmd_run(args: argparse.Namespace) -> int:
     from server.app import StartupError, serve
     from server.config import ConfigError, resolve_run_config
@@ -272,7 +279,8 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="the model to fine-tune: a name under --models-dir, or a folder")
     p.add_argument("--log", nargs="+", type=Path, required=True, metavar="PATH",
                    help="performance logs (logs/*.csv) or folders of them: the performer's events are learnt")
-    p.add_argument("--seconds", type=_positive_float, default=60.0, help="time budget (default 60)")
+    p.add_argument("--seconds", type=_positive_float, default=DEFAULT_LEARN_SECONDS,
+                   help=f"time budget (default {DEFAULT_LEARN_SECONDS:g})")
     p.add_argument("--name", default=None, help="the new model's folder name (default: <model>-learn-<time>)")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
@@ -287,15 +295,15 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
                   "on the last phrases held out")(_learn_args)
 def cmd_learn(args: argparse.Namespace) -> int:
     import json
-    import time
 
     from server.learn.data import log_streams
+    from server.live.learning import learned_name
     from server.model.files import resolve_model_dir
 
     if args.background:
         _background()
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
-    name = args.name or f"{folder.name[:40]}-learn-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or learned_name(folder.name)
     try:
         check_model_name(name)
     except ValueError as e:
@@ -393,9 +401,15 @@ def cmd_soak(args: argparse.Namespace) -> int:
 
 
 def _monitor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="HTTP interface (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_int_at_least(0), default=5712, help="HTTP port (default 5712; 0 picks a free one)")
-    p.add_argument("--server", default="127.0.0.1:5710", help="HOST:PORT of the Antiphon server (default 127.0.0.1:5710)")
+    p.add_argument("--host", default=MONITOR_HOST, help=f"HTTP interface (default {MONITOR_HOST}: this machine only)")
+    p.add_argument("--port", type=_int_at_least(0), default=MONITOR_PORT,
+                   help=f"HTTP port (default {MONITOR_PORT}; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME", type=_host_name,
+                   help="a name or address browsers may use to reach the monitor (repeat for several); "
+                        "127.0.0.1, localhost, [::1] and --host (unless 0.0.0.0 or ::) are always allowed, "
+                        "any other Host header is refused (DNS rebinding)")
+    p.add_argument("--server", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
+                   help=f"HOST:PORT of the Antiphon server (default {DEFAULT_HOST}:{DEFAULT_PORT})")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the server's models are (for the model menu)")
 
 
@@ -415,7 +429,17 @@ def yield_to_the_music() -> None:
         pass
 
 
-@command("monitor", "serve the web monitor (its own process) on http://127.0.0.1:5712/, talking OSC to a running server")(_monitor_args)
+def _host_name(text: str) -> str:
+    from server.monitor.access import host_name
+
+    try:
+        return host_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@command("monitor", f"serve the web monitor (its own process) on http://{MONITOR_HOST}:{MONITOR_PORT}/, "
+                    "talking OSC to a running server")(_monitor_args)
 def cmd_monitor(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -427,7 +451,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(f"--server: {e}")
     yield_to_the_music()
-    asyncio.run(serve(args.host, args.port, server, args.models_dir))
+    asyncio.run(serve(args.host, args.port, server, args.models_dir, args.allow_host))
     return 0
 
 

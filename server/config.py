@@ -18,11 +18,12 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from server.live.engine import MAX_LOOKAHEAD
+from server.live.engine import DEFAULT_MAX_RATE, MAX_LOOKAHEAD, Settings
 from server.live.modes import MODE_NAMES, Mode, parse_mode
 from server.live.voices import DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, VOICE_POLICIES, VoicePolicy, parse_voice_policy
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
+from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS
 from server.osc.allow import Network
@@ -291,17 +292,17 @@ class RunConfig:
         f"where output goes; repeat for several (up to {MAX_DESTINATIONS}); given values replace "
         "the default; clients can also add themselves with /hello",
         "HOST:PORT", _each(_endpoint), repeat=True, default_doc=f"{DEFAULT_HOST}:{DEFAULT_SEND_PORT}"))
-    mode: Mode = field(default=Mode.ACCOMPANY, metadata=_key(
-        f"interaction mode: {', '.join(MODE_NAMES)}", "MODE", _mode, default_doc=Mode.ACCOMPANY.value))
-    temperature: float = field(default=1.0, metadata=_key(
+    mode: Mode = field(default=Settings.mode, metadata=_key(
+        f"interaction mode: {', '.join(MODE_NAMES)}", "MODE", _mode, default_doc=Settings.mode.value))
+    temperature: float = field(default=Settings.temperature, metadata=_key(
         "mixture-weight temperature (>= 0; 0 = most likely component)", "T", _non_negative))
-    sigma_temperature: float = field(default=1.0, metadata=_key(
+    sigma_temperature: float = field(default=Settings.sigma_temperature, metadata=_key(
         "scale temperature (>= 0; 0 = the component's mean)", "T", _non_negative))
-    timescale: float = field(default=1.0, metadata=_key(
+    timescale: float = field(default=Settings.timescale, metadata=_key(
         "multiplies predicted dt before scheduling (> 0)", "FACTOR", _positive))
-    max_rate: float = field(default=200.0, metadata=_key(
+    max_rate: float = field(default=DEFAULT_MAX_RATE, metadata=_key(
         "most model events per second per voice, in every mode and at any timescale (> 0)", "N", _positive))
-    threshold: float = field(default=1.5, metadata=_key(
+    threshold: float = field(default=Settings.threshold, metadata=_key(
         "seconds of performer silence before respond mode takes over (>= 0)", "SECONDS", _non_negative))
     voices: VoicePolicy = field(default=VoicePolicy.ONE, metadata=_key(
         "one (every performer shares one voice) or per-sender (each OSC sender or MIDI channel, or a voice "
@@ -311,7 +312,7 @@ class RunConfig:
         "most voices playing at once when voices is per-sender (1-128)", "N", _int_in(1, 128, "voice count")))
     voice_timeout: float = field(default=DEFAULT_VOICE_TIMEOUT, metadata=_key(
         "seconds without a performer event after which a voice is forgotten (> 0)", "SECONDS", _positive))
-    lookahead: float = field(default=0.0, metadata=_key(
+    lookahead: float = field(default=Settings.lookahead, metadata=_key(
         "send each model event this many seconds early, as an OSC bundle timetagged with its time "
         f"(0-{MAX_LOOKAHEAD:g}; 0 = plain messages when due)", "SECONDS", _lookahead))
     log_dir: Path = field(default=Path("logs"), metadata=_key(
@@ -351,7 +352,7 @@ class RunConfig:
     monitor: bool = field(default=False, metadata=_key(
         "also start the web monitor (its own process) on monitor_port; the bare flag means yes", "yes/no",
         _switch, const=True, default_doc="no"))
-    monitor_port: int = field(default=5712, metadata=_key(
+    monitor_port: int = field(default=MONITOR_PORT, metadata=_key(
         "HTTP port of the web monitor (loopback only; 0 = any free port)", "PORT", _port))
 
 

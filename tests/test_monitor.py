@@ -1,6 +1,11 @@
 """The web monitor (`python -m server monitor`): its own process, a real server, a real browser.
 
-- Validation: only the control addresses, typed and in range, become OSC (no browser needed).
+- Validation: only the control addresses become OSC, checked by the server's own
+  handlers and limits (the same reasons as the server's `/error`); no browser needed.
+- HTTP and WebSocket on loopback (aiohttp's test server, the monitor's own app): a Host
+  not on the allow-list is refused (DNS rebinding), a WebSocket from another Origin is
+  refused, malformed JSON is answered with an error and the connection goes on, and
+  controls are rate-limited per connection, at the limit's edge, on a frozen clock.
 - In headless Chromium (Debian's, driven by Playwright): the page loads with no console
   errors and shows the server's status; gestures sent to the server change the canvas
   (the model's trail and the predicted density); the mode select and the temperature
@@ -13,17 +18,29 @@ CI (env CI set), where they fail: CI installs chromium from .ci/apt-packages.txt
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from live import REPO, OscPeer, start_server
-from server.monitor.controls import ControlError, validate
+from server.live.controls import ControlError
+from server.live.learning import MAX_SECONDS
+from server.live.modes import MODE_NAMES
+from server.monitor.access import allowed_hosts, host_allowed, origin_allowed
+from server.monitor.app import CONTROLS_PER_SECOND, Monitor
+from server.monitor.controls import validate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -37,13 +54,20 @@ MODELS = REPO / "models"
 @pytest.mark.parametrize("message, expected", [
     ({"address": "/mode", "args": ["generate"]}, ("/mode", ["generate"])),
     ({"address": "/temperature", "args": [0.5]}, ("/temperature", [0.5])),
+    ({"address": "/temperature", "args": [50]}, ("/temperature", [50.0])),  # the server has no upper limit
+    ({"address": "/temperature", "args": [0.5, 1]}, ("/temperature", [0.5, 1])),  # one voice's, as over OSC
     ({"address": "/sigma_temperature", "args": [0]}, ("/sigma_temperature", [0.0])),
     ({"address": "/timescale", "args": [0.01]}, ("/timescale", [0.01])),
+    ({"address": "/timescale", "args": [1e9]}, ("/timescale", [1e9])),  # no cap the server does not have
+    ({"address": "/timescale", "args": [1e-6]}, ("/timescale", [1e-6])),
     ({"address": "/pause", "args": [1]}, ("/pause", [1])),
+    ({"address": "/pause", "args": [0.0]}, ("/pause", [0])),  # an integral float is an int, as from Pd
     ({"address": "/reset"}, ("/reset", [])),
     ({"address": "/model", "args": ["default"]}, ("/model", ["default"])),
     ({"address": "/learn", "args": []}, ("/learn", [])),
     ({"address": "/learn", "args": [30]}, ("/learn", [30.0])),
+    ({"address": "/learn", "args": [MAX_SECONDS]}, ("/learn", [MAX_SECONDS])),
+    ({"address": "/learn", "args": [0.5]}, ("/learn", [0.5])),
     ({"address": "/learn/stop", "args": []}, ("/learn/stop", [])),
 ])
 def test_valid_controls_become_osc(message, expected):
@@ -52,17 +76,35 @@ def test_valid_controls_become_osc(message, expected):
 
 @pytest.mark.parametrize("message", [
     None, [], "x", {"address": "/gesture", "args": [0.5, 0.5]}, {"address": "/hello", "args": []},
-    {"address": "/mode", "args": ["dance"]}, {"address": "/mode", "args": []},
+    {"address": ["/mode"]}, {"address": "/mode", "args": ["dance"]}, {"address": "/mode", "args": []},
     {"address": "/temperature", "args": ["1"]}, {"address": "/temperature", "args": [-1]},
-    {"address": "/temperature", "args": [float("nan")]}, {"address": "/temperature", "args": [True]},
-    {"address": "/timescale", "args": [0]}, {"address": "/timescale", "args": [1e9]},
-    {"address": "/pause", "args": [2]}, {"address": "/pause", "args": [0.5]}, {"address": "/reset", "args": [1]},
+    {"address": "/temperature", "args": [float("nan")]}, {"address": "/temperature", "args": [float("inf")]},
+    {"address": "/temperature", "args": [True]}, {"address": "/pause", "args": [False]},
+    {"address": "/temperature", "args": [None]}, {"address": "/temperature", "args": [[1.0]]},
+    {"address": "/temperature", "args": [10 ** 400]}, {"address": "/temperature", "args": [1 << 63]},
+    {"address": "/timescale", "args": [0]}, {"address": "/timescale", "args": [-1e-9]},
+    {"address": "/pause", "args": [2]}, {"address": "/pause", "args": [0.5]}, {"address": "/reset", "args": [0.5]},
     {"address": "/model", "args": ["../etc"]}, {"address": "/model", "args": ["no-such-model"]},
-    {"address": "/learn", "args": [0]}, {"address": "/temperature", "args": [1, 2]}, {"address": "/reset", "args": "x"},
+    {"address": "/learn", "args": [0]}, {"address": "/learn", "args": [MAX_SECONDS + 0.001]},
+    {"address": "/temperature", "args": [1, 2, 3]}, {"address": "/reset", "args": "x"},
 ])
 def test_invalid_controls_are_refused(message):
     with pytest.raises(ControlError):
         validate(message, MODELS)
+
+
+@pytest.mark.parametrize("address, args", [
+    ("/temperature", [-1.0]), ("/timescale", [0.0]), ("/mode", ["dance"]), ("/pause", [2]),
+    ("/learn", [MAX_SECONDS + 1]), ("/temperature", [1.0, 2.0, 3.0]), ("/model", ["../etc"]),
+])
+def test_the_monitor_refuses_with_the_servers_own_reason(server, peer, address, args):
+    """One rule, one home: the monitor's reason is word for word the running server's `/error` for the same OSC."""
+    with pytest.raises(ControlError) as refused:
+        validate({"address": address, "args": args}, MODELS)
+    peer.drain(0.05)
+    peer.send(address, *args)
+    errors = peer.receive(3.0, "/error", count=1)
+    assert errors and errors[0][2] == [address, str(refused.value)]
 
 
 def test_monitor_imports_no_tensorflow_nor_learn():
@@ -70,6 +112,200 @@ def test_monitor_imports_no_tensorflow_nor_learn():
             "('tensorflow', 'keras', 'tf_keras') or m.startswith('server.learn')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- HTTP and WebSocket on loopback
+
+
+def test_the_allow_list_is_loopback_and_the_bound_host_unless_a_wildcard():
+    assert allowed_hosts(5712) == {("127.0.0.1", 5712), ("localhost", 5712), ("[::1]", 5712)}
+    assert allowed_hosts(5712, ["0.0.0.0"]) == allowed_hosts(5712, ["::", ""]) == allowed_hosts(5712)
+    assert {("studio.local", 5712), ("192.168.1.5", 5712)} < allowed_hosts(5712, ["studio.local", "192.168.1.5"])
+    assert ("studio.local", 80) in allowed_hosts(80, ["0.0.0.0"], ["Studio.Local"])
+    hosts = allowed_hosts(5712)
+    assert host_allowed("LOCALHOST:5712", hosts) and host_allowed("[0:0::1]:5712", hosts)
+    for bad in (None, "", "127.0.0.1", "127.0.0.1:5713", "evil.example:5712", "x@127.0.0.1:5712", "127.1:5712"):
+        assert not host_allowed(bad, hosts), bad
+    assert host_allowed("studio.local", allowed_hosts(80, ["0.0.0.0"], ["studio.local"]))  # port 80 goes unsaid
+    assert origin_allowed(None, hosts) and origin_allowed("http://localhost:5712", hosts)
+    for bad in ("null", "https://127.0.0.1:5712", "http://evil.example:5712", "http://127.0.0.1:5713", "file://"):
+        assert not origin_allowed(bad, hosts), bad
+
+
+class Clock:
+    """A clock that moves only when told: the rate limit's edge, exactly."""
+
+    def __init__(self) -> None:
+        self.now = 0.0  # from 0, so 1/50 s later is exactly 0.02 (no rounding at the edge)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Served:
+    """A Monitor's own app on a real loopback HTTP port; what its bridge would send to the server is recorded."""
+
+    def __init__(self, monitor: Monitor, http: TestServer, session: aiohttp.ClientSession, clock: Clock) -> None:
+        self.monitor, self.http, self.session, self.clock = monitor, http, session, clock
+        self.sent: list[tuple[str, list]] = []
+        monitor.bridge.send = lambda address, args=None: self.sent.append((address, list(args or [])))
+        self.port = http.port
+        self.url = f"http://127.0.0.1:{http.port}"
+
+    def headers(self, host: str | None = None, origin: str | None = None) -> dict[str, str]:
+        out = {"Host": host or f"127.0.0.1:{self.port}"}
+        if origin is not None:
+            out["Origin"] = origin
+        return out
+
+    async def page(self, path: str = "/", **kw: str) -> int:
+        async with self.session.get(self.url + path, headers=self.headers(**kw)) as r:
+            return r.status
+
+    async def ws(self, **kw: str) -> aiohttp.ClientWebSocketResponse:
+        return await self.session.ws_connect(self.url + "/ws", headers=self.headers(**kw))
+
+
+@contextlib.asynccontextmanager
+async def served(bind: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> AsyncIterator[Served]:
+    clock = Clock()
+    monitor = Monitor(("127.0.0.1", 9), MODELS, clock=clock)
+    http = TestServer(monitor.app(), host="127.0.0.1", port=0)
+    await http.start_server()
+    monitor.listen(http.port, [bind], extra)
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Served(monitor, http, session, clock)
+    finally:
+        await http.close()
+
+
+async def reply(ws: aiohttp.ClientWebSocketResponse, kind: str = "error", seconds: float = 3.0) -> dict:
+    """The next message of type `kind` (others skipped); fails if the socket closes or none comes in time."""
+    while True:
+        msg = await asyncio.wait_for(ws.receive(), seconds)
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"the WebSocket ended: {msg}"
+        data = json.loads(msg.data)
+        if data["type"] == kind:
+            return data
+
+
+def test_an_allowed_host_and_origin_get_the_page_and_a_working_websocket():
+    async def go():
+        async with served() as s:
+            for host in (f"127.0.0.1:{s.port}", f"localhost:{s.port}", f"[::1]:{s.port}"):
+                assert await s.page(host=host) == 200, host
+                assert await s.page("/static/monitor.js", host=host) == 200, host
+                ws = await s.ws(host=host, origin=f"http://{host}")
+                assert (await reply(ws, "modes"))["names"] == list(MODE_NAMES)  # the server's list, for the menu
+                await ws.send_str(json.dumps({"address": "/temperature", "args": [0.5]}))
+                await ws.send_str("{")  # an error reply marks that the control before it was handled
+                await reply(ws)
+                await ws.close()
+            assert s.sent == [("/temperature", [0.5])] * 3
+            ws = await s.ws()  # no Origin: not a browser, judged by its Host
+            await ws.send_str(json.dumps({"address": "/mode", "args": ["listen"]}))
+            await ws.send_str("{")
+            await reply(ws)
+            assert s.sent[-2:] == [("/mode", ["listen"]), ("/status", [])]
+
+    asyncio.run(go())
+
+
+def test_a_websocket_from_another_origin_is_refused():
+    async def go():
+        async with served() as s:
+            for origin in ("http://evil.example", f"http://evil.example:{s.port}", f"https://127.0.0.1:{s.port}",
+                           f"http://127.0.0.1:{s.port + 1}", "null"):
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await s.ws(origin=origin)
+                assert refused.value.status == 403, origin
+            assert s.sent == []
+
+    asyncio.run(go())
+
+
+def test_a_host_not_on_the_list_gets_403_on_the_page_and_the_websocket_even_with_a_matching_origin():
+    async def go():
+        async with served() as s:
+            for host in (f"evil.example:{s.port}", f"127.0.0.1:{s.port + 1}", "127.0.0.1", f"127.1:{s.port}"):
+                assert await s.page(host=host, origin=f"http://{host}") == 403, host
+                assert await s.page("/static/monitor.js", host=host) == 403, host
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await s.ws(host=host, origin=f"http://{host}")
+                assert refused.value.status == 403, host
+            assert s.sent == []
+
+    asyncio.run(go())
+
+
+def test_a_wildcard_bind_allows_loopback_and_the_allow_host_names_only():
+    async def go():
+        async with served(bind="0.0.0.0", extra=("studio.local",)) as s:
+            assert await s.page(host=f"studio.local:{s.port}") == 200
+            assert await s.page(host=f"localhost:{s.port}") == 200
+            assert await s.page(host=f"0.0.0.0:{s.port}") == 403
+            assert await s.page(host=f"tablet.local:{s.port}") == 403
+
+    asyncio.run(go())
+
+
+DEEP = 2000  # brackets: past Python's recursion limit, inside the 4 KB message limit
+BAD_JSON = {
+    "a huge integer": '{"address": "/temperature", "args": [1' + "0" * 400 + "]}",
+    "a huge integer for an int": '{"address": "/pause", "args": [-1' + "0" * 400 + "]}",
+    "deep nesting": '{"address": "/temperature", "args": ' + "[" * DEEP + "]" * DEEP + "}",
+    "deep nesting at the top": "[" * DEEP + "]" * DEEP,
+    "true for a number": '{"address": "/temperature", "args": [true]}',
+    "false for an int": '{"address": "/pause", "args": [false]}',
+    "not JSON": "{address: /temperature}",
+    "not a control": '"hello"',
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_JSON))
+def test_bad_json_is_an_error_reply_and_the_connection_and_server_go_on(name, caplog):
+    async def go():
+        async with served() as s:
+            ws = await s.ws(origin=s.url)
+            await ws.send_str(BAD_JSON[name])
+            assert (await reply(ws))["reason"]
+            await ws.send_str(json.dumps({"address": "/temperature", "args": [0.25]}))
+            await ws.send_str("{")
+            await reply(ws)  # the same connection goes on...
+            assert s.sent == [("/temperature", [0.25])]
+            assert await s.page() == 200  # ...and so does the server
+            await ws.close()
+
+    with caplog.at_level(logging.DEBUG):
+        asyncio.run(go())
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+def test_controls_are_rate_limited_per_connection_at_the_limits_edge():
+    burst = int(CONTROLS_PER_SECOND)
+    control = json.dumps({"address": "/temperature", "args": [0.5]})
+
+    async def go():
+        async with served() as s:
+            ws = await s.ws(origin=s.url)
+            for _ in range(burst):
+                await ws.send_str(control)
+            await ws.send_str(control)  # one past the burst, at the same instant
+            assert "too many controls" in (await reply(ws))["reason"]
+            assert len(s.sent) == burst
+            s.clock.now += 1 / CONTROLS_PER_SECOND  # time for exactly one more
+            await ws.send_str(control)
+            await ws.send_str(control)
+            assert "too many controls" in (await reply(ws))["reason"]
+            assert len(s.sent) == burst + 1
+            other = await s.ws(origin=s.url)  # another connection has its own budget
+            await other.send_str(control)
+            await other.send_str("{")
+            assert "JSON" in (await reply(other))["reason"]
+            assert len(s.sent) == burst + 2
+
+    asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- processes
@@ -194,6 +430,7 @@ def test_page_loads_without_console_errors_and_shows_status(page):
     assert wait_for(lambda: page.text_content("#link") == "live"), "the link badge is not live"
     assert page.eval_on_selector_all("#c-model option", "os => os.map(o => o.value)") == sorted(
         p.name for p in MODELS.iterdir() if (p / "model.json").is_file())
+    assert page.eval_on_selector_all("#c-mode option", "os => os.map(o => o.value)") == list(MODE_NAMES)
     assert page.errors == []
 
 

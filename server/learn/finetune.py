@@ -23,8 +23,7 @@ import numpy as np
 
 from server.learn.data import Dataset, DatasetError
 from server.learn.train import TrainConfig, _info, _windows, build_for, fit_within
-
-MIN_EVENTS = 100  # performer events a fine-tune needs: fewer say too little to learn from or judge by
+from server.live.learning import MIN_EVENTS  # the stage refuses /learn with fewer; this checks the log again
 PHRASE_GAP = 1.0  # seconds of silence that end a phrase
 HOLD_OUT = 0.2  # of the events, the last phrases, held out to judge the new model
 FINE_TUNE_LEARNING_RATE = 3e-3

@@ -25,7 +25,7 @@ from functools import cached_property
 
 import numpy as np
 
-DT_OFFSET = 0.01  # seconds; keeps log(dt) finite for simultaneous events
+DT_OFFSET = 0.001  # seconds in log(dt + offset): finite for simultaneous events; beat 0.01 by 0.17 nats/event (touch corpus)
 GRID_CANDIDATES = (64, 100, 127, 128, 255, 256, 1000)  # steps per unit, coarsest first
 GRID_TOLERANCE = 1e-3  # in steps: float32 storage of k/128 is exact, of k/127 within ~1e-5
 MIN_SCALE = 1e-3

@@ -1,8 +1,12 @@
 """The monitor's web side: an aiohttp app serving the page and a WebSocket per browser.
 
-Each WebSocket has a bounded send queue: when a browser is slow or gone, messages to
-it are dropped, never waited for. Browser messages are validated (`controls.validate`)
-before they become OSC to the server.
+Every request must name an allowed Host, and a WebSocket's Origin must be the page's
+own (`access`: the defence against DNS rebinding and other sites' pages). Each
+WebSocket has a bounded send queue: when a browser is slow or gone, messages to it
+are dropped, never waited for. What a browser sends is taken at most
+`CONTROLS_PER_SECOND` times a second per connection, then checked by the server's own
+rules (`controls.validate`) before it becomes OSC; anything refused, malformed JSON
+included, is answered with an error message, and the connection goes on.
 """
 
 from __future__ import annotations
@@ -11,29 +15,38 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
+from server.live.controls import ControlError
+from server.live.modes import MODE_NAMES
 from server.model.files import available_models
+from server.monitor import DEFAULT_HOST
+from server.monitor.access import HostPort, allowed_hosts, host_allowed, is_wildcard, origin_allowed
 from server.monitor.bridge import Bridge
-from server.monitor.controls import ControlError, validate
+from server.monitor.controls import CONTROLS, validate
+from server.osc.ratelimit import TokenBuckets
 
 STATIC = Path(__file__).resolve().parent / "static"
 QUEUE_SIZE = 256
 MODELS_REFRESH_S = 5.0
+CONTROLS_PER_SECOND = 50.0  # per WebSocket, after a burst of as many: a slider sends 10 a second
+MAX_MESSAGE = 4096  # bytes in one browser message; a control is tens
 CSP = "default-src 'self'; img-src 'self' data:; connect-src 'self'; style-src 'self'; script-src 'self'"
 
 
 class Client:
     """One browser WebSocket and its bounded outgoing queue."""
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+    def __init__(self, ws: web.WebSocketResponse, clock: Callable[[], float] = time.monotonic) -> None:
         self.ws = ws
         self.queue: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.dropped = 0
+        self.controls = TokenBuckets(CONTROLS_PER_SECOND, CONTROLS_PER_SECOND, max_keys=1, clock=clock)
 
     def offer(self, text: str) -> None:
         """Queue a message, or drop it when the queue is full."""
@@ -56,15 +69,22 @@ class Client:
 class Monitor:
     """The bridge, the connected browsers and the HTTP routes."""
 
-    def __init__(self, server: tuple[str, int], models_dir: Path) -> None:
+    def __init__(self, server: tuple[str, int], models_dir: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.models_dir = models_dir
+        self.clock = clock
         self.clients: set[Client] = set()
         self.bridge = Bridge(server, self.publish)
         self.latest: dict[str, str] = {}  # last message of each kind, replayed to a new browser
+        self.hosts: frozenset[HostPort] = frozenset()  # what a request's Host may say; none until `listen`
+        self.publish({"type": "modes", "names": list(MODE_NAMES)})
+
+    def listen(self, port: int, binds: Iterable[str], extra_hosts: Iterable[str] = ()) -> None:
+        """Allow requests that name the monitor at `port` (see `access.allowed_hosts`)."""
+        self.hosts = allowed_hosts(port, binds, extra_hosts)
 
     def publish(self, message: dict[str, Any]) -> None:
         text = json.dumps(message, separators=(",", ":"), allow_nan=False)
-        if message["type"] in ("status", "mixture", "server", "models"):
+        if message["type"] in ("status", "mixture", "server", "models", "modes"):
             self.latest[message["type"]] = text
         for client in self.clients:
             client.offer(text)
@@ -81,12 +101,11 @@ class Monitor:
         return web.FileResponse(STATIC / "index.html", headers=_headers())
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host:
+        if not origin_allowed(request.headers.get("Origin"), self.hosts):
             raise web.HTTPForbidden(text="cross-origin WebSocket refused")
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=4096)
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_MESSAGE)
         await ws.prepare(request)
-        client = Client(ws)
+        client = Client(ws, self.clock)
         for text in self.latest.values():
             client.offer(text)
         self.clients.add(client)
@@ -102,23 +121,43 @@ class Monitor:
         return ws
 
     def _control(self, client: Client, data: str) -> None:
+        if not client.controls.allow(None):
+            _refuse(client, "monitor", f"too many controls: at most {CONTROLS_PER_SECOND:g} a second")
+            return
         try:
-            address, args = validate(json.loads(data), self.models_dir)
-        except (ControlError, ValueError) as e:
-            client.offer(json.dumps({"type": "error", "address": "monitor", "reason": str(e)}))
+            message = json.loads(data)
+        except (ValueError, RecursionError):  # not JSON, a number of too many digits, or nested too deep
+            _refuse(client, "monitor", "a control is a JSON object")
+            return
+        try:
+            address, args = validate(message, self.models_dir)
+        except ControlError as e:
+            said = message.get("address") if isinstance(message, dict) else None
+            _refuse(client, said if isinstance(said, str) and said in CONTROLS else "monitor", str(e))
             return
         self.bridge.send(address, args)
         if address == "/mode" or address == "/pause" or address == "/model":
             self.bridge.send("/status")  # see the change at once
             self.bridge.polls_outstanding += 1
 
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        """Refuse every request, WebSocket upgrades included, whose Host is not the monitor's (DNS rebinding)."""
+        if not host_allowed(request.headers.get("Host"), self.hosts):
+            raise web.HTTPForbidden(text="unknown Host; run the monitor with --allow-host NAME to be reached by NAME")
+        return await handler(request)
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._guard])
         app.router.add_get("/", self.index)
         app.router.add_get("/ws", self.websocket)
         app.router.add_static("/static/", STATIC, show_index=False, follow_symlinks=False)
         app.on_response_prepare.append(_security_headers)
         return app
+
+
+def _refuse(client: Client, address: str, reason: str) -> None:
+    client.offer(json.dumps({"type": "error", "address": address, "reason": reason}))
 
 
 def _headers() -> dict[str, str]:
@@ -131,8 +170,13 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
     response.headers["Referrer-Policy"] = "no-referrer"
 
 
-async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path) -> None:
-    """Run the monitor until SIGINT or SIGTERM; prints `monitor: http://HOST:PORT/` when ready."""
+async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path,
+                allow_hosts: Iterable[str] = ()) -> None:
+    """Run the monitor until SIGINT or SIGTERM; prints `monitor: http://HOST:PORT/` when ready.
+
+    Requests must name the monitor by a loopback name, by `host` unless it is a
+    wildcard, or by one of `allow_hosts` (with the port bound).
+    """
     monitor = Monitor(server, models_dir)
     await monitor.bridge.start()
     runner = web.AppRunner(monitor.app(), access_log=None, handle_signals=False)
@@ -140,8 +184,12 @@ async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path)
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    monitor.listen(bound[1], (host, bound[0]), allow_hosts)
+    shown = DEFAULT_HOST if is_wildcard(host) else f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     print(f"monitor: http://{shown}:{bound[1]}/ (server {server[0]}:{server[1]})", flush=True)
+    if is_wildcard(host) and not allow_hosts:
+        print("monitor: listening on every interface, but only loopback names are allowed; "
+              "name this machine with --allow-host NAME (or its address) for other devices", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

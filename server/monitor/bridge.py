@@ -1,15 +1,17 @@
 """The monitor's OSC side: one UDP socket that subscribes to a server's streams and
 turns what comes back into JSON-ready dicts for the browser.
 
-Keep-alive: `/subscribe prediction|mixture|surprise|status|performer` every few seconds
-(the server may restart); the subscribed streams are rate-capped, so a busy stage costs
-the monitor little and the monitor costs the stage little. Where `/subscribe` is refused
-(an older server), it says `/hello` for predictions and polls `/status` at 4 Hz instead.
+Keep-alive: `/subscribe` to every stream the server has (`server.osc.namespace.STREAMS`)
+every few seconds (the server may restart); the subscribed streams are rate-capped, so
+a busy stage costs the monitor little and the monitor costs the stage little. Where
+`/subscribe` is refused (an older server), it says `/hello` for predictions and polls
+`/status` as often as the status stream would push it.
 
 Reading: the socket is drained once per display frame (`READ_PERIOD_S`), not on each
-datagram, so the monitor wakes 30 times a second whatever the server sends, and the
-server's sends to it wake nobody: on a two-core machine a process that wakes for every
-stream message steals the core the server is about to answer on.
+datagram, so the monitor wakes `STREAM_RATE` times a second (the frames a display
+draws, and the most any stream sends) whatever the server sends, and the server's
+sends to it wake nobody: on a two-core machine a process that wakes for every stream
+message steals the core the server is about to answer on.
 """
 
 from __future__ import annotations
@@ -24,13 +26,18 @@ from typing import Any, Callable
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-STREAMS = ("prediction", "mixture", "surprise", "status", "performer")
+from server.live.streams import STREAM_RATE
+from server.osc.namespace import STATUS_PUSH_HZ
+from server.osc.namespace import STREAMS as SERVER_STREAMS
+
+STREAMS = tuple(SERVER_STREAMS)
 KEEPALIVE_S = 5.0
-POLL_S = 0.25
+POLL_S = 1 / STATUS_PUSH_HZ  # polled as often as the status stream would push
 PUSH_STALE_S = 1.0
 CONNECTED_S = 2.5
-READ_PERIOD_S = 1 / 30  # one read of everything that came, per frame the page can draw
+READ_PERIOD_S = 1 / STREAM_RATE  # one read of everything that came, per frame the page can draw
 RECEIVE_BUFFER = 1 << 20  # a frame's worth of every stream, with room to spare
+FLOAT32_RANGE = (1.1754943508222875e-38, 3.4028234663852886e38)  # normal magnitudes OSC `f` carries
 
 Publish = Callable[[dict[str, Any]], None]
 
@@ -44,10 +51,12 @@ def parse_server(text: str) -> tuple[str, int]:
 
 
 def encode(address: str, args: list[Any]) -> bytes:
-    """One OSC message as bytes (floats as float32, ints as int32, strings as strings)."""
+    """One OSC message as bytes: floats as float32 (float64 where float32 would overflow or lose them to
+    zero; the server takes both), ints as int32 (int64 when wider), strings as strings."""
     b = OscMessageBuilder(address)
     for a in args:
-        b.add_arg(a)
+        wide = type(a) is float and a != 0.0 and not FLOAT32_RANGE[0] <= abs(a) <= FLOAT32_RANGE[1]
+        b.add_arg(a, OscMessageBuilder.ARG_TYPE_DOUBLE if wide else None)
     return b.build().dgram
 
 
@@ -192,7 +201,7 @@ class Bridge:
             await asyncio.sleep(KEEPALIVE_S)
 
     async def poll_status(self) -> None:
-        """Poll `/status` at 4 Hz while no pushed status arrives."""
+        """Poll `/status` every POLL_S while no pushed status arrives."""
         while True:
             await asyncio.sleep(POLL_S)
             if time.monotonic() - self.last_push > PUSH_STALE_S:

@@ -1,105 +1,88 @@
-"""Validation of the browser's control messages before they become OSC to the server.
+"""The browser's controls, checked by the server's own OSC handlers before they become OSC.
 
-A message is JSON `{"address": "/temperature", "args": [1.0]}`; only the addresses below
-are accepted, with typed arguments in range. Anything else raises `ControlError`.
+A control is JSON `{"address": "/temperature", "args": [1.0]}`. Only the addresses
+the page offers (`CONTROLS`) are taken. Each runs through its handler in the server's
+address table (`server.osc.namespace.TABLE`), whose signature converts the arguments
+as the OSC server does (a JSON `true` is a boolean, never a number), and whose checks
+raise the server's `ControlError` with the server's reason (the learn budget is
+`server.live.learning`'s, the modes `server.live.modes`'); the handler then calls a
+`Controls` that only checks what the engine would refuse at once (a model that is not
+there) and does nothing else. So a rule lives in one place, and the server checks
+again whatever the monitor sends, answering `/error`, which the page shows.
+
+The one check of the monitor's own is what OSC can carry: an integer beyond 64 bits
+has no OSC type.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
+from server.live.controls import ControlError
 from server.model.files import available_models
+from server.osc.namespace import TABLE, Request
 
-MODES = ("respond", "accompany", "generate", "listen")
-TEMPERATURE_MAX = 10.0
-TIMESCALE_RANGE = (0.001, 100.0)
-LEARN_SECONDS_RANGE = (1.0, 3600.0)
+CONTROLS = frozenset({"/mode", "/temperature", "/sigma_temperature", "/timescale", "/pause", "/reset", "/model",
+                      "/learn", "/learn/stop"})
+INT64 = (-(1 << 63), (1 << 63) - 1)  # OSC `h`, the widest integer OSC has
 
 OscArgs = list[float | int | str]
 
 
-class ControlError(ValueError):
-    """A browser message that must not reach the server."""
+class Checks:
+    """The engine's side of the monitor's controls: what it would refuse at once, and nothing else."""
+
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+
+    def set_temperature(self, value: float, voice: int | None = None) -> None:
+        pass
+
+    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None:
+        pass
+
+    def set_timescale(self, value: float) -> None:
+        pass
+
+    def set_mode(self, name: str, voice: int | None = None) -> None:
+        pass
+
+    def reset(self, voice: int | None = None) -> None:
+        pass
+
+    def set_paused(self, paused: bool) -> None:
+        pass
+
+    def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
+        if name not in available_models(self.models_dir):
+            raise ControlError(f"no model {name!r} in the models folder")
+
+    def learn(self, seconds: float) -> None:
+        pass
+
+    def stop_learning(self) -> None:
+        pass
 
 
-def _number(value: Any, low: float, high: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ControlError(f"{name} must be a number")
-    v = float(value)
-    if not math.isfinite(v) or not low <= v <= high:
-        raise ControlError(f"{name} must be in [{low}, {high}]")
-    return v
-
-
-def _no_args(args: list[Any], _models: Path) -> OscArgs:
-    if args:
-        raise ControlError("takes no arguments")
-    return []
-
-
-def _one(args: list[Any]) -> Any:
-    if len(args) != 1:
-        raise ControlError("takes exactly one argument")
-    return args[0]
-
-
-def _mode(args: list[Any], _models: Path) -> OscArgs:
-    value = _one(args)
-    if value not in MODES:
-        raise ControlError(f"mode must be one of {', '.join(MODES)}")
-    return [value]
-
-
-def _temperature(args: list[Any], _models: Path) -> OscArgs:
-    return [_number(_one(args), 0.0, TEMPERATURE_MAX, "temperature")]
-
-
-def _timescale(args: list[Any], _models: Path) -> OscArgs:
-    return [_number(_one(args), *TIMESCALE_RANGE, "timescale")]
-
-
-def _pause(args: list[Any], _models: Path) -> OscArgs:
-    value = _one(args)
-    if value not in (0, 1) or isinstance(value, float) and not value.is_integer():
-        raise ControlError("pause must be 0 or 1")
-    return [int(value)]
-
-
-def _model(args: list[Any], models: Path) -> OscArgs:
-    value = _one(args)
-    if not isinstance(value, str) or value not in available_models(models):
-        raise ControlError("unknown model")
-    return [value]
-
-
-def _learn(args: list[Any], _models: Path) -> OscArgs:
-    if not args:
-        return []
-    return [_number(_one(args), *LEARN_SECONDS_RANGE, "seconds")]
-
-
-RULES: dict[str, Callable[[list[Any], Path], OscArgs]] = {
-    "/mode": _mode,
-    "/temperature": _temperature,
-    "/sigma_temperature": _temperature,
-    "/timescale": _timescale,
-    "/pause": _pause,
-    "/reset": _no_args,
-    "/model": _model,
-    "/learn": _learn,
-    "/learn/stop": _no_args,
-}
+def _request(checks: Checks) -> Request:
+    """A request context for the handlers of `CONTROLS`, which use only its controls (and /model its sender)."""
+    return Request(controls=cast(Any, checks), output=cast(Any, None), stats=cast(Any, None), sender=("monitor", 0),
+                   counters=dict, at=0.0, reply_error=lambda path, reason, to: None)
 
 
 def validate(message: Any, models_dir: Path) -> tuple[str, OscArgs]:
-    """The (address, args) to send for one decoded browser message, or ControlError."""
+    """The (address, OSC args) to send for one decoded browser message, or the server's ControlError."""
     if not isinstance(message, dict):
         raise ControlError("a control is a JSON object")
     address, args = message.get("address"), message.get("args", [])
-    if not isinstance(address, str) or address not in RULES:
-        raise ControlError("unknown address")
-    if not isinstance(args, list) or len(args) > 1:
-        raise ControlError("args must be a list of at most one value")
-    return address, RULES[address](args, models_dir)
+    if not isinstance(address, str) or address not in CONTROLS:
+        raise ControlError(f"unknown control; expected one of {', '.join(sorted(CONTROLS))}")
+    if not isinstance(args, list):
+        raise ControlError("args must be a list")
+    if any(type(a) is int and not INT64[0] <= a <= INT64[1] for a in args):
+        raise ControlError("integers must fit in 64 bits (OSC has no wider number)")
+    handler = TABLE.lookup[address]
+    handler.invoke(_request(Checks(models_dir)), args)  # the server's conversion and checks; raises ControlError
+    return address, [param.convert(arg) for param, arg in zip(handler.params, args)]

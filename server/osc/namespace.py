@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from server.live.controls import ControlError, Controls
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
+from server.live.learning import check_seconds
 from server.live.modes import parse_mode
 from server.live.voices import voice_number
 from server.model.files import check_model_name
@@ -84,6 +85,12 @@ class Request(NamedTuple):
 def _at_least(name: str, value: float, low: float, *, inclusive: bool = True) -> None:
     if not (value >= low if inclusive else value > low):
         raise ControlError(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value:g}")
+
+
+def _check_port(port: int) -> None:
+    """A reply port: 1-65535, or 0 for the sender's own."""
+    if not 0 <= port <= 65535:
+        raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
 
 
 def _unit(value: float) -> float:
@@ -206,8 +213,7 @@ def hello(ctx: Request, port: int = 0) -> None:
     A full list makes room by dropping the destination of the sender quiet longest,
     never one whose sender is still sending (see `server.osc.output`).
     """
-    if not 0 <= port <= 65535:
-        raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
+    _check_port(port)
     try:
         ctx.output.add_destination((ctx.sender[0], port or ctx.sender[1]), ctx.sender, ctx.at)
     except DestinationsFull as exc:
@@ -223,8 +229,7 @@ def status(ctx: Request) -> None:
 @address("/learn", max_rate=LEARN_PER_SECOND)
 def learn(ctx: Request, seconds: float = DEFAULT_LEARN_SECONDS) -> None:
     """Fine-tune the playing model on this session's performer events for at most `seconds`; swapped in only if better."""
-    _at_least("seconds", seconds, 0.0, inclusive=False)
-    ctx.controls.learn(seconds)
+    ctx.controls.learn(check_seconds(seconds))
 
 
 @address("/learn/stop")
@@ -236,8 +241,7 @@ def learn_stop(ctx: Request) -> None:
 def _stream_target(ctx: Request, stream: str, port: int) -> tuple[str, tuple[str, int]]:
     if stream not in STREAMS:
         raise ControlError(f"unknown stream {stream!r}; expected one of {', '.join(STREAMS)}")
-    if not 0 <= port <= 65535:
-        raise ControlError(f"port must be 1-65535 (or omitted for the sender's port), got {port}")
+    _check_port(port)
     return stream, (ctx.sender[0], port or ctx.sender[1])
 
 

@@ -1,12 +1,14 @@
-"""The OSC transport's receiving side: `OscServerProtocol` and `start_osc`, which binds it.
+"""The OSC transport's receiving side: `OscServerProtocol`, `start_osc` (which binds it) and `push_status`.
 
-The namespace (one handler per address) is `server.osc.namespace`, the sending side
-`server.osc.output`, the socket reads `server.osc.udp`. Data flows one way: a datagram
-is decoded (python-osc), its arguments are checked against the handler's signature
-(see `server.osc.table`), and the handler calls `Controls`; the transport never
-touches the model. Every refusal is answered with `/error <address> <reason>` to its
-sender, rate-limited per sender, with anything that looks like an absolute server path
-cut to its last component, and nothing a client sends can raise into the event loop.
+Elsewhere in `server.osc`: the namespace (one handler per address) in `namespace`, the
+sending side in `output` (the engine's answers reach it through `sink`), the socket
+reads in `udp`, who may send in `allow`. Data flows one way: a datagram is decoded
+(python-osc), its arguments are checked against the handler's signature (see
+`server.osc.table`), and the handler calls `Controls`; the transport never touches the
+model. Every refusal is answered with `/error <address> <reason>` to its sender
+(`server.osc.refusals`: rate-limited per sender, with anything that looks like an
+absolute server path cut to its last component), and nothing a client sends can raise
+into the event loop.
 
 Bundles, nested too, are unpacked and their messages applied at once, in order:
 timetags are ignored, because the engine schedules on its own clock and a gesture

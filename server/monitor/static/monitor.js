@@ -1,6 +1,6 @@
 // Antiphon monitor page: WebSocket client, canvas drawing (<= 30 frames/s) and controls.
-// Messages in: prediction, performer, mixture, surprise, status, models, server, error, learn.
-// Messages out: {address, args} controls, validated again by the monitor process.
+// Messages in: prediction, performer, mixture, surprise, status, models, modes, server, error, learn.
+// Messages out: {address, args} controls, checked by the monitor process with the server's own rules.
 "use strict";
 
 (() => {
@@ -66,7 +66,8 @@
       $("f-surprise").textContent = m.smoothed.toFixed(2);
     },
     status: (m) => { state.status = m.values; showStatus(m.values); },
-    models: (m) => fillModels(m.names),
+    models: (m) => fillSelect("c-model", m.names, "model"),
+    modes: (m) => fillSelect("c-mode", m.names, "mode"),
     server: (m) => { $("server").textContent = `server ${m.address}`; },
     error: (m) => say(`${m.address}: ${m.reason}`, true),
     learn: (m) => say(`${m.address} ${m.args.map(fmt).join(" ")}`, false),
@@ -132,12 +133,13 @@
 
   const timescaleValue = () => Math.pow(10, Number($("c-timescale").value));
 
-  function fillModels(names) {
-    const sel = $("c-model");
+  // The model menu (the folders in models/) and the mode menu (the server's list) come from the monitor.
+  function fillSelect(id, names, key) {
+    const sel = $(id);
     const current = [...sel.options].map((o) => o.value).join("\n");
     if (current === names.join("\n")) return;
     sel.replaceChildren(...names.map((n) => { const o = document.createElement("option"); o.value = n; o.textContent = n; return o; }));
-    syncControl("c-model", "model", (v) => v);
+    syncControl(id, key, (v) => v);
   }
 
   function throttled(fn, ms) {
