@@ -26,7 +26,8 @@ from server.midi.link import MidiError, MidiLink, midi_requested, open_midi
 from server.model.files import resolve_model_dir
 from server.model.predictor import Predictor
 from server.model.spec import ModelError
-from server.osc.namespace import namespace_text
+from server.monitor.access import is_wildcard
+from server.osc.namespace import DEFAULT_HOST, namespace_text
 from server.osc.output import OscOutput
 from server.osc.protocol import start_osc
 from server.osc.sink import OscSink
@@ -138,7 +139,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
 
 def start_monitor(cfg: RunConfig, host: str, port: int) -> subprocess.Popen:
     """`run --monitor`: the web monitor in its own process (a slow browser can never touch this loop)."""
-    target = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    target = DEFAULT_HOST if is_wildcard(host) else host
     argv = [sys.executable, "-m", "server", "monitor", "--port", str(cfg.monitor_port),
             "--server", f"{target}:{port}", "--models-dir", str(cfg.models_dir)]
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL)

@@ -20,7 +20,8 @@ from typing import Any
 
 from server.live.engine import DEFAULT_MAX_RATE, MAX_LOOKAHEAD, Settings
 from server.live.modes import MODE_NAMES, Mode, parse_mode
-from server.live.voices import DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, VOICE_POLICIES, VoicePolicy, parse_voice_policy
+from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, MAX_VOICE_LIMIT, VOICE_POLICIES, VoicePolicy,
+                                parse_voice_policy)
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
@@ -309,7 +310,8 @@ class RunConfig:
         "argument, is a voice with its own memory; outputs carry the voice number)", "POLICY", _voices,
         default_doc=VoicePolicy.ONE.value))
     max_voices: int = field(default=DEFAULT_MAX_VOICES, metadata=_key(
-        "most voices playing at once when voices is per-sender (1-128)", "N", _int_in(1, 128, "voice count")))
+        f"most voices playing at once when voices is per-sender (1-{MAX_VOICE_LIMIT})", "N",
+        _int_in(1, MAX_VOICE_LIMIT, "voice count")))
     voice_timeout: float = field(default=DEFAULT_VOICE_TIMEOUT, metadata=_key(
         "seconds without a performer event after which a voice is forgotten (> 0)", "SECONDS", _positive))
     lookahead: float = field(default=Settings.lookahead, metadata=_key(

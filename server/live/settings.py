@@ -1,4 +1,4 @@
-"""The live controls' values and what each accepts: one place for the limits the OSC docs, config and engine quote."""
+"""The live controls' values and what each accepts: the one home of each rule the OSC handlers, monitor and engine apply."""
 
 from __future__ import annotations
 
@@ -28,21 +28,30 @@ class Settings:
 
 def at_least(value: float, name: str, minimum: float) -> float:
     """``value`` as a float if it is finite and >= ``minimum``; else ControlError saying so."""
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ControlError(f"{name} must be a finite number >= {minimum:g}")
+    value = _finite(value, name)
+    if not value >= minimum:
+        raise ControlError(f"{name} must be >= {minimum:g}, got {value:g}")
     return value
 
 
 def timescale(value: float) -> float:
-    value = at_least(value, "timescale", 0.0)
-    if value <= 0.0:
-        raise ControlError("timescale must be > 0")
+    """A factor on every predicted wait: > 0, or time would stop."""
+    value = _finite(value, "timescale")
+    if not value > 0.0:
+        raise ControlError(f"timescale must be > 0, got {value:g}")
     return value
 
 
 def lookahead(seconds: float) -> float:
+    """How early a model event may leave: 0 to `MAX_LOOKAHEAD` seconds."""
     seconds = at_least(seconds, "lookahead", 0.0)
     if seconds > MAX_LOOKAHEAD:
-        raise ControlError(f"lookahead must be at most {MAX_LOOKAHEAD:g} s")
+        raise ControlError(f"lookahead must be at most {MAX_LOOKAHEAD:g} s, got {seconds:g}")
     return seconds
+
+
+def _finite(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ControlError(f"{name} must be a finite number, got {value:g}")
+    return value

@@ -27,6 +27,7 @@ from server.model.spec import DIMS
 
 DEFAULT_MAX_VOICES = 16  # one per MIDI channel
 DEFAULT_VOICE_TIMEOUT = 60.0  # seconds without a performer event before a voice is forgotten
+MAX_VOICE_LIMIT = 128  # the most `max_voices` may be: each voice is a model state and timers, so bounded
 
 
 class VoicePolicy(str, Enum):
@@ -57,8 +58,8 @@ class VoiceOptions:
     timeout: float = DEFAULT_VOICE_TIMEOUT
 
     def __post_init__(self) -> None:
-        if not 1 <= self.limit <= 128:
-            raise ValueError(f"max_voices must be 1-128, got {self.limit}")
+        if not 1 <= self.limit <= MAX_VOICE_LIMIT:
+            raise ValueError(f"max_voices must be 1-{MAX_VOICE_LIMIT}, got {self.limit}")
         if not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ValueError(f"voice_timeout must be a finite number of seconds > 0, got {self.timeout}")
 

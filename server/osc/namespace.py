@@ -14,6 +14,9 @@ from server.live.controls import ControlError, Controls
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.learning import check_seconds
 from server.live.modes import parse_mode
+from server.live.settings import at_least
+from server.live.settings import lookahead as check_lookahead
+from server.live.settings import timescale as check_timescale
 from server.live.voices import voice_number
 from server.model.files import check_model_name
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
@@ -82,11 +85,6 @@ class Request(NamedTuple):
 # --- the namespace: each handler's signature is its argument spec, its docstring its doc ---
 
 
-def _at_least(name: str, value: float, low: float, *, inclusive: bool = True) -> None:
-    if not (value >= low if inclusive else value > low):
-        raise ControlError(f"{name} must be {'>=' if inclusive else '>'} {low:g}, got {value:g}")
-
-
 def _check_port(port: int) -> None:
     """A reply port: 1-65535, or 0 for the sender's own."""
     if not 0 <= port <= 65535:
@@ -130,21 +128,21 @@ def note(ctx: Request, pitch: int, velocity: int, voice: int = -1) -> Position |
 @address("/temperature")
 def temperature(ctx: Request, value: float, voice: int = -1) -> None:
     """Mixture-weight temperature (>= 0; 0 picks the most likely component); of one voice if given."""
-    _at_least("temperature", value, 0.0)
+    at_least(value, "temperature", 0.0)
     ctx.controls.set_temperature(value, voice_number(voice))
 
 
 @address("/sigma_temperature")
 def sigma_temperature(ctx: Request, value: float, voice: int = -1) -> None:
     """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean); of one voice if given."""
-    _at_least("sigma_temperature", value, 0.0)
+    at_least(value, "sigma_temperature", 0.0)
     ctx.controls.set_sigma_temperature(value, voice_number(voice))
 
 
 @address("/timescale")
 def timescale(ctx: Request, value: float) -> None:
     """Multiplies the predicted dt before scheduling (> 0)."""
-    _at_least("timescale", value, 0.0, inclusive=False)
+    check_timescale(value)
     ctx.controls.set_timescale(value)
 
 
@@ -161,14 +159,14 @@ def mode(ctx: Request, name: str, voice: int = -1) -> None:
 @address("/lookahead")
 def lookahead(ctx: Request, seconds: float) -> None:
     """Send model events this early (0-2 s) as bundles timetagged with their time; 0: plain messages when due."""
-    _at_least("lookahead", seconds, 0.0)
+    check_lookahead(seconds)
     ctx.controls.set_lookahead(seconds)
 
 
 @address("/threshold")
 def threshold(ctx: Request, seconds: float) -> None:
     """Seconds of performer silence before respond mode takes over (>= 0)."""
-    _at_least("threshold", seconds, 0.0)
+    at_least(seconds, "threshold", 0.0)
     ctx.controls.set_threshold(seconds)
 
 
