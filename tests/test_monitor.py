@@ -6,6 +6,10 @@
   not on the allow-list is refused (DNS rebinding), a WebSocket from another Origin is
   refused, malformed JSON is answered with an error and the connection goes on, and
   controls are rate-limited per connection, at the limit's edge, on a frozen clock.
+  Beyond loopback (bound to 0.0.0.0, or this machine's own address) the page and the
+  WebSocket need the run's token, and only the right one opens them; on loopback none
+  is needed. Hypothesis sends any JSON as a control: an error reply or valid OSC, never
+  a traceback, and the connection goes on.
 - In headless Chromium (Debian's, driven by Playwright): the page loads with no console
   errors and shows the server's status; gestures sent to the server change the canvas
   (the model's trail and the predicted density); the mode select and the temperature
@@ -22,25 +26,33 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+from pythonosc.osc_message import OscMessage
 
 from live import REPO, OscPeer, start_server
 from server.live.controls import ControlError
 from server.live.learning import MAX_SECONDS
 from server.live.modes import MODE_NAMES
-from server.monitor.access import allowed_hosts, host_allowed, origin_allowed
-from server.monitor.app import CONTROLS_PER_SECOND, Monitor
-from server.monitor.controls import validate
+from server.monitor.access import allowed_hosts, host_allowed, is_loopback, origin_allowed, run_token, token_allowed
+from server.monitor.app import CONTROLS_PER_SECOND, MAX_MESSAGE, Monitor
+from server.monitor.bridge import encode
+from server.monitor.controls import CONTROLS, validate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,6 +99,7 @@ def test_valid_controls_become_osc(message, expected):
     {"address": "/model", "args": ["../etc"]}, {"address": "/model", "args": ["no-such-model"]},
     {"address": "/learn", "args": [0]}, {"address": "/learn", "args": [MAX_SECONDS + 0.001]},
     {"address": "/temperature", "args": [1, 2, 3]}, {"address": "/reset", "args": "x"},
+    {"address": "/sigma_temperature", "args": [0.0, 1e300]},  # a float the server makes an int too wide for OSC
 ])
 def test_invalid_controls_are_refused(message):
     with pytest.raises(ControlError):
@@ -158,19 +171,23 @@ class Served:
             out["Origin"] = origin
         return out
 
-    async def page(self, path: str = "/", **kw: str) -> int:
-        async with self.session.get(self.url + path, headers=self.headers(**kw)) as r:
+    async def page(self, path: str = "/", token: str | None = None, **kw: str) -> int:
+        params = {} if token is None else {"token": token}
+        async with self.session.get(self.url + path, params=params, headers=self.headers(**kw)) as r:
             return r.status
 
-    async def ws(self, **kw: str) -> aiohttp.ClientWebSocketResponse:
-        return await self.session.ws_connect(self.url + "/ws", headers=self.headers(**kw))
+    async def ws(self, token: str | None = None, **kw: str) -> aiohttp.ClientWebSocketResponse:
+        params = {} if token is None else {"token": token}
+        return await self.session.ws_connect(self.url + "/ws", params=params, headers=self.headers(**kw))
 
 
 @contextlib.asynccontextmanager
-async def served(bind: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> AsyncIterator[Served]:
+async def served(bind: str = "127.0.0.1", extra: tuple[str, ...] = (), listen: bool = False) -> AsyncIterator[Served]:
+    """The monitor's app on a free port of 127.0.0.1 (`listen`: really bound to `bind`, e.g. 0.0.0.0), told it
+    was bound to `bind`; requests go to 127.0.0.1, a loopback name the allow-list always has."""
     clock = Clock()
     monitor = Monitor(("127.0.0.1", 9), MODELS, clock=clock)
-    http = TestServer(monitor.app(), host="127.0.0.1", port=0)
+    http = TestServer(monitor.app(), host=bind if listen else "127.0.0.1", port=0)
     await http.start_server()
     monitor.listen(http.port, [bind], extra)
     try:
@@ -178,6 +195,25 @@ async def served(bind: str = "127.0.0.1", extra: tuple[str, ...] = ()) -> AsyncI
             yield Served(monitor, http, session, clock)
     finally:
         await http.close()
+
+
+def in_a_thread(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` on a thread of its own, so it may run an event loop while Playwright's runs on this one."""
+    out: list[Any] = []
+    failed: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return out[0]
 
 
 async def reply(ws: aiohttp.ClientWebSocketResponse, kind: str = "error", seconds: float = 3.0) -> dict:
@@ -242,10 +278,93 @@ def test_a_host_not_on_the_list_gets_403_on_the_page_and_the_websocket_even_with
 def test_a_wildcard_bind_allows_loopback_and_the_allow_host_names_only():
     async def go():
         async with served(bind="0.0.0.0", extra=("studio.local",)) as s:
-            assert await s.page(host=f"studio.local:{s.port}") == 200
-            assert await s.page(host=f"localhost:{s.port}") == 200
-            assert await s.page(host=f"0.0.0.0:{s.port}") == 403
-            assert await s.page(host=f"tablet.local:{s.port}") == 403
+            token = s.monitor.token
+            assert await s.page(host=f"studio.local:{s.port}", token=token) == 200
+            assert await s.page(host=f"localhost:{s.port}", token=token) == 200
+            assert await s.page(host=f"0.0.0.0:{s.port}", token=token) == 403
+            assert await s.page(host=f"tablet.local:{s.port}", token=token) == 403
+
+    asyncio.run(go())
+
+
+def this_machines_address() -> str | None:
+    """An address of this machine beyond loopback (the one its default route leaves from), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, the kernel only picks a route
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if is_loopback(address) or address == "0.0.0.0" else address
+
+
+def test_a_token_is_made_only_beyond_loopback():
+    for bind in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost", "LOCALHOST"):
+        assert is_loopback(bind) and run_token([bind, "127.0.0.1"]) is None, bind
+    for bind in ("0.0.0.0", "::", "", "192.168.1.5", "10.0.0.1", "studio.local", "fe80::1", "not a host"):
+        assert not is_loopback(bind), bind
+    tokens = {run_token(["127.0.0.1", "0.0.0.0"]) for _ in range(3)}  # one bind beyond loopback is enough
+    assert len(tokens) == 3 and all(t and len(t) >= 43 and re.fullmatch(r"[A-Za-z0-9_-]+", t) for t in tokens)
+    token = tokens.pop()
+    assert token_allowed(token, token) and token_allowed(None, None) and token_allowed("anything", None)
+    for wrong in (None, "", token[:-1], token + "x", token.upper() if token.upper() != token else token.lower(),
+                  "\udcff" + token[1:], "é" * 43):
+        assert not token_allowed(wrong, token), wrong
+
+
+async def token_checks(s: Served) -> None:
+    """Beyond loopback: the page and the WebSocket open with the run's token only; static files need none."""
+    token = s.monitor.token
+    assert token is not None and s.monitor.url("127.0.0.1", s.port).endswith(f"/?token={token}")
+    for wrong in (None, "", token[:-1], token + "A", "x" * len(token)):
+        assert await s.page(token=wrong) == 403, wrong
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws(token=wrong, origin=s.url)
+        assert refused.value.status == 403, wrong
+    assert s.sent == []
+    assert await s.page("/static/monitor.js") == 200  # the page's code is no secret
+    assert await s.page(token=token) == 200
+    ws = await s.ws(token=token, origin=s.url)
+    await ws.send_str(json.dumps({"address": "/temperature", "args": [0.5]}))
+    await ws.send_str("{")
+    await reply(ws)
+    assert s.sent == [("/temperature", [0.5])]
+    await ws.close()
+
+
+def test_bound_to_every_interface_the_page_and_websocket_need_the_runs_token():
+    async def go():
+        async with served(bind="0.0.0.0", listen=True) as s:
+            await token_checks(s)
+
+    asyncio.run(go())
+
+
+def test_bound_to_this_machines_own_address_the_token_is_needed_there():
+    address = this_machines_address()
+    if address is None:
+        pytest.skip("this machine has no address beyond loopback")
+
+    async def go():
+        async with served(bind=address, listen=True) as s:
+            s.url = f"http://{address}:{s.port}"
+            s.headers = lambda host=None, origin=None: {"Host": host or f"{address}:{s.port}",
+                                                        **({} if origin is None else {"Origin": origin})}
+            await token_checks(s)
+
+    asyncio.run(go())
+
+
+def test_on_loopback_no_token_is_needed():
+    async def go():
+        async with served() as s:
+            assert s.monitor.token is None and s.monitor.url("127.0.0.1", s.port) == f"http://127.0.0.1:{s.port}/"
+            for token in (None, "whatever"):  # a token in the address is ignored
+                assert await s.page(token=token) == 200
+                ws = await s.ws(token=token, origin=s.url)
+                await ws.send_str("{")
+                await reply(ws)
+                await ws.close()
 
     asyncio.run(go())
 
@@ -308,6 +427,86 @@ def test_controls_are_rate_limited_per_connection_at_the_limits_edge():
     asyncio.run(go())
 
 
+# Any JSON value: what a page, a script or a fuzzer may send. NaN and the infinities too (Python's json reads them).
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+# Arguments near what the controls take (so some are valid), or anything.
+PLAUSIBLE = (st.floats(0.0, 3.0) | st.floats(-1.0, 1e3) | st.integers(-2, 20)
+             | st.sampled_from([0.5, 1e-300, 1e300, (1 << 63) - 1, 1 << 63, 1 << 64, -(1 << 63) - 1])
+             | st.sampled_from([*MODE_NAMES, "default", "../default", "DEFAULT", "default\x00"]))
+# Controls the page offers with arguments near right, or with any address or arguments, or any JSON at all.
+CONTROL = st.one_of(
+    st.fixed_dictionaries({"address": st.sampled_from(sorted(CONTROLS)), "args": st.lists(PLAUSIBLE, min_size=1, max_size=2)}),
+    st.fixed_dictionaries({"address": st.sampled_from(sorted(CONTROLS)) | JSON},
+                          optional={"args": st.lists(PLAUSIBLE | JSON, max_size=3) | JSON}),
+    JSON)
+
+
+def osc_round_trip(address: str, args: list[Any]) -> tuple[str, list[Any]]:
+    """What the server would read from the bytes the bridge sends."""
+    msg = OscMessage(encode(address, args))
+    return msg.address, list(msg.params)
+
+
+def test_any_json_control_is_an_error_reply_or_valid_osc_and_the_connection_goes_on(caplog):
+    async def start() -> tuple[contextlib.AbstractAsyncContextManager, Served, aiohttp.ClientWebSocketResponse]:
+        manager = served()
+        s = await manager.__aenter__()
+        return manager, s, await s.ws(origin=s.url)
+
+    async def one(s: Served, ws: aiohttp.ClientWebSocketResponse, control: Any) -> None:
+        s.clock.now += 1.0  # a fresh rate budget for every example
+        before = len(s.sent)
+        marker = f"sentinel-{uuid.uuid4().hex}"
+        await ws.send_str(json.dumps(control, allow_nan=True))
+        await ws.send_str(json.dumps({"address": "/mode", "args": [marker]}))  # refused, with its name in the reason
+        errors = []
+        while True:
+            data = await reply(ws)
+            if marker in data["reason"]:
+                break
+            errors.append(data)
+        sent = s.sent[before:]
+        event("refused" if errors else f"sent {sent[0][0] if sent else None}")
+        if errors:
+            assert len(errors) == 1 and sent == [], (errors, sent)
+            assert errors[0]["reason"] and errors[0]["address"] in CONTROLS | {"monitor"}
+            return
+        assert sent, "neither sent nor refused"
+        address, args = sent[0]
+        assert address in CONTROLS and sent[1:] in ([], [("/status", [])])
+        assert all(type(a) in (int, float, str) and (type(a) is not float or math.isfinite(a)) for a in args)
+        got_address, got_args = osc_round_trip(address, args)
+        assert got_address == address and len(got_args) == len(args)
+        validate({"address": got_address, "args": got_args}, MODELS)  # what the server reads, it accepts
+
+    def fuzz() -> None:
+        loop = asyncio.new_event_loop()
+        manager, s, ws = loop.run_until_complete(start())
+
+        @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(control=CONTROL)
+        @example(control={"address": "/reset", "args": [1e300]})  # found by it: an int OSC cannot carry
+        def check(control: Any) -> None:
+            if len(json.dumps(control, allow_nan=True)) >= MAX_MESSAGE:
+                return  # a message over the limit closes the socket by design (aiohttp's max_msg_size)
+            loop.run_until_complete(one(s, ws, control))
+
+        try:
+            check()
+            assert not ws.closed
+        finally:
+            loop.run_until_complete(ws.close())
+            loop.run_until_complete(manager.__aexit__(None, None, None))
+            loop.close()
+
+    with caplog.at_level(logging.DEBUG):
+        in_a_thread(fuzz)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -328,10 +527,10 @@ def require_browser():
 
 
 class MonitorProcess:
-    """`python -m server monitor --port 0 --server 127.0.0.1:PORT`, with its URL parsed from the ready line."""
+    """`python -m server monitor --port 0 --server 127.0.0.1:PORT [args]`, with its URL parsed from the ready line."""
 
-    def __init__(self, server_port: int, timeout: float = 30.0) -> None:
-        cmd = [sys.executable, "-m", "server", "monitor", "--port", "0", "--server", f"127.0.0.1:{server_port}"]
+    def __init__(self, server_port: int, *args: str, timeout: float = 30.0) -> None:
+        cmd = [sys.executable, "-m", "server", "monitor", "--port", "0", "--server", f"127.0.0.1:{server_port}", *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -351,7 +550,7 @@ class MonitorProcess:
                 self.proc.kill()
                 raise RuntimeError("monitor did not become ready:\n" + "".join(self.lines))
             time.sleep(0.02)
-        self.url = re.match(r"monitor: (http://[^ ]+/)", found[0]).group(1)
+        self.url = re.match(r"monitor: (http://\S+)", found[0]).group(1)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -501,3 +700,48 @@ def test_each_voice_gets_its_own_trail(tmp_path, browser):
         srv.stop()
         for p in (*peers, dummy):
             p.close()
+
+
+def test_beyond_loopback_the_ready_line_carries_the_token_and_only_it_opens_the_monitor(server, monitor):
+    """`monitor --host 0.0.0.0`: the printed address has the run's token; without it, 403."""
+    assert "?" not in monitor.url  # on loopback: no token, as before
+    mon = MonitorProcess(server.port, "--host", "0.0.0.0", "--allow-host", "studio.local")
+    try:
+        match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{43,})", mon.url)
+        assert match, mon.url
+        port, token = match.groups()
+        assert wait_for(lambda: any("beyond loopback" in line and f"http://studio.local:{port}/?token={token}" in line
+                                    for line in mon.lines), 5.0), mon.lines
+
+        async def go() -> None:
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session:
+                for query in ("", "?token=", f"?token={token[:-1]}"):
+                    async with session.get(base + "/" + query) as r:
+                        assert r.status == 403, query
+                    with pytest.raises(aiohttp.WSServerHandshakeError):
+                        await session.ws_connect(base + "/ws" + query)
+                async with session.get(mon.url) as r:
+                    assert r.status == 200
+                ws = await session.ws_connect(f"{base}/ws?token={token}", headers={"Origin": base})
+                assert (await reply(ws, "modes"))["names"] == list(MODE_NAMES)
+                await ws.close()
+
+        in_a_thread(asyncio.run, go())
+    finally:
+        mon.stop()
+
+
+def test_the_page_hands_its_token_on_to_its_websocket(browser, server):
+    mon = MonitorProcess(server.port, "--host", "0.0.0.0")
+    try:
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        assert page.goto(mon.url.split("?")[0]).status == 403
+        assert page.goto(mon.url).status == 200
+        assert wait_for(lambda: page.text_content("#link") == "live", 10.0), "the page's WebSocket did not open"
+        page.close()
+        assert errors == []
+    finally:
+        mon.stop()

@@ -6,6 +6,11 @@ wall-minus-monotonic offset taken at start converts them (a wall-clock jump mid-
 does not reorder the log). Each row is one unbuffered `write`, so a crash loses at
 most the row being written and another process can read the log live.
 
+Whole rows or none: a write that fails partway through a row (a disk that fills takes
+part of it, then refuses the rest) cuts the file back to where the row began, so the
+row is lost whole and the next one follows the last whole row. Only a file that cannot
+be cut keeps the half row, ended with a newline so every later row still parses.
+
 Nothing is lost without a sign. A log deleted while running (its folder removed, say)
 is noticed after the next write (the file has no links left) and replaced by a new
 one, with that row in it; a write that fails (disk full) is retried with the next row.
@@ -45,6 +50,10 @@ class LogFile(Protocol):
     """What the recorder needs of a file (a raw, unbuffered `FileIO`)."""
 
     def write(self, data: memoryview, /) -> int | None: ...
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int: ...
+
+    def truncate(self, size: int | None = None, /) -> int: ...
 
     def fileno(self) -> int: ...
 
@@ -122,16 +131,20 @@ class Recorder:
         self.lost += 1
 
     def _write(self, file: LogFile, row: bytes) -> bool:
-        """Write one row whole; on failure count it and warn once, keeping the file only when it may recover."""
+        """Write one row whole, or none of it; on failure count it and warn once, keeping the file only when
+        it may recover."""
         data = memoryview(b"\n" + row if self._torn else row)  # end a half row so this one stays parseable
+        done = 0
         try:
-            while data:
-                written = file.write(data)
+            while done < len(data):
+                written = file.write(data[done:] if done else data)
                 if not written:
                     raise OSError(errno.EIO, "the file accepted no bytes")
-                self._torn = data[written - 1] != 0x0A
-                data = data[written:]
+                done += written
+            self._torn = False
         except (OSError, ValueError) as exc:
+            if done and not _cut(file, done):  # part of the row went in and cannot be taken back
+                self._torn = data[done - 1] != 0x0A
             self.write_errors += 1
             self._warn_once("write", logging.ERROR,
                             "cannot write performance log %s: %s; rows are lost (counted as log_lost) "
@@ -200,6 +213,17 @@ class Recorder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _cut(file: LogFile, written: int) -> bool:
+    """Take back the last `written` bytes (a row that went in only in part); False if the file cannot be cut."""
+    try:
+        start = file.seek(0, os.SEEK_CUR) - written
+        file.truncate(start)
+        file.seek(start)
+    except (OSError, ValueError, AttributeError):  # not seekable (a pipe), closed, or a file object without seek
+        return False
+    return True
 
 
 def _link_count(file: LogFile) -> int:

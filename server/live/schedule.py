@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterable
 
 MAX_PENDING = 256  # scheduled accompaniment answers per voice; beyond this the oldest is dropped and counted
 LATE_TOLERANCE = 0.05  # seconds: an event later than this is dropped rather than played late
@@ -54,3 +55,22 @@ class RateBucket:
             return False
         self.tokens -= 1.0
         return True
+
+
+def pace(items: Iterable[Scheduled], now: float, lookahead: float, rate: float) -> None:
+    """Set the send times of waiting answers whose times (`when`) just changed (a new timescale or lookahead).
+
+    Each leaves `lookahead` before its time, not before now, and (in order of their
+    times) not sooner than 1/`rate` after the one before; one that would then leave
+    after its time leaves at its time instead (plain, and the bucket decides). So a
+    raised lookahead sends the answers it makes due at once at the rate limit, rather
+    than all now, where the bucket would drop all but a chord's worth.
+    """
+    gap = 1.0 / rate
+    previous = -math.inf
+    for item in sorted(items, key=_time):
+        item.send_at = previous = min(item.when, max(item.when - lookahead, now, previous + gap))
+
+
+def _time(item: Scheduled) -> float:
+    return item.when

@@ -24,21 +24,26 @@ STATUS_KEYS: dict[str, str] = {
     "late_dropped": f"model events dropped because they would have left more than {LATE_TOLERANCE * 1000:.0f} ms "
                     "late (a stall)",
     "rate_dropped": "answers dropped to hold `max_rate`",
+    "untagged": "model events sent plain although `lookahead` > 0, because they could not leave before their time "
+                "(never a timetag in the past)",
     "clamped": "performer positions outside [0, 1], clamped",
     "sink_errors": "outputs (OSC, MIDI, log) that raised",
     "model_swaps": "models swapped in",
     "model_load_errors": "model loads that failed (the old model kept playing)",
-    "voices_refused": "performer events refused because every voice was taken",
+    "voices_refused": "performer events refused a new voice: every voice was taken, or their sender already had "
+                      "`max_voices_per_sender`",
+    "voices_denied": "requests refused because the voice they named belongs to another sender",
     "voices_expired": "voices forgotten after their performer's silence",
     "voices_policy": "`one` or `per-sender`",
-    "voices": "voices playing now",
+    "voices": "voices playing now (all senders')",
     "pending": "model events scheduled and not yet played",
     "step_us_median": "observe + predict + sample, median over the last 2,048 steps (µs)",
     "step_us_p99": "the same, 99th percentile (µs)",
     "late_us_median": "how long after it should have left a model event left, median (µs)",
     "late_us_p99": "the same, 99th percentile (µs)",
     "uptime_s": "seconds since start",
-    "voice<n>_from": "per-sender only, for each voice n: who plays it (`host:port`, or `midi channel c`)",
+    "voice<n>_from": "per-sender only, for each voice n the asker owns (every voice with `/status all` from "
+                     "loopback; none in the `status` stream): who plays it (`host:port`, or `midi channel c`)",
     "voice<n>_mode": "its mode (its own, or the global one)",
     "voice<n>_temperature": "its temperature (its own, or the global one)",
     "voice<n>_inputs": "its performer events",
@@ -46,8 +51,8 @@ STATUS_KEYS: dict[str, str] = {
     "voice<n>_idle_s": "seconds since its performer's last event",
 }
 VOICE_STATUS_KEYS = tuple(k.removeprefix("voice<n>_") for k in STATUS_KEYS if k.startswith("voice<n>_"))
-COUNTERS = ("inputs", "outputs", "dropped", "late_dropped", "rate_dropped", "clamped", "sink_errors", "model_swaps",
-            "model_load_errors", "voices_refused", "voices_expired")
+COUNTERS = ("inputs", "outputs", "dropped", "late_dropped", "rate_dropped", "untagged", "clamped", "sink_errors",
+            "model_swaps", "model_load_errors", "voices_refused", "voices_denied", "voices_expired")
 
 
 def new_counts() -> dict[str, int]:

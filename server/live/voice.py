@@ -10,15 +10,19 @@ drift and the loop sleeps whenever nothing is due.
 Guards that keep the music going whatever the input:
 
 - `max_rate`: a self-playing chain's events are at least 1/max_rate apart (it slows
-  down); answers draw from a token bucket (`server.live.schedule.RateBucket`) and one
-  with no token is dropped and counted.
+  down), and so are their sends: raising the lookahead makes the chain catch up at the
+  rate limit, never in a burst. Answers draw from a token bucket
+  (`server.live.schedule.RateBucket`) and one with no token is dropped and counted;
+  answers already waiting when the lookahead rises are paced (`schedule.pace`).
 - Lateness: an event that would leave more than `LATE_TOLERANCE` late (a stall) is
   dropped and counted, never played in a burst; a chain resumes from now.
 - At most `MAX_PENDING` answers wait; beyond that the oldest is dropped and counted.
 
 With `lookahead` L > 0 an event leaves L before its time (never before it was
 computed) and carries its time, so a client that schedules by timetag plays it
-exactly; a self-playing chain runs L ahead of the clock.
+exactly; a self-playing chain runs L ahead of the clock. An event that cannot leave
+before its time (heard late, or fired late by a stall) goes plain and is counted
+(`untagged`): never a timetag in the past.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Hashable
 
 from server.event import Event
 from server.live.modes import Mode
-from server.live.schedule import MAX_PENDING, RateBucket, Scheduled
+from server.live.schedule import MAX_PENDING, RateBucket, Scheduled, pace
 from server.live.stage import Stage
 from server.model.mdn import RandomBlocks
 from server.model.predictor import Predictor
@@ -54,6 +58,7 @@ class Voice:
         self.last_performer = now  # loop time of its performer's last event
         self.last_active = now  # loop time it last heard its performer (for the idle timeout)
         self.last_emit = -math.inf  # scheduled time of its last model event
+        self.last_sent = -math.inf  # when its last model event was due to leave (its send_at)
         self.bucket = RateBucket()
         self.heard_performer = False
         self.fresh = True  # the next performer event opens a performance (dt 0)
@@ -185,8 +190,9 @@ class Voice:
 
     def _arm_chain(self, item: Scheduled, when: float, earliest: float) -> None:
         settings = self._stage.settings
-        item.when = max(when, self.last_emit + 1.0 / settings.max_rate)  # the max_rate floor
-        item.send_at = max(item.when - settings.lookahead, earliest)
+        gap = 1.0 / settings.max_rate
+        item.when = max(when, self.last_emit + gap)  # the max_rate floor, on the events' times
+        item.send_at = max(item.when - settings.lookahead, earliest, self.last_sent + gap)  # and on their sends
         item.handle = self._stage.loop.call_at(item.send_at, self._chain_fire, item)
 
     def _chain_fire(self, item: Scheduled) -> None:
@@ -246,19 +252,29 @@ class Voice:
         stage = self._stage
         stage.lateness.add(now - item.send_at)
         self.last_emit = item.when
+        self.last_sent = item.send_at
+        tagged = stage.settings.lookahead > 0.0
+        if tagged and now >= item.when:  # it cannot leave before its time: plain, never a timetag in the past
+            tagged = False
+            stage.counts["untagged"] += 1
         stage.outputs.emit(Event(item.when, item.x, item.y, "model", item.dt * stage.settings.timescale,
-                                 voice=self.label, route=self.route, timetagged=stage.settings.lookahead > 0.0))
+                                 voice=self.label, route=self.route, timetagged=tagged))
         stage.counts["outputs"] += 1
         self.outputs += 1
 
     # ------------------------------------------------------------------ rescheduling and cancelling
 
     def reschedule(self) -> None:
-        """Timing changed: every pending event's time is its cause plus its wait at the new timescale, or now."""
-        now, scale = self._stage.loop.time(), self._stage.settings.timescale
-        for key, item in list(self.pending.items()):
+        """Timing changed: every pending event's time is its cause plus its wait at the new timescale, or now;
+        what a longer lookahead makes due at once leaves at `max_rate`, not in a burst."""
+        stage = self._stage
+        now, scale = stage.loop.time(), stage.settings.timescale
+        for item in self.pending.values():
             item.cancel()
-            self._arm_answer(key, item, max(now, item.start + item.dt * scale), now)
+            item.when = max(now, item.start + item.dt * scale)
+        pace(self.pending.values(), now, stage.settings.lookahead, stage.settings.max_rate)
+        for key, item in self.pending.items():
+            item.handle = stage.loop.call_at(item.send_at, self._answer_fire, key, item)
         if self.chain is not None:
             item = self.chain
             item.cancel()

@@ -8,12 +8,22 @@ loopback names with the monitor's port, the address it was told to bind unless t
 is a wildcard, and each `--allow-host` — and a WebSocket's Origin, when a browser
 sends one, must be `http://` one of those. A client that is not a browser sends no
 Origin and is judged by its Host alone.
+
+The allow-list keeps other sites' pages out, not other machines: a monitor that
+listens beyond loopback (`--host` not a loopback address) can be reached by anyone on
+the network who types an allowed name. So it makes a token for the run
+(`secrets.token_urlsafe`), prints it in the page's URL (`/?token=...`), and refuses the
+page and the WebSocket without it (compared in constant time). On loopback no token is
+needed: only this machine can connect, and the Host and Origin checks keep its browser's
+other pages out.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import re
+import secrets
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -22,6 +32,8 @@ from server.monitor import DEFAULT_HOST
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 WILDCARDS = frozenset({"0.0.0.0", "[::]"})  # as `host_name` writes them
 HTTP_PORT = 80  # a Host or Origin without a port means this one
+TOKEN_BYTES = 32  # of randomness in a run's token (43 URL-safe characters)
+TOKEN_PARAMETER = "token"  # the page's URL and the WebSocket's carry it as ?token=...
 
 HostPort = tuple[str, int]
 
@@ -86,3 +98,29 @@ def origin_allowed(origin: str | None, allowed: frozenset[HostPort]) -> bool:
 def is_wildcard(bind: str) -> bool:
     """Whether `bind` listens on every interface (so it names no host a browser could use)."""
     return not bind.strip("[] ") or host_name(bind) in WILDCARDS
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether `bind` listens on this machine only: `localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        name = host_name(bind)
+    except ValueError:
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve anywhere
+        return False
+
+
+def run_token(binds: Iterable[str]) -> str | None:
+    """A new token for a monitor bound to `binds`, or None when every one is loopback (no token needed)."""
+    return None if all(is_loopback(b) for b in binds) else secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_allowed(given: str | None, token: str | None) -> bool:
+    """Whether a request carries the run's token (any request does when there is none), in constant time."""
+    if token is None:
+        return True
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode("ascii"))

@@ -1,7 +1,10 @@
 """The monitor's web side: an aiohttp app serving the page and a WebSocket per browser.
 
 Every request must name an allowed Host, and a WebSocket's Origin must be the page's
-own (`access`: the defence against DNS rebinding and other sites' pages). Each
+own (`access`: the defence against DNS rebinding and other sites' pages). Beyond
+loopback the page and the WebSocket also need the run's token (`?token=...`, printed
+at start; the page hands it on to its WebSocket): other machines can reach the port,
+and only the one who started the monitor has the URL. Each
 WebSocket has a bounded send queue: when a browser is slow or gone, messages to it
 are dropped, never waited for. What a browser sends is taken at most
 `CONTROLS_PER_SECOND` times a second per connection, then checked by the server's own
@@ -26,7 +29,8 @@ from server.live.controls import ControlError
 from server.live.modes import MODE_NAMES
 from server.model.files import available_models
 from server.monitor import DEFAULT_HOST
-from server.monitor.access import HostPort, allowed_hosts, host_allowed, is_wildcard, origin_allowed
+from server.monitor.access import (TOKEN_PARAMETER, HostPort, allowed_hosts, host_allowed, is_wildcard, origin_allowed,
+                                   run_token, token_allowed)
 from server.monitor.bridge import Bridge
 from server.monitor.controls import CONTROLS, validate
 from server.osc.ratelimit import TokenBuckets
@@ -76,11 +80,19 @@ class Monitor:
         self.bridge = Bridge(server, self.publish)
         self.latest: dict[str, str] = {}  # last message of each kind, replayed to a new browser
         self.hosts: frozenset[HostPort] = frozenset()  # what a request's Host may say; none until `listen`
+        self.token: str | None = None  # the run's token, needed beyond loopback (see `listen`)
         self.publish({"type": "modes", "names": list(MODE_NAMES)})
 
     def listen(self, port: int, binds: Iterable[str], extra_hosts: Iterable[str] = ()) -> None:
-        """Allow requests that name the monitor at `port` (see `access.allowed_hosts`)."""
+        """Allow requests that name the monitor at `port` (see `access.allowed_hosts`), with this run's token
+        when any of `binds` is beyond loopback (`access.run_token`)."""
+        binds = tuple(binds)
         self.hosts = allowed_hosts(port, binds, extra_hosts)
+        self.token = run_token(binds)
+
+    def url(self, host: str, port: int) -> str:
+        """The page's address at `host:port`, with the token when one is needed."""
+        return f"http://{host}:{port}/" + ("" if self.token is None else f"?{TOKEN_PARAMETER}={self.token}")
 
     def publish(self, message: dict[str, Any]) -> None:
         text = json.dumps(message, separators=(",", ":"), allow_nan=False)
@@ -98,11 +110,13 @@ class Monitor:
             await asyncio.sleep(MODELS_REFRESH_S)
 
     async def index(self, request: web.Request) -> web.StreamResponse:
+        self._check_token(request)
         return web.FileResponse(STATIC / "index.html", headers=_headers())
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         if not origin_allowed(request.headers.get("Origin"), self.hosts):
             raise web.HTTPForbidden(text="cross-origin WebSocket refused")
+        self._check_token(request)
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_MESSAGE)
         await ws.prepare(request)
         client = Client(ws, self.clock)
@@ -119,6 +133,11 @@ class Monitor:
             self.clients.discard(client)
             pump.cancel()
         return ws
+
+    def _check_token(self, request: web.Request) -> None:
+        if not token_allowed(request.query.get(TOKEN_PARAMETER), self.token):
+            raise web.HTTPForbidden(text="this monitor listens beyond loopback: open the address it printed at start, "
+                                         "with its ?token=", headers=_headers())
 
     def _control(self, client: Client, data: str) -> None:
         if not client.controls.allow(None):
@@ -175,8 +194,10 @@ async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path,
     """Run the monitor until SIGINT or SIGTERM; prints `monitor: http://HOST:PORT/` when ready.
 
     Requests must name the monitor by a loopback name, by `host` unless it is a
-    wildcard, or by one of `allow_hosts` (with the port bound).
+    wildcard, or by one of `allow_hosts` (with the port bound). Beyond loopback the
+    printed address carries the run's token, which the page and the WebSocket need.
     """
+    allow_hosts = tuple(allow_hosts)
     monitor = Monitor(server, models_dir)
     await monitor.bridge.start()
     runner = web.AppRunner(monitor.app(), access_log=None, handle_signals=False)
@@ -186,7 +207,11 @@ async def serve(host: str, port: int, server: tuple[str, int], models_dir: Path,
     bound = runner.addresses[0]
     monitor.listen(bound[1], (host, bound[0]), allow_hosts)
     shown = DEFAULT_HOST if is_wildcard(host) else f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    print(f"monitor: http://{shown}:{bound[1]}/ (server {server[0]}:{server[1]})", flush=True)
+    print(f"monitor: {monitor.url(shown, bound[1])} (server {server[0]}:{server[1]})", flush=True)
+    if monitor.token is not None:
+        others = " ".join(monitor.url(name, bound[1]) for name in allow_hosts)
+        print("monitor: listening beyond loopback, so a browser needs this run's token, in the address above"
+              + (f"; from another device: {others}" if others else ""), flush=True)
     if is_wildcard(host) and not allow_hosts:
         print("monitor: listening on every interface, but only loopback names are allowed; "
               "name this machine with --allow-host NAME (or its address) for other devices", flush=True)

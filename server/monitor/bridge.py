@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable
 
 from pythonosc.osc_message import OscMessage
-from pythonosc.osc_message_builder import OscMessageBuilder
+from pythonosc.osc_message_builder import BuildError, OscMessageBuilder
 
 from server.live.streams import STREAM_RATE
 from server.osc.namespace import STATUS_PUSH_HZ
@@ -143,7 +143,7 @@ class Bridge:
         if self.sock is not None:
             try:
                 self.sock.sendto(encode(address, args or []), self.server)
-            except (OSError, ValueError):
+            except (OSError, ValueError, BuildError):  # BuildError: a value OSC cannot carry (validate refuses them)
                 pass
 
     async def read(self) -> None:

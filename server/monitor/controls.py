@@ -11,7 +11,8 @@ there) and does nothing else. So a rule lives in one place, and the server check
 again whatever the monitor sends, answering `/error`, which the page shows.
 
 The one check of the monitor's own is what OSC can carry: an integer beyond 64 bits
-has no OSC type.
+has no OSC type, whether the browser sent it as one or as a float the server's
+conversion makes an integer (a voice number of 1e300).
 """
 
 from __future__ import annotations
@@ -37,19 +38,19 @@ class Checks:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
 
-    def set_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_temperature(self, value: float, voice: int | None = None, route: object = None) -> None:
         pass
 
-    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_sigma_temperature(self, value: float, voice: int | None = None, route: object = None) -> None:
         pass
 
     def set_timescale(self, value: float) -> None:
         pass
 
-    def set_mode(self, name: str, voice: int | None = None) -> None:
+    def set_mode(self, name: str, voice: int | None = None, route: object = None) -> None:
         pass
 
-    def reset(self, voice: int | None = None) -> None:
+    def reset(self, voice: int | None = None, route: object = None) -> None:
         pass
 
     def set_paused(self, paused: bool) -> None:
@@ -85,4 +86,7 @@ def validate(message: Any, models_dir: Path) -> tuple[str, OscArgs]:
         raise ControlError("integers must fit in 64 bits (OSC has no wider number)")
     handler = TABLE.lookup[address]
     handler.invoke(_request(Checks(models_dir)), args)  # the server's conversion and checks; raises ControlError
-    return address, [param.convert(arg) for param, arg in zip(handler.params, args)]
+    out = [param.convert(arg) for param, arg in zip(handler.params, args)]
+    if any(type(a) is int and not INT64[0] <= a <= INT64[1] for a in out):  # 1e300 where an int goes is one
+        raise ControlError("integers must fit in 64 bits (OSC has no wider number)")
+    return address, out

@@ -21,8 +21,12 @@
   };
 
   // ------------------------------------------------------------------ websocket
+  // Beyond loopback the monitor needs its run's token: the page's own address carries it, the WebSocket gets it too.
+  const TOKEN = new URLSearchParams(location.search).get("token");
+  const WS_URL = `ws://${location.host}/ws` + (TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : "");
+
   function connect() {
-    const ws = new WebSocket(`ws://${location.host}/ws`);
+    const ws = new WebSocket(WS_URL);
     state.ws = ws;
     ws.onclose = () => { state.ws = null; checkLink(); setTimeout(connect, 1000); };
     ws.onerror = () => {};
