@@ -55,7 +55,7 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
     started = time.monotonic()
     try:
         folder = resolve_model_dir(cfg.model, cfg.models_dir, allow_paths=True)
-        predictor = Predictor.load(folder)
+        predictor = Predictor.load(folder, prove=True)  # its step tested in a child first: never a segfault here
     except ModelError as e:
         raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
     try:
@@ -97,7 +97,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     engine = Engine(loop, predictor, cfg.models_dir, settings, sinks=sinks, streams=osc,
                     status_sources=[recorder.counts, *([midi.counts] if midi is not None else [])],
                     learner=learner, seed=cfg.seed, model_name=folder.name, model_folder=folder,
-                    voices=VoiceOptions(cfg.voices, cfg.max_voices, cfg.voice_timeout))
+                    voices=VoiceOptions(cfg.voices, cfg.max_voices, cfg.voice_timeout, cfg.max_voices_per_sender))
     try:
         transport, protocol, output = await start_osc(
             engine, host=cfg.host, port=cfg.port, destinations=cfg.send, allow=cfg.allow, output=output

@@ -20,8 +20,8 @@ from typing import Any
 
 from server.live.engine import DEFAULT_MAX_RATE, MAX_LOOKAHEAD, Settings
 from server.live.modes import MODE_NAMES, Mode, parse_mode
-from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_VOICE_TIMEOUT, MAX_VOICE_LIMIT, VOICE_POLICIES, VoicePolicy,
-                                parse_voice_policy)
+from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_MAX_VOICES_PER_SENDER, DEFAULT_VOICE_TIMEOUT, MAX_VOICE_LIMIT,
+                                VOICE_POLICIES, VoicePolicy, parse_voice_policy)
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
@@ -312,6 +312,10 @@ class RunConfig:
     max_voices: int = field(default=DEFAULT_MAX_VOICES, metadata=_key(
         f"most voices playing at once when voices is per-sender (1-{MAX_VOICE_LIMIT})", "N",
         _int_in(1, MAX_VOICE_LIMIT, "voice count")))
+    max_voices_per_sender: int = field(default=DEFAULT_MAX_VOICES_PER_SENDER, metadata=_key(
+        f"most voices one sender (an OSC host:port, a MIDI channel) may open, by playing or by naming voice "
+        f"numbers, when voices is per-sender (1-{MAX_VOICE_LIMIT}); a voice answers only to the sender that "
+        "opened it", "N", _int_in(1, MAX_VOICE_LIMIT, "voice count")))
     voice_timeout: float = field(default=DEFAULT_VOICE_TIMEOUT, metadata=_key(
         "seconds without a performer event after which a voice is forgotten (> 0)", "SECONDS", _positive))
     lookahead: float = field(default=Settings.lookahead, metadata=_key(

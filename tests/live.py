@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -17,6 +18,9 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
 REPO = Path(__file__).resolve().parent.parent
+REPLY_SECONDS = 10.0  # how long a request waits for its reply: only a failing test ever waits this long
+_SO_TIMESTAMPNS = 35  # Linux: the kernel stamps each datagram as it arrives (wall clock, struct timespec)
+_TIMESPEC = struct.Struct("@ll")
 
 
 def decode_datagram(data: bytes) -> list[tuple[float | None, OscMessage]]:
@@ -37,6 +41,10 @@ class OscPeer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.target: tuple[str, int] | None = None
+        try:  # arrival times from the kernel, so a test process the machine delays still sees true arrivals
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        except OSError:
+            pass
 
     def send(self, address: str, *args: object) -> None:
         b = OscMessageBuilder(address)
@@ -48,6 +56,19 @@ class OscPeer:
         assert self.target is not None
         self.sock.sendto(data, self.target)
 
+    def _read(self) -> tuple[bytes, float, float]:
+        """One datagram with its arrival as (monotonic, Unix) time: the kernel's stamp where there is one
+        (Linux), not when this process got round to reading it (on a busy machine the reader is late)."""
+        data, ancdata, _, _ = self.sock.recvmsg(65536, 64)
+        wall, mono = time.time(), time.monotonic()
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(cdata) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(cdata)
+                stamp = sec + nsec * 1e-9
+                if 0 <= wall - stamp < 60:  # else the wall clock was stepped meanwhile: the read time will do
+                    return data, mono - (wall - stamp), stamp
+        return data, mono, wall
+
     def receive(self, seconds: float, address: str | None = None, count: int | None = None) -> list[tuple[float, str, list]]:
         """Messages (arrival time, address, args) for up to ``seconds`` or until ``count`` matched."""
         out: list[tuple[float, str, list]] = []
@@ -58,13 +79,12 @@ class OscPeer:
                 return out
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(65536)
+                data, arrived, _ = self._read()
             except socket.timeout:
                 return out
-            now = time.monotonic()
             for _, msg in decode_datagram(data):  # a bundle's messages too (lookahead)
                 if address is None or msg.address == address:
-                    out.append((now, msg.address, list(msg.params)))
+                    out.append((arrived, msg.address, list(msg.params)))
 
     def receive_timetagged(self, seconds: float, count: int) -> list[tuple[float, float | None, str, list]]:
         """(arrival as Unix time, the bundle's timetag as Unix time or None, address, args), up to `count`."""
@@ -73,24 +93,24 @@ class OscPeer:
         while len(out) < count and (left := end - time.monotonic()) > 0:
             self.sock.settimeout(left)
             try:
-                data = self.sock.recv(65536)
+                data, _, arrived = self._read()
             except socket.timeout:
                 break
-            arrived = time.time()
             out.extend((arrived, tag, msg.address, list(msg.params)) for tag, msg in decode_datagram(data))
         return out
 
     def drain(self, seconds: float = 0.05) -> None:
         self.receive(seconds)
 
-    def request(self, address: str, *args: object, reply: str, seconds: float = 2.0) -> list:
+    def request(self, address: str, *args: object, reply: str, seconds: float = REPLY_SECONDS) -> list:
         self.send(address, *args)
         got = self.receive(seconds, reply, count=1)
         assert got, f"no {reply} reply to {address}"
         return got[0][2]
 
-    def status(self) -> dict:
-        args = self.request("/status", reply="/status")
+    def status(self, *which: str) -> dict:
+        """The server's `/status` as a dict (`status("all")`: every voice's keys, as loopback may ask)."""
+        args = self.request("/status", *which, reply="/status")
         return dict(zip(args[::2], args[1::2]))
 
     def close(self) -> None:

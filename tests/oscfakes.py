@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server.live.controls import ControlError
+from server.live.controls import ControlError, Shown
 from server.live.modes import Mode
 
 
@@ -21,6 +21,8 @@ class FakeControls:
         self.calls: list[tuple[Any, ...]] = []
         self.times: list[float | None] = []  # each perform's `at`, in call order
         self.routes: list[Any] = []  # each perform's `route` (the OSC sender), in call order
+        self.control_routes: list[Any] = []  # each voice-taking control's `route` (the OSC sender), in call order
+        self.askers: list[Any] = []  # each status call's `asker`, in call order
         self.on_error: dict[str, Callable[[str], None] | None] = {}  # load_model's callback, by model name
         self.broken = False
 
@@ -35,11 +37,13 @@ class FakeControls:
         self.times.append(at)
         self.routes.append(route)
 
-    def set_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_temperature(self, value: float, voice: int | None = None, route: Any = None) -> None:
         self._call("set_temperature", value, *_voice(voice))
+        self.control_routes.append(route)
 
-    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_sigma_temperature(self, value: float, voice: int | None = None, route: Any = None) -> None:
         self._call("set_sigma_temperature", value, *_voice(voice))
+        self.control_routes.append(route)
 
     def set_lookahead(self, seconds: float) -> None:
         self._call("set_lookahead", seconds)
@@ -50,11 +54,13 @@ class FakeControls:
     def set_threshold(self, seconds: float) -> None:
         self._call("set_threshold", seconds)
 
-    def set_mode(self, name: str, voice: int | None = None) -> None:
+    def set_mode(self, name: str, voice: int | None = None, route: Any = None) -> None:
         self._call("set_mode", name, *_voice(voice))
+        self.control_routes.append(route)
 
-    def reset(self, voice: int | None = None) -> None:
+    def reset(self, voice: int | None = None, route: Any = None) -> None:
         self._call("reset", *_voice(voice))
+        self.control_routes.append(route)
 
     def set_paused(self, paused: bool) -> None:
         self._call("set_paused", paused)
@@ -73,7 +79,8 @@ class FakeControls:
     def stop_learning(self) -> None:
         self._call("stop_learning")
 
-    def status(self) -> dict[str, Any]:
+    def status(self, asker: Any = Shown.ALL) -> dict[str, Any]:
+        self.askers.append(asker)
         return {"mode": Mode.ACCOMPANY, "temperature": 0.5, "paused": False, "model": "default"}
 
 

@@ -125,7 +125,7 @@ def test_hot_swap_to_a_broken_model_keeps_the_old_one_playing(models: Path, tmp_
             assert fragments[0] in reason, reason
             time.sleep(0.2)  # stay within the per-sender /model rate
             peer.send("/gesture", 0.5, 0.5)
-            assert peer.receive(1.0, "/prediction", count=1), f"no answer after a failed swap to {name}"
+            assert peer.receive(10.0, "/prediction", count=1), f"no answer after a failed swap to {name}"
         status = peer.status()
         assert status["model"] == "default" and status["model_swaps"] == 0 and status["osc_internal_errors"] == 0
         peer.send("/model", "default")  # a good model still swaps in (loaded off the loop: wait for it)
@@ -153,11 +153,11 @@ def test_unreachable_destinations_do_not_stop_the_music(tmp_path: Path) -> None:
     peer.target = ("127.0.0.1", srv.port)
     try:
         peer.send("/hello")
-        start = time.monotonic()
         for i in range(50):  # paced like a performer: a burst would be coalesced by the flood policy
-            time.sleep(max(0.0, start + i * 0.008 - time.monotonic()))  # under max_rate (200/s)
             peer.send("/gesture", i / 50, 0.5)
-        got = peer.receive(3.0, "/prediction", count=50)
+            # under max_rate (200/s), after each send: a delayed sender never catches up in a burst
+            time.sleep(0.008)
+        got = peer.receive(10.0, "/prediction", count=50)
         assert len(got) == 50
         status = peer.status()
         assert status["osc_destinations"] == 3 and status["osc_internal_errors"] == 0

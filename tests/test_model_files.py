@@ -25,6 +25,8 @@ from tests.live import REPO, OscPeer, ServerProcess, start_server
 DEFAULT = REPO / "models" / "default"
 PROBES = ((0.2, 0.3), (0.8, 0.6), (0.5, 0.5))
 LOAD_SECONDS = 20.0  # a load is ~10 ms; this only bounds a hang on a busy machine
+MODEL_GAP = 0.2  # seconds between one sender's /model requests: within the per-sender /model rate (5/s)
+_last_model: dict[int, float] = {}  # peer port -> when it last asked for /model
 
 
 def greedy_server(log_dir: Path, models: Path, peer: OscPeer, *flags: str) -> ServerProcess:
@@ -52,18 +54,25 @@ def answers(peer: OscPeer) -> list[tuple[float, float]]:
 
 
 def await_load(peer: OscPeer, name: str, swaps_before: int) -> tuple[str, str | dict]:
-    """Ask for /model `name`; ("error", reason) or ("loaded", status), whichever the server gives first."""
+    """Ask for /model `name`; ("error", reason) or ("loaded", status), whichever the server gives first.
+
+    Requests from one peer are spaced `MODEL_GAP` apart (counted from the last, so the time spent
+    meanwhile counts), and /status is asked again as soon as each reply is read.
+    """
+    time.sleep(max(0.0, _last_model.get(peer.port, 0.0) + MODEL_GAP - time.monotonic()))
+    _last_model[peer.port] = time.monotonic()
     peer.send("/model", name)
     end = time.monotonic() + LOAD_SECONDS
     while time.monotonic() < end:
         peer.send("/status")
-        for _, address, args in peer.receive(0.2):
+        for _, address, args in peer.receive(1.0, count=1):
             if address == "/error" and args[0] == "/model":
                 return "error", args[1]
             if address == "/status":
                 status = dict(zip(args[::2], args[1::2]))
                 if status["model_swaps"] > swaps_before and not status.get("loading"):
                     return "loaded", status
+        time.sleep(0.02)  # within the per-sender /status rate
     raise AssertionError(f"/model {name}: neither loaded nor refused in {LOAD_SECONDS} s")
 
 
@@ -114,12 +123,14 @@ def test_the_playing_model_is_not_changed_by_its_files(models: Path, tmp_path: P
         for what, damage in DAMAGE:
             outputs = peer.status()["outputs"]
             damage(models / "default" / "step.tflite", models / "b" / "step.tflite")
-            time.sleep(0.3)
+            end = time.monotonic() + 10
+            while srv.proc.poll() is None and peer.status()["outputs"] <= outputs + 5 and time.monotonic() < end:
+                time.sleep(0.05)
             assert srv.proc.poll() is None, f"the server died when its step.tflite was {what}"
             assert peer.status()["outputs"] > outputs + 5, f"no answers after step.tflite was {what}"
         stop.set()
         player.join()
-        time.sleep(0.2)
+        peer.status()  # a barrier: the performer's answers (sent before its reply) are read and dropped
         assert answers(peer) == playing, "the playing model changed with its files"
         status = peer.status()
         assert status["model"] == "default" and status["model_swaps"] == 0
@@ -201,7 +212,6 @@ def test_model_refuses_what_cannot_be_checked_and_names_no_path(checked: Path, t
             for fragment in fragments:
                 assert fragment in reason, (fragment, reason)
             assert str(checked) not in reason and str(tmp_path) not in reason and "/tmp" not in reason, reason
-            time.sleep(0.2)  # within the per-sender /model rate
         status = peer.status()
         assert status["model"] == "default" and status["model_swaps"] == 0
         first_answer(peer, 0.5, 0.5)
@@ -257,7 +267,6 @@ def test_loading_a_folder_while_it_is_replaced_never_mixes_two_models(models: Pa
                 matches = [name for name, ref in reference.items() if answer == pytest.approx(ref, abs=1e-6)]
                 assert matches, f"a mixed model: {answer} is neither a {reference['a']} nor b {reference['b']}"
                 outcomes[matches[0]] += 1
-            time.sleep(0.2)  # within the per-sender /model rate
         stop.set()
         replacer.join()
         assert swaps[0] > 100, "the folder was hardly replaced"

@@ -98,17 +98,19 @@ def test_positions_keep_their_arrival_times_through_a_stalled_loop(server: Serve
 
     server.loop.call_soon_threadsafe(stall)
     assert started.wait(1.0)
-    sent = []
+    sent = []  # (just before, just after) each send
     for i in range(6):
-        sent.append(time.monotonic())
+        before = time.monotonic()
         client.send("/gesture", i / 8, 0.5)
+        sent.append((before, time.monotonic()))
         time.sleep(0.12)
     client.status()  # after the stall: everything sent before has been applied
     times = server.controls.times
     assert [call[1] for call in server.controls.calls] == [i / 8 for i in range(6)]  # a short batch: all of it
     assert None not in times, "perform() was not given the arrival time"
-    for at, when in zip(times, sent):
-        assert abs(at - when) < 0.03, (times, sent)  # the loop's clock is time.monotonic: directly comparable
+    for at, (before, after) in zip(times, sent):
+        # the loop's clock is time.monotonic: directly comparable (the stamp is converted from the wall clock)
+        assert before - 0.02 <= at <= after + 0.02, (times, sent)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert min(gaps) > 0.08, gaps  # the 120 ms spacing, not squashed into the moment the loop woke
 
@@ -156,11 +158,12 @@ def test_a_stalled_server_logs_the_performers_true_spacing(tmp_path: Path) -> No
     try:
         peer.status()
         resume = _stopped(srv)
-        sent = []
+        sent = []  # (just before, just after) each send, in the log's clock: Unix seconds
         try:
             for i in range(5):
-                sent.append(time.time())  # the log's clock: Unix seconds
+                before = time.time()
                 peer.send("/gesture", 0.1 + i / 10, 0.5)
+                sent.append((before, time.time()))
                 time.sleep(0.15)
             time.sleep(0.5)
         finally:
@@ -171,10 +174,11 @@ def test_a_stalled_server_logs_the_performers_true_spacing(tmp_path: Path) -> No
         peer.close()
     times = _performer_rows(srv.logs()[-1])
     assert len(times) == 5, times
-    for logged, when in zip(times, sent):
-        assert abs(logged - when) < 0.05, (times, sent)
+    for logged, (before, after) in zip(times, sent):
+        # at its send, give or take the server's clock conversions; not when the server woke (0.5 s on)
+        assert before - 0.02 <= logged <= after + 0.02, (times, sent)
     gaps = [b - a for a, b in zip(times, times[1:])]
-    assert min(gaps) > 0.1 and max(gaps) < 0.2, gaps  # not all at the moment the server woke up
+    assert min(gaps) > 0.1, gaps  # not all at the moment the server woke up
 
 
 # --- 2. /hello cannot steal destinations ---
@@ -188,20 +192,25 @@ def test_a_hello_flood_never_takes_the_output_from_a_performer(tmp_path: Path) -
     try:
         performer.send("/hello")
         performer.send("/gesture", 0.5, 0.5)
-        assert performer.receive(2.0, "/prediction", count=1), "no prediction after /hello"
+        assert performer.receive(10.0, "/prediction", count=1), "no prediction after /hello"
         refusals = []
         for i, other in enumerate(others):
             other.target = performer.target
             other.send("/hello")
             if i % 4 == 0:
                 performer.send("/gesture", i / 40, 0.5)  # the performer keeps playing throughout
-        status = performer.status()  # a barrier: every /hello has been answered
-        for other in others:
-            refusals += [reason for _, _, (_, reason) in other.receive(0.02, "/error")]
+        status = performer.status()  # a barrier: every /hello has been handled
+        expected = 40 - (osc_output.MAX_DESTINATIONS - 2)  # 1 configured + the performer
+        end = time.monotonic() + 10
+        while len(refusals) < expected and time.monotonic() < end:  # the replies, however late they are read
+            for other in others:
+                refusals += [reason for _, _, (_, reason) in other.receive(0.01, "/error")]
+        for other in others:  # and no more than that
+            refusals += [reason for _, _, (_, reason) in other.receive(0.01, "/error")]
         performer.send("/gesture", 0.25, 0.75)
-        assert performer.receive(2.0, "/prediction", count=1), "the /hello flood took the performer's output"
+        assert performer.receive(10.0, "/prediction", count=1), "the /hello flood took the performer's output"
         assert status["osc_destinations"] == osc_output.MAX_DESTINATIONS
-        assert len(refusals) == 40 - (osc_output.MAX_DESTINATIONS - 2)  # 1 configured + the performer
+        assert len(refusals) == expected
         assert all("destination list is full" in reason for reason in refusals)
     finally:
         assert srv.stop() == 0
@@ -256,9 +265,9 @@ def test_a_bundle_carries_at_most_its_cap_and_the_rest_is_refused_once() -> None
 class SlowControls(FakeControls):
     """An engine whose every control costs ~10 us, so 16,000 of them are ~0.2 s of work."""
 
-    def set_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_temperature(self, value: float, voice: int | None = None, route: object = None) -> None:
         sum(range(2000))
-        super().set_temperature(value, voice)
+        super().set_temperature(value, voice, route)
 
 
 def test_a_batch_of_heavy_datagrams_is_worked_through_in_slices(server: Server, client: Client) -> None:

@@ -370,6 +370,40 @@ PD_LEARN_HELPER = "#N canvas 0 0 400 400 12;\n" + "".join(
 ) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_DISPLAYS)))
 
 
+class Lines:
+    """A process's output, read on a thread as it comes, so a test waits for what it expects (then stops
+    the process) instead of sleeping a fixed time and hoping the process had got there."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._proc, self._lines, self._changed = proc, [], threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+
+    def wait(self, pattern: str, count: int = 1, seconds: float = 15.0) -> bool:
+        """Until ``count`` lines match ``pattern`` (a regex) or ``seconds`` pass; whether they did."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return self._changed.wait_for(lambda: sum(bool(regex.search(line)) for line in self._lines) >= count,
+                                          seconds)
+
+    def stop(self) -> str:
+        """Terminate the process; everything it wrote."""
+        self._proc.terminate()
+        try:
+            self._proc.wait(15)
+        finally:
+            if self._proc.poll() is None:
+                self._proc.kill()
+        self._thread.join(15)
+        return "".join(self._lines)
+
+
 def osc_message(address: str, *args) -> bytes:
     from pythonosc.osc_message_builder import OscMessageBuilder
 
@@ -405,6 +439,7 @@ def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
            "-send", "antiphon-learn-seconds 5", "-send", "antiphon-learn bang", "-send", "antiphon-learn-stop bang"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
     got, sender = [], None
     try:
         try:
@@ -420,10 +455,9 @@ def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
             fake.sendto(osc_message("/learn/progress", 0.5, -9.25), ("127.0.0.1", listen_port))
             fake.sendto(osc_message("/learn/done", "default-learn-x", -8.5, -9.75, 1), ("127.0.0.1", listen_port))
             fake.sendto(osc_message("/error", "/learn", "too few performer events"), sender)
-            time.sleep(1.5)
+            lines.wait(r"^(SHOWN-|antiphon-learn: |antiphon-error: )", count=len(PD_DISPLAYS) + 2)
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=15)[0]
+        out = lines.stop()
         fake.close()
     for problem in ("can't open", "couldn't create"):
         assert problem not in out, f"pd reported '{problem}':\n{out}"
@@ -471,6 +505,7 @@ def test_pd_patch_subscribes_to_surprise_and_shows_it(tmp_path):
            "-send", "antiphon-hello bang"]  # what clicking hello does: a second /subscribe
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
     got = []
     try:
         try:
@@ -487,10 +522,9 @@ def test_pd_patch_subscribes_to_surprise_and_shows_it(tmp_path):
                 time.sleep(0.3)
                 fake.sendto(osc_message("/prediction", 0.5, 0.5), to_patch)  # cutoff applies on the pluck
                 time.sleep(0.3)
-            time.sleep(0.5)
+            lines.wait(r"^SHOWN-", count=2 * len(PD_SURPRISE_DISPLAYS))
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=15)[0]
+        out = lines.stop()
         fake.close()
     for problem in ("can't open", "couldn't create"):
         assert problem not in out, f"pd reported '{problem}':\n{out}"
@@ -515,7 +549,10 @@ PD_MODEL_DISPLAYS = ("model-x", "model-y", "model-cutoff")
 PD_MODEL_HELPER = "#N canvas 0 0 400 400 12;\n" + "".join(
     f"#X obj 20 {20 + 60 * i} r antiphon-{name};\n#X obj 20 {45 + 60 * i} print SHOWN-{name.upper()};\n"
     for i, name in enumerate(PD_MODEL_DISPLAYS)
-) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_MODEL_DISPLAYS)))
+) + "".join(f"#X connect {2 * i} 0 {2 * i + 1} 0;\n" for i in range(len(PD_MODEL_DISPLAYS))) + (
+    # opened after antiphon.pd: when it says so, both are loaded and listening
+    f"#X obj 250 20 loadbang;\n#X obj 250 45 print HELPER-READY;\n"
+    f"#X connect {2 * len(PD_MODEL_DISPLAYS)} 0 {2 * len(PD_MODEL_DISPLAYS) + 1} 0;\n")
 
 
 def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
@@ -545,20 +582,15 @@ def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
     try:
-        fake.settimeout(15)
-        try:
-            fake.recvfrom(65536)  # the patch is up: it said /hello
-        except socket.timeout:
-            pass
-        time.sleep(0.3)
+        lines.wait(r"^HELPER-READY")  # both patches are loaded (the patch said /hello already)
         for packet, _, _ in sent:
             fake.sendto(packet, ("127.0.0.1", listen_port))
             time.sleep(0.2)
-        time.sleep(0.5)
+        lines.wait(r"^SHOWN-", count=len(PD_MODEL_DISPLAYS) * len(sent))
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=15)[0]
+        out = lines.stop()
         fake.close()
     for problem in ("can't open", "couldn't create", "error", "mismatch"):
         assert problem not in out, f"pd reported '{problem}':\n{out}"

@@ -159,22 +159,27 @@ def test_observe_is_deterministic(folder):
 # --------------------------------------------------------------------------- --seed on the real server
 
 
-def generate_performance(tmp_path, seed: int, n: int = 60) -> list[tuple[float, ...]]:
-    """The first ``n`` /prediction messages of `run --mode generate --seed <seed>`, and its late drops."""
-    peer = OscPeer()
-    srv = start_server(tmp_path / f"logs-{seed}-{len(list(tmp_path.iterdir()))}", "--mode", "generate", "--seed", str(seed),
-                       "--timescale", "0.01", "--send", f"127.0.0.1:{peer.port}")
-    peer.target = ("127.0.0.1", srv.port)
-    try:
-        got = peer.receive(20.0, "/prediction", count=n)
-        late = peer.status().get("late_dropped", 0)
-    finally:
-        assert srv.stop() == 0
-        peer.close()
-    assert len(got) == n, f"only {len(got)} predictions"
-    # Skipped late events (a stalled machine) change what follows; if this fires, rerun on a quieter machine.
-    assert late == 0, f"{late} late events were dropped, so this run is not comparable"
-    return [tuple(args) for _, _, args in got]
+def generate_performance(tmp_path, seed: int, n: int = 60, attempts: int = 3) -> list[tuple[float, ...]]:
+    """The first ``n`` /prediction messages of `run --mode generate --seed <seed>`.
+
+    An event dropped late (a stall of the machine) is missing from what is played, so such a run is not
+    comparable: it is run again, up to ``attempts`` times.
+    """
+    for _ in range(attempts):
+        peer = OscPeer()
+        srv = start_server(tmp_path / f"logs-{seed}-{len(list(tmp_path.iterdir()))}", "--mode", "generate",
+                           "--seed", str(seed), "--timescale", "0.01", "--send", f"127.0.0.1:{peer.port}")
+        peer.target = ("127.0.0.1", srv.port)
+        try:
+            got = peer.receive(20.0, "/prediction", count=n)
+            late = peer.status().get("late_dropped", 0)
+        finally:
+            assert srv.stop() == 0
+            peer.close()
+        assert len(got) == n, f"only {len(got)} predictions"
+        if late == 0:
+            return [tuple(args) for _, _, args in got]
+    raise AssertionError(f"{attempts} runs each had late events dropped, so none is comparable")
 
 
 def test_seed_reproduces_a_generate_performance(tmp_path):

@@ -118,14 +118,14 @@ def test_a_voices_own_temperatures_reach_its_sampler_and_no_other_voice(model, n
     loop, engine, played = engine_for(model, per_sender=True)
     for route in (A, B, C):
         engine.perform(0.5, 0.5, route=route)  # voices 0, 1, 2
-    engine.set_temperature(0.0, 0)  # voice 0: greedy
-    engine.set_sigma_temperature(0.0, 0)
-    engine.set_sigma_temperature(0.0, 1)  # voice 1: the components' means, picked at the global temperature 1
-    engine.set_temperature(0.0, 2)  # voice 2: the likeliest component, still spread by the global sigma 1
+    engine.set_temperature(0.0, 0, A)  # voice 0: greedy (each voice set by its own sender)
+    engine.set_sigma_temperature(0.0, 0, A)
+    engine.set_sigma_temperature(0.0, 1, B)  # voice 1: the components' means, picked at the global temperature 1
+    engine.set_temperature(0.0, 2, C)  # voice 2: the likeliest component, still spread by the global sigma 1
     takes: dict[int, list[list[tuple[float, float, float]]]] = {0: [], 1: [], 2: []}
     for _ in range(3):
-        for n in takes:
-            engine.reset(n)
+        for n, route in zip(takes, (A, B, C)):
+            engine.reset(n, route)
         before = {n: len(played.model(n)) for n in takes}
         play_phrase(loop, engine, (A, B, C))
         for n in takes:
@@ -199,10 +199,10 @@ def test_a_voices_own_temperatures_reach_its_mixture_and_no_other_voice(model, n
     loop, engine, played = engine_for(model, per_sender=True, watch=True)
     for route in (A, B):
         engine.perform(0.5, 0.5, route=route)
-    engine.set_sigma_temperature(0.5, 0)
-    engine.set_temperature(0.5, 1)
-    engine.reset(0)
-    engine.reset(1)
+    engine.set_sigma_temperature(0.5, 0, A)
+    engine.set_temperature(0.5, 1, B)
+    engine.reset(0, A)
+    engine.reset(1, B)
     loop.advance(1.0)
     played.mixtures.clear()
     play_phrase(loop, engine, (A, B))  # both voices hear the same phrase: the same state, their own temperatures

@@ -92,7 +92,7 @@ def test_a_voices_own_temperature_0_answers_a_phrase_the_same_way_every_time(tmp
         wait_for(a, lambda s: s["voice0_temperature"] == 0.0, "voice 0's temperature")
         takes_a = [take(a, 0, "/prediction", len(PHRASE)) for _ in range(3)]
         takes_b = [take(b, 1, "/prediction", len(PHRASE)) for _ in range(3)]
-        before = a.status()
+        before = a.status("all")  # both voices' keys: asked from loopback
         # voice 1 follows the global temperature; set it to 0 and voice 1 answers as voice 0 does
         b.send("/temperature", 0.0)
         wait_for(b, lambda s: s["temperature"] == 0.0, "the global temperature")

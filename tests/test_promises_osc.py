@@ -200,9 +200,9 @@ def test_one_wake_up_works_at_most_2_ms_then_lets_due_timers_run(monkeypatch: py
     monkeypatch.setattr(osc_proto, "time", SimpleNamespace(perf_counter=work, monotonic=time.monotonic))
 
     class Costly(FakeControls):
-        def set_temperature(self, value: float, voice: int | None = None) -> None:
+        def set_temperature(self, value: float, voice: int | None = None, route: object = None) -> None:
             work.now += 0.0003
-            super().set_temperature(value, voice)
+            super().set_temperature(value, voice, route)
 
     loop = FakeLoop()
     protocol, controls, _ = protocol_on(controls=Costly(), loop=loop)  # type: ignore[arg-type]
@@ -347,19 +347,28 @@ def test_each_stream_sends_at_most_30_a_second_per_destination_after_a_burst_of_
     assert sent(a) == 61  # a long rest gives back a burst of 30, not more
 
 
-def test_a_stream_holds_32_subscribers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The code's figure (the README does not state it): the 33rd `/subscribe` to one stream is refused."""
+def test_a_stream_holds_32_subscribers_and_the_idlest_makes_room_for_a_newcomer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: a stream holds 32 subscribers; a full one makes room for a sender with none there by dropping
+    the idlest (counted), and refuses a sender that already has one there."""
     protocol, _, sock = protocol_on(monkeypatch, Clock())
     subscribers = [("127.0.0.1", 4000 + i) for i in range(33)]
-    protocol.datagrams_received([arrived("/subscribe", "surprise", sender=s) for s in subscribers])
-    assert len(protocol.output.streams.subscribers("surprise")) == 32
-    [(address, reason)] = replies(sock, "/error", subscribers[-1])
+    protocol.datagrams_received([arrived("/subscribe", "surprise", sender=s, at=float(i))
+                                 for i, s in enumerate(subscribers[:32])])
+    protocol.datagrams_received([arrived("/gesture", 0.5, 0.5, sender=subscribers[0], at=40.0)])  # still there
+    protocol.datagrams_received([arrived("/subscribe", "surprise", sender=subscribers[32], at=41.0)])
+    streams = protocol.output.streams
+    assert len(streams.subscribers("surprise")) == 32
+    assert subscribers[32] in streams.subscribers("surprise") and subscribers[1] not in streams.subscribers("surprise")
+    assert subscribers[0] in streams.subscribers("surprise")  # heard at 40: not the idlest
+    assert protocol.stats.subscribers_evicted == 1 and replies(sock, "/error") == []
+    protocol.datagrams_received([arrived("/subscribe", "surprise", 5000, sender=subscribers[32], at=42.0)])
+    [(address, reason)] = replies(sock, "/error", subscribers[32])  # it has one there: no second eviction
     assert address == "/subscribe" and "32 subscribers" in reason
-    assert replies(sock, "/error", subscribers[0]) == []
+    assert protocol.stats.subscribers_evicted == 1
     protocol.datagrams_received([arrived("/subscribe", "mixture", sender=subscribers[-1])])
-    assert protocol.output.streams.subscribers("mixture") == (subscribers[-1],)  # another stream has room
+    assert streams.subscribers("mixture") == (subscribers[-1],)  # another stream has room
     with pytest.raises(StreamsFull):
-        protocol.output.streams.add("surprise", ("127.0.0.1", 5000))
+        streams.add("surprise", ("127.0.0.1", 5000), subscribers[32])
 
 
 def test_status_is_pushed_4_times_a_second_on_the_loops_clock(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,7 +56,7 @@ def test_a_huge_timescale_then_a_normal_one_resumes_at_once(tmp_path):
     srv = start_server(tmp_path, "--send", f"127.0.0.1:{peer.port}", "--mode", "generate", "--timescale", "0.05")
     peer.target = ("127.0.0.1", srv.port)
     try:
-        assert peer.receive(2.0, "/prediction", count=3)
+        assert peer.receive(10.0, "/prediction", count=3)
         peer.send("/timescale", 1e6)
         peer.status()
         peer.drain(0.3)
@@ -74,6 +74,7 @@ def test_after_a_stall_queued_gestures_keep_their_spacing_and_are_not_answered_i
     peer = OscPeer()
     srv = start_server(tmp_path, "--send", f"127.0.0.1:{peer.port}", "--timescale", "0.01")
     peer.target = ("127.0.0.1", srv.port)
+    sent: list[tuple[float, float]] = []  # (just before, just after) each send, Unix time: the log's clock
     try:
         peer.status()
         os.kill(srv.proc.pid, signal.SIGSTOP)
@@ -81,25 +82,34 @@ def test_after_a_stall_queued_gestures_keep_their_spacing_and_are_not_answered_i
             start = time.monotonic()
             for i in range(25):  # 25 gestures, 20 ms apart, while the server is stopped
                 time.sleep(max(0.0, start + i * 0.02 - time.monotonic()))
+                before = time.time()
                 peer.send("/gesture", 0.2 + 0.02 * i, 0.5)
+                sent.append((before, time.time()))
             time.sleep(0.5)
         finally:
             os.kill(srv.proc.pid, signal.SIGCONT)
-        got = peer.receive(1.0, "/prediction")
-        status = peer.status()
+        # Wait until every gesture is in and nothing is pending (not a fixed wait): then each answer is
+        # accounted for, played or dropped.
+        end = time.monotonic() + 10
+        while (status := peer.status())["inputs"] < 25 or status["pending"]:
+            assert time.monotonic() < end, status
+            time.sleep(0.05)
         assert status["inputs"] == 25
         # their answers fell due during the stall: dropped and counted, not played as a burst of 25
-        assert len(got) + status["late_dropped"] + status["rate_dropped"] == 25
-        assert len(got) <= 3 and status["late_dropped"] >= 22
+        assert status["outputs"] + status["late_dropped"] + status["rate_dropped"] == 25
+        assert status["outputs"] <= 3 and status["late_dropped"] >= 22
     finally:
         assert srv.stop() == 0
         peer.close()
     (log,) = srv.logs()
     rows = [r for r in csv.reader(log.read_text().splitlines()[1:]) if r[1] == "performer"]
     times = [float(r[0]) for r in rows]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    # logged at arrival (the kernel's stamp), so the 20 ms spacing survives the stall
-    assert len(times) == 25 and sum(gaps) == pytest.approx(0.48, abs=0.1)
+    # logged at arrival (the kernel's stamp), so the 20 ms spacing survives the stall: each is logged at
+    # its send, give or take the server's clock conversions (a time taken when the server woke would be
+    # 0.5 s or more after it)
+    assert len(times) == 25
+    for logged, (before, after) in zip(times, sent):
+        assert before - 0.02 <= logged <= after + 0.02, (logged, before, after)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
@@ -110,7 +120,7 @@ def test_stop_signals_end_the_run_cleanly(tmp_path, sig):
     for i in range(10):
         peer.send("/gesture", i / 10, 0.5)
         time.sleep(0.01)
-    assert len(peer.receive(2.0, "/prediction", count=10)) == 10
+    assert len(peer.receive(10.0, "/prediction", count=10)) == 10
     assert srv.stop(sig) == 0
     peer.close()
     assert any(line.startswith("stopped: 10 inputs") for line in srv.output)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import struct
 import sys
@@ -34,7 +35,7 @@ def closed_port() -> int:
 
 
 def play(performer: OscPeer, count: int, spacing: float = 0.025, start_at: float = 0.0) -> None:
-    """`count` gestures `spacing` apart (under the streams' 60 a second, so none is skipped)."""
+    """`count` gestures `spacing` apart (at most 20, inside the streams' burst of 30, so none is skipped)."""
     start = time.monotonic()
     for i in range(count):
         time.sleep(max(0.0, start + i * spacing - time.monotonic()))
@@ -50,7 +51,7 @@ def subscribe(server_port: int, *streams: str) -> OscPeer:
     return peer
 
 
-def dropped_within(performer: OscPeer, expected: int, seconds: float) -> float | None:
+def dropped_within(performer: OscPeer, expected: int, seconds: float = 10.0) -> float | None:
     """Play on until /status counts `expected` dropped subscriptions; how long that took, or None."""
     start = time.monotonic()
     i = 0
@@ -77,24 +78,24 @@ def test_a_subscriber_that_closes_is_dropped_and_the_engine_stops_computing_for_
         second = subscribe(srv.port, "mixture", "surprise")
         play(performer, 5)
         for peer in (first, second):
-            got = peer.receive(2.0, count=10)
+            got = peer.receive(10.0, count=10)
             assert {address for _, address, _ in got} == {"/mixture", "/surprise"}, got
 
         first.close()  # killed without a word
-        assert dropped_within(performer, 2, 1.0) is not None, "the closed subscriber was not dropped within a second"
+        assert dropped_within(performer, 2) is not None, "the closed subscriber was not dropped"
         status = performer.status()
         assert status["osc_subscribers_dropped"] == 2 and status["osc_send_errors"] == 0
         second.drain(0.2)
         play(performer, 5, start_at=0.1)
-        got = [address for _, address, _ in second.receive(2.0, count=10)]  # the other one is served as before
+        got = [address for _, address, _ in second.receive(10.0, count=10)]  # the other one is served as before
         assert got.count("/mixture") >= 3 and got.count("/surprise") >= 3, got  # (a stalled loop may skip one)
 
         second.close()
-        assert dropped_within(performer, 4, 1.0) is not None
+        assert dropped_within(performer, 4) is not None
         performer.drain(0.2)
         before = performer.status()
         play(performer, 20, start_at=0.2)
-        assert len(performer.receive(2.0, "/prediction", count=20)) == 20
+        assert len(performer.receive(10.0, "/prediction", count=20)) == 20
         after = performer.status()
         # Sent meanwhile: the 20 answers and the reply to the first /status, nothing for the dead ports.
         assert after["osc_sent"] - before["osc_sent"] == 20 + 1
@@ -122,12 +123,11 @@ def test_a_live_destination_misses_no_prediction_beside_dead_ones(tmp_path):
         dead = subscribe(srv.port, "mixture", "surprise", "prediction")
         dead.close()
         count = 50
-        start = time.monotonic()
         for i in range(count):  # paced like a performer, under max_rate (a burst would be coalesced)
-            time.sleep(max(0.0, start + i * 0.008 - time.monotonic()))
             performer.send("/gesture", i / count, 0.5)
-        assert len(performer.receive(3.0, "/prediction", count=count)) == count
-        assert len(listener.receive(3.0, "/prediction", count=count)) == count
+            time.sleep(0.008)  # after each send, not an absolute schedule: a delayed sender never catches up in a burst
+        assert len(performer.receive(10.0, "/prediction", count=count)) == count
+        assert len(listener.receive(10.0, "/prediction", count=count)) == count
         status = performer.status()
         assert status["outputs"] == count and status["osc_send_errors"] == 0
         assert status["osc_subscribers_dropped"] == 3  # the dead subscriber; the dead --send stays
@@ -208,6 +208,27 @@ def run(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
     loop.run_until_complete(asyncio.sleep(seconds))
 
 
+def run_until(loop: asyncio.AbstractEventLoop, condition, seconds: float = 5.0) -> None:
+    """Run the loop until ``condition()`` holds (or fail after ``seconds``), then a few more turns: a
+    report that came twice would show."""
+
+    async def wait() -> None:
+        end = loop.time() + seconds
+        while not condition():
+            assert loop.time() < end, "timed out"
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
+
+    loop.run_until_complete(wait())
+
+
+def await_error(sock: socket.socket, seconds: float = 5.0) -> None:
+    """Wait until an ICMP error is pending on ``sock`` (POLLERR; nothing is read): the reply is back."""
+    poller = select.poll()
+    poller.register(sock, select.POLLERR)
+    assert poller.poll(seconds * 1000), "no ICMP error arrived"
+
+
 @linux_only
 @pytest.mark.parametrize("stamped", [True, False])
 def test_the_transport_reports_closed_ports_and_loses_no_datagram(stamped: bool) -> None:
@@ -228,11 +249,12 @@ def test_the_transport_reports_closed_ports_and_loses_no_datagram(stamped: bool)
         for i in range(3):
             protocol.sending = True
             transport.sendto(b"to the dead", dead)
-            time.sleep(0.01)  # the ICMP reply is back
+            await_error(sock)  # an ICMP reply is back (the first; the error queue is read at the loop's next turn)
+            time.sleep(0.01)  # and, after the first round, room for this round's
             transport.sendto(b"live %d" % i, live.getsockname())
             protocol.sending = False
             assert live.recv(100) == b"live %d" % i
-        run(loop, 0.05)
+        run_until(loop, lambda: protocol.closed)
         assert protocol.closed == [dead] and protocol.errors == []  # at the loop's next turn, once
 
         # Reading: the error pending fails the first read; one wake-up still reads every datagram behind it.
@@ -243,7 +265,8 @@ def test_the_transport_reports_closed_ports_and_loses_no_datagram(stamped: bool)
         transport.sendto(b"to the dead", dead)
         for i in range(2, 5):
             client.sendto(b"in %d" % i, sock.getsockname())
-        time.sleep(0.05)
+        await_error(sock)
+        time.sleep(0.05)  # loopback delivers at once; this is only room for a slow softirq
         transport._read_ready()  # one wake-up
         assert protocol.batches == [[b"in %d" % i for i in range(5)]]
         assert protocol.closed == [dead] and protocol.errors == []
@@ -253,9 +276,9 @@ def test_the_transport_reports_closed_ports_and_loses_no_datagram(stamped: bool)
         # finds no datagram: the queue is read all the same, and the socket is quiet again (no busy loop).
         protocol.closed.clear()
         transport.sendto(b"to the dead", dead)
-        time.sleep(0.01)
+        await_error(sock)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
-        run(loop, 0.05)
+        run_until(loop, lambda: protocol.closed)
         assert protocol.closed == [dead] and protocol.batches == [[b"in %d" % i for i in range(5)]]
         calls = 0
         read_ready = transport._read_ready
@@ -314,7 +337,7 @@ def test_any_icmp_error_pending_costs_no_datagram_and_only_a_closed_port_is_repo
     try:
         # "Host unreachable" about an earlier send fails the next one, to a live destination: sent anyway.
         forge_unreachable(raw, port, far, 1)
-        time.sleep(0.01)
+        await_error(sock)
         protocol.sending = True
         transport.sendto(b"live", live.getsockname())
         protocol.sending = False
@@ -325,14 +348,15 @@ def test_any_icmp_error_pending_costs_no_datagram_and_only_a_closed_port_is_repo
         forge_unreachable(raw, port, far, 1)
         for i in range(3):
             client.sendto(b"in %d" % i, sock.getsockname())
-        time.sleep(0.05)
+        await_error(sock)
+        time.sleep(0.05)  # loopback delivers at once; this is only room for a slow softirq
         transport._read_ready()
         assert protocol.batches == [[b"in 0", b"in 1", b"in 2"]]
         transport.resume_reading()
 
         # Only "port unreachable" names a closed port: the datagram's destination, not the router.
         forge_unreachable(raw, port, far, 3)
-        run(loop, 0.05)
+        run_until(loop, lambda: protocol.closed)
         assert protocol.closed == [far] and protocol.errors == []
     finally:
         transport.close()
@@ -361,14 +385,14 @@ def test_a_dual_stack_socket_reports_an_ipv4_peer_as_it_keys_senders() -> None:
     client.bind(("127.0.0.1", 0))
     try:
         client.sendto(b"hello", ("127.0.0.1", sock.getsockname()[1]))
-        run(loop, 0.05)
+        run_until(loop, lambda: protocol.batches)
         assert protocol.batches == [[b"hello"]]
         addr = protocol.senders[0]
         sender = (addr[0], addr[1])  # how the protocol keys this sender, and so its subscriptions
         assert sender == ("::ffff:127.0.0.1", client.getsockname()[1])
         client.close()
         transport.sendto(b"anyone?", sender)
-        run(loop, 0.05)
+        run_until(loop, lambda: protocol.closed)
         assert protocol.closed == [sender]
     finally:
         transport.close()

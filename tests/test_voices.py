@@ -20,7 +20,7 @@ from server.live.modes import Mode
 from server.live.voices import VoiceOptions, VoicePolicy
 from server.model.predictor import Predictor
 from tests.rig import VirtualLoop, build_engine
-from tests.test_engine import DEFAULT, REPO, Spy
+from tests.test_engine import DEFAULT, Spy
 
 A, B = ("127.0.0.1", 9001), ("127.0.0.1", 9002)
 
@@ -118,21 +118,21 @@ def test_reset_naming_a_voice_leaves_the_others_alone(predictor):
     play(loop, engine, {A: circle, B: zigzag}, 10)
     a_state = engine.voice(0).predictor.state.copy()
     b_state = engine.voice(1).predictor.state.copy()
-    engine.reset(1)
+    engine.reset(1, route=B)  # B's own voice
     assert (engine.voice(0).predictor.state == a_state).all()
     assert not engine.voice(1).predictor.state.any() and engine.voice(1).fresh
     assert (b_state != 0).any()
     engine.reset()  # no voice: every voice
     assert not engine.voice(0).predictor.state.any()
     with pytest.raises(ControlError, match="not playing"):
-        engine.reset(5)
+        engine.reset(5, route=B)
 
 
 def test_mode_and_temperature_per_voice_override_the_global_ones(predictor):
     loop, engine, sent = make(predictor)
     play(loop, engine, {A: circle, B: zigzag}, 3)
-    engine.set_mode("generate", 1)
-    engine.set_temperature(0.0, 1)
+    engine.set_mode("generate", 1, route=B)  # B's own voice
+    engine.set_temperature(0.0, 1, route=B)
     engine.set_mode("listen")  # global: voice 0 stops answering; voice 1 keeps its own mode
     before = len(sent.model(0))
     loop.advance(5.0)
@@ -152,7 +152,9 @@ def test_voices_are_limited_and_refusals_counted(predictor):
         engine.perform(0.5, 0.5, route=("127.0.0.1", 9003))
     with pytest.raises(ControlError, match="voice must be 0-1"):
         engine.perform(0.5, 0.5, voice=2)
-    engine.perform(0.5, 0.5, voice=1, route=("127.0.0.1", 9003))  # an existing voice by number: fine
+    engine.perform(0.5, 0.5, voice=1, route=B)  # its own voice by number: fine
+    with pytest.raises(ControlError, match="belongs to another sender"):  # another's: refused (test_ownership.py)
+        engine.perform(0.5, 0.5, voice=1, route=("127.0.0.1", 9003))
     assert engine.counts["voices_refused"] == 1 and engine.status()["voices"] == 2
 
 

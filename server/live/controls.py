@@ -9,11 +9,19 @@ an `/error` reply and the engine keeps its previous state.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from enum import Enum
 from typing import Any, Protocol
 
 
 class ControlError(ValueError):
     """A control request was refused; the message says why and is safe to send to a client."""
+
+
+class Shown(Enum):
+    """Whose voices `Controls.status` lists, when not an asker's own: every voice's, or none."""
+
+    ALL = "all"  # in-process callers, and `/status all` asked from loopback
+    NONE = "none"  # the pushed status stream: its subscribers may be anywhere
 
 
 class Controls(Protocol):
@@ -28,11 +36,18 @@ class Controls(Protocol):
         it (an OSC sender `(host, port)`, a MIDI channel as text): with voices
         per-sender it finds the voice when no number is given, and the voice's output
         goes back there.
+
+        Ownership (voices per-sender): a voice belongs to the route that opened it, by
+        its first event or by number, and answers to nobody else; naming another
+        route's voice raises ControlError and changes nothing. A route opens at most
+        `max_voices_per_sender` voices. `route` None is an identity too (an in-process
+        caller), never a pass.
         """
 
-    def set_temperature(self, value: float, voice: int | None = None) -> None: ...
+    def set_temperature(self, value: float, voice: int | None = None, route: Hashable | None = None) -> None:
+        """The global temperature, or (with a voice) that voice's own, if `route` owns it."""
 
-    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None: ...
+    def set_sigma_temperature(self, value: float, voice: int | None = None, route: Hashable | None = None) -> None: ...
 
     def set_timescale(self, value: float) -> None: ...
 
@@ -40,10 +55,10 @@ class Controls(Protocol):
 
     def set_threshold(self, seconds: float) -> None: ...
 
-    def set_mode(self, name: str, voice: int | None = None) -> None: ...
+    def set_mode(self, name: str, voice: int | None = None, route: Hashable | None = None) -> None: ...
 
-    def reset(self, voice: int | None = None) -> None:
-        """Zero the RNN state (of one voice, or of all) and cancel what it scheduled."""
+    def reset(self, voice: int | None = None, route: Hashable | None = None) -> None:
+        """Zero the RNN state (of one voice `route` owns, or of all) and cancel what it scheduled."""
 
     def set_paused(self, paused: bool) -> None: ...
 
@@ -62,5 +77,10 @@ class Controls(Protocol):
     def stop_learning(self) -> None:
         """End a running fine-tune early, keeping the best so far (ControlError if none runs)."""
 
-    def status(self) -> dict[str, Any]:
-        """Key/value pairs for `/status` (str, int or float values)."""
+    def status(self, asker: Hashable | None = Shown.ALL) -> dict[str, Any]:
+        """Key/value pairs for `/status` (str, int or float values).
+
+        With voices per-sender, the per-voice keys (`voice<n>_*`) are those of the
+        voices `asker` (a route, as `perform` takes) owns; `Shown.ALL` lists every
+        voice's, `Shown.NONE` none. The rest, with the count of voices, is the same for all.
+        """

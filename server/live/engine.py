@@ -6,7 +6,9 @@ what it plays to the outputs it was built with (`server.live.outputs`). The engi
 never touches a socket and nothing assigns to it from outside: outputs, the streams'
 sink, status sources and the learner are handed in at construction.
 
-Mode and temperatures are global unless a voice overrides them. Controls that change
+Mode and temperatures are global unless a voice overrides them; a control naming a
+voice applies only if the route asking owns it (`server.live.voices`), while a control
+without one is global and anyone's. Controls that change
 timing (`/timescale`, `/lookahead`) reschedule what is pending; `/reset` cancels what
 was scheduled from the old state before zeroing it; a model swap is read and built
 off the loop (`server.live.swap`) and every voice starts afresh on it.
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from server.live import settings as limits
-from server.live.controls import ControlError
+from server.live.controls import ControlError, Shown
 from server.live.learning import Learner
 from server.live.modes import parse_mode
 from server.live.outputs import Outputs, Sink
@@ -134,19 +136,19 @@ class Engine:
         self.counts["inputs"] += 1
         v.hear(x, y, at, now)
 
-    def set_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_temperature(self, value: float, voice: int | None = None, route: Hashable | None = None) -> None:
         value = limits.at_least(value, "temperature", 0.0)
         if voice is None:
             self.settings.temperature = value
         else:
-            self._voices.existing(voice).temperature = value
+            self._voices.existing(voice, route).temperature = value
 
-    def set_sigma_temperature(self, value: float, voice: int | None = None) -> None:
+    def set_sigma_temperature(self, value: float, voice: int | None = None, route: Hashable | None = None) -> None:
         value = limits.at_least(value, "sigma_temperature", 0.0)
         if voice is None:
             self.settings.sigma_temperature = value
         else:
-            self._voices.existing(voice).sigma_temperature = value
+            self._voices.existing(voice, route).sigma_temperature = value
 
     def set_timescale(self, value: float) -> None:
         self.settings.timescale = limits.timescale(value)
@@ -163,13 +165,13 @@ class Engine:
         for v in self._voices:
             v.rearm_takeover()
 
-    def set_mode(self, name: str, voice: int | None = None) -> None:
+    def set_mode(self, name: str, voice: int | None = None, route: Hashable | None = None) -> None:
         try:
             mode = parse_mode(name)
         except ValueError as e:
             raise ControlError(str(e)) from None
         if voice is not None:
-            self._voices.existing(voice).set_mode(mode)
+            self._voices.existing(voice, route).set_mode(mode)
             return
         if mode is self.settings.mode:
             return
@@ -178,9 +180,10 @@ class Engine:
             if v.own_mode is None:
                 v.restart()
 
-    def reset(self, voice: int | None = None) -> None:
-        """A fresh start (of one voice, or all): nothing scheduled from the old state plays, and the state is zero."""
-        for v in self._voices.targets(voice):
+    def reset(self, voice: int | None = None, route: Hashable | None = None) -> None:
+        """A fresh start (of one voice `route` owns, or all): nothing scheduled from the old state plays, and the
+        state is zero."""
+        for v in self._voices.targets(voice, route):
             v.reset()
 
     def set_paused(self, paused: bool) -> None:
@@ -201,14 +204,16 @@ class Engine:
         """Start a fine-tune of the playing model on this session's playing (see `server.live.learning`)."""
         if self._learner is None:
             raise ControlError("learning is not available in this server")
-        self._learner.start(seconds, self.model_name, self.model_folder, self.counts["inputs"], self.load_model)
+        self._learner.start(seconds, self.model_name, self.model_folder, self.counts["inputs"], self._swap.load,
+                            playing=self._swap.playing)
 
     def stop_learning(self) -> None:
         if self._learner is None:
             raise ControlError("learning is not available in this server")
         self._learner.stop()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, asker: Hashable | None = Shown.ALL) -> dict[str, Any]:
+        """`/status`: the same for all, then the per-voice keys of the voices `asker` owns (see `Controls.status`)."""
         s = self.settings
         now = self._loop.time()
         voices = self._voices
@@ -232,8 +237,8 @@ class Engine:
             **micro("late_us", self.lateness.percentiles((50, 99))),
             "uptime_s": round(now - self._started, 1),
         }
-        if voices.options.per_sender:
-            for n, v in voices.numbered():
+        if voices.options.per_sender and asker is not Shown.NONE:
+            for n, v in voices.numbered() if asker is Shown.ALL else voices.owned_by(asker):
                 items.update((f"voice{n}_{key}", value) for key, value in zip(VOICE_STATUS_KEYS, v.status(now)))
         if self._learner is not None:
             items.update(self._learner.status())

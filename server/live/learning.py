@@ -5,6 +5,15 @@ thread, at SCHED_IDLE (CPU the server does not want), and a crash there cannot
 touch the music. The loop only reads the child's JSON lines (progress, result) from a
 pipe as they come, never waits on it, and on a better model asks the engine to swap
 it in (the swap itself is read off the loop too). No TensorFlow is imported here.
+
+Judged against what plays: the fine-tune beat its parent, so it may replace only its
+parent. `/learn` is refused while a model is loading (the playing model is about to
+change); at the end the candidate is swapped in only if the very model it was trained
+from (the same install, by generation: a name can be loaded again) still plays, with no
+other load in flight, and the swap itself is conditional on that until it lands. Else
+nothing changes: `/error /learn <why>` to every destination, `/learn/done <parent>
+nll_before nll_after 0`, and `learn_last` in /status says why; the new model stays on
+disk, loadable by name.
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.live.controls import ControlError
+
+if TYPE_CHECKING:
+    from server.live.swap import Playing
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +43,7 @@ MAX_SECONDS = 3600.0
 NAME_BUDGET = 40  # characters of the parent's name kept in the new model's name
 
 Notify = Callable[..., None]  # (address, *args): an OSC message to every destination
-Swap = Callable[[str, Callable[[str], None], Callable[[], None]], None]  # (model name, on_error, on_loaded)
+Swap = Callable[..., None]  # (model name, on_error, on_loaded[, only_over=generation]): ModelSwap.load
 
 
 @dataclass
@@ -76,10 +88,15 @@ class Learner:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def start(self, seconds: float, parent: str, folder: Path, performer_events: int, swap: Swap) -> None:
+    def start(self, seconds: float, parent: str, folder: Path, performer_events: int, swap: Swap,
+              playing: Callable[[], Playing] | None = None) -> None:
         """Fine-tune ``parent`` (the playing model, from ``folder``) on this session's performer events.
 
-        ``swap(name, on_error, on_loaded)`` loads the result if it is better. ControlError if it cannot start.
+        ``swap(name, on_error, on_loaded)`` loads the result if it is better. ``playing()``
+        says which model plays now (`ModelSwap.playing`): given, the result is swapped in
+        only over the same install of ``parent`` (``swap`` then takes ``only_over``), and
+        /learn is refused while a model loads; None (a Learner on its own) trusts that
+        ``parent`` plays throughout. ControlError if it cannot start.
         """
         check_seconds(seconds)
         if self.running:
@@ -87,13 +104,20 @@ class Learner:
         events = performer_events
         if events < MIN_EVENTS:
             raise ControlError(f"too few performer events to learn from: {events} played, at least {MIN_EVENTS} needed")
+        generation: int | None = None
+        if playing is not None:
+            now = playing()
+            if now.loading:
+                raise ControlError(f"model {now.loading!r} is loading: send /learn once it plays, "
+                                   f"so the fine-tune starts from the model you hear")
+            generation = now.generation
         name = learned_name(parent)
         argv = [*self._command, "learn", "--model", str(folder), "--log", str(self._session_log()),
                 "--seconds", f"{seconds:g}", "--name", name, "--models-dir", str(self._models_dir),
                 "--until", f"{time.time():.6f}", "--json", "--background"]
         self.state = LearnState("starting", last=self.state.last)
         self.counts["learn_runs"] += 1
-        self._task = self._loop.create_task(self._run(argv, parent, swap))
+        self._task = self._loop.create_task(self._run(argv, parent, swap, playing, generation))
 
     def stop(self) -> None:
         """End a running fine-tune early; it keeps (and judges) the best model so far."""
@@ -119,7 +143,8 @@ class Learner:
 
     # ------------------------------------------------------------------ the child
 
-    async def _run(self, argv: list[str], parent: str, swap: Swap) -> None:
+    async def _run(self, argv: list[str], parent: str, swap: Swap, playing: Callable[[], Playing] | None,
+                   generation: int | None) -> None:
         result: dict[str, Any] | None = None
         error = ""
         try:
@@ -153,7 +178,7 @@ class Learner:
         if result is None:
             self._failed(error or "unknown failure", parent)
             return
-        self._finish(result, parent, swap)
+        self._finish(result, parent, swap, playing, generation)
 
     def _failed(self, reason: str, parent: str) -> None:
         self.counts["learn_failures"] += 1
@@ -161,14 +186,15 @@ class Learner:
         log.warning("fine-tune failed: %s; still playing %s", reason, parent)
         self._notify("/error", "/learn", f"{reason}; still playing {parent}")
 
-    def _finish(self, result: dict[str, Any], parent: str, swap: Swap) -> None:
+    def _finish(self, result: dict[str, Any], parent: str, swap: Swap, playing: Callable[[], Playing] | None,
+                generation: int | None) -> None:
         name = str(result.get("model", parent))
         before, after = float(result.get("nll_before", math.nan)), float(result.get("nll_after", math.nan))
         self.state.fraction = 1.0
 
-        def done(swapped: bool) -> None:
-            self.state = LearnState("done", 1.0, after,
-                                    f"{name}: {before:.3f} -> {after:.3f} nats/event, {'swapped in' if swapped else 'kept ' + parent}")
+        def done(swapped: bool, why: str = "") -> None:
+            verdict = "swapped in" if swapped else f"not swapped in: {why}" if why else "kept " + parent
+            self.state = LearnState("done", 1.0, after, f"{name}: {before:.3f} -> {after:.3f} nats/event, {verdict}")
             self.counts["learn_swaps"] += int(swapped)
             self._notify("/learn/done", name if swapped else parent, before, after, int(swapped))
 
@@ -178,9 +204,19 @@ class Learner:
 
         def refused(reason: str) -> None:
             self._notify("/error", "/learn", reason)
-            done(False)
+            done(False, reason)
 
-        swap(name, refused, lambda: done(True))
+        if playing is None or generation is None:
+            swap(name, refused, lambda: done(True))
+            return
+        now = playing()
+        if now.generation != generation or now.loading:
+            change = (f"{now.name!r} plays now" if now.generation != generation
+                      else f"{now.loading!r} is loading")
+            refused(f"{name!r} beat {parent!r}, but {change} (a /model since /learn), so it is not swapped in; "
+                    f"/model {name} plays it")
+            return
+        swap(name, refused, lambda: done(True), only_over=generation)
 
 
 def check_seconds(seconds: float) -> float:

@@ -59,9 +59,20 @@ class Predictor:
         self.params = self._prime()
 
     @classmethod
-    def load(cls, folder: Path, backend: str = "auto", label: str | None = None) -> "Predictor":
-        """Read, check and open a model folder (what `run` and the tools do)."""
-        return cls(read_model(folder, model_files_for(backend), label), backend)
+    def load(cls, folder: Path, backend: str = "auto", label: str | None = None, *, prove: bool = False) -> "Predictor":
+        """Read, check and open a model folder (what `run` and the tools do).
+
+        ``prove``: first build and run the step on those same bytes in a short-lived child
+        process (`server.model.sandbox`), so a file that would crash, hang or poison the
+        interpreter is refused with a ModelError instead of taking this process down. The
+        server does it for every model it plays; it blocks for the child's run (~0.2 s).
+        """
+        model = read_model(folder, model_files_for(backend), label)
+        if prove:
+            from server.model.sandbox import prove as prove_model
+
+            prove_model(model, backend)
+        return cls(model, backend)
 
     def fork(self) -> "Predictor":
         """Another state on the same model and interpreter (a voice): the step is stateless, so it is shared."""

@@ -41,6 +41,17 @@ def in_networks(host: str, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a sender's address is this machine's loopback (127/8, ::1, or ::ffff:127.x on a dual-stack socket)."""
+    try:
+        ip = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def exposure_warning(sockname: Address, allow: Sequence[Network] = ()) -> str | None:
     """Why listening on `sockname` (the bound address) deserves a warning, or None for loopback.
 

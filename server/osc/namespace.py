@@ -7,21 +7,22 @@ start-up banner, the README table, the patches' drift tests and the protocol all
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
-from server.live.controls import ControlError, Controls
+from server.live.controls import ControlError, Controls, Shown
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.learning import check_seconds
 from server.live.modes import parse_mode
 from server.live.settings import at_least
 from server.live.settings import lookahead as check_lookahead
 from server.live.settings import timescale as check_timescale
-from server.live.voices import voice_number
 from server.model.files import check_model_name
+from server.osc.consent import Taken, TooMany
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
 from server.osc.streams import STREAM_RATE
-from server.osc.table import AddressTable, address
+from server.osc.allow import is_loopback
+from server.osc.table import AddressTable, VoiceNumber, address
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5710
@@ -61,7 +62,7 @@ STREAMS: dict[str, str] = {
                   f"subscribed, at most {STREAM_RATE:g} a second: what a display needs)",
     "mixture": f"`/mixture` with each prediction (at most {STREAM_RATE:g} a second: faster play skips some)",
     "surprise": f"`/surprise` with each performer event (at most {STREAM_RATE:g} a second: faster play skips some)",
-    "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second",
+    "status": f"`/status` pushed {STATUS_PUSH_HZ:g} times a second (no voice's keys: those answer `/status`)",
     "performer": f"`/performer` with each performer event, from any transport (at most {STREAM_RATE:g} a second)",
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
@@ -100,43 +101,43 @@ def _unit(value: float) -> float:
 
 
 @address("/gesture", performer=True)
-def gesture(ctx: Request, x: float, y: float, voice: int = -1) -> Position:
+def gesture(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
     """Performer position in [0, 1] (out-of-range values are clamped and counted); `voice` picks one (per-sender)."""
     cx, cy = _unit(x), _unit(y)
     if cx != x or cy != y:
         ctx.stats.clamped += 1
-    return cx, cy, voice_number(voice)
+    return cx, cy, voice
 
 
 @address("/interface", performer=True)
-def interface(ctx: Request, x: float, y: float, voice: int = -1) -> Position:
+def interface(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
     """Alias of /gesture (IMPSY-compatible)."""
     return gesture(ctx, x, y, voice)
 
 
 @address("/note", performer=True)
-def note(ctx: Request, pitch: int, velocity: int, voice: int = -1) -> Position | None:
+def note(ctx: Request, pitch: int, velocity: int, voice: VoiceNumber | None = None) -> Position | None:
     """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
     if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
         raise ControlError(f"pitch and velocity must be 0-127, got {pitch} {velocity}")
     if velocity == 0:
         ctx.stats.ignored += 1
         return None
-    return pitch / 127.0, velocity / 127.0, voice_number(voice)
+    return pitch / 127.0, velocity / 127.0, voice
 
 
 @address("/temperature")
-def temperature(ctx: Request, value: float, voice: int = -1) -> None:
+def temperature(ctx: Request, value: float, voice: VoiceNumber | None = None) -> None:
     """Mixture-weight temperature (>= 0; 0 picks the most likely component); of one voice if given."""
     at_least(value, "temperature", 0.0)
-    ctx.controls.set_temperature(value, voice_number(voice))
+    ctx.controls.set_temperature(value, voice, ctx.sender)
 
 
 @address("/sigma_temperature")
-def sigma_temperature(ctx: Request, value: float, voice: int = -1) -> None:
+def sigma_temperature(ctx: Request, value: float, voice: VoiceNumber | None = None) -> None:
     """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean); of one voice if given."""
     at_least(value, "sigma_temperature", 0.0)
-    ctx.controls.set_sigma_temperature(value, voice_number(voice))
+    ctx.controls.set_sigma_temperature(value, voice, ctx.sender)
 
 
 @address("/timescale")
@@ -147,13 +148,13 @@ def timescale(ctx: Request, value: float) -> None:
 
 
 @address("/mode")
-def mode(ctx: Request, name: str, voice: int = -1) -> None:
+def mode(ctx: Request, name: str, voice: VoiceNumber | None = None) -> None:
     """Interaction mode: respond, accompany, generate or listen; of one voice if given."""
     try:
         parse_mode(name)
     except ValueError as exc:
         raise ControlError(str(exc)) from None
-    ctx.controls.set_mode(name, voice_number(voice))
+    ctx.controls.set_mode(name, voice, ctx.sender)
 
 
 @address("/lookahead")
@@ -171,9 +172,9 @@ def threshold(ctx: Request, seconds: float) -> None:
 
 
 @address("/reset")
-def reset(ctx: Request, voice: int = -1) -> None:
+def reset(ctx: Request, voice: VoiceNumber | None = None) -> None:
     """A fresh start: cancel the output scheduled from the old state, then zero the RNN state (of one voice if given)."""
-    ctx.controls.reset(voice_number(voice))
+    ctx.controls.reset(voice, ctx.sender)
 
 
 @address("/pause")
@@ -206,22 +207,34 @@ def _late_error(ctx: Request, path: str) -> Callable[[str], None]:
 
 @address("/hello", max_rate=HELLO_PER_SECOND)
 def hello(ctx: Request, port: int = 0) -> None:
-    """Send output to the sender's host, at `port` or else the sender's own port.
+    """Send output to the sender, or to `port` on its host (sent only what the sender's traffic pays for until that port sends itself).
 
-    A full list makes room by dropping the destination of the sender quiet longest,
-    never one whose sender is still sending (see `server.osc.output`).
+    Only that destination, or a sender that asked for it, can stop it (`/unsubscribe
+    prediction`); a port another sender names is sent at most `AMPLIFICATION` times what
+    that sender sent, until it sends something itself (`server.osc.consent`). A full
+    list makes room by dropping the destination quiet longest, never one whose sender is
+    still sending (see `server.osc.output`).
     """
     _check_port(port)
     try:
-        ctx.output.add_destination((ctx.sender[0], port or ctx.sender[1]), ctx.sender, ctx.at)
-    except DestinationsFull as exc:
+        ctx.output.add_destination(_target(ctx, port), ctx.sender, ctx.at)
+    except (DestinationsFull, TooMany, Taken) as exc:
         raise ControlError(str(exc)) from None
 
 
 @address("/status", max_rate=STATUS_PER_SECOND)
-def status(ctx: Request) -> None:
-    """Reply /status key value ... (engine state and osc_* counters) to the sender."""
-    ctx.output.send_status(ctx.sender, status_items(ctx.controls, ctx.counters))
+def status(ctx: Request, voices: str = "") -> None:
+    """Reply /status key value ... to the sender: state, counters, its own voices (`all`: every voice, to loopback).
+
+    `voices` `all`: every voice's keys, answered only to a sender on loopback (a monitor
+    or tool on this machine); others see only the voices they opened, and the count.
+    """
+    if voices not in ("", "all"):
+        raise ControlError(f"expected `all` or nothing, got {voices[:32]!r}")
+    if voices and not is_loopback(ctx.sender[0]):
+        raise ControlError("`/status all` answers only a sender on this machine (loopback); "
+                           "`/status` lists your own voices")
+    ctx.output.send_status(ctx.sender, status_items(ctx.controls, ctx.counters, Shown.ALL if voices else ctx.sender))
 
 
 @address("/learn", max_rate=LEARN_PER_SECOND)
@@ -236,35 +249,54 @@ def learn_stop(ctx: Request) -> None:
     ctx.controls.stop_learning()
 
 
-def _stream_target(ctx: Request, stream: str, port: int) -> tuple[str, tuple[str, int]]:
+def _target(ctx: Request, port: int) -> Endpoint:
+    """The sender's host at `port`, or the sender itself for 0; never this server's own socket."""
+    if not port:
+        return ctx.sender
+    if ctx.output.is_own((ctx.sender[0], port)):
+        raise ControlError(f"port {port} is this server's own: it would send to itself")
+    return ctx.sender[0], port
+
+
+def _stream_target(ctx: Request, stream: str, port: int) -> tuple[str, Endpoint]:
     if stream not in STREAMS:
         raise ControlError(f"unknown stream {stream!r}; expected one of {', '.join(STREAMS)}")
     _check_port(port)
-    return stream, (ctx.sender[0], port or ctx.sender[1])
+    return stream, _target(ctx, port)
 
 
 @address("/subscribe", max_rate=SUBSCRIBE_PER_SECOND)
 def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
-    """Send a stream (prediction, mixture, surprise, status) to the sender's host, at `port` or its own port."""
+    """Send a stream (prediction, mixture, surprise, status, performer) to the sender, or to `port` on its host (paid for as /hello's).
+
+    A sender may ask for at most `MAX_PER_SENDER` streams and `/hello` destinations; a
+    full stream makes room for a sender that has none there by dropping its idlest
+    subscriber (see `server.osc.streams`).
+    """
     stream, target = _stream_target(ctx, stream, port)
     try:
-        ctx.output.streams.add(stream, target)
-    except ValueError as exc:
+        ctx.output.streams.add(stream, target, ctx.sender, ctx.at)
+    except ValueError as exc:  # StreamsFull, TooMany, Taken
         raise ControlError(str(exc)) from None
 
 
 @address("/unsubscribe", max_rate=SUBSCRIBE_PER_SECOND)
 def unsubscribe(ctx: Request, stream: str, port: int = 0) -> None:
-    """Stop a stream to the sender's host (at `port` or its own port)."""
+    """Stop a stream to the sender (every subscription there) or to `port` on its host (only what the sender asked for there)."""
     stream, target = _stream_target(ctx, stream, port)
-    ctx.output.streams.remove(stream, target)
-    if stream == "prediction":
-        ctx.output.remove_destination(target)  # a /hello destination there stops too
+    stopped = ctx.output.streams.remove(stream, target, ctx.sender)
+    if stream == "prediction":  # a /hello destination there stops too
+        stopped = ctx.output.remove_destination(target, ctx.sender) or stopped
+    if not stopped and target != ctx.sender:
+        raise ControlError(f"nothing you asked for goes to {target[0]}:{target[1]} on {stream}; only that port itself, "
+                           "or the sender that asked for it, can stop it")
 
 
-def status_items(controls: Controls, counters: Callable[[], dict[str, int | None]]) -> dict[str, object]:
-    """Everything `/status` says: the engine's (and its parts') keys, then the transport's `osc_` counters."""
-    items: dict[str, object] = dict(controls.status())
+def status_items(controls: Controls, counters: Callable[[], dict[str, int | None]],
+                 asker: Hashable | None = Shown.NONE) -> dict[str, object]:
+    """Everything `/status` says: the engine's (and its parts') keys, with the per-voice keys of the voices
+    `asker` owns (`Controls.status`), then the transport's `osc_` counters."""
+    items: dict[str, object] = dict(controls.status(asker))
     items.update((f"osc_{key}", value) for key, value in counters().items())
     return items
 

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple, cast
 
 from pythonosc.osc_message import OscMessage
 
-from server.live.controls import ControlError, Controls
+from server.live.controls import ControlError, Controls, Shown
 from server.osc.namespace import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT, STATUS_PUSH_HZ, STREAMS, TABLE,
                                   Request, status_items)
 from server.osc.streams import StatusPusher, Subscriptions
@@ -140,7 +140,8 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         self._loop = loop
         self._clock = loop.time if loop is not None else time.monotonic
         self._budget = budget if loop is not None else math.inf
-        self._heard = output.last_heard  # senders owning a /hello destination -> last arrival
+        self._heard = output.last_heard  # endpoints of /hello destinations and subscriptions -> last arrival
+        self._hear = output.consent.hear  # notes the arrival (and what it pays for: server.osc.consent)
         self._counters = self.counters
         # The batch in progress: decoded into actions first, then applied, both resumable.
         self._batch: Sequence[Datagram] = ()
@@ -307,7 +308,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
         self.stats.received += 1
         sender: Endpoint = (addr[0], addr[1])
         if sender in self._heard:
-            self._heard[sender] = at
+            self._hear(sender, at, len(data))
         if data[:1] == b"/":
             self._message(data, sender, at)
         elif is_bundle(data):
@@ -461,11 +462,15 @@ async def start_osc(
 
 
 def push_status(loop: asyncio.AbstractEventLoop, controls: Controls, protocol: OscServerProtocol) -> None:
-    """Push `/status` to the `status` stream's subscribers while there are any (no timer otherwise)."""
+    """Push `/status` to the `status` stream's subscribers while there are any (no timer otherwise).
+
+    The push is one message for every subscriber, who may be anywhere: it carries no
+    voice's keys (who plays which voice from where), only what `/status` tells anyone.
+    """
     streams = protocol.output.streams
 
     def push() -> None:
-        streams.send_data("status", status_message(status_items(controls, protocol.counters)))
+        streams.send_data("status", status_message(status_items(controls, protocol.counters, Shown.NONE)))
 
     pusher = StatusPusher(loop, push, 1.0 / STATUS_PUSH_HZ)
 

@@ -10,6 +10,10 @@ Argument rules (clients disagree about number types, so accept what they mean):
 - float: OSC `f`, `d`, `i` or `h`; NaN and +-inf are rejected.
 - int: OSC `i` or `h`, or a float with an integral value, because Pd sends every
   number as a float; 1.5 is rejected.
+- VoiceNumber (a voice argument, shown as int): OSC `i` or `h` only, >= 0. A voice is
+  named exactly or not at all: `3.0`, `-1` and nil are refused, never read as "no
+  voice". Leaving the argument out is the only way to name none: annotate it
+  `VoiceNumber | None = None`, and the handler gets None (a value no message can carry).
 - str: OSC `s` only.
 - Anything else (booleans `T`/`F`, nil, blobs, arrays, MIDI, timetags) is rejected.
 
@@ -31,11 +35,12 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, NewType, TypeVar
 
 from server.live.controls import ControlError
 
 F = TypeVar("F", bound=Callable[..., Any])
+VoiceNumber = NewType("VoiceNumber", int)  # a voice argument: an OSC int >= 0 only (see the module doc)
 
 # OSC pattern-matching and reserved characters: addresses here are literal.
 _RESERVED = set(" #*,?[]{}")
@@ -88,6 +93,14 @@ def _to_int(value: object) -> int:
     raise _BadValue(f"expected an integer, got {_describe(value)}")
 
 
+def _to_voice(value: object) -> int:
+    if type(value) is int:
+        if value >= 0:  # type: ignore[operator]
+            return value  # type: ignore[return-value]
+        raise _BadValue(f"a voice number is 0 or more, got {value}; leave it out for none")
+    raise _BadValue(f"expected a voice number (an OSC int), got {_describe(value)}")
+
+
 def _to_str(value: object) -> str:
     if type(value) is str:
         return value  # type: ignore[return-value]
@@ -95,8 +108,12 @@ def _to_str(value: object) -> str:
 
 
 _CONVERTERS: dict[str, Callable[[object], Any]] = {"float": _to_float, "int": _to_int, "str": _to_str}
-# Annotations arrive as strings under `from __future__ import annotations`, else as types.
-_KINDS: dict[object, str] = {**{k: k for k in _CONVERTERS}, float: "float", int: "int", str: "str"}
+# Annotation -> (the OSC kind a client sends, its converter). Annotations arrive as strings under
+# `from __future__ import annotations`, else as types. A voice is an int on the wire, converted strictly.
+_KINDS: dict[object, tuple[str, Callable[[object], Any]]] = {
+    **{k: (k, convert) for k, convert in _CONVERTERS.items()}, float: ("float", _to_float), int: ("int", _to_int),
+    str: ("str", _to_str), VoiceNumber: ("int", _to_voice), "VoiceNumber": ("int", _to_voice),
+    "VoiceNumber | None": ("int", _to_voice)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +121,7 @@ class Param:
     """One OSC argument, compiled from a handler parameter."""
 
     name: str
-    kind: str  # "float", "int" or "str"
+    kind: str  # "float", "int" or "str": what a client sends
     optional: bool
     convert: Callable[[object], Any]
 
@@ -166,10 +183,14 @@ def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: flo
     for p in parameters[1:]:
         if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
             raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be positional")
-        kind = _KINDS.get(p.annotation)
-        if kind is None:
-            raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be annotated float, int or str")
-        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, _CONVERTERS[kind]))
+        found = _KINDS.get(p.annotation)
+        if found is None:
+            raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be annotated float, int, str or "
+                            "VoiceNumber")
+        kind, convert = found
+        if convert is _to_voice and p.default is not None:
+            raise TypeError(f"{func.__qualname__}: a voice argument is optional, default None (no voice)")
+        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, convert))
     doc = inspect.getdoc(func)
     if not doc:
         raise TypeError(f"{func.__qualname__}: a handler's docstring is its documentation; add one")
