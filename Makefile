@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
 
-.PHONY: run test bench soak default-model touch-model chorale-model models clean
+.PHONY: run test mutants bench soak default-model touch-model chorale-model models clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -22,6 +22,9 @@ run: $(STAMP)     ## start the server with models/default (extra flags: make run
 
 test: $(STAMP)    ## the whole test suite
 	$(PY) -m pytest -q
+
+mutants: $(STAMP) ## mutation testing of the live path with the fast tests: killed / total (make mutants ARGS=--again)
+	$(PY) -m server.tools.mutants run $(ARGS)
 
 bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 	$(PY) -m server bench $(ARGS)
@@ -48,4 +51,4 @@ chorale-model: $(STAMP)  ## retrain models/chorale from the Bach chorales in ../
 models: default-model touch-model chorale-model  ## all three shipped models
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants

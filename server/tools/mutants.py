@@ -1,0 +1,173 @@
+"""`make mutants`: mutation testing of the live path, and its figure.
+
+mutmut (configured in pyproject.toml's `[tool.mutmut]`) changes one thing at a time in
+server/live, server/osc, server/model, server/learn/finetune.py and server/monitor, and runs
+the fast tests (tests/fast.py) that reach the changed function. A mutant is *killed* when a
+test fails (or the tests time out); every other outcome, including a function no fast test
+reaches, is a *survivor*. A survivor is either killed by a new test or listed in
+tests/mutants-equivalent.txt with the reason it cannot change behaviour:
+
+    server.osc.wire.x_pad__mutmut_3  # `n + 3 & ~3` and `n + 4 & ~3` agree for every n the wire sends
+
+Usage (from the repository root):
+
+    python -m server.tools.mutants                 # the figure, from the last run in mutants/
+    python -m server.tools.mutants run             # a fresh run (deletes mutants/), then the figure
+    python -m server.tools.mutants run --again     # keep mutants/, re-test the unexplained survivors
+    python -m server.tools.mutants run --resume    # keep mutants/, test only what an interrupted run left
+    mutmut show NAME                               # what a mutant changed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+EQUIVALENT = Path("tests/mutants-equivalent.txt")
+MUTANTS = Path("mutants")
+GOAL_PERCENT = 5.0
+
+# mutmut 3's exit codes (mutmut.stats.status_by_exit_code); anything else is "suspicious"
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 2: "interrupted",
+          None: "not checked", 34: "skipped", 35: "suspicious", 36: "timeout", 37: "type check",
+          -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault"}
+KILLED = {"killed", "timeout"}  # a test failed, or the mutant made the tests hang past their limit
+
+
+def statuses(root: Path = MUTANTS) -> dict[str, str]:
+    """Every mutant's name and status, from mutmut's `*.py.meta` files under ``root``."""
+    out: dict[str, str] = {}
+    for meta in sorted(root.rglob("*.py.meta")):
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            out[name] = STATUS.get(code, "suspicious")
+    return out
+
+
+def read_equivalents(path: Path = EQUIVALENT) -> tuple[dict[str, str], list[str]]:
+    """``{mutant name: reason}`` from the list, and a problem line for each entry without a reason."""
+    listed: dict[str, str] = {}
+    problems: list[str] = []
+    if not path.exists():
+        return listed, problems
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        name, _, reason = text.partition("#")
+        name, reason = name.strip(), reason.strip()
+        if not reason:
+            problems.append(f"{path}:{number}: {name} has no reason: it does not count as equivalent")
+            continue
+        listed[name] = reason
+    return listed, problems
+
+
+def module_of(name: str) -> str:
+    """`server.live.engine` for `server.live.engine.xǁEngineǁstep__mutmut_3`."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].startswith(("x_", "xǁ")):
+            return ".".join(parts[:i])
+    return name.rsplit(".", 1)[0]
+
+
+def report(all_status: dict[str, str], listed: dict[str, str], problems: list[str], names: bool = True) -> dict:
+    """Print the figure (one line), then what to look at; return the numbers."""
+    total = len(all_status)
+    counts = Counter(all_status.values())
+    killed = sum(counts[s] for s in KILLED)
+    survivors = sorted(n for n, s in all_status.items() if s not in KILLED)
+    equivalent = [n for n in survivors if n in listed]
+    unexplained = [n for n in survivors if n not in listed]
+    percent = 100.0 * len(unexplained) / total if total else 0.0
+    print(f"mutants: {killed} killed / {total} total, {len(survivors)} survived "
+          f"({len(equivalent)} listed as equivalent in {EQUIVALENT}), "
+          f"{len(unexplained)} unexplained ({percent:.1f} %)")
+    others = {s: c for s, c in sorted(counts.items()) if s not in KILLED | {"survived"}}
+    if others or counts["timeout"]:
+        detail = ", ".join(f"{c} {s}" for s, c in [("timeout", counts["timeout"])] + list(others.items()) if c)
+        print(f"  of which: {detail} (timeouts count as killed; 'no tests' means no fast test reaches the function)")
+    if counts["not checked"]:
+        print(f"  warning: {counts['not checked']} mutants were not checked: the run did not finish")
+    for problem in problems:
+        print(f"  warning: {problem}")
+    stale = sorted(n for n in listed if all_status.get(n) in KILLED or n not in all_status)
+    for name in stale:
+        why = "is killed now" if name in all_status else "is no longer a mutant (the code moved)"
+        print(f"  warning: {EQUIVALENT} lists {name}, which {why}: remove or re-triage the line")
+    if names and unexplained:
+        by_module: dict[str, list[str]] = defaultdict(list)
+        for name in unexplained:
+            by_module[module_of(name)].append(name)
+        print(f"unexplained survivors ({len(unexplained)}; `mutmut show NAME` shows the change):")
+        for module, members in sorted(by_module.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            print(f"  {module}: {len(members)}")
+            for name in members:
+                print(f"    {name}  [{all_status[name]}]")
+    return {"killed": killed, "total": total, "survived": len(survivors), "equivalent": len(equivalent),
+            "unexplained": len(unexplained), "percent": percent, "unexplained_names": unexplained}
+
+
+def run_mutmut(children: int, again: bool, resume: bool, log: Path) -> int:
+    """Run mutmut (niced) with its output in ``log``: a fresh run, unless ``again`` or ``resume``."""
+    mutmut = Path(sys.executable).with_name("mutmut")
+    cmd = [str(mutmut), "run", "--max-children", str(children)]
+    if (again or resume) and not MUTANTS.exists():
+        print("no earlier run in mutants/: run without --again or --resume first", file=sys.stderr)
+        return 2
+    if again:
+        listed, _ = read_equivalents()
+        names = [n for n, s in statuses().items() if s not in KILLED and n not in listed]
+        if not names:
+            return 0
+        cmd += names
+    elif not resume:
+        shutil.rmtree(MUTANTS, ignore_errors=True)
+    MUTANTS.mkdir(exist_ok=True)
+    if shutil.which("nice"):
+        cmd = ["nice", "-n", "10", *cmd]
+    started = time.monotonic()
+    print(f"mutmut: {children} at a time, output in {log} ...", flush=True)
+    with open(log, "a" if resume or again else "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    print(f"mutmut: finished in {(time.monotonic() - started) / 60:.1f} min (exit {code})", flush=True)
+    if code != 0:
+        tail = log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:]
+        print("\n".join(tail), file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.tools.mutants", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", nargs="?", choices=["report", "run"], default="report")
+    parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--again", action="store_true", help="keep mutants/ and re-test only the unexplained survivors")
+    parser.add_argument("--resume", action="store_true", help="keep mutants/ and test only the mutants not yet tested")
+    parser.add_argument("--quiet", action="store_true", help="the figure only, no survivor names")
+    parser.add_argument("--fail-over", type=float, metavar="PERCENT",
+                        help=f"exit 1 if more than PERCENT %% survive unexplained (the goal is {GOAL_PERCENT:g})")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        code = run_mutmut(args.children, args.again, args.resume, MUTANTS / "run.log")
+        if code != 0:
+            return code
+    found = statuses()
+    if not found:
+        print("no mutmut results in mutants/: run `make mutants` first", file=sys.stderr)
+        return 2
+    listed, problems = read_equivalents()
+    figures = report(found, listed, problems, names=not args.quiet)
+    if args.fail_over is not None and figures["percent"] > args.fail_over:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
