@@ -141,5 +141,8 @@ class StatusPusher:
 
     def _tick(self) -> None:
         self._push()
-        self._next = max(self._next + self._period, self._loop.time())  # after a stall: no burst of catch-up pushes
+        self._next += self._period
+        now = self._loop.time()
+        if self._next <= now:  # after a stall: no burst of catch-up pushes, and no second one at once
+            self._next = now + self._period
         self._timer = self._loop.call_at(self._next, self._tick)
