@@ -33,6 +33,19 @@ def decode_datagram(data: bytes) -> list[tuple[float | None, OscMessage]]:
     return [(tag, OscMessage(m)) for m in bundle_messages(data)]
 
 
+def bundle(*messages: tuple[object, ...]) -> bytes:
+    """One OSC bundle (timetag: immediately) of messages given as (address, *args)."""
+    from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
+
+    builder = OscBundleBuilder(IMMEDIATELY)
+    for address, *args in messages:
+        message = OscMessageBuilder(str(address))
+        for arg in args:
+            message.add_arg(arg)
+        builder.add_content(message.build())
+    return builder.build().dgram
+
+
 class OscPeer:
     """One UDP socket that sends OSC to the server and collects what comes back (predictions, errors)."""
 

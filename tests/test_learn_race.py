@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
-from pythonosc.osc_message_builder import OscMessageBuilder
 
 from server.live.controls import ControlError
 from server.live.learning import Learner
@@ -33,7 +31,7 @@ from server.live.modes import Mode
 from server.live.settings import Settings
 from server.live.swap import ModelSwap
 from server.model.predictor import Predictor
-from tests.live import REPO, OscPeer, start_server
+from tests.live import REPO, OscPeer, bundle, start_server
 from tests.rig import build_engine
 
 # A stand-in for `antiphon learn --json --background`: one progress line, then it waits for the test's
@@ -257,16 +255,6 @@ def served(tmp_path: Path):
     yield srv, peer, models
     assert srv.stop() == 0
     peer.close()
-
-
-def bundle(*messages: tuple[Any, ...]) -> bytes:
-    builder = OscBundleBuilder(IMMEDIATELY)
-    for address, *args in messages:
-        message = OscMessageBuilder(address)
-        for arg in args:
-            message.add_arg(arg)
-        builder.add_content(message.build())
-    return builder.build().dgram
 
 
 def test_model_and_learn_in_one_bundle_refuses_the_learn(served) -> None:

@@ -19,10 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
-from pythonosc.osc_message_builder import OscMessageBuilder
 
-from tests.live import OscPeer, start_server
+from tests.live import OscPeer, bundle, start_server
 
 PHRASE = [(0.1, 0.9), (0.9, 0.1), (0.1, 0.1), (0.9, 0.9), (0.5, 0.5), (0.2, 0.7)]  # fewer than a chord of 8
 DEADLINE = 10.0  # seconds: what a wait may take on a busy machine before the test says why it failed
@@ -33,15 +31,6 @@ def peer_for(port: int) -> OscPeer:
     peer.target = ("127.0.0.1", port)
     return peer
 
-
-def bundle(*messages: tuple[Any, ...]) -> bytes:
-    b = OscBundleBuilder(IMMEDIATELY)
-    for address, *args in messages:
-        m = OscMessageBuilder(address)
-        for a in args:
-            m.add_arg(a)
-        b.add_content(m.build())
-    return b.build().dgram
 
 
 def wait_for(peer: OscPeer, condition: Callable[[dict], bool], what: str) -> dict:
