@@ -239,7 +239,7 @@ def status(ctx: Request, voices: str = "") -> None:
 
 @address("/learn", max_rate=LEARN_PER_SECOND)
 def learn(ctx: Request, seconds: float = DEFAULT_LEARN_SECONDS) -> None:
-    """Fine-tune the playing model on this session's performer events for at most `seconds`; swapped in only if better."""
+    """Fine-tune the playing model on this session's performer events for at most `seconds` (over 0, at most 3600; 60 unless given); swapped in only if better."""
     ctx.controls.learn(check_seconds(seconds))
 
 
