@@ -78,24 +78,30 @@ def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+def _natural(name: str) -> tuple[str, int]:
+    """`..._mutmut_9` before `..._mutmut_10`."""
+    stem, _, number = name.rpartition("__mutmut_")
+    return (stem, int(number)) if number.isdigit() else (name, 0)
+
+
 def report(all_status: dict[str, str], listed: dict[str, str], problems: list[str], names: bool = True) -> dict:
     """Print the figure (one line), then what to look at; return the numbers."""
     total = len(all_status)
     counts = Counter(all_status.values())
     killed = sum(counts[s] for s in KILLED)
-    survivors = sorted(n for n, s in all_status.items() if s not in KILLED)
+    unchecked = counts["not checked"]
+    survivors = sorted((n for n, s in all_status.items() if s not in KILLED | {"not checked"}), key=_natural)
     equivalent = [n for n in survivors if n in listed]
     unexplained = [n for n in survivors if n not in listed]
     percent = 100.0 * len(unexplained) / total if total else 0.0
     print(f"mutants: {killed} killed / {total} total, {len(survivors)} survived "
           f"({len(equivalent)} listed as equivalent in {EQUIVALENT}), "
-          f"{len(unexplained)} unexplained ({percent:.1f} %)")
-    others = {s: c for s, c in sorted(counts.items()) if s not in KILLED | {"survived"}}
+          f"{len(unexplained)} unexplained ({percent:.1f} %)"
+          + (f", {unchecked} not checked: the run did not finish" if unchecked else ""))
+    others = {s: c for s, c in sorted(counts.items()) if s not in KILLED | {"survived", "not checked"}}
     if others or counts["timeout"]:
         detail = ", ".join(f"{c} {s}" for s, c in [("timeout", counts["timeout"])] + list(others.items()) if c)
         print(f"  of which: {detail} (timeouts count as killed; 'no tests' means no fast test reaches the function)")
-    if counts["not checked"]:
-        print(f"  warning: {counts['not checked']} mutants were not checked: the run did not finish")
     for problem in problems:
         print(f"  warning: {problem}")
     stale = sorted(n for n in listed if all_status.get(n) in KILLED or n not in all_status)
@@ -112,7 +118,8 @@ def report(all_status: dict[str, str], listed: dict[str, str], problems: list[st
             for name in members:
                 print(f"    {name}  [{all_status[name]}]")
     return {"killed": killed, "total": total, "survived": len(survivors), "equivalent": len(equivalent),
-            "unexplained": len(unexplained), "percent": percent, "unexplained_names": unexplained}
+            "unexplained": len(unexplained), "percent": percent, "not_checked": unchecked,
+            "unexplained_names": unexplained}
 
 
 def run_mutmut(children: int, again: bool, resume: bool, log: Path) -> int:
