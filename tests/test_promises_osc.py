@@ -25,6 +25,7 @@ from server.midi import link as midilink
 from server.midi import mapping as midimap
 from server.osc import output as osc_output
 from server.osc import protocol as osc_proto
+from server.osc import refusals as osc_refusals
 from server.osc.ratelimit import TokenBuckets
 from server.osc.streams import StreamsFull, Subscriptions
 from server.osc.wire import encode_message
@@ -55,8 +56,15 @@ def protocol_on(monkeypatch: pytest.MonkeyPatch | None = None, clock: Clock | No
     if clock is not None:
         assert monkeypatch is not None
         # Every token bucket made without a clock of its own (the per-address limits, the /error budget),
-        # wherever in the transport it is made, reads this one.
-        monkeypatch.setitem(TokenBuckets.__init__.__kwdefaults__, "clock", clock)
+        # wherever in the transport it is made, reads this one. A subclass rather than a patched default:
+        # under `make mutants` the constructor is mutmut's trampoline, which has no keyword defaults.
+        class OnTheClock(TokenBuckets):
+            def __init__(self, *args: Any, **kw: Any) -> None:
+                kw.setdefault("clock", clock)
+                super().__init__(*args, **kw)
+
+        for module in (osc_proto, osc_refusals):
+            monkeypatch.setattr(module, "TokenBuckets", OnTheClock)
     controls = controls or FakeControls()
     sock = StubTransport()
     output = osc_output.OscOutput()
