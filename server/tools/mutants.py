@@ -16,11 +16,18 @@ Usage (from the repository root):
     python -m server.tools.mutants run --again     # keep mutants/, re-test the unexplained survivors
     python -m server.tools.mutants run --resume    # keep mutants/, test only what an interrupted run left
     mutmut show NAME                               # what a mutant changed
+
+A survivor whose only change is inside the arguments of a logging call (`log.warning(...)`,
+`logger.exception(...)`) counts as equivalent by rule, shown apart in the figure: what a log
+line says is for a person reading it, not behaviour a test should pin (PIT, the Java
+mutation tool, leaves logging calls out by default for the same reason).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import json
 import os
 import shutil
@@ -78,24 +85,79 @@ def module_of(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
+LOGGERS = {"log", "logger"}  # the names server/ gives `logging.getLogger(__name__)`
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def _is_log_call(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in LOG_METHODS
+            and isinstance(node.func.value, ast.Name) and node.func.value.id in LOGGERS)
+
+
+class _BlankLogArguments(ast.NodeTransformer):
+    """Every logging call with its arguments removed: what is left is the function's behaviour."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if _is_log_call(node):
+            return ast.Call(func=node.func, args=[], keywords=[])
+        return self.generic_visit(node)
+
+
+def _behaviour(function: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    body = _BlankLogArguments().visit(ast.Module(body=copy.deepcopy(function.body), type_ignores=[]))
+    return ast.dump(function.args) + ast.dump(body)
+
+
+def log_only(names: list[str], root: Path = MUTANTS) -> set[str]:
+    """The mutants among ``names`` that differ from their function only inside logging calls' arguments.
+
+    mutmut keeps each function's original (`<name>__mutmut_orig`) beside its mutants in the
+    mutated copy of the module under ``root``, so both can be compared as syntax trees.
+    """
+    found: set[str] = set()
+    functions: dict[Path, dict[str, ast.FunctionDef | ast.AsyncFunctionDef]] = {}
+    for name in names:
+        module = module_of(name)
+        path = root / (module.replace(".", "/") + ".py")
+        if path not in functions:
+            try:
+                tree = ast.parse(path.read_text())
+            except (OSError, SyntaxError):
+                tree = ast.Module(body=[], type_ignores=[])
+            functions[path] = {n.name: n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        defs = functions[path]
+        mangled = name[len(module) + 1:]
+        original, mutant = defs.get(mangled.rsplit("__mutmut_", 1)[0] + "__mutmut_orig"), defs.get(mangled)
+        if original is not None and mutant is not None and _behaviour(original) == _behaviour(mutant):
+            found.add(name)
+    return found
+
+
 def _natural(name: str) -> tuple[str, int]:
     """`..._mutmut_9` before `..._mutmut_10`."""
     stem, _, number = name.rpartition("__mutmut_")
     return (stem, int(number)) if number.isdigit() else (name, 0)
 
 
-def report(all_status: dict[str, str], listed: dict[str, str], problems: list[str], names: bool = True) -> dict:
-    """Print the figure (one line), then what to look at; return the numbers."""
+def report(all_status: dict[str, str], listed: dict[str, str], problems: list[str], names: bool = True,
+           logging_only: set[str] | None = None) -> dict:
+    """Print the figure (one line), then what to look at; return the numbers.
+
+    ``logging_only``: survivors that change only a logging call's arguments (equivalent by rule).
+    """
+    logging_only = logging_only or set()
     total = len(all_status)
     counts = Counter(all_status.values())
     killed = sum(counts[s] for s in KILLED)
     unchecked = counts["not checked"]
     survivors = sorted((n for n, s in all_status.items() if s not in KILLED | {"not checked"}), key=_natural)
-    equivalent = [n for n in survivors if n in listed]
-    unexplained = [n for n in survivors if n not in listed]
+    equivalent = [n for n in survivors if n in listed or n in logging_only]
+    by_rule = [n for n in survivors if n in logging_only and n not in listed]
+    unexplained = [n for n in survivors if n not in listed and n not in logging_only]
     percent = 100.0 * len(unexplained) / total if total else 0.0
     print(f"mutants: {killed} killed / {total} total, {len(survivors)} survived "
-          f"({len(equivalent)} listed as equivalent in {EQUIVALENT}), "
+          f"({len(equivalent)} equivalent: {len(equivalent) - len(by_rule)} listed in {EQUIVALENT}, "
+          f"{len(by_rule)} changing only a log line), "
           f"{len(unexplained)} unexplained ({percent:.1f} %)"
           + (f", {unchecked} not checked: the run did not finish" if unchecked else ""))
     others = {s: c for s, c in sorted(counts.items()) if s not in KILLED | {"survived", "not checked"}}
@@ -131,7 +193,9 @@ def run_mutmut(children: int, again: bool, resume: bool, log: Path) -> int:
         return 2
     if again:
         listed, _ = read_equivalents()
-        names = [n for n, s in statuses().items() if s not in KILLED and n not in listed]
+        left = [n for n, s in statuses().items() if s not in KILLED and n not in listed]
+        by_rule = log_only(left)
+        names = [n for n in left if n not in by_rule]
         if not names:
             return 0
         cmd += names
@@ -170,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no mutmut results in mutants/: run `make mutants` first", file=sys.stderr)
         return 2
     listed, problems = read_equivalents()
-    figures = report(found, listed, problems, names=not args.quiet)
+    survivors = [n for n, s in found.items() if s not in KILLED | {"not checked"}]
+    figures = report(found, listed, problems, names=not args.quiet, logging_only=log_only(survivors))
     if args.fail_over is not None and figures["percent"] > args.fail_over:
         return 1
     return 0

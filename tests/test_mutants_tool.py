@@ -1,0 +1,75 @@
+"""`make mutants`' figure: what counts as killed, listed, equivalent by the log-line rule, and unexplained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.tools import mutants
+
+MODULE = '''
+import logging
+log = logging.getLogger(__name__)
+
+def x_warn__mutmut_orig(n):
+    if n > 3:
+        log.warning("too many: %d", n)
+    return n
+
+def x_warn__mutmut_1(n):
+    if n > 3:
+        log.warning("XXtoo many: %dXX", n)
+    return n
+
+def x_warn__mutmut_2(n):
+    if n > 3:
+        log.warning(None, n)
+    return n
+
+def x_warn__mutmut_3(n):
+    if n >= 3:
+        log.warning("too many: %d", n)
+    return n
+
+def x_warn__mutmut_4(n):
+    if n > 3:
+        print("too many: %d", n)
+    return n
+'''
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(MODULE)
+    return tmp_path
+
+
+def test_only_changes_inside_a_logging_call_are_equivalent_by_rule(tree: Path) -> None:
+    names = [f"pkg.mod.x_warn__mutmut_{i}" for i in (1, 2, 3, 4)]
+    assert mutants.log_only(names, tree) == {"pkg.mod.x_warn__mutmut_1", "pkg.mod.x_warn__mutmut_2"}
+
+
+def test_a_mutant_whose_module_is_missing_is_not_equivalent(tree: Path) -> None:
+    assert mutants.log_only(["pkg.gone.x_warn__mutmut_1", "pkg.mod.x_warn__mutmut_9"], tree) == set()
+
+
+def test_the_figure_counts_killed_listed_by_rule_and_unexplained(capsys: pytest.CaptureFixture[str]) -> None:
+    status = {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "timeout", "m.x_f__mutmut_3": "survived",
+              "m.x_f__mutmut_4": "no tests", "m.x_f__mutmut_5": "survived", "m.x_f__mutmut_6": "not checked"}
+    figures = mutants.report(status, {"m.x_f__mutmut_3": "same for every input"}, [],
+                             logging_only={"m.x_f__mutmut_5"})
+    out = capsys.readouterr().out
+    assert figures["killed"] == 2 and figures["total"] == 6 and figures["survived"] == 3
+    assert figures["equivalent"] == 2 and figures["unexplained_names"] == ["m.x_f__mutmut_4"]
+    assert figures["percent"] == pytest.approx(100 / 6)
+    assert "1 listed in" in out and "1 changing only a log line" in out and "1 not checked" in out
+
+
+def test_a_listed_name_without_a_reason_does_not_count(tmp_path: Path) -> None:
+    listing = tmp_path / "eq.txt"
+    listing.write_text("# header\nm.x_f__mutmut_3  # same for every input\nm.x_f__mutmut_4\n")
+    listed, problems = mutants.read_equivalents(listing)
+    assert listed == {"m.x_f__mutmut_3": "same for every input"}
+    assert len(problems) == 1 and "m.x_f__mutmut_4" in problems[0]
