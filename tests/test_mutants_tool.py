@@ -73,3 +73,10 @@ def test_a_listed_name_without_a_reason_does_not_count(tmp_path: Path) -> None:
     listed, problems = mutants.read_equivalents(listing)
     assert listed == {"m.x_f__mutmut_3": "same for every input"}
     assert len(problems) == 1 and "m.x_f__mutmut_4" in problems[0]
+
+
+def test_a_meta_file_being_written_is_left_out_not_fatal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.py.meta").write_text('{"exit_code_by_key": {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": 0}}')
+    (tmp_path / "b.py.meta").write_text("")  # mutmut is writing it
+    assert mutants.statuses(tmp_path) == {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived"}
+    assert "b.py.meta unreadable" in capsys.readouterr().err

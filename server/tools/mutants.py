@@ -52,7 +52,12 @@ def statuses(root: Path = MUTANTS) -> dict[str, str]:
     """Every mutant's name and status, from mutmut's `*.py.meta` files under ``root``."""
     out: dict[str, str] = {}
     for meta in sorted(root.rglob("*.py.meta")):
-        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+        try:
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+        except (OSError, ValueError, KeyError):  # being written by a run still going: read it next time
+            print(f"warning: {meta} unreadable (a run still writing it?): its mutants are left out", file=sys.stderr)
+            continue
+        for name, code in codes.items():
             out[name] = STATUS.get(code, "suspicious")
     return out
 
