@@ -129,7 +129,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     save_dataset(ds, args.out)
     window = TrainConfig().sequence_length  # a window is this many inputs and their next events
     short = sum(1 for p in ds.performances if len(p) < window + 1)
-    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances"
+    print(f"wrote {args.out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
           + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
     return 0
 
@@ -240,6 +240,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
     model = read_model(folder, model_files_for("auto"))
     ds = load_dataset(args.data)
+    if ds.values != model.info.spec.values:
+        raise DatasetError(f"{args.data}: events of dt and {ds.values} value(s), but {folder.name} takes "
+                           f"{model.info.spec.values}; evaluate it on data of its own controller")
     step, _ = open_step(model)
     s = score(step, model.info, ds)
     norm = model.info.normaliser

@@ -39,7 +39,9 @@ def test_pickled_dataset_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "events, starts, message",
     [
-        (np.zeros((4, 2), np.float32), np.array([0]), "shape"),
+        (np.zeros((4, 1), np.float32), np.array([0]), "shape"),  # dt and no value
+        (np.zeros((4, 18), np.float32), np.array([0]), "shape"),  # 17 values: one more than a model takes
+        (np.zeros(4, np.float32), np.array([0]), "shape"),
         (np.zeros((4, 3), np.float64), np.array([0]), "float32"),
         (np.array([[0, 0.5, np.nan]] * 3, np.float32), np.array([0]), "NaN"),
         (np.array([[0, 0.5, 1.5]] * 3, np.float32), np.array([0]), r"\[0, 1\]"),
