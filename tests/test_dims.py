@@ -193,6 +193,17 @@ def test_a_model_of_three_values_is_proven_steps_and_samples_three_values(three_
         p.surprise(0.1, 0.5, 0.5, 0.5, 0.5)
 
 
+def test_the_tensorflow_step_plays_an_n_d_model_as_litert_does(three_values):
+    """The fallback backend (no LiteRT) builds its step from model.keras at the model's N."""
+    from server.model.predictor import Predictor
+
+    _, models = three_values
+    lite, tf = Predictor.load(models / "three", backend="litert"), Predictor.load(models / "three", backend="tensorflow")
+    assert (lite.backend, tf.backend) == ("litert", "tensorflow")
+    for event in performances(3, 1, 30, seed=5)[0]:
+        np.testing.assert_allclose(tf.observe(*event), lite.observe(*event), atol=1e-4)
+
+
 @pytest.mark.parametrize("values", [1, MAX_VALUES])
 def test_the_extremes_train_export_and_pass_their_proof(tmp_path, values):
     """N = 1 (one fader; its report plots the value over time) and N = 16 (the most a model takes)."""
