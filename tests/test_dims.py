@@ -191,6 +191,8 @@ def test_a_model_of_three_values_is_proven_steps_and_samples_three_values(three_
         p.observe(0.1, 0.5, 0.5)
     with pytest.raises(ValueError, match="takes 3 values after dt, got 4"):
         p.surprise(0.1, 0.5, 0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="draws give 3 normals, the model needs 4"):
+        p.sample(RandomBlocks(np.random.default_rng(0), 3), 1.0, 1.0)  # drawn for a model of (dt, x, y)
 
 
 def test_the_tensorflow_step_plays_an_n_d_model_as_litert_does(three_values):

@@ -112,6 +112,8 @@ class Predictor:
     def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, ...]:
         """Draw the next event ``(dt, v1 .. vN)`` in original units; ``draws`` must give `info.spec.dims` normals."""
         u, normals = draws.next()
+        if len(normals) != self._d:  # too few would cut the event short, silently
+            raise ValueError(f"draws give {len(normals)} normals, the model needs {self._d} (RandomBlocks(rng, dims))")
         z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
         return tuple(self.norm.inverse_event(z))
 
