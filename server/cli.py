@@ -102,19 +102,27 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "dt from note onsets in seconds through the tempo map")
     p.add_argument("--merge-tracks", action="store_true",
                    help="with --midi: one performance per file, all tracks' notes merged in time")
+    p.add_argument("--impsy", nargs="+", action="extend", type=Path, metavar="FILE.npz",
+                   help="IMPSY dataset files (training-dataset-<D>d.npz): each performance in 'perfs', dt and D - 1 "
+                        "values; read without unpickling anything but arrays of numbers")
+    p.add_argument("--impsy-logs", nargs="+", action="extend", type=Path, metavar="PATH",
+                   help="IMPSY performance logs (*-<D>d-mdrnn.log) or folders of them: one performance per log "
+                        "from its 'interface' lines (with --include-model, its 'rnn' lines too)")
     p.add_argument("--include-model", action="store_true",
                    help="from logs, also the model's own events (default: the performer's only)")
     p.add_argument("--out", type=_output_file, default=Path("datasets/performances.npz"))
     p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help=f"clip dt to this many seconds (default {DT_MAX:g})")
 
 
-@command("dataset", "build a training dataset from performance logs and/or MIDI files")(_dataset_args)
+@command("dataset", "build a training dataset from performance logs, MIDI files and/or IMPSY's datasets and logs"
+         )(_dataset_args)
 def cmd_dataset(args: argparse.Namespace) -> int:
     from server.learn.data import Dataset, dataset_from_logs, save_dataset
     from server.learn.train import TrainConfig
 
-    if not args.paths and not args.midi:
-        raise DatasetError("give performance logs or folders, and/or --midi PATH...")
+    if not (args.paths or args.midi or args.impsy or args.impsy_logs):
+        raise DatasetError("give performance logs or folders, and/or --midi PATH..., --impsy FILE.npz..., "
+                           "--impsy-logs PATH...")
     perfs = dataset_from_logs(args.paths, args.dt_max, args.include_model).performances if args.paths else []
     if args.paths:
         what = "performer and model streams" if args.include_model else "performer streams"
@@ -125,13 +133,35 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         tracks = midi_performances(args.midi, args.dt_max, args.merge_tracks)
         print(f"MIDI: {len(tracks)} {'files' if args.merge_tracks else 'tracks'} of two notes or more")
         perfs += tracks
+    perfs += _impsy_performances(args)
     ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
     window = TrainConfig().sequence_length  # a window is this many inputs and their next events
     short = sum(1 for p in ds.performances if len(p) < window + 1)
-    print(f"wrote {args.out}: {len(ds.events)} events in {len(ds.starts)} performances"
+    print(f"wrote {args.out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
           + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
     return 0
+
+
+def _impsy_performances(args: argparse.Namespace) -> list:
+    """The performances of --impsy files and --impsy-logs, saying what was read and what was clipped."""
+    from server.learn.impsy import read_impsy_dataset, read_impsy_logs
+
+    reads = [(str(f), read_impsy_dataset(f, args.dt_max)) for f in args.impsy or []]
+    if args.impsy_logs:
+        reads.append(("IMPSY logs", read_impsy_logs(args.impsy_logs, args.dt_max, args.include_model)))
+    perfs: list = []
+    for what, got in reads:
+        width = got.performances[0].shape[1]
+        notes = [f"{got.empty} empty left out"] if got.empty else []
+        if got.dt_clipped:
+            notes.append(f"dt clipped to {args.dt_max:g} s in {got.dt_clipped} events")
+        if got.values_clipped:
+            notes.append(f"{got.values_clipped} values clipped to [0, 1]")
+        print(f"{what}: {len(got.performances)} performances of dt and {width - 1} value(s), "
+              f"{sum(len(p) for p in got.performances)} events" + (f" ({'; '.join(notes)})" if notes else ""))
+        perfs += got.performances
+    return perfs
 
 
 # --------------------------------------------------------------------------- midi-ports
@@ -240,6 +270,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
     model = read_model(folder, model_files_for("auto"))
     ds = load_dataset(args.data)
+    if ds.values != model.info.spec.values:
+        raise DatasetError(f"{args.data}: events of dt and {ds.values} value(s), but {folder.name} takes "
+                           f"{model.info.spec.values}; evaluate it on data of its own controller")
     step, _ = open_step(model)
     s = score(step, model.info, ds)
     norm = model.info.normaliser

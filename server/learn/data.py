@@ -1,8 +1,9 @@
 """Datasets: the `.npz` format, performance logs and training windows.
 
-A dataset is ``events`` float32 ``[N, 3]`` (dt, x, y) plus ``starts`` int64, the index of
-each performance's first event. Stored with ``numpy.savez`` and read with
-``allow_pickle=False``: nothing pickled is ever written or loaded.
+A dataset is ``events`` float32 ``[n, 1 + N]`` (dt, then N values: x and y by default,
+N from 1 to 16) plus ``starts`` int64, the index of each performance's first event.
+Stored with ``numpy.savez`` and read with ``allow_pickle=False``: nothing pickled is
+ever written or loaded here (IMPSY's pickled datasets are read by `server.learn.impsy`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ from typing import IO, Iterable, Iterator
 
 import numpy as np
 
+from server.model.dims import MAX_VALUES, MIN_VALUES, value_names
+
 log = logging.getLogger(__name__)
 
 DT_MAX = 5.0  # seconds; the default clip on dt (DESIGN.md)
-LOG_HEADER = ("time", "source", "x", "y")
-MAX_LOG_LINE = 65_536  # characters; a row of ours is under 60 (and csv's own field limit is 131,072)
+LOG_FIELDS = ("time", "source")  # then a column per value (`value_names`), and `voice` with per-sender voices
+LOG_HEADER = (*LOG_FIELDS, *value_names(2))  # today's logs: time,source,x,y
+MAX_LOG_LINE = 65_536  # characters; a row of ours is under 60 with two values, 400 with 16 (csv's field limit: 131,072)
 _NPZ_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive of .npy arrays
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -36,11 +40,16 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    events: np.ndarray  # float32 [N, 3]
+    events: np.ndarray  # float32 [n, 1 + N]: dt, then N values
     starts: np.ndarray  # int64 [P]
 
     def __post_init__(self) -> None:
         validate(self.events, self.starts)
+
+    @property
+    def values(self) -> int:
+        """N: the values after dt in each event (the model trained on it takes as many)."""
+        return int(self.events.shape[1]) - 1
 
     @property
     def performances(self) -> list[np.ndarray]:
@@ -50,9 +59,15 @@ class Dataset:
 
     @classmethod
     def from_performances(cls, perfs: Iterable[np.ndarray]) -> "Dataset":
-        perfs = [np.asarray(p, dtype=np.float32).reshape(-1, 3) for p in perfs if len(p) > 0]
+        """Performances ``[n, 1 + N]`` of one width (empty ones left out) as one dataset."""
+        perfs = [np.asarray(p, dtype=np.float32) for p in perfs if len(p) > 0]
         if not perfs:
             raise DatasetError("no events: every performance is empty")
+        widths = sorted({p.shape[1] if p.ndim == 2 else -1 for p in perfs})
+        if len(widths) > 1 or widths[0] < 0:
+            shown = ", ".join("not a table" if w < 0 else f"dt + {w - 1}" for w in widths)
+            raise DatasetError(f"performances differ in their values per event ({shown}); "
+                               "a dataset holds one kind of event")
         starts = np.cumsum([0] + [len(p) for p in perfs[:-1]]).astype(np.int64)
         return cls(np.concatenate(perfs).astype(np.float32), starts)
 
@@ -71,8 +86,9 @@ def validate(events: np.ndarray, starts: np.ndarray) -> None:
     """Check shape, dtype, finiteness and ranges; raise DatasetError saying what is wrong."""
     if not isinstance(events, np.ndarray) or events.dtype != np.float32:
         raise DatasetError(f"events must be float32, got {getattr(events, 'dtype', type(events))}")
-    if events.ndim != 2 or events.shape[1] != 3:
-        raise DatasetError(f"events must have shape [N, 3], got {list(events.shape)}")
+    if events.ndim != 2 or not MIN_VALUES + 1 <= events.shape[1] <= MAX_VALUES + 1:
+        raise DatasetError(f"events must have shape [n, 1 + N] (dt, then N = {MIN_VALUES} to {MAX_VALUES} values), "
+                           f"got {list(events.shape)}")
     if not isinstance(starts, np.ndarray) or starts.dtype != np.int64 or starts.ndim != 1:
         raise DatasetError("starts must be a 1-D int64 array")
     if len(events) == 0 or len(starts) == 0:
@@ -82,7 +98,7 @@ def validate(events: np.ndarray, starts: np.ndarray) -> None:
     if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= len(events):
         raise DatasetError("starts must begin at 0 and strictly increase within the events")
     if np.any(events[:, 0] < 0) or np.any(events[:, 1:] < 0) or np.any(events[:, 1:] > 1):
-        raise DatasetError("dt must be >= 0 and x, y in [0, 1]")
+        raise DatasetError("dt must be >= 0 and every value in [0, 1]")
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
@@ -148,7 +164,10 @@ def read_log(path: Path, dt_max: float = DT_MAX) -> list[np.ndarray]:
 
 
 def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = None) -> dict[str, np.ndarray]:
-    """Read one `logs/*.csv` into event arrays by source (`performer`, `model`; two events or more).
+    """Read one `logs/*.csv` into event arrays ``[n, 1 + N]`` by source (`performer`, `model`; two events or more).
+
+    The header names the values: ``time,source,x,y`` (today's), or a column per value
+    (`value_names`: ``x`` for one, ``v1 .. vN`` for three or more), then ``voice`` if any.
 
     ``until`` (Unix seconds) keeps only the rows logged up to then: what a session had
     played when `/learn` was asked, not what came while the fine-tune was starting.
@@ -162,7 +181,7 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
     log, and is an error.
     """
     path = Path(path)
-    streams: dict[str, list[tuple[float, float, float]]] = {}
+    streams: dict[str, list[tuple[float, ...]]] = {}
     skipped: list[int] = []
     try:
         with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
@@ -171,16 +190,18 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
             if first is None:
                 raise DatasetError(f"{path}: the file is empty; a performance log starts with {','.join(LOG_HEADER)}")
             header = _fields(first[1])
-            if header not in (list(LOG_HEADER), [*LOG_HEADER, "voice"]):
-                raise DatasetError(f"{path}: expected header {','.join(LOG_HEADER)}, found {first[1][:60].strip()!r}")
+            values = log_values(header)
+            if values is None:
+                raise DatasetError(f"{path}: expected header {','.join(LOG_HEADER)} (or a column per value: "
+                                   f"{','.join((*LOG_FIELDS, *value_names(3)))}, ...), found {first[1][:60].strip()!r}")
             width = len(header)
             for number, line in lines:
-                row = _log_row(line, width)
+                row = _log_row(line, width, values)
                 if row is not None:
-                    t, source, x, y = row
+                    t, source, *vs = row
                     if until is not None and t > until:
                         continue
-                    streams.setdefault(source, []).append((t, min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)))
+                    streams.setdefault(source, []).append((t, *(min(max(v, 0.0), 1.0) for v in vs)))
                 elif line.strip() and line.endswith(("\n", "\r")):  # blank lines and a torn last row are no loss
                     skipped.append(number)
     except IsADirectoryError:
@@ -196,8 +217,18 @@ def read_log_streams(path: Path, dt_max: float = DT_MAX, until: float | None = N
             continue
         arr = np.asarray(pts, dtype=np.float64)
         dt = np.clip(np.diff(arr[:, 0], prepend=arr[0, 0]), 0.0, dt_max)
-        out[source] = np.stack([dt, arr[:, 1], arr[:, 2]], axis=1).astype(np.float32)
+        out[source] = np.column_stack([dt, arr[:, 1:]]).astype(np.float32)
     return out
+
+
+def log_values(header: list[str]) -> int | None:
+    """N, the values per row, of a log header (``time,source,<value names>[,voice]``); None if it is not one."""
+    names = header[len(LOG_FIELDS):]
+    if names and names[-1] == "voice":
+        names = names[:-1]
+    if header[: len(LOG_FIELDS)] != list(LOG_FIELDS) or not MIN_VALUES <= len(names) <= MAX_VALUES:
+        return None
+    return len(names) if names == list(value_names(len(names))) else None
 
 
 def _stream_order(item: tuple[str, object]) -> tuple[int, int]:
@@ -232,21 +263,22 @@ def _fields(line: str) -> list[str]:
         return []
 
 
-def _log_row(line: str, width: int = 4) -> tuple[float, str, float, float] | None:
-    """(time, source, x, y) of a well-formed row, else None; a voice column makes the source `performer.<n>`."""
+def _log_row(line: str, width: int = 4, values: int = 2) -> tuple | None:
+    """(time, source, v1 .. vN) of a well-formed row, else None; a voice column makes the source `performer.<n>`."""
     fields = _fields(line)
     if len(fields) != width or fields[1] not in ("performer", "model"):
         return None
     source = fields[1]
-    if width == 5 and fields[4]:
-        if not fields[4].isdigit() or len(fields[4]) > 3:
+    end = len(LOG_FIELDS) + values
+    if width > end and fields[end]:
+        if not fields[end].isdigit() or len(fields[end]) > 3:
             return None
-        source = f"{source}.{int(fields[4])}"
+        source = f"{source}.{int(fields[end])}"
     try:
-        t, x, y = float(fields[0]), float(fields[2]), float(fields[3])
+        t, vs = float(fields[0]), [float(v) for v in fields[2:end]]
     except ValueError:
         return None
-    return (t, source, x, y) if all(math.isfinite(v) for v in (t, x, y)) else None
+    return (t, source, *vs) if math.isfinite(t) and all(math.isfinite(v) for v in vs) else None
 
 
 def dataset_from_logs(paths: Iterable[Path], dt_max: float = DT_MAX, include_model: bool = False) -> Dataset:

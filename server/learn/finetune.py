@@ -44,7 +44,7 @@ class FineTuneResult:
 
 
 def phrases(events: np.ndarray, gap: float = PHRASE_GAP) -> list[np.ndarray]:
-    """Cut one performer stream ``[n, 3]`` at pauses longer than ``gap``; each phrase starts with dt 0."""
+    """Cut one performer stream ``[n, 1 + N]`` at pauses longer than ``gap``; each phrase starts with dt 0."""
     events = np.asarray(events, np.float32)
     cuts = [0] + [i for i in range(1, len(events)) if events[i, 0] > gap] + [len(events)]
     out = []

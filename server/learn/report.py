@@ -12,10 +12,10 @@ from server.model.predictor import Predictor
 
 
 def generate(predictor: Predictor, n: int, rng: np.random.Generator, temperature: float = 1.0) -> np.ndarray:
-    """Let the model play on its own for ``n`` events; returns ``[n, 3]`` (dt, x, y)."""
+    """Let the model play on its own for ``n`` events; returns ``[n, dims]`` (dt, v1 .. vN)."""
     draws = RandomBlocks(rng, predictor.info.spec.dims)
     predictor.reset()
-    out = np.empty((n, 3))
+    out = np.empty((n, predictor.info.spec.dims))
     for i in range(n):
         out[i] = predictor.sample(draws, temperature, 1.0)
         predictor.observe(*out[i])
@@ -60,7 +60,10 @@ def write_report(folder: Path, history: dict[str, list[float]], data: Dataset, s
 
 
 def _gesture_plot(ax, ev: np.ndarray) -> None:
-    """Strokes as lines, broken where the performer paused (dt > 0.25 s)."""
+    """Strokes as lines, broken where the performer paused (dt > 0.25 s): the first two values (one: over time)."""
+    if ev.shape[1] < 3:
+        ax.plot(np.cumsum(ev[:, 0]), ev[:, 1], ".-", ms=2, lw=0.5)
+        return
     breaks = np.where(ev[:, 0] > 0.25)[0]
     for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(ev)]):
         seg = ev[a:b]

@@ -144,11 +144,14 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
     if cfg.init_from is not None:
         parent = read_model(Path(cfg.init_from), ("model.keras", "step.tflite"))
         spec, norm = parent.info.spec, parent.info.normaliser
+        if spec.values != train_ds.values:
+            raise DatasetError(f"{parent.label} takes {spec.values} values per event, the data has {train_ds.values}: "
+                               "fine-tune on data of the same controller, or train a new model")
         model = build_model(spec, dropout=cfg.dropout)
         model.set_weights(keras_model_from_bytes(parent.file("model.keras"), f"{parent.label}/model.keras").get_weights())
     else:
         norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
-        spec = ModelSpec.of_size(cfg.size, cfg.mixtures)
+        spec = ModelSpec.of_size(cfg.size, cfg.mixtures, dims=1 + train_ds.values)  # the data says how many values
         model = build_model(spec, dropout=cfg.dropout)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=cfg.clipnorm),

@@ -110,7 +110,7 @@ class StreamMaths:
 
     def _tell_surprise(self, number: int, label: int | None, predictor: Predictor, params: np.ndarray, dt: float,
                        x: float, y: float) -> None:
-        nll = predictor.surprise(dt, x, y, params)
+        nll = predictor.surprise(dt, x, y, params=params)
         last = self._smoothed.get(number)
         smoothed = nll if last is None else last + SURPRISE_SMOOTHING * (nll - last)
         self._smoothed[number] = smoothed

@@ -45,7 +45,7 @@ def _log_erfc(x: np.ndarray) -> np.ndarray:
 
 def event_log_likelihoods(params: np.ndarray, events: np.ndarray, info: ModelInfo,
                           raw: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-    """Per event (raw, dequantised) log-likelihood in original units for ``params [n, P]`` and ``events [n, 3]``.
+    """Per event (raw, dequantised) log-likelihood in original units for ``params [n, P]`` and ``events [n, dims]``.
 
     ``raw=False`` skips the raw figure (None), for the live `surprise` stream, which sends only the dequantised one.
     """

@@ -16,7 +16,7 @@ from server.model.spec import ModelError, ModelSpec
 
 class StepFunction(Protocol):
     def __call__(self, event: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(event [1,3], state [1,S]) -> (params [P], state [1,S])``, all float32 normalised."""
+        """``(event [1, dims], state [1, S]) -> (params [P], state [1, S])``, all float32 normalised."""
 
 
 def litert_available() -> bool:

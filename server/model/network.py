@@ -106,7 +106,7 @@ def mdn_loss(mixtures: int, dims: int, active: tuple[int, ...] | None = None):
 
 
 def build_model(spec: ModelSpec, dropout: float = 0.0) -> keras.Model:
-    """Sequence model ``[B, T, 3] -> [B, T, P]`` from a zero state (used for training and evaluation).
+    """Sequence model ``[B, T, dims] -> [B, T, P]`` from a zero state (used for training and evaluation).
 
     ``dropout`` regularises training between the layers; it has no weights, so the
     exported step (LSTM cells and head only) is the same network without it.
@@ -147,7 +147,7 @@ def lstm_layers(model: keras.Model, spec: ModelSpec) -> list:
 
 
 def make_step_function(model: keras.Model, spec: ModelSpec) -> tf.types.experimental.GenericFunction:
-    """A compiled one-step function ``(event [1,3], state [1,S]) -> (params [1,P], state [1,S])``.
+    """A compiled one-step function ``(event [1, dims], state [1, S]) -> (params [1, P], state [1, S])``.
 
     The LSTM state is an explicit flat tensor (per layer h then c), so the caller owns it:
     that is what lets LiteRT run the model one event at a time.

@@ -1,8 +1,8 @@
-"""Per-dimension normalisation of (dt, x, y) events, fitted on training data and stored with the model.
+"""Per-dimension normalisation of (dt, v1 .. vN) events, fitted on training data and stored with the model.
 
 dt is heavy-tailed (fast strokes vs long pauses) so it goes through ``log(dt + offset)``
-before standardising; x and y are standardised directly. Every transform is affine
-after an optional log, so the log-Jacobian is exact and evaluation can report
+before standardising; the N values (x and y by default) are standardised directly.
+Every transform is affine after an optional log, so the log-Jacobian is exact and evaluation can report
 likelihoods in the original units (seconds and [0, 1] coordinates).
 
 Fitting also records what the data is made of, per dimension, because an honest
@@ -25,6 +25,8 @@ from functools import cached_property
 
 import numpy as np
 
+from server.model.dims import check_values, value_names
+
 DT_OFFSET = 0.001  # seconds in log(dt + offset): finite for simultaneous events; beat 0.01 by 0.17 nats/event (touch corpus)
 GRID_CANDIDATES = (64, 100, 127, 128, 255, 256, 1000)  # steps per unit, coarsest first
 GRID_TOLERANCE = 1e-3  # in steps: float32 storage of k/128 is exact, of k/127 within ~1e-5
@@ -45,24 +47,32 @@ class Normaliser:
     offset: tuple[float, ...]
     clip_min: tuple[float, ...]
     clip_max: tuple[float, ...]
-    grid: tuple[float, ...] = (0.0, 0.0, 0.0)
-    constant: tuple[float | None, ...] = (None, None, None)
+    grid: tuple[float, ...] = ()  # () : continuous everywhere
+    constant: tuple[float | None, ...] = ()  # () : nothing constant
+
+    def __post_init__(self) -> None:
+        n = len(self.shift)
+        if not self.grid:
+            object.__setattr__(self, "grid", (0.0,) * n)
+        if not self.constant:
+            object.__setattr__(self, "constant", (None,) * n)
 
     @classmethod
     def fit(cls, events: np.ndarray, dt_max: float, detect: bool = True, dt_offset: float = DT_OFFSET) -> "Normaliser":
-        """Fit on ``events [N, 3]`` (dt, x, y) in original units; ``detect`` finds grids and constants."""
+        """Fit on ``events [n, 1 + N]`` (dt, N values) in original units; ``detect`` finds grids and constants."""
         events = np.asarray(events, dtype=np.float64)
-        if events.ndim != 2 or events.shape[1] != 3 or len(events) < 2:
-            raise ValueError("need events of shape [N>=2, 3]")
-        logs = (True, False, False)
-        offsets = (float(dt_offset), 0.0, 0.0)
+        if events.ndim != 2 or events.shape[1] < 2 or len(events) < 2:
+            raise ValueError("need events of shape [n>=2, 1 + N]")
+        width = 1 + check_values(events.shape[1] - 1, "each event")
+        logs = (True,) + (False,) * (width - 1)
+        offsets = (float(dt_offset),) + (0.0,) * (width - 1)
         f = _forward_raw(events, logs, offsets)
         shift = f.mean(axis=0)
         scale = np.maximum(f.std(axis=0), MIN_SCALE)
-        grid = [0.0, 0.0, 0.0]
-        constant: list[float | None] = [None, None, None]
+        grid = [0.0] * width
+        constant: list[float | None] = [None] * width
         if detect:
-            for d in (1, 2):  # positions; dt is continuous in performance data
+            for d in range(1, width):  # the values; dt is continuous in performance data
                 column = events[:, d]
                 if np.all(column == column[0]):
                     constant[d] = float(column[0])
@@ -74,8 +84,8 @@ class Normaliser:
             scale=tuple(float(v) for v in scale),
             log=logs,
             offset=offsets,
-            clip_min=(0.0, 0.0, 0.0),
-            clip_max=(float(dt_max), 1.0, 1.0),
+            clip_min=(0.0,) * width,
+            clip_max=(float(dt_max),) + (1.0,) * (width - 1),
             grid=tuple(grid),
             constant=tuple(constant),
         )
@@ -94,9 +104,9 @@ class Normaliser:
 
     def describe(self) -> str:
         """One line per dimension for people: what training and evaluation will do with it."""
-        names = ("dt", "x", "y")
+        names = ("dt", *value_names(len(self.shift) - 1))
         parts = []
-        for d, name in enumerate(names[: len(self.shift)]):
+        for d, name in enumerate(names):
             if self.constant[d] is not None:
                 parts.append(f"{name} constant {self.constant[d]:.4g} (played back exactly, not modelled)")
             elif self.grid[d] > 0:
@@ -195,7 +205,7 @@ class Normaliser:
         return z.astype(np.float32)
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
-        """Normalised -> original units, clipped to the valid range (dt >= 0, x and y in [0, 1])."""
+        """Normalised -> original units, clipped to the valid range (dt >= 0, values in [0, 1])."""
         f = np.asarray(z, dtype=np.float64) * np.asarray(self.scale) + np.asarray(self.shift)
         out = np.empty_like(f)
         for i, (lg, off) in enumerate(zip(self.log, self.offset)):

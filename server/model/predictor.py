@@ -44,7 +44,7 @@ def open_step(model: ModelFiles, backend: str = "auto") -> tuple[StepFunction, s
 
 
 class Predictor:
-    """Keeps the RNN state, observes events, predicts the next; events are ``(dt seconds, x, y)``."""
+    """Keeps the RNN state, observes events, predicts the next; events are ``(dt seconds, v1 .. vN)``, N = `values`."""
 
     def __init__(self, model: ModelFiles, backend: str = "auto", step: tuple[StepFunction, str] | None = None) -> None:
         self.model = model
@@ -53,6 +53,7 @@ class Predictor:
         spec = self.info.spec
         self.norm = self.info.normaliser
         self._k, self._d = spec.mixtures, spec.dims
+        self.values = spec.values  # N: how many values an event carries after dt
         self._event = np.zeros((1, spec.dims), np.float32)
         self._zero_state = np.zeros((1, spec.state_size), np.float32)
         self.state = self._zero_state
@@ -89,7 +90,7 @@ class Predictor:
         must meet a zero state too; these parameters only let `generate` begin alone.
         """
         self.state = self._zero_state
-        self._event[0] = self.norm.forward_event((0.0, 0.5, 0.5))
+        self._event[0] = self.norm.forward_event((0.0,) + (0.5,) * self.values)
         params, _ = self.step(self._event, self._zero_state)
         return params
 
@@ -97,23 +98,29 @@ class Predictor:
         """Zero the RNN state."""
         self.params = self._prime()
 
-    def observe(self, dt: float, x: float, y: float) -> np.ndarray:
-        """Feed one event (original units; clipped to the valid range) and return the next-event parameters."""
-        self._event[0] = self.norm.forward_event((dt, x, y))
+    def observe(self, dt: float, *values: float) -> np.ndarray:
+        """Feed one event (original units; clipped to the valid range) and return the next-event parameters.
+
+        Exactly `values` values after dt, else ValueError (a short event would otherwise be cut silently).
+        """
+        if len(values) != self.values:
+            raise ValueError(f"the model takes {self.values} values after dt, got {len(values)}")
+        self._event[0] = self.norm.forward_event((dt, *values))
         self.params, self.state = self.step(self._event, self.state)
         return self.params
 
-    def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
-        """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
+    def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, ...]:
+        """Draw the next event ``(dt, v1 .. vN)`` in original units; ``draws`` must give `info.spec.dims` normals."""
         u, normals = draws.next()
+        if len(normals) != self._d:  # too few would cut the event short, silently
+            raise ValueError(f"draws give {len(normals)} normals, the model needs {self._d} (RandomBlocks(rng, dims))")
         z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
-        dt, x, y = self.norm.inverse_event(z)
-        return dt, x, y
+        return tuple(self.norm.inverse_event(z))
 
     def mixture(self, temperature: float, sigma_temperature: float, params: np.ndarray | None = None) -> list[float]:
         """The predictive distribution of the next event in original units, as the `mixture` stream sends it.
 
-        ``[K, w_1..w_K, then per component: dt_median_s, x_mean, y_mean, dt_log_sigma, x_sigma, y_sigma]``:
+        ``[K, w_1..w_K, then per component: dt_median_s, N value means, dt_log_sigma, N value sigmas]``:
         weights after ``temperature``, scales times ``sigma_temperature``. dt is log-normal
         (its median in seconds and the sigma of log(dt + offset)); a constant dimension has
         its value and sigma 0. ``params`` are an earlier prediction's (the current one by default).
@@ -132,9 +139,11 @@ class Predictor:
         spreads[:, [d for d, c in enumerate(norm.constant) if c is not None]] = 0.0
         return [float(self._k), *weights.tolist(), *np.concatenate([locations, spreads], axis=1).ravel().tolist()]
 
-    def surprise(self, dt: float, x: float, y: float, params: np.ndarray | None = None) -> float:
+    def surprise(self, dt: float, *values: float, params: np.ndarray | None = None) -> float:
         """How unlikely an event is under the current prediction (or ``params``): NLL in nats, dequantised where quantised."""
         params = self.params if params is None else params
-        event = np.asarray([[min(max(dt, 0.0), self.norm.clip_max[0]), min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)]])
+        if len(values) != self.values:
+            raise ValueError(f"the model takes {self.values} values after dt, got {len(values)}")
+        event = np.clip(np.asarray([[dt, *values]], np.float64), self.norm.clip_min, self.norm.clip_max)
         _, deq = event_log_likelihoods(np.asarray(params)[None, :], event, self.info, raw=False)
         return float(-deq[0])

@@ -21,10 +21,13 @@ from server.model.sandbox import PROOF_EVENTS, read_payload, tested
 from server.model.spec import ModelError, ModelInfo
 
 
-def proof_walk(info: ModelInfo, n: int = PROOF_EVENTS) -> list[tuple[float, float, float]]:
-    """The events a test run plays: waits from 0 to `dt_max` (and past it), the pad's corners, edges and middle."""
+def proof_walk(info: ModelInfo, n: int = PROOF_EVENTS) -> list[tuple[float, ...]]:
+    """The events a test run plays: waits from 0 to `dt_max` (and past it), the corners, edges and middle of the
+    model's space of N values (for N = 2, the pad's)."""
     waits = [0.0, 0.001, 0.01, 0.05, 0.1, 0.3, 1.0, float(info.dt_max), float(info.dt_max) * 2]
-    places = [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0), (0.25, 0.75), (0.9, 0.1), (0.5, 0.0)]
+    pairs = [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0), (0.25, 0.75), (0.9, 0.1), (0.5, 0.0)]
+    values = info.spec.values  # each pair's pattern repeated over the N values: (0, 1) -> 0, 1, 0, 1, ...
+    places = [tuple(pair[d % 2] for d in range(values)) for pair in pairs]
     return [(waits[i % len(waits)], *places[i % len(places)]) for i in range(n)]
 
 
@@ -43,8 +46,8 @@ def run_test(model: ModelFiles, backend: str) -> None:
     predictor = Predictor(model, backend)  # builds the step and runs it once, from a neutral start
     check("from a neutral start", predictor.params, predictor.state)
     draws = mdn.RandomBlocks(np.random.default_rng(0), spec.dims)
-    for i, (dt, x, y) in enumerate(proof_walk(model.info)):
-        predictor.observe(dt, x, y)
+    for i, event in enumerate(proof_walk(model.info)):
+        predictor.observe(*event)
         check(f"at test event {i + 1}", predictor.params, predictor.state)
         for temperature in (1.0, 0.0):
             event = predictor.sample(draws, temperature, 1.0)

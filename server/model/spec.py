@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from server.model.dims import DIMS, MAX_VALUES, check_values, value_names
 from server.model.normalise import Normaliser
 
-DIMS = 3  # (dt, x, y)
 DEFAULT_MIXTURES = 5
 
 # name -> (units, layers): the one list of sizes (CLI choices, docs and checks read it).
@@ -33,11 +33,18 @@ class ModelSpec:
     size: str = "custom"
 
     @classmethod
-    def of_size(cls, size: str, mixtures: int = DEFAULT_MIXTURES) -> "ModelSpec":
+    def of_size(cls, size: str, mixtures: int = DEFAULT_MIXTURES, dims: int = DIMS) -> "ModelSpec":
+        """A named size for events of ``dims`` columns (dt and ``dims - 1`` values)."""
         if size not in SIZES:
             raise ValueError(f"unknown size {size!r}; expected one of {', '.join(SIZES)}")
+        check_values(dims - 1, "a model")
         units, layers = SIZES[size]
-        return cls(units=units, layers=layers, mixtures=mixtures, size=size)
+        return cls(units=units, layers=layers, mixtures=mixtures, dims=dims, size=size)
+
+    @property
+    def values(self) -> int:
+        """N: the values after dt in each event."""
+        return self.dims - 1
 
     @property
     def state_size(self) -> int:
@@ -84,7 +91,8 @@ class ModelInfo:
             "data": self.data,
             "lineage": self.lineage,
             "step_io": {
-                "inputs": ["event [1, 3] normalised (dt, x, y)", f"state [1, {self.spec.state_size}]"],
+                "inputs": [f"event [1, {self.spec.dims}] normalised (dt, {', '.join(value_names(self.spec.values))})",
+                           f"state [1, {self.spec.state_size}]"],
                 "outputs": [f"params [1, {self.spec.param_size}]", f"state [1, {self.spec.state_size}]"],
                 "param_layout": "means K*D | scales K*D | logits K",
                 "state_layout": "per layer: h (units), c (units)",
@@ -94,8 +102,9 @@ class ModelInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ModelInfo":
         spec = ModelSpec(**d["spec"])
-        if spec.dims != DIMS or spec.units <= 0 or spec.layers <= 0 or spec.mixtures <= 0:
-            raise ValueError(f"unsupported spec {d['spec']}")
+        if (not isinstance(spec.dims, int) or not 2 <= spec.dims <= 1 + MAX_VALUES
+                or spec.units <= 0 or spec.layers <= 0 or spec.mixtures <= 0):
+            raise ValueError(f"unsupported spec {d['spec']} (dims counts dt: 2 to {1 + MAX_VALUES})")
         norm = Normaliser.from_json(d["normalisation"])
         if len(norm.shift) != spec.dims:
             raise ValueError(f"normalisation has {len(norm.shift)} dimensions, the model {spec.dims}")
