@@ -53,6 +53,8 @@ class Predictor:
         spec = self.info.spec
         self.norm = self.info.normaliser
         self._k, self._d = spec.mixtures, spec.dims
+        # (dimension, steps per unit) of each quantised one: a draw plays the cell it falls in
+        self._cells = tuple((d, round(1.0 / self.norm.grid[d])) for d in self.norm.gridded)
         self._event = np.zeros((1, spec.dims), np.float32)
         self._zero_state = np.zeros((1, spec.state_size), np.float32)
         self.state = self._zero_state
@@ -104,10 +106,20 @@ class Predictor:
         return self.params
 
     def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
-        """Draw the next event ``(dt, x, y)`` in original units from the current parameters."""
+        """Draw the next event ``(dt, x, y)`` in original units from the current parameters.
+
+        On a dimension the data had on a grid (MIDI pitch: 1/127) the value played is the
+        grid point of the cell the continuous draw falls in, so each note comes with the
+        probability the model gives its whole cell, the figure training and evaluation
+        (dequantised) measure; temperatures act on the draw before the cell is taken, so
+        at ``sigma_temperature`` 0 it is the cell holding the component's mean.
+        """
         u, normals = draws.next()
         z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
-        dt, x, y = self.norm.inverse_event(z)
+        event = self.norm.inverse_event(z)
+        for d, steps in self._cells:
+            event[d] = round(event[d] * steps) / steps
+        dt, x, y = event
         return dt, x, y
 
     def mixture(self, temperature: float, sigma_temperature: float, params: np.ndarray | None = None) -> list[float]:
@@ -116,7 +128,9 @@ class Predictor:
         ``[K, w_1..w_K, then per component: dt_median_s, x_mean, y_mean, dt_log_sigma, x_sigma, y_sigma]``:
         weights after ``temperature``, scales times ``sigma_temperature``. dt is log-normal
         (its median in seconds and the sigma of log(dt + offset)); a constant dimension has
-        its value and sigma 0. ``params`` are an earlier prediction's (the current one by default).
+        its value and sigma 0; on a gridded dimension each mean is the grid point of the cell
+        it falls in (what the component plays at ``sigma_temperature`` 0), its sigma the
+        density's. ``params`` are an earlier prediction's (the current one by default).
         """
         params = self.params if params is None else params
         means, scales, logits = mdn.split_params(np.asarray(params, np.float64), self._k, self._d)
@@ -128,6 +142,8 @@ class Predictor:
             weights = np.exp(mdn.log_softmax(logits / temperature))
         norm = self.norm
         locations = norm.inverse(means)  # [K, D] in original units, clipped; constants as their value
+        for d, steps in self._cells:  # on a grid: the cell each mean falls in (what it plays at sigma_temperature 0)
+            locations[:, d] = np.round(locations[:, d] * steps) / steps
         spreads = np.clip(scales, mdn.SCALE_EPS, 1e6) * np.asarray(norm.scale) * sigma_temperature
         spreads[:, [d for d, c in enumerate(norm.constant) if c is not None]] = 0.0
         return [float(self._k), *weights.tolist(), *np.concatenate([locations, spreads], axis=1).ravel().tolist()]
