@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from server.config import as_flag, at_least, positive
+from server.config import as_flag, at_least, non_negative, positive
 from server.learn.data import DT_MAX, DatasetError
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
+from server.live.settings import Settings
 from server.model.files import DEFAULT_MODELS_DIR, check_model_name
 from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
 from server.monitor import DEFAULT_HOST as MONITOR_HOST
@@ -50,6 +51,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 _positive_float = as_flag(positive)  # a finite number > 0
+_non_negative_float = as_flag(non_negative)  # a finite number >= 0
 
 
 def _output_file(text: str) -> Path:
@@ -228,6 +230,17 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.add_argument("--music", action="store_true",
+                   help="also let the model play (seeded, from a zero state and from held-out openings) and compare "
+                        "it with the data: intervals, pitches, pitch classes and rhythm for notes; moves and dt for "
+                        "gestures")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="--music: the sampler's seed (default 0)")
+    p.add_argument("--temperature", type=_non_negative_float, default=Settings.temperature,
+                   help=f"--music: mixture-weight temperature (default {Settings.temperature:g}, as `run`)")
+    p.add_argument("--sigma-temperature", type=_non_negative_float, default=Settings.sigma_temperature,
+                   help=f"--music: scale temperature (default {Settings.sigma_temperature:g}, as `run`)")
+    p.add_argument("--plot", type=_output_file, default=None, metavar="FILE.png",
+                   help="--music: also draw the histograms, data beside model, into this PNG")
 
 
 @command("evaluate", "NLL per event of a dataset under a model (original units; dequantised where the data is on a grid)")(_evaluate_args)
@@ -247,7 +260,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if norm.gridded:
         print(f"  dequantised (each quantised coordinate integrated over its grid cell); raw density at the points: {s.raw:.4f}")
     print(f"  {norm.describe()}")
+    if args.music or args.plot is not None:
+        _print_music(model, ds, args)
     return 0
+
+
+def _print_music(model, ds, args: argparse.Namespace) -> None:
+    from server.learn.evaluate import held_out, music_lines, music_report
+    from server.model.predictor import Predictor
+
+    data, which = held_out(ds, model.info)
+    report = music_report(Predictor(model), data, args.seed, args.temperature, args.sigma_temperature)
+    kind = "notes (x = pitch/127)" if report.notes else "gestures"
+    print(f"music, {kind}: the model playing at temperature {args.temperature:g}, sigma_temperature "
+          f"{args.sigma_temperature:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
+    for line in music_lines(report):
+        print(f"  {line}")
+    if args.plot is not None:
+        from server.learn.report import write_music_plot
+
+        print(f"wrote {write_music_plot(report, args.plot)}")
 
 
 # --------------------------------------------------------------------------- run

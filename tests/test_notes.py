@@ -7,7 +7,9 @@ user plays it: a real server over loopback UDP.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +101,88 @@ def test_each_note_is_drawn_with_the_probability_of_its_cell(note_model):
     stream = predictor.mixture(1.0, 1.0)
     x_means = np.array(stream[1 + k:]).reshape(k, 2 * d)[:, 1]
     assert np.allclose(x_means * 127, 60.0) and stream[1 + k + d + 1] == pytest.approx(sigma_x, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the music statistics, closed forms
+
+
+def line(pitch_list, dts=None) -> np.ndarray:
+    n = len(pitch_list)
+    dts = [0.0] + [0.5] * (n - 1) if dts is None else dts
+    return np.column_stack([dts, np.array(pitch_list) / 127, np.full(n, VELOCITY / 127)]).astype(np.float32)
+
+
+def test_note_statistics_of_a_known_line():
+    from server.learn import music
+
+    stats = music.note_stats([line([60, 62, 64, 65, 72, 60], [0.0, 0.5, 0.5, 0.25, 1.0, 0.5]), line([67, 67])])
+    # intervals 2 2 1 7 -12 and 0: steps (<= 2) 4 of 6; leaps (> 7) only the octave; a fifth (7) is neither
+    assert stats.step_share == pytest.approx(4 / 6) and stats.leap_share == pytest.approx(1 / 6)
+    assert stats.intervals[12 + 2] == pytest.approx(2 / 6) and stats.intervals[0] == pytest.approx(1 / 6)
+    assert stats.intervals[12 + 7] == pytest.approx(1 / 6) and stats.intervals[12] == pytest.approx(1 / 6)
+    assert stats.pitch_classes[0] == pytest.approx(3 / 8) and stats.pitch_classes[7] == pytest.approx(2 / 8)
+    assert stats.pitches[60] == pytest.approx(2 / 8) and stats.events == 8 and stats.on_grid == 1.0
+    assert stats.median_ioi == pytest.approx(0.5)  # the dts between onsets: .5 .5 .25 1 .5 and .5
+    assert stats.iois.sum() == pytest.approx(1.0)
+    assert music.note_stats([line([60, 60.5, 61])]).on_grid == pytest.approx(2 / 3)
+    beyond = music.note_stats([line([30, 90, 30])])  # wider than an octave: the end bins
+    assert beyond.intervals[-1] == pytest.approx(0.5) and beyond.intervals[0] == pytest.approx(0.5)
+
+
+def test_distances_between_histograms():
+    from server.learn import music
+
+    a, b = np.zeros(10), np.zeros(10)
+    a[2], b[5] = 1.0, 1.0
+    assert music.total_variation(a, a) == 0.0 and music.total_variation(a, b) == 1.0
+    assert music.earth_movers(a, b) == pytest.approx(3.0) and music.earth_movers(a, b, width=0.5) == pytest.approx(1.5)
+    half = (a + b) / 2
+    assert music.total_variation(a, half) == pytest.approx(0.5) and music.earth_movers(a, half) == pytest.approx(1.5)
+    # one line transposed up by 2 semitones: the same intervals, the pitches 2 semitones away
+    up = music.note_distances(music.note_stats([line([60, 62, 64, 62])]), music.note_stats([line([62, 64, 66, 64])]))
+    assert up["intervals_tv"] == 0.0 and up["pitch_emd_semitones"] == pytest.approx(2.0) and up["ioi_tv"] == 0.0
+
+
+def test_gesture_statistics_of_known_moves():
+    from server.learn import music
+
+    g = np.array([[0.0, 0.1, 0.1], [0.01, 0.4, 0.5], [0.2, 0.4, 0.5]])  # a 3-4-5 move of 0.5, then none
+    stats = music.gesture_stats([g])
+    assert stats.median_move == pytest.approx(0.25) and stats.median_dt == pytest.approx(0.105)
+    assert stats.moves[0] == pytest.approx(0.5) and stats.moves.sum() == pytest.approx(1.0)
+    assert music.gesture_distances(stats, stats) == {"move_tv": 0.0, "dt_tv": 0.0}
+    assert not music.is_notes((0.0, 1 / 128, 1 / 128)) and music.is_notes((0.0, 1 / 127, 0.0))
+
+
+# --------------------------------------------------------------------------- evaluate --music
+
+
+def test_evaluate_music_compares_the_models_playing_with_held_out_data(note_model, tmp_path):
+    """Through the CLI, as a user runs it: the training data's held-out part, a table, a plot; seeded."""
+    import subprocess
+    import sys
+
+    from server.learn import music
+    from server.learn.data import save_dataset
+
+    data = save_dataset(note_lines(40, seed=3), tmp_path / "notes.npz")  # the training data: its held-out part is used
+    cmd = [sys.executable, "-m", "server", "evaluate", "--model", str(note_model), "--data", str(data), "--music",
+           "--plot", str(tmp_path / "music.png"), "--seed", "3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert "notes (x = pitch/127)" in out and "performances held out in training" in out
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", l.strip()) for l in out.splitlines()[4:])}
+    data_steps, zero_steps, opening_steps = (float(v.rstrip(" %")) for v in rows["steps <= 2 semitones"])
+    held = json.loads((note_model / "model.json").read_text())["training"]["validation_performances"]
+    perfs = note_lines(40, seed=3).performances
+    assert data_steps == pytest.approx(100 * music.note_stats([perfs[i] for i in held]).step_share, abs=0.05)
+    assert 0 < zero_steps < 100 and 0 < opening_steps < 100
+    assert rows["pitches on a key"] == ["100.0 %"] * 3
+    assert float(rows["intervals: TV"][0]) > 0 and len(rows["intervals: TV"]) == 2  # model columns only
+    assert (tmp_path / "music.png").stat().st_size > 10_000
+    assert subprocess.run(cmd, capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent).stdout == out  # seeded: the same playing again
+    other = tmp_path / "other.npz"
+    save_dataset(note_lines(10, seed=9), other)
+    out = subprocess.run(cmd[:7] + [str(other), "--music"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent).stdout
+    assert "all 10 performances" in out
