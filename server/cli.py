@@ -160,6 +160,7 @@ def cmd_midi_ports(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from server.learn.music import INTERVALS
     from server.learn.train import TrainConfig
 
     d = TrainConfig()
@@ -174,7 +175,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="MODEL", default=None,
                    help="fine-tune: start from this model (a name under --models-dir or a folder), keeping its "
                         "size and normalisation")
-    p.add_argument("--mixtures", type=_int_at_least(1), default=d.mixtures)
+    p.add_argument("--mixtures", type=_int_at_least(1), default=d.mixtures,
+                   help="mixture components (default: 10, or 30 when x is predicted as steps, see --intervals)")
+    p.add_argument("--intervals", choices=INTERVALS, default=d.intervals,
+                   help="yes: predict x as the step from the previous event's x (a melodic interval, for notes; "
+                        "recorded in model.json); no (default): x itself")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout between layers (default {d.dropout})")
     p.add_argument("--dt-offset", type=_positive_float, default=d.dt_offset,
                    help=f"seconds in log(dt + offset) (default {d.dt_offset})")
@@ -219,6 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         dropout=args.dropout,
         dt_offset=args.dt_offset,
+        intervals=args.intervals,
         init_from=None if args.init_from is None else resolve_model_dir(args.init_from, args.models_dir, allow_paths=True),
         data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )

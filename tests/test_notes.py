@@ -47,6 +47,16 @@ def note_model(tmp_path_factory) -> Path:
     return result.folder
 
 
+@pytest.fixture(scope="module")
+def step_model(tmp_path_factory) -> Path:
+    """The same data, x predicted as the step from the previous note (`train --intervals yes`)."""
+    from server.learn.train import TrainConfig, train
+
+    models = tmp_path_factory.mktemp("models")
+    cfg = TrainConfig(size="xs", epochs=4, seed=2, report=False, intervals="yes", mixtures=6)
+    return train(note_lines(40, seed=3), "steps", models, cfg, echo=lambda s: None).folder
+
+
 def phi(x: float) -> float:
     return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
@@ -186,3 +196,84 @@ def test_evaluate_music_compares_the_models_playing_with_held_out_data(note_mode
     out = subprocess.run(cmd[:7] + [str(other), "--music"], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent).stdout
     assert "all 10 performances" in out
+
+
+# --------------------------------------------------------------------------- pitch as the step from the previous note
+
+
+def test_shift_means_moves_every_components_means_by_the_offsets():
+    k, d = 3, 2
+    means, scales, logits = np.arange(6.0).reshape(k, d), np.ones((k, d)), np.array([0.1, 0.2, 0.3])
+    params = np.concatenate([means.ravel(), scales.ravel(), logits])
+    moved = mdn.shift_means(params, k, d, np.array([0.0, 10.0]))
+    m, s, l = mdn.split_params(moved, k, d)
+    assert np.array_equal(m, means + [0.0, 10.0]) and np.array_equal(s, scales) and np.array_equal(l, logits)
+    batch = mdn.shift_means(np.stack([params, params]), k, d, np.array([[0.0, 1.0], [2.0, 0.0]]))
+    assert np.array_equal(mdn.split_params(batch, k, d)[0][1], means + [2.0, 0.0])
+    assert np.array_equal(params[:6], means.ravel()), "a copy: the step's own output is left alone"
+
+
+def test_training_targets_are_steps_from_the_clean_value_heard():
+    from server.learn.windows import as_steps, make_windows
+
+    p = np.array([[0.0, 1.0, 5.0], [0.5, 3.0, 5.0], [0.5, 2.0, 5.0]], np.float32)
+    w = make_windows([p], length=4, stride=1)
+    noisy = w.targets.copy()
+    noisy[..., 1] += 0.25  # dequantisation noise on the targets only moves them, not what they are steps from
+    steps = as_steps(w, noisy, np.array([0.0, 1.0, 0.0], np.float32))
+    assert steps[0, :2, 1].tolist() == [2.25, -0.75] and steps[0, :2, 0].tolist() == [0.5, 0.5]
+    assert steps[0, :2, 2].tolist() == [5.0, 5.0] and steps[0, :2, 3].tolist() == [1.0, 1.0]
+    assert as_steps(w, noisy, np.zeros(3, np.float32)) is noisy
+
+
+def test_a_step_model_predicts_steps_and_plays_notes(step_model, note_model):
+    """`train --intervals yes` records it in model.json; the stage adds each step to the note it heard."""
+    import json as json_
+
+    from server.learn.music import relative_dims
+    from server.model.files import read_info
+    from server.model.litert import LiteRTStep
+
+    assert json_.loads((note_model / "model.json").read_text())["normalisation"]["relative"] == [False] * 3
+    assert json_.loads((step_model / "model.json").read_text())["normalisation"]["relative"] == [False, True, False]
+    assert relative_dims((0.0, 1 / 127, 0.0), (None, None, None), "yes") == (False, True, False)
+    assert relative_dims((0.0, 1 / 127, 0.0), (None, 0.5, None), "yes") == (False, False, False)
+    assert relative_dims((0.0, 1 / 127, 0.0), (None, None, None)) == (False, False, False)
+    note_model = step_model
+    info = read_info(note_model)
+    step = LiteRTStep((note_model / "step.tflite").read_bytes(), info.spec)
+    predictor = Predictor.load(note_model)
+    k, d, norm = info.spec.mixtures, info.spec.dims, info.normaliser
+    state = np.zeros((1, info.spec.state_size), np.float32)
+    for pitch in (60, 62, 64, 67, 55):
+        event = (0.5, pitch / 127, VELOCITY / 127)
+        z = np.array([norm.forward_event(event)], np.float32)
+        raw, state = step(z, state)
+        got = predictor.observe(*event)
+        m_raw, s_raw, l_raw = mdn.split_params(raw, k, d)
+        m, s, l = mdn.split_params(got, k, d)
+        np.testing.assert_allclose(m[:, 1], m_raw[:, 1] + z[0, 1], atol=1e-5)  # the step, from the note heard
+        assert np.array_equal(m[:, 0], m_raw[:, 0]) and np.array_equal(s, s_raw) and np.array_equal(l, l_raw)
+        greedy = predictor.sample(mdn.RandomBlocks(np.random.default_rng(0), d), 0.0, 0.0)[1]
+        best = int(np.argmax(l_raw))
+        expected = norm.inverse_event([0.0, m_raw[best, 1] + z[0, 1], 0.0])[1]
+        assert greedy * 127 == pytest.approx(round(expected * 127))
+
+
+def test_the_training_pipeline_feeds_steps_as_targets():
+    """What Keras is fed: noise within the cell on top of the step from the clean value heard."""
+    from server.learn.windows import as_steps, make_windows, training_dataset
+
+    rng = np.random.default_rng(0)
+    perfs = [np.column_stack([rng.random(n), rng.integers(50, 70, n) / 127, np.zeros(n)]).astype(np.float32)
+             for n in (5, 9, 30)]
+    w = make_windows(perfs, length=8, stride=3)
+    relative = np.array([0.0, 1.0, 0.0], np.float32)
+    half = np.array([0.0, 0.004, 0.0])
+    inputs, targets = (np.concatenate([b.numpy() for b in part]) for part in
+                       zip(*training_dataset(w, 4, half, seed=1, shuffle=False, relative=relative)))
+    clean = as_steps(w, w.targets, relative)
+    assert np.array_equal(inputs[..., 0], w.inputs[..., 0]) and np.abs(inputs[..., 1] - w.inputs[..., 1]).max() <= 0.004
+    assert np.abs(targets[..., 1] - clean[..., 1]).max() <= 0.004 + 1e-6
+    assert np.abs(targets[..., 1] - clean[..., 1]).max() > 0.001  # noise there is
+    assert np.abs(targets[..., 1] - w.targets[..., 1]).max() > 0.05  # steps, not values

@@ -21,6 +21,7 @@ import numpy as np
 
 from server.learn.data import Dataset
 from server.model.likelihood import event_log_likelihoods
+from server.model.mdn import shift_means
 from server.model.litert import LiteRTStep, StepFunction, litert_available
 from server.model.spec import ModelInfo
 
@@ -50,6 +51,7 @@ def score(step: StepFunction, info: ModelInfo, ds: Dataset) -> Scores:
         raise ValueError("no performance has two or more events")
     raw_total = deq_total = 0.0
     count = 0
+    relative = relative_mask(norm)
     for p in perfs:
         n = len(p) - 1
         z = norm.forward(p[:-1])
@@ -57,11 +59,18 @@ def score(step: StepFunction, info: ModelInfo, ds: Dataset) -> Scores:
         params = np.empty((n, spec.param_size), np.float32)
         for t in range(n):
             params[t], state = step(z[t : t + 1], state)
+        if relative.any():  # predicted steps from each event heard -> values
+            params = shift_means(params, spec.mixtures, spec.dims, z * relative)
         raw, deq = event_log_likelihoods(params, p[1:], info)
         raw_total -= float(raw.sum())
         deq_total -= float(deq.sum())
         count += n
     return Scores(raw_total / count, deq_total / count, count, len(perfs))
+
+
+def relative_mask(norm) -> np.ndarray:
+    """1.0 for each dimension predicted as a step from the previous event's value, else 0.0."""
+    return np.array([1.0 if d in norm.relatives else 0.0 for d in range(len(norm.shift))], np.float32)
 
 
 def step_for(tflite: bytes, info: ModelInfo, keras_model=None) -> StepFunction:

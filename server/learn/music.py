@@ -27,6 +27,35 @@ MOVE_BINS = np.concatenate([[0.0], np.logspace(-3, np.log10(1.5), 25)])  # a ges
 NOTE_GRID = 1.0 / 127  # x = pitch/127: the grid that says a dimension holds MIDI notes
 
 
+INTERVALS = ("no", "yes")  # `train --intervals`: whether x is predicted as the step from the previous event's
+
+
+def relative_dims(grid: Sequence[float], constant: Sequence[float | None], choice: str = "no") -> tuple[bool, ...]:
+    """Which dimensions to predict as the step from the previous event's value (`train --intervals`).
+
+    ``yes``: x (a melodic interval, for notes), unless x is constant; ``no``: none, the
+    default, since on the Bach chorales it measured worse at the same training budget
+    (README, "A better model of notes").
+    """
+    if choice not in INTERVALS:
+        raise ValueError(f"intervals must be one of {', '.join(INTERVALS)}, got {choice!r}")
+    return tuple(d == 1 and choice == "yes" and constant[1] is None for d in range(len(grid)))
+
+
+MIXTURES, STEP_MIXTURES = 10, 30  # components unless `train --mixtures` says: gestures; pitch as steps
+
+
+def mixtures_for(norm) -> int:
+    """Mixture components for a model of this data: more where a dimension is predicted as steps.
+
+    The components are diagonal over (dt, x, ...) together, so a step histogram with ten
+    modes (unison, seconds, thirds, fourths, fifths, octaves, each way) times the rhythm's
+    three or four durations needs far more than 10 (measured on the chorales: README,
+    "A better model of notes").
+    """
+    return STEP_MIXTURES if any(norm.relative) else MIXTURES
+
+
 def is_notes(grid: Sequence[float]) -> bool:
     """Whether data whose per-dimension grid is ``grid`` (dt first) holds notes: x on MIDI's 1/127 grid."""
     return len(grid) > 1 and abs(grid[1] - NOTE_GRID) < 1e-9

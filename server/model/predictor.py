@@ -53,6 +53,7 @@ class Predictor:
         spec = self.info.spec
         self.norm = self.info.normaliser
         self._k, self._d = spec.mixtures, spec.dims
+        self._relatives = self.norm.relatives  # predicted as steps from the value just heard
         # (dimension, steps per unit) of each quantised one: a draw plays the cell it falls in
         self._cells = tuple((d, round(1.0 / self.norm.grid[d])) for d in self.norm.gridded)
         self._event = np.zeros((1, spec.dims), np.float32)
@@ -93,6 +94,14 @@ class Predictor:
         self.state = self._zero_state
         self._event[0] = self.norm.forward_event((0.0, 0.5, 0.5))
         params, _ = self.step(self._event, self._zero_state)
+        return self._values(params)
+
+    def _values(self, params: np.ndarray) -> np.ndarray:
+        """The step's parameters with a relative dimension's predicted steps moved to values (in place)."""
+        if self._relatives:
+            means = params[: self._k * self._d].reshape(self._k, self._d)
+            for d in self._relatives:
+                means[:, d] += self._event[0, d]
         return params
 
     def reset(self) -> None:
@@ -102,7 +111,8 @@ class Predictor:
     def observe(self, dt: float, x: float, y: float) -> np.ndarray:
         """Feed one event (original units; clipped to the valid range) and return the next-event parameters."""
         self._event[0] = self.norm.forward_event((dt, x, y))
-        self.params, self.state = self.step(self._event, self.state)
+        params, self.state = self.step(self._event, self.state)
+        self.params = self._values(params)
         return self.params
 
     def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, float, float]:
