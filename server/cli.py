@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from server.config import as_flag, at_least, positive
+from server.config import as_flag, at_least, non_negative, positive
 from server.learn.data import DT_MAX, DatasetError
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
+from server.live.settings import Settings
 from server.model.files import DEFAULT_MODELS_DIR, check_model_name
 from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
 from server.monitor import DEFAULT_HOST as MONITOR_HOST
@@ -50,6 +51,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 _positive_float = as_flag(positive)  # a finite number > 0
+_non_negative_float = as_flag(non_negative)  # a finite number >= 0
 
 
 def _output_file(text: str) -> Path:
@@ -188,6 +190,7 @@ def cmd_midi_ports(args: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from server.learn.music import INTERVALS
     from server.learn.train import TrainConfig
 
     d = TrainConfig()
@@ -202,7 +205,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="MODEL", default=None,
                    help="fine-tune: start from this model (a name under --models-dir or a folder), keeping its "
                         "size and normalisation")
-    p.add_argument("--mixtures", type=_int_at_least(1), default=d.mixtures)
+    p.add_argument("--mixtures", type=_int_at_least(1), default=d.mixtures,
+                   help="mixture components (default: 10, or 30 when x is predicted as steps, see --intervals)")
+    p.add_argument("--intervals", choices=INTERVALS, default=d.intervals,
+                   help="yes: predict x as the step from the previous event's x (a melodic interval, for notes; "
+                        "recorded in model.json); no (default): x itself")
     p.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout between layers (default {d.dropout})")
     p.add_argument("--dt-offset", type=_positive_float, default=d.dt_offset,
                    help=f"seconds in log(dt + offset) (default {d.dt_offset})")
@@ -247,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         minutes=args.minutes,
         dropout=args.dropout,
         dt_offset=args.dt_offset,
+        intervals=args.intervals,
         init_from=None if args.init_from is None else resolve_model_dir(args.init_from, args.models_dir, allow_paths=True),
         data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )
@@ -258,6 +266,17 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    p.add_argument("--music", action="store_true",
+                   help="also let the model play (seeded, from a zero state and from held-out openings) and compare "
+                        "it with the data: intervals, pitches, pitch classes and rhythm for notes; moves and dt for "
+                        "gestures")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="--music: the sampler's seed (default 0)")
+    p.add_argument("--temperature", type=_non_negative_float, default=Settings.temperature,
+                   help=f"--music: mixture-weight temperature (default {Settings.temperature:g}, as `run`)")
+    p.add_argument("--sigma-temperature", type=_non_negative_float, default=Settings.sigma_temperature,
+                   help=f"--music: scale temperature (default {Settings.sigma_temperature:g}, as `run`)")
+    p.add_argument("--plot", type=_output_file, default=None, metavar="FILE.png",
+                   help="--music: also draw the histograms, data beside model, into this PNG")
 
 
 @command("evaluate", "NLL per event of a dataset under a model (original units; dequantised where the data is on a grid)")(_evaluate_args)
@@ -280,7 +299,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if norm.gridded:
         print(f"  dequantised (each quantised coordinate integrated over its grid cell); raw density at the points: {s.raw:.4f}")
     print(f"  {norm.describe()}")
+    if args.music or args.plot is not None:
+        _print_music(model, ds, args)
     return 0
+
+
+def _print_music(model, ds, args: argparse.Namespace) -> None:
+    from server.learn.evaluate import held_out, music_lines, music_report
+    from server.model.predictor import Predictor
+
+    data, which = held_out(ds, model.info)
+    report = music_report(Predictor(model), data, args.seed, args.temperature, args.sigma_temperature)
+    kind = "notes (x = pitch/127)" if report.notes else "gestures"
+    print(f"music, {kind}: the model playing at temperature {args.temperature:g}, sigma_temperature "
+          f"{args.sigma_temperature:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
+    for line in music_lines(report):
+        print(f"  {line}")
+    if args.plot is not None:
+        from server.learn.report import write_music_plot
+
+        print(f"wrote {write_music_plot(report, args.plot)}")
 
 
 # --------------------------------------------------------------------------- run

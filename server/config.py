@@ -101,6 +101,14 @@ def positive(raw: object) -> float:
         raise ValueError(f"must be a finite number > 0, got {raw!r}") from None
 
 
+def non_negative(raw: object) -> float:
+    """A finite number >= 0."""
+    try:
+        return _non_negative(raw)
+    except ValueError:
+        raise ValueError(f"must be a finite number >= 0, got {raw!r}") from None
+
+
 def as_flag(parse: Callable[[object], Any]) -> Callable[[str], Any]:
     """An argparse `type` from one of these parsers: every command's flags follow the same rules."""
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import numpy as np
 
 from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
+from server.learn.music import mixtures_for, relative_dims
 from server.learn.windows import Windows, make_windows
 from server.model.normalise import DT_OFFSET, Normaliser
 from server.model.spec import ModelInfo, ModelSpec
@@ -29,7 +30,7 @@ EXPORT_RESERVE_S = 20.0  # of the budget, kept for scoring, export and the repor
 @dataclass(frozen=True)
 class TrainConfig:
     size: str = "s"
-    mixtures: int = 10  # measured on the touch corpus: 10 beat 5 by 0.17 nats/event, 16 no better than 10
+    mixtures: int | None = None  # None: mixtures_for(normaliser): 10 (touch corpus: beat 5 by 0.17 nats/event), 30 for steps
     minutes: float | None = None  # None: default_minutes(events)
     epochs: int = 1000  # an upper bound; the budget and early stopping end training first
     patience: int = 15  # epochs without a better validation figure before stopping
@@ -44,6 +45,7 @@ class TrainConfig:
     dt_max: float = DT_MAX
     dt_offset: float = DT_OFFSET
     dequantise: bool = True
+    intervals: str = "no"  # "yes": x as the step from the previous event's (music.INTERVALS)
     report: bool = True
     init_from: Path | None = None  # a model folder to start from (fine-tune): its size and normalisation are kept
     data: dict[str, Any] = field(default_factory=dict)  # source and licence, recorded in model.json
@@ -151,7 +153,8 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
         model.set_weights(keras_model_from_bytes(parent.file("model.keras"), f"{parent.label}/model.keras").get_weights())
     else:
         norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
-        spec = ModelSpec.of_size(cfg.size, cfg.mixtures, dims=1 + train_ds.values)  # the data says how many values
+        norm = replace(norm, relative=relative_dims(norm.grid, norm.constant, cfg.intervals))
+        spec = ModelSpec.of_size(cfg.size, cfg.mixtures or mixtures_for(norm), dims=1 + train_ds.values)  # the data says how many values
         model = build_model(spec, dropout=cfg.dropout)
     model.compile(
         optimizer=keras.optimizers.Adam(cfg.learning_rate, clipnorm=cfg.clipnorm),
@@ -166,8 +169,13 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     from server.learn.windows import training_dataset
     from server.model.network import keras
 
+    from server.learn.evaluate import relative_mask
+    from server.learn.windows import as_steps
+
     half_cell = norm.cell_half_width_z()
+    relative = relative_mask(norm)
     val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
+    val_targets = as_steps(val_w, val_targets, relative)
     best = BestWeights()
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
@@ -179,7 +187,7 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     ]
     try:
         model.fit(
-            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed),
+            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative),
             validation_data=(val_inputs, val_targets),
             epochs=cfg.epochs,
             shuffle=False,  # the pipeline shuffles
@@ -243,7 +251,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
             "batch_size": cfg.batch_size,
             "learning_rate": cfg.learning_rate,
             "dropout": cfg.dropout,
-            "mixtures": cfg.mixtures,
+            "mixtures": spec.mixtures,
             "dequantised": bool(norm.gridded),
             "validation_performances": held_out,
             "loss": [round(float(v), 4) for v in history.get("loss", [])],

@@ -32,6 +32,16 @@ class Windows:
         return self.data[:, 1:, :]
 
 
+def as_steps(windows: Windows, targets: np.ndarray, relative: np.ndarray) -> np.ndarray:
+    """``targets`` (from ``windows``, maybe with noise) with each relative dimension made the step from the clean value before it."""
+    if not np.any(relative):
+        return targets
+    out = targets.copy()
+    dims = len(relative)
+    out[..., :dims] -= windows.data[:, :-1, :dims] * np.asarray(relative, np.float32)
+    return out
+
+
 def make_windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> Windows:
     """Cut normalised performances ``[n, D]`` into weighted windows; performances under two events are skipped."""
     if length < 1 or stride < 1:
@@ -61,23 +71,34 @@ def make_windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> Windo
     return Windows(np.stack(out).astype(np.float32), used, predicted)
 
 
-def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, seed: int, shuffle: bool = True):
+def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, seed: int, shuffle: bool = True,
+                     relative: np.ndarray | None = None):
     """A tf.data pipeline of (inputs, targets) batches with fresh dequantisation noise every epoch.
 
     ``half_cell`` is half a grid cell per dimension in normalised units (0 where the
     dimension is continuous): each window gets uniform noise within the cell, the same
-    on a row whether it serves as input or as target.
+    on a row whether it serves as input or as target. ``relative`` (1 per dimension
+    predicted as a step, else 0): such a target is its noisy value minus the clean value
+    before it, the step from the grid point the network heard, as on stage.
     """
     from server.model.network import tf
 
     dims = windows.data.shape[-1] - 1
     half = tf.constant(np.asarray(half_cell, np.float32).reshape(1, 1, dims))
     generator = tf.random.Generator.from_seed(seed)
+    steps = relative is not None and bool(np.any(relative))
+    mask = tf.constant(np.asarray(relative if steps else np.zeros(dims), np.float32).reshape(1, 1, dims))
+
+    def as_steps(clean, targets):
+        if not steps:
+            return targets
+        moved = targets[..., :dims] - clean[:, :-1, :dims] * mask
+        return tf.concat([moved, targets[..., dims:]], axis=-1)
 
     def add_noise(batch):
         noise = generator.uniform(tf.shape(batch[..., :dims]), -1.0, 1.0) * half
         noisy = tf.concat([batch[..., :dims] + noise, batch[..., dims:]], axis=-1)
-        return noisy[:, :-1, :dims], noisy[:, 1:, :]
+        return noisy[:, :-1, :dims], as_steps(batch, noisy[:, 1:, :])
 
     ds = tf.data.Dataset.from_tensor_slices(windows.data)
     if shuffle:
@@ -85,4 +106,4 @@ def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, s
     ds = ds.batch(batch_size)
     if np.any(half_cell):
         return ds.map(add_noise).prefetch(2)
-    return ds.map(lambda b: (b[:, :-1, :dims], b[:, 1:, :])).prefetch(2)
+    return ds.map(lambda b: (b[:, :-1, :dims], as_steps(b, b[:, 1:, :]))).prefetch(2)

@@ -34,6 +34,21 @@ def split_params(params: np.ndarray, mixtures: int, dims: int) -> tuple[np.ndarr
     return means, scales, logits
 
 
+def shift_means(params: np.ndarray, mixtures: int, dims: int, offsets: np.ndarray) -> np.ndarray:
+    """A copy of ``params [..., P]`` with every component's means moved by ``offsets [..., D]``.
+
+    A relative dimension is predicted as the step from the previous event's value: adding
+    that value (0 elsewhere) makes the mixture one over values again, for sampling,
+    likelihoods and displays alike.
+    """
+    out = np.array(params, dtype=np.float64 if np.asarray(params).dtype == np.float64 else np.float32, copy=True)
+    kd = mixtures * dims
+    lead = out.shape[:-1]
+    means = out[..., :kd].reshape(*lead, mixtures, dims) + np.asarray(offsets)[..., None, :]
+    out[..., :kd] = means.reshape(*lead, kd)
+    return out
+
+
 # --------------------------------------------------------------------------- numpy side
 
 

@@ -14,6 +14,13 @@ likelihood depends on it:
 - a *constant* (notated MIDI has one velocity, so y never changes): the dimension is
   played back exactly, maps to z = 0 whatever arrives live, and is left out of the
   density.
+
+A dimension may also be *relative* (chosen at training, e.g. MIDI pitch): the network
+still hears its value but predicts the step from the previous event's, ``z_t - z_{t-1}``
+in these same units, so a melodic step is a constant the mixture can hold exactly
+wherever the line is. The shift cancels and the scale is shared, so cells and
+likelihoods are unchanged; `server.model.mdn.shift_means` turns a prediction back into
+values.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class Normaliser:
     clip_max: tuple[float, ...]
     grid: tuple[float, ...] = ()  # () : continuous everywhere
     constant: tuple[float | None, ...] = ()  # () : nothing constant
+    relative: tuple[bool, ...] = ()  # predicted as the step from the previous event's value; () : none
 
     def __post_init__(self) -> None:
         n = len(self.shift)
@@ -56,6 +64,8 @@ class Normaliser:
             object.__setattr__(self, "grid", (0.0,) * n)
         if not self.constant:
             object.__setattr__(self, "constant", (None,) * n)
+        if not self.relative:
+            object.__setattr__(self, "relative", (False,) * n)
 
     @classmethod
     def fit(cls, events: np.ndarray, dt_max: float, detect: bool = True, dt_offset: float = DT_OFFSET) -> "Normaliser":
@@ -98,6 +108,11 @@ class Normaliser:
         return tuple(d for d, c in enumerate(self.constant) if c is None)
 
     @cached_property
+    def relatives(self) -> tuple[int, ...]:
+        """Active dimensions predicted as the step from the previous event's value."""
+        return tuple(d for d in self.active if self.relative[d])
+
+    @cached_property
     def gridded(self) -> tuple[int, ...]:
         """Active dimensions that sit on a grid."""
         return tuple(d for d in self.active if self.grid[d] > 0)
@@ -113,6 +128,8 @@ class Normaliser:
                 parts.append(f"{name} on a grid of 1/{round(1 / self.grid[d])} (dequantised)")
             else:
                 parts.append(f"{name} continuous")
+            if d in self.relatives:
+                parts[-1] += ", predicted as the step from the previous event's"
         return "; ".join(parts)
 
     # ------------------------------------------------------------------ json
@@ -127,6 +144,7 @@ class Normaliser:
             "clip_max": list(self.clip_max),
             "grid": list(self.grid),
             "constant": list(self.constant),
+            "relative": list(self.relative),
         }
 
     @classmethod
@@ -139,7 +157,8 @@ class Normaliser:
         values = {k: tuple(d[k]) for k in fields}
         grid = tuple(float(v) for v in d.get("grid", [0.0] * n))
         constant = tuple(None if v is None else float(v) for v in d.get("constant", [None] * n))
-        if any(len(v) != n for v in (*values.values(), grid, constant)):
+        relative = tuple(v is True for v in d.get("relative", [False] * n))
+        if any(len(v) != n for v in (*values.values(), grid, constant, relative)):
             raise ValueError("normalisation fields differ in length")
         if any(not (s > 0 and math.isfinite(s)) for s in values["scale"]):
             raise ValueError("normalisation scales must be positive and finite")
@@ -156,6 +175,7 @@ class Normaliser:
             clip_max=tuple(float(v) for v in values["clip_max"]),
             grid=grid,
             constant=constant,
+            relative=relative,
         )
 
     # ------------------------------------------------------------------ scalar path (the live loop)

@@ -54,6 +54,9 @@ class Predictor:
         self.norm = self.info.normaliser
         self._k, self._d = spec.mixtures, spec.dims
         self.values = spec.values  # N: how many values an event carries after dt
+        self._relatives = self.norm.relatives  # predicted as steps from the value just heard
+        # (dimension, steps per unit) of each quantised one: a draw plays the cell it falls in
+        self._cells = tuple((d, round(1.0 / self.norm.grid[d])) for d in self.norm.gridded)
         self._event = np.zeros((1, spec.dims), np.float32)
         self._zero_state = np.zeros((1, spec.state_size), np.float32)
         self.state = self._zero_state
@@ -92,6 +95,14 @@ class Predictor:
         self.state = self._zero_state
         self._event[0] = self.norm.forward_event((0.0,) + (0.5,) * self.values)
         params, _ = self.step(self._event, self._zero_state)
+        return self._values(params)
+
+    def _values(self, params: np.ndarray) -> np.ndarray:
+        """The step's parameters with a relative dimension's predicted steps moved to values (in place)."""
+        if self._relatives:
+            means = params[: self._k * self._d].reshape(self._k, self._d)
+            for d in self._relatives:
+                means[:, d] += self._event[0, d]
         return params
 
     def reset(self) -> None:
@@ -106,16 +117,27 @@ class Predictor:
         if len(values) != self.values:
             raise ValueError(f"the model takes {self.values} values after dt, got {len(values)}")
         self._event[0] = self.norm.forward_event((dt, *values))
-        self.params, self.state = self.step(self._event, self.state)
+        params, self.state = self.step(self._event, self.state)
+        self.params = self._values(params)
         return self.params
 
     def sample(self, draws: mdn.RandomBlocks, temperature: float, sigma_temperature: float) -> tuple[float, ...]:
-        """Draw the next event ``(dt, v1 .. vN)`` in original units; ``draws`` must give `info.spec.dims` normals."""
+        """Draw the next event ``(dt, v1 .. vN)`` in original units; ``draws`` must give `info.spec.dims` normals.
+
+        On a dimension the data had on a grid (MIDI pitch: 1/127) the value played is the
+        grid point of the cell the continuous draw falls in, so each note comes with the
+        probability the model gives its whole cell, the figure training and evaluation
+        (dequantised) measure; temperatures act on the draw before the cell is taken, so
+        at ``sigma_temperature`` 0 it is the cell holding the component's mean.
+        """
         u, normals = draws.next()
         if len(normals) != self._d:  # too few would cut the event short, silently
             raise ValueError(f"draws give {len(normals)} normals, the model needs {self._d} (RandomBlocks(rng, dims))")
         z = mdn.sample_event(self.params, self._k, self._d, u, normals, temperature, sigma_temperature)
-        return tuple(self.norm.inverse_event(z))
+        event = self.norm.inverse_event(z)
+        for d, steps in self._cells:
+            event[d] = round(event[d] * steps) / steps
+        return tuple(event)
 
     def mixture(self, temperature: float, sigma_temperature: float, params: np.ndarray | None = None) -> list[float]:
         """The predictive distribution of the next event in original units, as the `mixture` stream sends it.
@@ -123,7 +145,9 @@ class Predictor:
         ``[K, w_1..w_K, then per component: dt_median_s, N value means, dt_log_sigma, N value sigmas]``:
         weights after ``temperature``, scales times ``sigma_temperature``. dt is log-normal
         (its median in seconds and the sigma of log(dt + offset)); a constant dimension has
-        its value and sigma 0. ``params`` are an earlier prediction's (the current one by default).
+        its value and sigma 0; on a gridded dimension each mean is the grid point of the cell
+        it falls in (what the component plays at ``sigma_temperature`` 0), its sigma the
+        density's. ``params`` are an earlier prediction's (the current one by default).
         """
         params = self.params if params is None else params
         means, scales, logits = mdn.split_params(np.asarray(params, np.float64), self._k, self._d)
@@ -135,6 +159,8 @@ class Predictor:
             weights = np.exp(mdn.log_softmax(logits / temperature))
         norm = self.norm
         locations = norm.inverse(means)  # [K, D] in original units, clipped; constants as their value
+        for d, steps in self._cells:  # on a grid: the cell each mean falls in (what it plays at sigma_temperature 0)
+            locations[:, d] = np.round(locations[:, d] * steps) / steps
         spreads = np.clip(scales, mdn.SCALE_EPS, 1e6) * np.asarray(norm.scale) * sigma_temperature
         spreads[:, [d for d, c in enumerate(norm.constant) if c is not None]] = 0.0
         return [float(self._k), *weights.tolist(), *np.concatenate([locations, spreads], axis=1).ravel().tolist()]

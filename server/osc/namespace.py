@@ -35,7 +35,8 @@ SUBSCRIBE_PER_SECOND = 10.0  # per sender
 STATUS_PUSH_HZ = 4.0  # the status stream's rate
 # What the server sends, and when: the README's table and the patches' drift test read this.
 OUTPUTS: dict[str, str] = {
-    "/prediction": "`x y` (float32) when a model event is due, to every destination; with voices per-sender "
+    "/prediction": "`x y` (float32) when a model event is due, to every destination (on the model's grid where "
+                   "its data had one: a note model's `x * 127` is a MIDI pitch); with voices per-sender "
                    "`x y voice`, to the voice's performer (its `/hello` port, else its own) and the `--send` "
                    "destinations; with `lookahead` > 0 sent that much early, alone in a bundle timetagged with "
                    "its time",
@@ -48,7 +49,7 @@ OUTPUTS: dict[str, str] = {
     "/mixture": "to `mixture` subscribers with each prediction: `K w_1 .. w_K`, then for each component "
                 "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` (weights after `/temperature`, sigmas times "
                 "`/sigma_temperature`; dt log-normal: its median in seconds and the sigma of log(dt + offset); "
-                "a constant dimension: its value and sigma 0); with voices per-sender, then the voice number",
+                "a constant dimension: its value and sigma 0; on a grid, each mean is the grid point of its cell); with voices per-sender, then the voice number",
     "/performer": "`x y` to `performer` subscribers: each performer event as the model heard it (for a display); "
                   "`x y voice` with voices per-sender",
     "/surprise": "`nll smoothed` to `surprise` subscribers for each performer event: nats, how unlikely it was "
