@@ -120,8 +120,11 @@ def wait_for(peer: OscPeer, address: str, seconds: float, keep_playing: bool = F
 
 def test_learn_picks_up_the_figure_and_the_music_goes_on(served, models):
     srv, peer = served
-    play(peer, figure(8))  # 160 events: the fine-tuned model is ~40 nats/event better on a fresh take
-    peer.send("/learn", 15.0)
+    play(peer, figure(8))  # 160 events: the fine-tuned model is ~16 nats/event better on a fresh take
+    # 8 s leaves the shortest training budget (1 s: always one whole epoch); the first epoch alone takes a
+    # fresh take from 31 to 15 nats/event (measured), against the 1.0 asked below; 15 s was 7 s more for
+    # nothing this test asserts
+    peer.send("/learn", 8.0)
     progress = []
     done = None
     end = time.monotonic() + 120
@@ -184,9 +187,12 @@ def test_a_crashed_training_process_leaves_the_old_model_playing_and_says_so(ser
     srv, peer = served
     play_enough(peer)
     peer.send("/learn", 120.0)
-    wait_for(peer, "/learn/progress", 60)
-    children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
-    assert children, "the fine-tune runs in a child process"
+    # killed as soon as it runs: a crash is a crash however far it got (the server reads the same end of
+    # its output either way), and its start-up (TensorFlow, the first epoch: ~5 s of CPU) is not waited for
+    end = time.monotonic() + 60
+    while not (children := Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()):
+        assert time.monotonic() < end, "the fine-tune runs in a child process"
+        time.sleep(0.01)
     for child in children:
         os.kill(int(child), signal.SIGKILL)
     args, sent, answered = wait_for(peer, "/error", 30, keep_playing=True)

@@ -276,10 +276,13 @@ def test_model_and_learn_in_one_bundle_refuses_the_learn(served) -> None:
 def test_a_real_fine_tune_does_not_replace_the_model_swapped_in_meanwhile(served) -> None:
     """/learn on default over UDP, /model touch while the real training child runs: when it ends, better, touch
     keeps playing, /learn/done says 0 and /error /learn and /status say why."""
-    from tests.test_learn_live import figure, play, wait_for
+    from tests.test_learn_live import play_enough, wait_for
 
     srv, peer, models = served
-    play(peer, figure(8))  # the figure test_learn_live's fine-tune learns (it ends far better than default)
+    # the figure's 160 positions in a second: one epoch on them ends ~30 nats/event better than default
+    # on the held-out end (measured: 44 -> 15), so the premise below holds by far, without the 10 s of
+    # playing the figure in its own time
+    play_enough(peer)
     peer.send("/learn", 8.0)
     wait_for(peer, "/learn/progress", 90)
     peer.send("/model", "touch")

@@ -633,9 +633,24 @@ def test_page_loads_without_console_errors_and_shows_status(page):
     assert page.errors == []
 
 
+def still_plane(page, seconds: float = 10.0) -> str:
+    """The plane once it has stopped changing: no trail left on it (each fades within 4 s) and two looks
+    0.2 s apart the same. Waited for, not slept: with nothing drawn before, that is at once."""
+    def still() -> str | None:
+        trails = page.evaluate("window.antiphonVoices()")
+        if trails["model"] or trails["performer"]:
+            return None
+        first = plane_pixels(page)
+        page.wait_for_timeout(200)
+        return first if plane_pixels(page) == first else None
+
+    plane = wait_for(still, seconds)
+    assert plane, f"the plane did not settle within {seconds} s"
+    return plane
+
+
 def test_gestures_change_the_canvas(page, peer):
-    page.wait_for_timeout(4500)  # let any earlier trail fade
-    before = plane_pixels(page)
+    before = still_plane(page)  # any earlier trail faded, so a change below is the gestures'
     for i in range(30):
         peer.send("/gesture", 0.2 + 0.02 * i, 0.3 + 0.01 * i)
         time.sleep(0.02)

@@ -357,8 +357,9 @@ def test_tensorflow_fallback_serves_and_swaps_when_litert_is_missing(tmp_path, r
     arriving, the old model answering until the new one is in.
 
     A tiny model loads in a fraction of a second, so every load after the first (the one at start-up)
-    also waits 3 s first (as a big model on a slow disk would): the swap must not silence the old model
-    meanwhile.
+    takes at least 3 s (as a big model on a slow disk would): the swap must not silence the old model
+    meanwhile. The wait is topped up after the real load (its proof imports TensorFlow, seconds of its
+    own), not added before it.
     """
     listener, control = OscPeer(), OscPeer()
     script = (
@@ -366,7 +367,13 @@ def test_tensorflow_fallback_serves_and_swaps_when_litert_is_missing(tmp_path, r
         "sys.modules['ai_edge_litert'] = None  # as on a platform without a LiteRT wheel\n"
         "from server.model.predictor import Predictor\n"
         "load, loads = Predictor.load, []\n"
-        "Predictor.load = lambda *a, **k: (loads.append(1), len(loads) > 1 and time.sleep(3.0), load(*a, **k))[2]\n"
+        "def slow_load(*a, **k):\n"
+        "    loads.append(time.monotonic())\n"
+        "    predictor = load(*a, **k)\n"
+        "    if len(loads) > 1:\n"
+        "        time.sleep(max(0.0, loads[-1] + 3.0 - time.monotonic()))\n"
+        "    return predictor\n"
+        "Predictor.load = slow_load\n"
         "from server.cli import main\n"
         "t = threading.Timer(150.0, lambda: os.kill(os.getpid(), signal.SIGTERM)); t.daemon = True; t.start()\n"
         f"sys.exit(main(['run', '--port', '0', '--log-dir', {str(tmp_path)!r}, '--send', '127.0.0.1:{listener.port}',"
