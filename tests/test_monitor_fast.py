@@ -42,9 +42,11 @@ from pythonosc.osc_message_builder import OscMessageBuilder
 from server.model.files import available_models
 from server.monitor import app as app_module
 from server.monitor import bridge as bridge_module
-from server.monitor.app import MODELS_REFRESH_S, Monitor
-from server.monitor.bridge import (CONNECTED_S, POLL_S, PUSH_STALE_S, RECEIVE_BUFFER, STREAMS, Bridge, _finite, decode,
-                                   parse_server)
+from server.monitor.app import CSP, MODELS_REFRESH_S, Monitor
+from server.live.controls import ControlError
+from server.monitor.bridge import (CONNECTED_S, FLOAT32_RANGE, POLL_S, PUSH_STALE_S, RECEIVE_BUFFER, STREAMS, Bridge,
+                                   _finite, decode, encode, parse_server)
+from server.monitor.controls import validate
 from server.osc.wire import encode_message
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,6 +194,45 @@ def test_a_malformed_server_address_is_refused_with_what_was_expected(text):
     with pytest.raises(ValueError) as refused:
         parse_server(text)
     assert str(refused.value) == f"expected HOST:PORT, got {text!r}"
+
+
+# --------------------------------------------------------------------------- what the monitor sends
+
+
+def tags(address: str, args: list[Any]) -> str:
+    """The OSC type tags of what the bridge sends for `args`."""
+    data = encode(address, args)
+    start = len(address) + 4 - len(address) % 4
+    return data[start:data.index(b"\0", start)].decode()
+
+
+def test_floats_go_as_float32_where_it_holds_them_and_as_float64_where_it_would_not():
+    smallest, largest = FLOAT32_RANGE  # normal float32 magnitudes
+    assert tags("/t", [0.0, 1.0, -0.5, smallest, largest, -largest]) == ",ffffff"
+    assert tags("/t", [1e-300, 1e300, -1e300, smallest / 2, largest * 1.0001]) == ",ddddd"  # lost to 0, or inf
+    assert tags("/t", [1, (1 << 63) - 1, "s"]) == ",ihs"
+    msg = OscMessage(encode("/t", [1e-300, -1e300, 0.25]))
+    assert list(msg.params) == [1e-300, -1e300, 0.25]  # what the server reads is what the page asked for
+
+
+def test_a_control_is_refused_with_the_reason_for_what_is_wrong():
+    def reason(message: Any) -> str:
+        with pytest.raises(ControlError) as refused:
+            validate(message, MODELS)
+        return str(refused.value)
+
+    assert reason([1]) == "a control is a JSON object"
+    assert reason({"address": "/dance"}) == ("unknown control; expected one of /learn, /learn/stop, /mode, /model, "
+                                             "/pause, /reset, /sigma_temperature, /temperature, /timescale")
+    assert reason({"address": "/reset", "args": 0}) == "args must be a list"
+    assert reason({"address": "/temperature", "args": [0.5, -(1 << 63) - 1]}) == (
+        "integers must fit in 64 bits (OSC has no wider number)")
+    assert reason({"address": "/reset", "args": [1 << 63]}) == "integers must fit in 64 bits (OSC has no wider number)"
+    # the 64 bits OSC carries are the monitor's only check; the rest is the server's rule, with its reason
+    assert validate({"address": "/temperature", "args": [0.5, (1 << 63) - 1]}, MODELS) == (
+        "/temperature", [0.5, (1 << 63) - 1])
+    assert "a voice number is 0 or more" in reason({"address": "/temperature", "args": [0.5, -(1 << 63)]})
+    assert reason({"address": "/model", "args": ["nope"]}) == "no model 'nope' in the models folder"
 
 
 # --------------------------------------------------------------------------- the Bridge on a real socket
@@ -671,10 +712,19 @@ async def stopped(s: Serving, sig: int) -> None:
     assert s.task.result() is None
 
 
-async def page(session: aiohttp.ClientSession, url: str, host: str | None = None) -> int:
+SAFE = {"Cache-Control": "no-store", "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer"}  # the page (and a refusal for want of the token) is never cached or sniffed
+
+
+async def fetched(session: aiohttp.ClientSession, url: str, host: str | None = None) -> tuple[int, dict[str, str]]:
+    """GET `url` (with this Host): the status and the headers of `SAFE`."""
     async with session.get(url, headers={"Host": host} if host else {}) as r:
         await r.read()
-        return r.status
+        return r.status, {name: r.headers[name] for name in SAFE if name in r.headers}
+
+
+async def page(session: aiohttp.ClientSession, url: str, host: str | None = None) -> int:
+    return (await fetched(session, url, host))[0]
 
 
 def test_serve_on_loopback_prints_its_address_serves_the_page_and_the_servers_streams_and_stops_on_sigterm(
@@ -684,7 +734,7 @@ def test_serve_on_loopback_prints_its_address_serves_the_page_and_the_servers_st
             url = f"http://127.0.0.1:{s.port}/"
             # the ready line reached stdout unflushed by anyone else: a parent reading the pipe sees it at once
             assert s.out.lines() == [f"monitor: {url} (server 127.0.0.1:{s.server.port})"]
-            assert await page(session, url) == 200  # no token on loopback
+            assert await fetched(session, url) == (200, SAFE)  # no token on loopback
             assert await page(session, url, host=f"evil.example:{s.port}") == 403
             await s.server.until(lambda got: all(("/subscribe", [stream]) in got for stream in STREAMS))
             await s.server.until(lambda got: ("/status", []) in got)  # no status pushed: it polls
@@ -732,7 +782,8 @@ def test_serve_on_every_interface_prints_the_tokened_address_and_the_allow_host_
             assert third == ("monitor: listening on every interface, but only loopback names are allowed; "
                              "name this machine with --allow-host NAME (or its address) for other devices")
             assert await page(session, ready[1]) == 200  # the printed address opens the page...
-            assert await page(session, f"http://127.0.0.1:{s.port}/") == 403  # ...and without its token nothing does
+            refused = await fetched(session, f"http://127.0.0.1:{s.port}/")  # ...and without its token nothing does
+            assert refused == (403, SAFE)
             await stopped(s, signal.SIGINT)
 
     with signals_kept():
