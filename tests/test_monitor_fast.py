@@ -312,11 +312,17 @@ def test_the_bridge_resolves_the_server_over_ipv4_and_binds_a_fresh_loopback_por
             await told.start(bind_host="0.0.0.0")
             assert told.sock.getsockname()[0] == "127.0.0.1"
             told.close()
-            # a server elsewhere gets the socket bound where the caller said (192.0.2.1: TEST-NET, never sent to)
+            # a server on another machine (192.0.2.1: TEST-NET, never sent to) gets a socket that can reach it:
+            # every interface, not loopback, whence sendto() beyond this machine fails (EINVAL)
+            elsewhere = Bridge(("192.0.2.1", 5005), print)
+            await elsewhere.start()
+            assert elsewhere.sock.getsockname()[0] == "0.0.0.0"
+            elsewhere.close()
+            # or where the caller said
             far = Bridge(("192.0.2.1", 5005), print)
-            await far.start(bind_host="0.0.0.0")
+            await far.start(bind_host="127.0.0.1")
             assert far.server == ("192.0.2.1", 5005) and far.server_ips == {"192.0.2.1"}
-            assert far.sock.getsockname()[0] == "0.0.0.0"
+            assert far.sock.getsockname()[0] == "127.0.0.1"
             far.close()
             with pytest.raises(OSError):  # an IPv6 server fails at start, not as a monitor that never connects
                 await Bridge(("::1", server.port), print).start()
