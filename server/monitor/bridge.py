@@ -117,8 +117,9 @@ class Bridge:
         self.polls_outstanding = 0
         self.subscribe_refused = False
 
-    async def start(self, bind_host: str = "127.0.0.1") -> None:
-        """Resolve the server, bind the socket and start the keep-alive and poll tasks."""
+    async def start(self, bind_host: str = "0.0.0.0") -> None:
+        """Resolve the server and bind the socket: on loopback for a server on this machine, else on `bind_host`
+        (every interface by default: a socket bound to 127.0.0.1 cannot send beyond this machine)."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self.server[0], self.server[1], type=socket.SOCK_DGRAM, family=socket.AF_INET)
         if not infos:
