@@ -345,6 +345,8 @@ def test_a_damaged_model_keras_is_refused_by_its_label_not_a_temporary_path() ->
     text = str(caught.value)
     assert text.startswith("mine/model.keras cannot be loaded (") and text.endswith("); re-export the model")
     assert "antiphon-" not in text and "/tmp" not in text
+    with pytest.raises(ModelError, match=r"^model.keras cannot be loaded \("):  # the default label
+        keras_model_from_bytes(b"garbage")
 
 
 def test_a_damaged_model_keras_file_is_named_with_the_error_type(tmp_path: Path) -> None:

@@ -192,9 +192,10 @@ def test_the_gate_passes_what_it_judged_to_export(tune, parent: Path, tmp_path) 
 
     events = session()
     train, held = split(events)
-    result, run = tune(events, seconds=100.0, scores=(-1.0, -1.5), lineage={"session_logs": ["s.csv"]}, seed=5)
+    result, run = tune(events, seconds=100.0, scores=(-1.0, -1.5), lineage={"session_logs": ["s.csv"]}, seed=5,
+                       interrupted=True)  # stopped early (Ctrl-C), but better: kept, and it says so
     assert result == finetune.FineTuneResult("child", -1.0, -1.5, True, run.fit.train_w.events, run.fit.held_w.events,
-                                             run.elapsed, 2, False)
+                                             run.elapsed, 2, True)
     (out,) = run.exported
     assert out.folder == tmp_path / "models" / "child" and out.tflite == b"converted" == run.converted[0]
     for got, best in zip(out.weights, run.best):
@@ -298,3 +299,30 @@ def test_a_fine_tune_needs_100_performer_events_in_phrases_of_two_or_more(tune) 
     lone[-1, 0] = 1.5
     with pytest.raises(DatasetError, match=r"^too few performer events to learn from: 98; play at least 100$"):
         tune(lone[2:], scores=(-1.0, -1.5))
+
+
+# --------------------------------------------------------------------------- phrases and the hold-out, at their edges
+
+
+def test_a_phrase_ends_at_a_pause_over_1_s_even_after_the_first_event() -> None:
+    events = performance(5).astype(np.float64)
+    events[1, 0] = 1.5  # a pause right after the first event
+    events[3, 0] = 1.0  # exactly 1 s is not over 1 s
+    parts = finetune.phrases(events)
+    assert [len(p) for p in parts] == [1, 4] and all(p.dtype == np.float32 for p in parts)
+    assert parts[1][0, 0] == 0.0 and parts[1][2, 0] == np.float32(1.0)
+
+
+@pytest.mark.parametrize("lengths, cut", [((10,), 8), ((4,), 2), ((10, 1), 8)])
+def test_when_the_held_out_share_takes_every_phrase_the_first_taken_is_split(lengths, cut) -> None:
+    """Too few phrases: the earliest phrase held out is cut so that about a fifth (at least 2 events) is held out."""
+    perfs = [performance(n, seed=n).astype(np.float32) for n in lengths]
+    for perf in perfs:
+        perf[0, 0] = 0.7
+    rest, held = finetune.hold_out_last(perfs)
+    first = perfs[0]
+    assert len(rest) == 1 and np.array_equal(rest[0], first[:cut])
+    tail = first[cut:].copy()
+    tail[0, 0] = 0.0  # the held-out part starts afresh
+    assert np.array_equal(held[0], tail) and all(np.array_equal(a, b) for a, b in zip(held[1:], perfs[1:]))
+    assert len(held) == len(lengths)
