@@ -6,14 +6,19 @@ can be caught by it in a second or so. The rest are left out, visibly:
 - a test that starts a process (a server, the monitor, Pd, sclang, Chromium, the CLI in a
   subprocess) is skipped at the moment it tries, whether in the test or in a fixture: the
   code it exercises runs in the other process, where mutmut cannot see which mutant it hit;
-- a test that trains a model (`server.learn.train.train`: the session fixtures `tiny_model` and
-  `region_models`, the CLI's `train`; or fine-tunes one: `server.learn.finetune.fine_tune`) is
-  skipped the same way: TensorFlow training costs ~10 s a mutant;
+- a test that trains a model is skipped the same way: Keras' fit costs ~10 s a mutant even on a
+  network of 4 units (tracing the training step). Training is `server.learn.train.train` (the
+  session fixtures `tiny_model` and `region_models`, the CLI's `train`) and `fit_within`, the
+  fit itself, which `train` and `server.learn.finetune.fine_tune` both call. A test may still
+  call `fine_tune` when it stands in for the fit (`monkeypatch.setattr(finetune, "fit_within",
+  ...)`): everything around the fit (the phrases, the budget, the gate, the lineage, the
+  conversion and export of a tiny network) then runs here in a few seconds. A `fine_tune` that
+  would really fit is skipped at once, before it reads its parent;
 - a test marked `@pytest.mark.slow` is deselected (for slow work in this process that
   neither rule catches; `[tool.mutmut]` in pyproject.toml also ignores a few such files).
 
-So the parts of server/learn/finetune.py that a fast test can reach are the pure ones (the
-phrases, the hold-out, the gate if it is a function of its own).
+TensorFlow without training is fast enough: a test may build a network of a few units
+(`server.model.network.build_model`), convert and export it (~1-2 s), as tests/tinynet.py does.
 
 Hypothesis runs derandomised, without deadlines and with at most `EXAMPLES` examples a test,
 so every mutant meets the same examples, a slow (mutated) example is not a failure, and a
@@ -86,24 +91,44 @@ def _guard_browser() -> None:
 
 
 def _guard_training() -> None:
-    """Training from scratch and fine-tuning skip the test (a fine-tune is ~10 s of TensorFlow a mutant)."""
+    """Training skips the test: `train`, and the fit that `train` and `fine_tune` share (`fit_within`).
+
+    `fine_tune` itself runs when the test has replaced `server.learn.finetune.fit_within` with a
+    stand-in; while the real (guarded) fit is still in place it skips at once, before it spends
+    a second reading and scoring its parent.
+    """
     import importlib
 
-    for module_name, name in (("server.learn.train", "train"), ("server.learn.finetune", "fine_tune")):
+    def guard(module_name: str, name: str, wrap):
         module = importlib.import_module(module_name)
         original = getattr(module, name, None)
         if original is None:
             raise pytest.UsageError(f"tests/fast.py guards {module_name}.{name}, which is gone: update the guard")
-        if getattr(original, "_fast_guard", False):
-            continue
+        if not getattr(original, "_fast_guard", False):
+            guarded = wrap(original, module)
+            guarded._fast_guard = True  # type: ignore[attr-defined]
+            setattr(module, name, guarded)
 
-        def guarded(*args, _original=original, **kwargs):
+    def trains(original, module):
+        def guarded(*args, **kwargs):
             if _running:
                 pytest.skip("not fast: trains a model")
-            return _original(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        guarded._fast_guard = True  # type: ignore[attr-defined]
-        setattr(module, name, guarded)
+        return guarded
+
+    def fine_tunes(original, module):
+        def guarded(*args, **kwargs):
+            if _running and getattr(module.fit_within, "_fast_guard", False):
+                pytest.skip("not fast: trains a model (fine_tune with the real fit)")
+            return original(*args, **kwargs)
+
+        return guarded
+
+    guard("server.learn.train", "train", trains)
+    guard("server.learn.train", "fit_within", trains)
+    guard("server.learn.finetune", "fit_within", trains)  # imported by name there: its own reference
+    guard("server.learn.finetune", "fine_tune", fine_tunes)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -111,6 +136,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
     settings.register_profile("fast", derandomize=True, deadline=None, database=None, print_blob=True)
     settings.load_profile("fast")
+    import platform
+
+    platform.processor()  # runs `uname -p` once and caches it: TensorFlow's lazy imports (h5py) ask for it in a test
     _guard_popen()
     _guard_browser()
     _guard_training()

@@ -103,7 +103,7 @@ def fine_tune(
     reporter = _Reporter(progress, budget, jacobian)
     best, interrupted = fit_within(model, train_w, held_w, norm, budget, cfg, [reporter])
     if best.weights is None:
-        return FineTuneResult(parent.label, before, math.inf, False, train_w.events, held_w.events,
+        return FineTuneResult(Path(parent_folder).name, before, math.inf, False, train_w.events, held_w.events,
                               time.monotonic() - started, 0, interrupted)
     model.set_weights(best.weights)
     tflite = convert_to_tflite(model, spec)
