@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,7 @@ def test_the_child_is_antiphon_learn_on_this_session_with_json_lines_in_the_back
         name = argv[argv.index("--name") + 1]
         assert name.startswith("parent-learn-")
         until = argv[argv.index("--until") + 1]
+        assert abs(float(until) - time.time()) < 60 and len(until.split(".")[1]) == 6  # now, to the microsecond
         assert list(argv) == [*COMMAND, "learn", "--model", str(w.models / "parent"), "--log", str(w.log),
                               "--seconds", "12.5", "--name", name, "--models-dir", str(w.models),
                               "--until", until, "--json", "--background"]
@@ -343,6 +345,19 @@ def test_a_better_result_over_the_parent_still_playing_is_swapped_only_over_it(m
         assert name == "cand" and kwargs == {"only_over": 7}
         on_loaded()
         assert w.notes == [("/learn/done", "cand", -10.0, -10.5, 1)]
+
+    run(monkeypatch, tmp_path, scenario)
+
+
+def test_a_better_result_that_loses_the_race_to_another_load_says_so(monkeypatch, tmp_path) -> None:
+    async def scenario(w: Watch) -> None:
+        await w.finished(BETTER, playing=lambda: Playing("parent", 7))
+        (_, on_error, _, kwargs), = w.swaps
+        assert kwargs == {"only_over": 7}
+        on_error("'other' came in first")  # ModelSwap: another model was installed while this one loaded
+        assert w.notes == [("/error", "/learn", "'other' came in first"), ("/learn/done", "parent", -10.0, -10.5, 0)]
+        assert w.learner.state.last == "cand: -10.000 -> -10.500 nats/event, not swapped in: 'other' came in first"
+        assert w.learner.counts["learn_swaps"] == 0
 
     run(monkeypatch, tmp_path, scenario)
 
@@ -564,5 +579,28 @@ def test_close_kills_a_running_child_and_abandons_the_watch(monkeypatch, tmp_pat
         assert child.kills == 1 and child.signals == []
         await settle()
         assert not w.learner.running and w.notes == []
+
+    run(monkeypatch, tmp_path, scenario)
+
+
+def test_close_leaves_an_exited_child_alone_and_one_that_just_went_is_no_error(monkeypatch, tmp_path) -> None:
+    async def scenario(w: Watch) -> None:
+        w.start()
+        child = await w.child()
+        child.returncode = 0  # exited; not yet read
+        w.learner.close()
+        assert child.kills == 0
+        await settle()
+        assert not w.learner.running
+        w.start()
+        child = await w.child()
+
+        def gone() -> None:
+            raise ProcessLookupError
+
+        child.kill = gone  # type: ignore[method-assign]
+        w.learner.close()  # it went between the check and the kill
+        await settle()
+        assert not w.learner.running
 
     run(monkeypatch, tmp_path, scenario)
