@@ -390,3 +390,79 @@ def test_model_events_do_not_reach_performer_subscribers() -> None:
     sink, transport, _, _ = played("performer")
     sink.emit(Event(500.0, 0.5, 0.25, "model"))
     assert [to for _, to in transport.sent] == [SEND, SELF, NAMED]
+
+
+# --------------------------------------------------------------------------- counters, failed sends, our own bugs
+
+
+def test_every_counter_starts_at_zero_and_says_what_it_counts() -> None:
+    from dataclasses import fields
+
+    from server.osc.output import OscStats
+
+    names = [f.name for f in fields(OscStats)]
+    assert OscStats().as_dict() == dict.fromkeys(names, 0)
+    assert all(type(v) is int for v in OscStats().as_dict().values())
+    docs = OscStats.docs()
+    assert list(docs) == names and all(isinstance(d, str) and d for d in docs.values())
+    assert docs["sent"] == "datagrams handed to the socket"
+
+
+def test_a_failed_send_is_counted_and_warned_about_once(caplog) -> None:
+    import logging
+
+    output = OscOutput([SEND, SELF])
+    output.attach(StubTransport(error=OSError("no route")))  # type: ignore[arg-type]
+    with caplog.at_level(logging.DEBUG, logger="server.osc.output"):
+        output.broadcast("/learn/done")
+        output.send_to(SEND, b"x")
+    assert output.stats.send_errors == 3 and output.stats.sent == 0
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "server.osc.output"]
+    assert records == [(logging.WARNING, "OSC send failed (no route); further failures are only counted"),
+                       (logging.DEBUG, "OSC send failed: no route"), (logging.DEBUG, "OSC send failed: no route")]
+
+
+def test_an_icmp_report_is_a_failed_send(caplog) -> None:
+    import logging
+
+    proto, output = protocol()
+    with caplog.at_level(logging.WARNING, logger="server.osc.output"):
+        proto.error_received(ConnectionRefusedError(111, "Connection refused"))
+    assert output.stats.send_errors == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "server.osc.output"] == [
+        "OSC send failed ([Errno 111] Connection refused); further failures are only counted"]
+
+
+def test_our_own_bugs_are_answered_counted_and_logged_sparingly(caplog) -> None:
+    import logging
+
+    from server.osc.output import OscStats
+    from server.osc.refusals import LOGGED_ERRORS, Refusals
+
+    assert LOGGED_ERRORS == 10
+    output = OscOutput()
+    transport = StubTransport()
+    output.attach(transport)  # type: ignore[arg-type]
+    stats = OscStats()
+    refusals = Refusals(output, stats, frozenset({"/gesture"}), rate=1.0, burst=3)
+    with caplog.at_level(logging.ERROR, logger="server.osc.refusals"):
+        for _ in range(2002):
+            refusals.internal_error("/gesture", SPONSOR)
+    assert stats.internal_errors == 2002
+    logged = [r.getMessage() for r in caplog.records if r.name == "server.osc.refusals"]
+    assert logged == [f"internal error handling /gesture from ('127.0.0.1', 7000) (#{n})"
+                      for n in (*range(1, 11), 1000, 2000)]
+    reply = encode_message("/error", "/gesture", "internal error")
+    assert transport.sent[:3] == [(reply, SPONSOR)] * 3  # within the sender's error budget
+    assert stats.errors_suppressed == 2002 - len(transport.sent)
+
+
+def test_withdrawing_what_was_never_asked_for_is_nothing() -> None:
+    from server.osc.consent import Consent, Entries
+
+    entries = Entries(Consent())
+    assert entries.withdraw(NAMED, SPONSOR) is False  # no such entry
+    entries.add(NAMED, SPONSOR, 0.0)
+    assert entries.withdraw(NAMED, OTHER) is False  # not OTHER's request
+    assert entries.requesters == {NAMED: {SPONSOR: None}}
+    assert entries.withdraw(NAMED, SPONSOR) is True and len(entries) == 0
