@@ -119,7 +119,8 @@ class Played:
 
 def build_engine(loop: Any, predictor: Any, settings: Any = None, *, seed: int | None = 1, voices: Any = None,
                  models_dir: Path = REPO / "models", model_name: str = "default", watch: bool = False,
-                 stream_rate: float | None = None, sinks: tuple[Any, ...] = ()) -> tuple[Any, Played]:
+                 stream_rate: float | None = None, sinks: tuple[Any, ...] = (),
+                 learner: Any = None) -> tuple[Any, Played]:
     """An engine on ``loop`` whose every output lands in the returned `Played` (then in ``sinks``, if any).
 
     ``watch``: the mixture and surprise streams are on, collected in `Played.mixtures`
@@ -131,7 +132,7 @@ def build_engine(loop: Any, predictor: Any, settings: Any = None, *, seed: int |
     rate = {} if stream_rate is None else {"stream_rate": stream_rate}
     engine = Engine(loop, predictor, models_dir, settings, sinks=(played, *sinks),
                     streams=Watching(played) if watch else None, seed=seed, model_name=model_name, voices=voices,
-                    **rate)
+                    learner=learner, **rate)
     return engine, played
 
 

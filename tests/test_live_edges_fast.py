@@ -92,7 +92,7 @@ def test_learn_stop_without_a_learner_is_refused_and_with_one_is_passed_on(predi
         engine.stop_learning()
     assert str(refused.value) == "learning is not available in this server"
     spy = StopSpy()
-    engine._learner = spy  # type: ignore[assignment]  # build_engine makes engines without a learner
+    engine, _ = build_engine(VirtualLoop(), predictor, learner=spy)
     engine.stop_learning()
     engine.stop_learning()
     assert spy.stops == 2
@@ -153,7 +153,7 @@ def test_describe_says_what_each_dimension_is() -> None:
 
 def test_describe_covers_only_the_dimensions_there_are() -> None:
     assert normaliser((0.0, 1 / 100), (None, None)).describe() == "dt continuous; x on a grid of 1/100 (dequantised)"
-    assert normaliser((0.0,), (3.0,)).describe() == "dt constant 3 (played back exactly, not modelled)"
+    assert normaliser((0.0, 0.0), (3.0, None)).describe() == "dt constant 3 (played back exactly, not modelled); x continuous"
 
 
 def test_half_a_cell_in_normalised_units_is_the_dequantisation_noise() -> None:
