@@ -14,7 +14,6 @@ import math
 import random
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -360,14 +359,9 @@ def test_random_datagrams_against_a_running_server(tmp_path: Path) -> None:
         assert status["osc_rejected"] > len(packets) // 2
         assert status["osc_bundles_capped"] >= 1
         peer.drain(0.1)
-        rtts = []
-        for i in range(5):
-            t0 = time.monotonic()
+        for i in range(5):  # and it still plays (how fast is `antiphon bench`'s to say, not a timed test's)
             peer.send("/gesture", 0.2 + 0.1 * i, 0.5)
-            got = peer.receive(1.0, "/prediction", count=1)
-            assert got, "no answer after the fuzz"
-            rtts.append(got[0][0] - t0)
-        assert max(rtts) < 0.05, rtts
+            assert peer.receive(10.0, "/prediction", count=1), "no answer after the fuzz"
     finally:
         fuzzer.close()
         assert srv.stop() == 0

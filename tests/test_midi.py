@@ -253,32 +253,36 @@ def test_invalid_midi_settings(argv, message):
 
 
 def test_output_plays_each_model_event_and_releases_it():
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        backend = MemoryBackend(outputs=("Synth A",))
-        link = open_midi(loop, cfg(midi_out="synth", midi_channel=3), lambda x, y, at=None: None, backend)
-        synth = backend.last("Synth A")
-        out = link.output
-        t0 = loop.time()
-        out.emit(Event(t0, 60 / 127, 100 / 127, "model"))  # first note: 0.5 s
-        out.emit(Event(t0, 0.2, 0.2, "performer"))  # performer events are not played
-        out.emit(Event(t0 + 0.05, 64 / 127, 0.0, "model"))  # 50 ms after the previous: 50 ms long
-        out.emit(Event(t0 + 0.06, 64 / 127, 1.0, "model"))  # same pitch again: re-struck
-        assert out.sounding == [60] and out.waiting == 2  # handed over early: each waits for its time
-        await until(lambda: out.sounding == [60, 64] and not out.waiting)
-        await until(lambda: not out.sounding)
-        msgs = synth.messages
-        assert well_formed(msgs, channel=2) == set()
-        assert [(m.type, m.note, m.velocity) for m in msgs[:4]] == [
-            ("note_on", 60, 100), ("note_on", 64, 1), ("note_off", 64, 0), ("note_on", 64, 127)]
-        times = {(m.type, m.note, m.velocity): t for t, m in synth.sent}
-        assert times[("note_off", 60, 0)] - times[("note_on", 60, 100)] == pytest.approx(0.5, abs=0.1)
-        assert times[("note_on", 64, 1)] >= t0 + 0.05 - 1e-6  # at its time, not when handed over
-        link.close()
-        assert synth.messages[-1] == M("control_change", channel=2, control=123, value=0)
-        assert synth.closed
-
-    asyncio.run(scenario())
+    # on the virtual loop (defined below, called at run time): note lengths and start times are exact, not wall-clock
+    loop = MidiLoop()
+    backend = MemoryBackend(outputs=("Synth A",))
+    link = open_midi(loop, cfg(midi_out="synth", midi_channel=3), lambda x, y, at=None: None, backend)  # type: ignore[arg-type]
+    synth = backend.last("Synth A")
+    synth.clock = loop.time
+    out = link.output
+    t0 = loop.now
+    out.emit(Event(t0, 60 / 127, 100 / 127, "model"))  # first note: 0.5 s
+    out.emit(Event(t0, 0.2, 0.2, "performer"))  # performer events are not played
+    out.emit(Event(t0 + 0.05, 64 / 127, 0.0, "model"))  # 50 ms after the previous: 50 ms long
+    out.emit(Event(t0 + 0.06, 64 / 127, 1.0, "model"))  # same pitch again: re-struck
+    assert out.sounding == [60] and out.waiting == 2  # handed over early: each waits for its time
+    loop.advance(0.055)
+    assert out.sounding == [60, 64] and out.waiting == 1
+    loop.advance(0.01)
+    assert out.sounding == [60, 64] and not out.waiting
+    loop.advance(1.0)
+    assert not out.sounding
+    msgs = synth.messages
+    assert well_formed(msgs, channel=2) == set()
+    assert [(m.type, m.note, m.velocity) for m in msgs[:4]] == [
+        ("note_on", 60, 100), ("note_on", 64, 1), ("note_off", 64, 0), ("note_on", 64, 127)]
+    times = {(m.type, m.note, m.velocity): t for t, m in synth.sent}
+    assert times[("note_off", 60, 0)] - times[("note_on", 60, 100)] == pytest.approx(0.5, abs=1e-9)
+    assert times[("note_on", 64, 1)] == pytest.approx(t0 + 0.05, abs=1e-9)  # at its time, not when handed over
+    assert times[("note_on", 64, 127)] == pytest.approx(t0 + 0.06, abs=1e-9)
+    link.close()
+    assert synth.messages[-1] == M("control_change", channel=2, control=123, value=0)
+    assert synth.closed
 
 
 def test_silence_turns_every_note_off_at_once():
@@ -649,13 +653,18 @@ def test_run_command_wires_midi_and_releases_everything_at_shutdown(monkeypatch,
     def musician() -> None:
         try:
             assert backend.ready.wait(20), "MIDI ports never opened"
-            time.sleep(0.05)
-            for i in range(10):
-                backend.last("Keys").play(M("note_on", note=60 + i, velocity=100))
-                time.sleep(0.01)
-            end = time.monotonic() + 5
-            while notes_on(backend.last("Synth").messages) < 10 and time.monotonic() < end:
-                time.sleep(0.01)
+            # a note at a time until 10 are answered: on a busy machine an answer may come late and be
+            # dropped (the late-drop promise), so the test waits for answers, not for a count at an instant
+            end = time.monotonic() + 60
+            played = 0
+            while notes_on(backend.last("Synth").messages) < 10:
+                assert time.monotonic() < end, f"10 answers never came: {played} notes played"
+                heard = notes_on(backend.last("Synth").messages)
+                backend.last("Keys").play(M("note_on", note=60 + played % 12, velocity=100))
+                played += 1
+                wait = time.monotonic() + 1.0
+                while notes_on(backend.last("Synth").messages) == heard and time.monotonic() < wait:
+                    time.sleep(0.005)
         except BaseException as e:  # reported by the main thread
             failures.append(e)
         finally:
@@ -674,7 +683,7 @@ def test_run_command_wires_midi_and_releases_everything_at_shutdown(monkeypatch,
     assert not failures, failures
     synth = backend.last("Synth")
     assert "midi: in 'Keys', out 'Synth' channel 2" in out.getvalue()
-    assert notes_on(synth.messages) == 10
+    assert notes_on(synth.messages) >= 10
     assert well_formed(synth.messages, channel=1) == set()  # 5 s notes, released by the shutdown
     assert synth.messages[-1].is_cc(123) and synth.closed and backend.last("Keys").closed
 

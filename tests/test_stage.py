@@ -44,7 +44,9 @@ def test_generate_at_a_tiny_timescale_cannot_run_away(tmp_path):
         growth = (log_bytes(tmp_path) - log0) / elapsed
         predictions = sum(1 for _, address, _ in got if address == "/prediction")
         # It plays (max_rate, 200/s by default) and no faster: ~40,000/s and ~100 % CPU before.
-        assert 100 <= predictions / elapsed <= 220
+        # no faster than max_rate (+ its burst), however the test process is scheduled; and it does play
+        # (a quarter of the rate at least: a starved 2-core machine may slow it, never speed it up)
+        assert 50 <= predictions / elapsed <= 220
         assert cpu < 0.30 and growth < 100_000, (cpu, growth)
     finally:
         assert srv.stop() == 0
