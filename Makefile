@@ -11,6 +11,8 @@ SHARED ?= ../shared
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@echo "antiphon: installing TensorFlow, LiteRT, python-osc, mido and the test tools into $(VENV)"
+	@echo "antiphon: once only, about 2 minutes and 2.6 GB; later runs start at once"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt

@@ -7,6 +7,7 @@ with a message naming the problem and a non-zero exit, before any music starts.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import selectors
 import signal
@@ -69,6 +70,14 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
         recorder.close()
 
 
+def bind_failure(e: OSError, host: str, port: int) -> str:
+    """Why the OSC port could not be opened, with what to do when another program holds it."""
+    if e.errno == errno.EADDRINUSE:
+        return (f"OSC port {host}:{port} is already in use: another Antiphon server (or another OSC program) may be "
+                f"running; stop it, or pick another port with --port (e.g. --port {port + 1 if port else 5713})")
+    return f"cannot open OSC port {host}:{port}: {e.strerror or e}"
+
+
 async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: Recorder, started: float,
                  out: TextIO) -> int:
     """Outputs first (OSC, MIDI, the recorder), then the engine built with them, then the inputs that drive it."""
@@ -105,7 +114,7 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     except OSError as e:
         if midi is not None:
             midi.close()
-        raise StartupError(str(e)) from e
+        raise StartupError(bind_failure(e, cfg.host, cfg.port)) from e
     if midi is not None:
         midi.listen(engine.perform)
     stop = asyncio.Event()

@@ -167,3 +167,18 @@ def test_unreachable_destinations_do_not_stop_the_music(tmp_path: Path) -> None:
     finally:
         assert srv.stop() == 0
         peer.close()
+
+
+def test_a_second_server_on_a_port_in_use_says_another_may_run_and_how_to_pick_another(tmp_path: Path, capsys) -> None:
+    first = start_server(tmp_path / "first")
+    try:
+        code = main(["run", "--port", str(first.port), "--log-dir", str(tmp_path / "second")])
+        err = capsys.readouterr().err
+        assert first.proc.poll() is None  # the first plays on
+    finally:
+        assert first.stop() == 0
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"port 127.0.0.1:{first.port} is already in use" in lines[0], err
+    assert "another Antiphon server" in lines[0] and f"--port {first.port + 1}" in lines[0], err
+    assert "Traceback" not in err

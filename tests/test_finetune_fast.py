@@ -278,7 +278,9 @@ def test_progress_is_the_fraction_of_the_budget_and_the_held_out_nll_in_original
     jacobian = float(np.mean(norm.log_jacobian(np.concatenate([p[1:] for p in held]))))
     assert abs(jacobian) > 0.1  # the correction matters
     _, run = tune(events, scores=(-1.0, -1.5))
-    assert run.progress == [(pytest.approx(0.25), pytest.approx(0.5 - jacobian)), (1.0, pytest.approx(0.25 - jacobian))]
+    # first the parent's own held-out figure (before any epoch), then one figure an epoch
+    assert run.progress == [(0.0, -1.0), (pytest.approx(0.25), pytest.approx(0.5 - jacobian)),
+                            (1.0, pytest.approx(0.25 - jacobian))]
 
 
 def test_an_epoch_without_a_validation_figure_reports_nan() -> None:

@@ -94,7 +94,11 @@ class Watch:
         self.swaps.append((name, on_error, on_loaded, kwargs))
 
     def start(self, seconds: float = 30.0, events: int = 100, playing: Callable[[], Playing] | None = None) -> None:
+        before = len(self.notes)
         self.learner.start(seconds, "parent", self.models / "parent", events, self.swap, playing=playing)
+        # a started fine-tune says so at once, before the child has even run: progress 0, no figure yet
+        first = self.notes.pop(before)
+        assert first[:2] == ("/learn/progress", 0.0) and math.isnan(first[2]) and len(self.notes) == before, first
 
     async def child(self) -> Child:
         """The running fine-tune's process, once the learner has started it."""

@@ -97,6 +97,7 @@ def fine_tune(
                       sequence_length=24, stride=1, batch_size=16, patience=40, report=False, minutes=seconds / 60)
     model, spec, norm, parent = build_for(cfg, train_ds)
     before = score(step_for(parent.file("step.tflite"), parent.info, model), parent.info, held_ds).dequantised
+    progress(0.0, before)  # the first figure a performer sees: the parent's, on the held-out phrases
     train_w, held_w = _windows(train_ds, held_ds, norm, cfg)
     jacobian = float(np.mean(norm.log_jacobian(np.concatenate([p[1:] for p in held]))))
     budget = max(1.0, seconds - FINISH_RESERVE_S - 0.05 * seconds - (time.monotonic() - started))

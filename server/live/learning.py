@@ -83,6 +83,7 @@ class Learner:
         self._task: asyncio.Task[None] | None = None
         self.state = LearnState()
         self.counts = {"learn_runs": 0, "learn_swaps": 0, "learn_failures": 0}
+        self._seconds = self._started = 0.0
 
     @property
     def running(self) -> bool:
@@ -117,6 +118,11 @@ class Learner:
                 "--until", f"{time.time():.6f}", "--json", "--background"]
         self.state = LearnState("starting", last=self.state.last)
         self.counts["learn_runs"] += 1
+        self._seconds, self._started = seconds, time.monotonic()
+        log.info("learn: fine-tuning %s on %d performer events for at most %g s, as %s", parent, events, seconds, name)
+        # at once, so a patch shows the fine-tune has begun; the child's first figure comes once it has scored
+        # the parent (NaN until then)
+        self._notify("/learn/progress", 0.0, math.nan)
         self._task = self._loop.create_task(self._run(argv, parent, swap, playing, generation))
 
     def stop(self) -> None:
@@ -160,6 +166,7 @@ class Learner:
                     self.state.fraction = float(message["progress"])
                     self.state.heldout_nll = float(message.get("heldout_nll", math.nan))
                     self._notify("/learn/progress", self.state.fraction, self.state.heldout_nll)
+                    self._say_progress()
                 elif "result" in message:
                     result = message["result"]
                 elif "error" in message:
@@ -180,6 +187,13 @@ class Learner:
             return
         self._finish(result, parent, swap, playing, generation)
 
+    def _say_progress(self) -> None:
+        """One terminal line per epoch: how far, the held-out figure, and about how long is left."""
+        spent = time.monotonic() - self._started
+        left = max(0.0, self._seconds - spent)
+        log.info("learn: %3.0f %% after %.0f s, held-out %.3f nats/event, at most %.0f s left",
+                 100 * self.state.fraction, spent, self.state.heldout_nll, left)
+
     def _failed(self, reason: str, parent: str) -> None:
         self.counts["learn_failures"] += 1
         self.state = LearnState("failed", last=f"failed: {reason}")
@@ -195,6 +209,7 @@ class Learner:
         def done(swapped: bool, why: str = "") -> None:
             verdict = "swapped in" if swapped else f"not swapped in: {why}" if why else "kept " + parent
             self.state = LearnState("done", 1.0, after, f"{name}: {before:.3f} -> {after:.3f} nats/event, {verdict}")
+            log.info("learn: done in %.0f s: %s", time.monotonic() - self._started, self.state.last)
             self.counts["learn_swaps"] += int(swapped)
             self._notify("/learn/done", name if swapped else parent, before, after, int(swapped))
 

@@ -43,7 +43,7 @@ OUTPUTS: dict[str, str] = {
     "/status": "`key value ...` in reply to `/status` (keys below)",
     "/error": "`address reason` to the sender of a refused message (rate limited), or to every destination "
               "when a fine-tune fails",
-    "/learn/progress": "`fraction heldout_nll` to every destination after each epoch of a fine-tune",
+    "/learn/progress": "`fraction heldout_nll` to every destination: at once when a fine-tune starts (0, NaN), with the playing model's held-out figure once scored (0, nll), then after each epoch",
     "/learn/done": "`model nll_before nll_after swapped` to every destination when a fine-tune ends "
                    "(`swapped` 1: the new model now plays; 0: the old one stays)",
     "/mixture": "to `mixture` subscribers with each prediction: `K w_1 .. w_K`, then for each component "
