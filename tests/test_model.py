@@ -97,5 +97,10 @@ def test_cli_synth_then_train_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "epoch    1 " in out and "held-out NLL" in out and "held out for validation (performances" in out
+    # one scale: the epoch's held-out figure is nats per event like the final one (not a normalised loss)
+    epoch = float(re.search(r"NLL nats/event: train \S+  held-out (\S+) \(best", out).group(1))
+    final = float(re.search(r"held-out NLL (\S+) nats/event", out).group(1))
+    print(f"epoch {epoch}, final {final}")
+    assert abs(epoch - final) < 0.5, (epoch, final)
     assert (tmp_path / "cli" / "step.tflite").is_file() and not (tmp_path / "cli" / "report.png").exists()
     assert main(["train", "--data", str(ds), "--name", "../evil", "--models-dir", str(tmp_path)]) == 1

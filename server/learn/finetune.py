@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from server.learn.data import Dataset, DatasetError
-from server.learn.train import TrainConfig, _info, _windows, build_for, fit_within
+from server.learn.train import TrainConfig, _info, _windows, build_for, fit_within, nats_offset
 from server.live.learning import MIN_EVENTS  # the stage refuses /learn with fewer; this checks the log again
 PHRASE_GAP = 1.0  # seconds of silence that end a phrase
 HOLD_OUT = 0.2  # of the events, the last phrases, held out to judge the new model
@@ -99,7 +99,7 @@ def fine_tune(
     before = score(step_for(parent.file("step.tflite"), parent.info, model), parent.info, held_ds).dequantised
     progress(0.0, before)  # the first figure a performer sees: the parent's, on the held-out phrases
     train_w, held_w = _windows(train_ds, held_ds, norm, cfg)
-    jacobian = float(np.mean(norm.log_jacobian(np.concatenate([p[1:] for p in held]))))
+    jacobian = nats_offset(norm, held)
     budget = max(1.0, seconds - FINISH_RESERVE_S - 0.05 * seconds - (time.monotonic() - started))
     reporter = _Reporter(progress, budget, jacobian)
     best, interrupted = fit_within(model, train_w, held_w, norm, budget, cfg, [reporter])

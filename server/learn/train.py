@@ -102,7 +102,8 @@ def train(
         echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
     echo(f"data: {norm.describe()}")
     budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
-    progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout)
+    progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout,
+                         nats_offset(norm, train_ds.performances), nats_offset(norm, val_ds.performances))
     best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress])
     history = best.history
     if interrupted:
@@ -303,11 +304,21 @@ class TimeBudget:
             model.stop_training = True
 
 
-class _Progress:
-    """Elapsed time, ETA and the validation figure: a live bar on a terminal, one line per epoch otherwise."""
+def nats_offset(norm: Normaliser, performances: list[np.ndarray]) -> float:
+    """The mean log-Jacobian of the predicted events: a normalised NLL minus it is nats per event in the
+    data's own units (seconds and [0, 1]), the scale of the held-out figure training ends with."""
+    targets = [p[1:] for p in performances if len(p) > 1]
+    return float(np.mean(norm.log_jacobian(np.concatenate(targets)))) if targets else 0.0
 
-    def __init__(self, echo: Callable[[str], None], epochs: int, budget: float, stream: TextIO) -> None:
+
+class _Progress:
+    """Elapsed time, ETA and the training and validation NLL in nats per event (the final figure's scale):
+    a live bar on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, echo: Callable[[str], None], epochs: int, budget: float, stream: TextIO,
+                 train_offset: float = 0.0, val_offset: float = 0.0) -> None:
         self.echo, self.epochs, self.budget, self.stream = echo, epochs, budget, stream
+        self.train_offset, self.val_offset = train_offset, val_offset
         self.live = bool(getattr(stream, "isatty", lambda: False)())
         self.start = time.monotonic()
         self.best = math.inf
@@ -317,12 +328,13 @@ class _Progress:
 
     def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
         elapsed = time.monotonic() - self.start
-        val = float(logs.get("val_loss", math.nan))
+        val = float(logs.get("val_loss", math.nan)) - self.val_offset
         self.best = min(self.best, val) if math.isfinite(val) else self.best
         per_epoch = elapsed / (epoch + 1)
         eta = max(0.0, min(self.budget - elapsed, per_epoch * (self.epochs - epoch - 1)))
-        text = (f"epoch {epoch + 1:4d}  {_clock(elapsed)} elapsed, ~{_clock(eta)} left  "
-                f"loss {float(logs.get('loss', math.nan)):.4f}  val_loss {val:.4f} (best {self.best:.4f})")
+        train = float(logs.get("loss", math.nan)) - self.train_offset
+        text = (f"epoch {epoch + 1:4d}  {_clock(elapsed)} elapsed, ~{_clock(eta)} left  NLL nats/event: "
+                f"train {train:.3f}  held-out {val:.3f} (best {self.best:.3f})")
         if self.live:
             done = min(1.0, elapsed / max(self.budget, 1e-9))
             bar = "#" * int(done * 24)
