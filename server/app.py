@@ -74,7 +74,7 @@ def bind_failure(e: OSError, host: str, port: int) -> str:
     """Why the OSC port could not be opened, with what to do when another program holds it."""
     if e.errno == errno.EADDRINUSE:
         return (f"OSC port {host}:{port} is already in use: another Antiphon server (or another OSC program) may be "
-                f"running; stop it, or pick another port with --port (e.g. --port {port + 1 if port else 5713})")
+                f"running; stop it, or pick another port with --port (e.g. --port {port + 10})")
     return f"cannot open OSC port {host}:{port}: {e.strerror or e}"
 
 

@@ -530,17 +530,19 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def _docs_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--readme", type=Path, default=REPO / "README.md")
+    p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose README.md and docs/ to regenerate")
     p.add_argument("--check", action="store_true", help="exit 1 if the generated sections are stale")
 
 
-@command("docs", "regenerate the README sections made from the code (OSC namespace, modes, sizes, config)")(_docs_args)
+@command("docs", "regenerate the sections of README.md and docs/ made from the code (OSC namespace, modes, sizes, "
+                 "config, the table of contents)")(_docs_args)
 def cmd_docs(args: argparse.Namespace) -> int:
     from server.tools.docs import update
 
-    if update(args.readme, args.check, {name: help for name, (_, _, help) in COMMANDS.items()}):
+    stale = update(args.repo, args.check, {name: help for name, (_, _, help) in COMMANDS.items()})
+    if not args.check or not stale:
         return 0
-    print(f"{args.readme} is stale: run python -m server docs", file=sys.stderr)
+    print(f"stale: {', '.join(str(p) for p in stale)}: run python -m server docs", file=sys.stderr)
     return 1
 
 

@@ -389,9 +389,9 @@ def markdown(rows: list[Row], seconds: float = WINDOW) -> str:
 
 def readme_factors() -> dict[str, float]:
     """The factors of the README's amplification table, by request."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    text = (REPO / "docs" / "osc.md").read_text(encoding="utf-8")
     section = text.split("<!-- amplification table -->", 2)
-    assert len(section) == 3, "the README's amplification table should sit between two `<!-- amplification table -->`"
+    assert len(section) == 3, "docs/osc.md's amplification table should sit between two `<!-- amplification table -->`"
     rows = re.findall(r"^\| (`[^|]+`[^|]*) \| [^|]+ \| \d+ \| [\d,]+ \| ([\d,.]+) \|$", section[1], re.MULTILINE)
     return {request: float(factor.replace(",", "")) for request, factor in rows}
 

@@ -180,5 +180,5 @@ def test_a_second_server_on_a_port_in_use_says_another_may_run_and_how_to_pick_a
     assert code == 1
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"port 127.0.0.1:{first.port} is already in use" in lines[0], err
-    assert "another Antiphon server" in lines[0] and f"--port {first.port + 1}" in lines[0], err
+    assert "another Antiphon server" in lines[0] and f"--port {first.port + 10}" in lines[0], err
     assert "Traceback" not in err

@@ -51,3 +51,42 @@ def test_the_python_snippet_says_so_within_seconds_when_no_server_runs() -> None
     assert done.returncode == 1
     assert f"no /prediction from 127.0.0.1:{port}: is the server running? (make run)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _links(text: str) -> list[str]:
+    """Every Markdown link target outside code fences and inline code."""
+    out, fence = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence:
+            out += LINK.findall(re.sub(r"`[^`]*`", "", line))
+    return out
+
+
+def test_every_link_and_anchor_in_the_readme_and_docs_resolves() -> None:
+    from server.tools.docs import headings, pages, slug
+
+    anchors = {page.resolve(): {slug(t) for _, t in headings(page.read_text())} for page in pages(REPO)}
+    broken = []
+    for page in pages(REPO):
+        for target in _links(page.read_text()):
+            if re.match(r"^[a-z]+:", target):  # https:, mailto: -- not this machine's to check
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page.resolve()
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors.get(file, {slug(t) for _, t in headings(file.read_text())}):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_reads_in_five_minutes_and_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    assert "## Contents" in text and "make run" in text.split("## Two commands")[1][:200]
+    assert "make test" in text.split("## Two commands")[1][:200]

@@ -1,7 +1,9 @@
-"""README sections generated from the code's own tables, so the docs cannot drift.
+"""Sections of README.md and docs/*.md generated from the code's own tables, so the docs cannot drift.
 
-Sections sit between `<!-- BEGIN name -->` and `<!-- END name -->` markers;
-`python -m server docs` rewrites them and `--check` (run by the tests) fails if stale.
+Sections sit between `<!-- BEGIN name -->` and `<!-- END name -->` markers, each in exactly
+one file; docs/README.md's table of contents (`toc`) is made from the headings of the
+other pages. `python -m server docs` rewrites them and `--check` (run by the tests) fails
+if any is stale.
 """
 
 from __future__ import annotations
@@ -80,27 +82,76 @@ SECTIONS: dict[str, Callable[[], str]] = {
 }
 
 
-def render(text: str, commands: Mapping[str, str]) -> str:
-    """Return ``text`` with every generated section replaced by its current content.
+def render(text: str, commands: Mapping[str, str], only: set[str] | None = None,
+           toc: Callable[[], str] | None = None) -> str:
+    """Return ``text`` with its generated sections replaced by their current content.
 
+    ``only``: the sections this file must hold (None: all of them, as one README would).
     `commands` (name -> help) comes from the caller, the command line, so this module
     never imports it back.
     """
     sections = {"commands": lambda: _commands(commands), **SECTIONS}
+    if toc is not None:
+        sections["toc"] = toc
     for name, make in sections.items():
         pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
         if not pattern.search(text):
-            raise ValueError(f"README lacks the markers for section {name!r}")
+            if only is None or name in only:
+                raise ValueError(f"the docs lack the markers for section {name!r}")
+            continue
         body = make()
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 
-def update(path: Path, check: bool, commands: Mapping[str, str]) -> bool:
-    """Rewrite the README's generated sections; with ``check`` only report whether they are current."""
-    text = path.read_text(encoding="utf-8")
-    fresh = render(text, commands)
-    if check:
-        return fresh == text
-    path.write_text(fresh, encoding="utf-8")
-    return True
+def pages(repo: Path) -> list[Path]:
+    """README.md, then docs/README.md (the index), then every other page of docs/ by name."""
+    docs = repo / "docs"
+    return [repo / "README.md", docs / "README.md", *sorted(p for p in docs.glob("*.md") if p.name != "README.md")]
+
+
+def headings(text: str) -> list[tuple[int, str]]:
+    """(level, title) of each Markdown heading outside code fences."""
+    out, fence = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"^(#{1,6}) (.+?)\s*$", line)):
+            out.append((len(m.group(1)), m.group(2)))
+    return out
+
+
+def slug(title: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def table_of_contents(repo: Path) -> str:
+    """Each docs page's title and its second- and third-level headings, linked."""
+    lines = []
+    for page in pages(repo)[2:]:
+        found = headings(page.read_text(encoding="utf-8"))
+        title = next((t for level, t in found if level == 1), page.stem)
+        lines.append(f"- [{title}]({page.name})")
+        lines += [f"{'  ' * (level - 1)}- [{t}]({page.name}#{slug(t)})" for level, t in found if level in (2, 3)]
+    return "\n".join(lines)
+
+
+def update(repo: Path, check: bool, commands: Mapping[str, str]) -> list[Path]:
+    """Rewrite the generated sections of every page; with ``check`` only list the stale pages.
+
+    Each section must sit in exactly one page (ValueError otherwise)."""
+    texts = {page: page.read_text(encoding="utf-8") for page in pages(repo) if page.exists()}
+    names = ["commands", "toc", *SECTIONS]
+    for name in names:
+        holders = [p.name for p, t in texts.items() if f"<!-- BEGIN {name} -->" in t]
+        if len(holders) != 1:
+            raise ValueError(f"section {name!r} should be in exactly one page, is in {holders or 'none'}")
+    stale = []
+    for page, text in texts.items():
+        fresh = render(text, commands, only=set(), toc=lambda: table_of_contents(repo))
+        if fresh != text:
+            stale.append(page)
+            if not check:
+                page.write_text(fresh, encoding="utf-8")
+    return stale
