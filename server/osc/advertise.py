@@ -1,0 +1,57 @@
+"""`run --advertise`: announce the OSCQuery server on the local network over mDNS (`_oscjson._tcp`).
+
+Only when asked, because it multicasts to the whole network. zeroconf is imported here
+when `advertise` is called, never before, so a server without `--advertise` never loads
+it. It runs in zeroconf's own thread (registering probes the network for seconds),
+never on the live loop.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+SERVICE = "_oscjson._tcp.local."
+INSTANCE = "Antiphon"  # zeroconf renames it ("Antiphon (2)") when another is on the network
+
+
+class AdvertiseError(RuntimeError):
+    """mDNS is unavailable (zeroconf missing); the message says what to install."""
+
+
+class Advertisement:
+    """A registered `_oscjson._tcp` service; `close` withdraws it."""
+
+    service = SERVICE
+
+    def __init__(self, zeroconf: Any, info: Any) -> None:
+        self._zeroconf = zeroconf
+        self._info = info
+        self._registered = threading.Thread(target=self._register, name="mdns", daemon=True)
+        self._registered.start()
+
+    def _register(self) -> None:
+        try:
+            self._zeroconf.register_service(self._info, allow_name_change=True)
+        except Exception as exc:  # noqa: BLE001  # the network refused; the server plays on without it
+            print(f"advertise: mDNS registration failed: {exc}", flush=True)
+
+    def close(self) -> None:
+        self._registered.join(timeout=10.0)
+        self._zeroconf.unregister_all_services()
+        self._zeroconf.close()
+
+
+def advertise(http_port: int, host: str) -> Advertisement:
+    """Announce OSCQuery at `http_port` on `host`'s address (every IPv4 address for a wildcard host)."""
+    try:
+        from zeroconf import IPVersion, ServiceInfo, Zeroconf, get_all_addresses
+    except ImportError:
+        raise AdvertiseError("--advertise needs the zeroconf package: pip install zeroconf") from None
+    wildcard = host in ("", "0.0.0.0", "::")
+    addresses = get_all_addresses() if wildcard else [socket.gethostbyname(host)]
+    name = socket.gethostname().split(".")[0] or "antiphon"
+    info = ServiceInfo(SERVICE, f"{INSTANCE}.{SERVICE}", port=http_port, parsed_addresses=addresses,
+                       server=f"{name}.local.", properties={})
+    return Advertisement(Zeroconf(ip_version=IPVersion.V4Only), info)
