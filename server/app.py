@@ -179,7 +179,7 @@ async def start_discovery(cfg: RunConfig, engine: Engine, osc_port: int) -> Disc
     from server.osc.advertise import AdvertiseError, advertise
 
     try:
-        return Discovery(http, advertise(http.port, cfg.host))
+        return Discovery(http, advertise(http.port, osc_port, cfg.host))
     except (AdvertiseError, OSError) as e:
         await http.close()
         raise StartupError(f"cannot advertise OSCQuery: {e}") from e

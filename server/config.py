@@ -374,8 +374,8 @@ class RunConfig:
         f"the bare flag means {DEFAULT_OSCQUERY_PORT}; 0 = any free port", "PORT", _port,
         const=DEFAULT_OSCQUERY_PORT, default_doc="off"))
     advertise: bool = field(default=False, metadata=_key(
-        "announce the OSCQuery server on the local network over mDNS (_oscjson._tcp; needs oscquery and the "
-        "zeroconf package); the bare flag means yes", "yes/no", _switch, const=True, default_doc="no"))
+        "announce the OSCQuery server and the OSC port on the local network over mDNS (_oscjson._tcp, _osc._udp; needs "
+        "oscquery and the zeroconf package); the bare flag means yes", "yes/no", _switch, const=True, default_doc="no"))
 
 
 def _keys() -> tuple[tuple[Field[Any], Key], ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ from server.config import ConfigError, add_run_arguments, resolve_run_config
 from server.live.controls import ControlError
 from server.live.modes import MODE_NAMES
 from server.osc.namespace import TABLE, Request
-from server.osc.oscquery import DEFAULT_OSCQUERY_PORT, NotFound, answer, find, host_info, tree
+from server.osc.oscquery import CACHE, DEFAULT_OSCQUERY_PORT, Namespace, NotFound, find, host_info, tree, with_values
 from server.osc.oscquery_http import loopback_host, oscquery_app
 from server.osc.table import AddressTable, Param, Range, address
 
@@ -25,8 +26,19 @@ VALUES = {"temperature": 0.7, "sigma_temperature": 1.0, "timescale": 2.0, "mode"
 INFO = host_info(5710)
 
 
+def _tree(values: dict[str, object] = VALUES) -> dict[str, Any]:
+    namespace = Namespace(TABLE, INFO)
+    return with_values(namespace.root, namespace.values(values))
+
+
+def _answer(path: str, query: str, values: dict[str, object] = VALUES,
+            namespace: Namespace | None = None) -> tuple[int, Any]:
+    code, body = (namespace or Namespace(TABLE, INFO)).answer(path, query, lambda: values)
+    return code, None if body is None else json.loads(body)
+
+
 def test_every_address_is_a_method_node_with_its_required_arguments_as_type_and_the_rest_as_overloads() -> None:
-    root = tree(TABLE, VALUES)
+    root = _tree()
     tags = {"float": "f", "int": "i", "str": "s"}
     for a in TABLE:
         node = find(root, a.path)
@@ -43,7 +55,7 @@ def _has(node: dict[str, Any], expected: dict[str, Any]) -> bool:
 
 
 def test_the_controls_show_their_ranges_and_current_values() -> None:
-    root = tree(TABLE, VALUES)
+    root = _tree()
     assert _has(find(root, "/temperature"), {"TYPE": "f", "RANGE": [{"MIN": 0.0}], "VALUE": [0.7], "ACCESS": 3})
     assert find(root, "/temperature")["OVERLOADS"] == [{"TYPE": "fi", "RANGE": [{"MIN": 0.0}, {"MIN": 0}]}]
     assert find(root, "/mode")["RANGE"] == [{"VALS": list(MODE_NAMES)}] and find(root, "/mode")["VALUE"] == ["listen"]
@@ -56,7 +68,8 @@ def test_the_controls_show_their_ranges_and_current_values() -> None:
     assert _has(find(root, "/model"), {"TYPE": "s", "VALUE": ["default"]}) and "RANGE" not in find(root, "/model")
     assert find(root, "/reset")["TYPE"] == ""  # a message with no arguments
     assert find(root, "/learn")["CONTENTS"]["stop"]["FULL_PATH"] == "/learn/stop"  # a method and a container
-    assert tree(TABLE, {})["CONTENTS"]["temperature"].get("VALUE") is None  # no value yet: none shown
+    assert _tree({})["CONTENTS"]["temperature"].get("VALUE") is None  # no value yet: none shown
+    assert "VALUE" not in tree(TABLE)["CONTENTS"]["temperature"]  # the tree built once holds none
 
 
 def test_a_container_met_before_its_method_keeps_its_children() -> None:
@@ -66,7 +79,7 @@ def test_a_container_met_before_its_method_keeps_its_children() -> None:
     def parent(ctx, x: float) -> None:
         """Parent."""
 
-    root = tree(AddressTable([address("/a/b/c")(child), address("/a")(parent)]), {})
+    root = tree(AddressTable([address("/a/b/c")(child), address("/a")(parent)]))
     assert find(root, "/a")["TYPE"] == "f"
     assert find(root, "/a/b") == {"FULL_PATH": "/a/b", "ACCESS": 0, "CONTENTS": {"c": find(root, "/a/b/c")}}
     with pytest.raises(NotFound):
@@ -87,7 +100,17 @@ def test_a_container_met_before_its_method_keeps_its_children() -> None:
     ("/nowhere", "HOST_INFO", 200, INFO),  # the path does not matter
 ])
 def test_answers_follow_the_proposal(path: str, query: str, status: int, body: object) -> None:
-    assert answer(tree(TABLE, VALUES), path, query, INFO) == (status, body)
+    assert _answer(path, query) == (status, body)
+
+
+def test_answers_show_the_values_of_the_moment_and_the_cache_stays_bounded() -> None:
+    namespace = Namespace(TABLE, INFO)
+    assert _answer("/temperature", "VALUE", namespace=namespace) == (200, {"VALUE": [0.7]})
+    assert _answer("/temperature", "VALUE", VALUES | {"temperature": 0.5}, namespace) == (200, {"VALUE": [0.5]})
+    assert _answer("/", "", VALUES | {"mode": "generate"}, namespace)[1]["CONTENTS"]["mode"]["VALUE"] == ["generate"]
+    for n in range(CACHE * 2):
+        assert _answer(f"/nowhere{n}", "", namespace=namespace)[0] == 404
+    assert len(namespace._cache) <= CACHE
 
 
 def test_host_info_names_the_osc_port_and_udp() -> None:
@@ -121,8 +144,8 @@ class _Output(_Anything):
         return True
 
 
-REQUEST = Request(controls=_Anything(), output=_Output(), stats=SimpleNamespace(clamped=0, ignored=0),  # type: ignore[arg-type]
-                  sender=("127.0.0.1", 9000), counters=dict, at=0.0, reply_error=lambda *args: None)
+REQUEST = Request(controls=_Anything(), output=_Output(),  # type: ignore[arg-type]
+                  stats=SimpleNamespace(clamped=0, ignored=0), sender=("127.0.0.1", 9000), counters=dict, at=0.0, reply_error=lambda *args: None)
 
 
 def _inside(p: Param) -> object:
@@ -255,3 +278,50 @@ def test_oscquery_is_off_unless_asked_and_the_bare_flag_takes_its_default_port(t
 def test_oscquery_settings_refused(flags: list[str], reason: str) -> None:
     with pytest.raises(ConfigError, match=reason):
         _config(*flags)
+
+
+# --------------------------------------------------------------------------- mDNS, with a stand-in for zeroconf
+
+
+def test_advertise_registers_both_services_off_the_loop_and_withdraws_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in `zeroconf` module: nothing here multicasts."""
+    import sys
+
+    from server.osc.advertise import OSC_SERVICE, SERVICE, advertise
+
+    calls: list[tuple[str, object]] = []
+
+    class Zeroconf:
+        def __init__(self, ip_version: object) -> None:
+            calls.append(("open", ip_version))
+
+        def register_service(self, info: dict[str, Any], allow_name_change: bool) -> None:
+            calls.append(("register", (info["kind"], info["name"], info["port"], tuple(info["parsed_addresses"]))))
+
+        def unregister_all_services(self) -> None:
+            calls.append(("unregister", None))
+
+        def close(self) -> None:
+            calls.append(("close", None))
+
+    def service_info(kind: str, name: str, **fields: Any) -> dict[str, Any]:
+        return {"kind": kind, "name": name, **fields}
+
+    fake = SimpleNamespace(IPVersion=SimpleNamespace(V4Only="v4"), ServiceInfo=service_info, Zeroconf=Zeroconf,
+                           get_all_addresses=lambda: ["192.0.2.7"])
+    monkeypatch.setitem(sys.modules, "zeroconf", fake)
+    advertise(5713, 5710, "0.0.0.0").close()
+    assert calls == [("open", "v4"),
+                     ("register", (SERVICE, f"Antiphon.{SERVICE}", 5713, ("192.0.2.7",))),
+                     ("register", (OSC_SERVICE, f"Antiphon.{OSC_SERVICE}", 5710, ("192.0.2.7",))),
+                     ("unregister", None), ("close", None)]
+
+
+def test_advertise_without_zeroconf_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from server.osc.advertise import AdvertiseError, advertise
+
+    monkeypatch.setitem(sys.modules, "zeroconf", None)  # import zeroconf now raises ImportError
+    with pytest.raises(AdvertiseError, match="pip install zeroconf"):
+        advertise(5713, 5710, "127.0.0.1")
