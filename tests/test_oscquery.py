@@ -66,7 +66,8 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         assert found, "".join(server.output)
         yield server, found[1]
     finally:
-        server.stop()
+        code = server.stop()
+    assert code == 0, "".join(server.output)  # the HTTP server closes with the rest
     assert not mark.exists(), "zeroconf was imported without --advertise"
 
 

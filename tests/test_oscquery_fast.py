@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -325,3 +326,27 @@ def test_advertise_without_zeroconf_says_what_to_install(monkeypatch: pytest.Mon
     monkeypatch.setitem(sys.modules, "zeroconf", None)  # import zeroconf now raises ImportError
     with pytest.raises(AdvertiseError, match="pip install zeroconf"):
         advertise(5713, 5710, "127.0.0.1")
+
+
+def test_a_taken_port_stops_the_start_with_a_hint_and_a_free_one_serves(tmp_path: Any) -> None:
+    import socket
+
+    from server.app import StartupError, start_discovery
+
+    engine: Any = SimpleNamespace(status=lambda asker: VALUES)
+
+    async def start(port: int) -> str:
+        discovery = await start_discovery(_config("--oscquery", str(port)), engine, 5710)
+        assert discovery is not None
+        try:
+            return discovery.describe()
+        finally:
+            await discovery.close()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(StartupError, match="another server may be using that port: pick another with --oscquery"):
+            asyncio.run(start(taken.getsockname()[1]))
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", asyncio.run(start(0)))
+    assert asyncio.run(start_discovery(_config(), engine, 5710)) is None  # off unless asked
