@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from server.config import RunConfig
+from server.live.controls import Shown
 from server.live.engine import Engine, Settings
 from server.live.learning import Learner
 from server.live.outputs import Sink
@@ -28,10 +29,14 @@ from server.model.files import resolve_model_dir
 from server.model.predictor import Predictor
 from server.model.spec import ModelError
 from server.monitor.access import is_wildcard
-from server.osc.namespace import DEFAULT_HOST, namespace_text
+from server.osc.namespace import DEFAULT_HOST, TABLE, namespace_text
 from server.osc.output import OscOutput
 from server.osc.protocol import start_osc
 from server.osc.sink import OscSink
+
+if TYPE_CHECKING:  # loaded only with --oscquery / --advertise
+    from server.osc.advertise import Advertisement
+    from server.osc.oscquery_http import OscQueryServer
 
 
 class StartupError(RuntimeError):
@@ -115,14 +120,23 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         if midi is not None:
             midi.close()
         raise StartupError(bind_failure(e, cfg.host, cfg.port)) from e
+    host, port = transport.get_extra_info("sockname")[:2]
+    try:
+        discovery = await start_discovery(cfg, engine, port)
+    except StartupError:
+        if midi is not None:
+            midi.close()
+        transport.close()
+        raise
     if midi is not None:
         midi.listen(engine.perform)
     stop = asyncio.Event()
     restore = install_stop_signals(loop, stop.set)
-    host, port = transport.get_extra_info("sockname")[:2]
     say(namespace_text(), out)
     if midi is not None:
         say(f"midi: {midi.describe()}", out)
+    if discovery is not None:
+        say(f"oscquery: {discovery.describe()}", out)
     sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
     say(
         f"ready: listening on {host}:{port}, sending to {sends}, model {folder.name} ({predictor.backend}), "
@@ -136,6 +150,8 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     finally:
         if monitor is not None:
             stop_monitor(monitor)
+        if discovery is not None:
+            await discovery.close()
         engine.stop()
         learner.close()
         if midi is not None:
@@ -144,6 +160,46 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
         restore()
     say(f"stopped: {engine.counts['inputs']} inputs, {engine.counts['outputs']} outputs, log {recorder.path}", out)
     return 0
+
+
+async def start_discovery(cfg: RunConfig, engine: Engine, osc_port: int) -> Discovery | None:
+    """`--oscquery` (and `--advertise`): the namespace over HTTP on this loop, announced over mDNS if asked."""
+    if cfg.oscquery is None:
+        return None
+    from server.osc.oscquery_http import start_oscquery  # aiohttp loads only when asked for
+
+    try:
+        http = await start_oscquery(cfg.host, cfg.oscquery, TABLE, lambda: engine.status(Shown.NONE), osc_port,
+                                    cfg.allow)
+    except OSError as e:
+        raise StartupError(f"cannot serve OSCQuery on {cfg.host}:{cfg.oscquery}: {e.strerror or e}; another server "
+                           "may be using that port: pick another with --oscquery PORT (0: any free port)") from e
+    if not cfg.advertise:
+        return Discovery(http, None)
+    from server.osc.advertise import AdvertiseError, advertise
+
+    try:
+        return Discovery(http, advertise(http.port, osc_port, cfg.host))
+    except (AdvertiseError, OSError) as e:
+        await http.close()
+        raise StartupError(f"cannot advertise OSCQuery: {e}") from e
+
+
+class Discovery:
+    """The OSCQuery server and its mDNS announcement, if any: what `start_discovery` started."""
+
+    def __init__(self, http: OscQueryServer, advertisement: Advertisement | None) -> None:
+        self.http = http
+        self.advertisement = advertisement
+
+    def describe(self) -> str:
+        announced = f", advertised as {self.advertisement.service}" if self.advertisement is not None else ""
+        return f"http://{self.http.host}:{self.http.port}/{announced}"
+
+    async def close(self) -> None:
+        if self.advertisement is not None:
+            self.advertisement.close()
+        await self.http.close()
 
 
 def start_monitor(cfg: RunConfig, host: str, port: int) -> subprocess.Popen:

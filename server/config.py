@@ -27,6 +27,7 @@ from server.model.files import DEFAULT_MODELS_DIR
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS
+from server.osc.oscquery import DEFAULT_OSCQUERY_PORT
 from server.osc.allow import Network
 
 Endpoint = tuple[str, int]
@@ -368,6 +369,13 @@ class RunConfig:
         _switch, const=True, default_doc="no"))
     monitor_port: int = field(default=MONITOR_PORT, metadata=_key(
         "HTTP port of the web monitor (loopback only; 0 = any free port)", "PORT", _port))
+    oscquery: int | None = field(default=None, metadata=_key(
+        "serve the OSC namespace as OSCQuery (JSON over HTTP) on this TCP port, where OSC listens (host); "
+        f"the bare flag means {DEFAULT_OSCQUERY_PORT}; 0 = any free port", "PORT", _port,
+        const=DEFAULT_OSCQUERY_PORT, default_doc="off"))
+    advertise: bool = field(default=False, metadata=_key(
+        "announce the OSCQuery server and the OSC port on the local network over mDNS (_oscjson._tcp, _osc._udp; needs "
+        "oscquery and the zeroconf package); the bare flag means yes", "yes/no", _switch, const=True, default_doc="no"))
 
 
 def _keys() -> tuple[tuple[Field[Any], Key], ...]:
@@ -426,6 +434,8 @@ def resolve_run_config(args: argparse.Namespace) -> RunConfig:
         raise ConfigError(f"send: at most {MAX_DESTINATIONS} destinations, got {len(values['send'])}")
     if values.get("midi_cc_x", midimap.DEFAULT_CC_X) == values.get("midi_cc_y", midimap.DEFAULT_CC_Y):
         raise ConfigError("midi_cc_x and midi_cc_y must be different controllers")
+    if values.get("advertise") and values.get("oscquery") is None:
+        raise ConfigError("advertise announces the OSCQuery server: give --oscquery [PORT] (or oscquery = PORT) too")
     return RunConfig(**values)
 
 

@@ -12,9 +12,10 @@ from typing import NamedTuple
 
 from server.live.controls import ControlError, Controls, Shown
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
+from server.live.learning import MAX_SECONDS as MAX_LEARN_SECONDS
 from server.live.learning import check_seconds
-from server.live.modes import parse_mode
-from server.live.settings import at_least
+from server.live.modes import MODE_NAMES, parse_mode
+from server.live.settings import MAX_LOOKAHEAD, at_least
 from server.live.settings import lookahead as check_lookahead
 from server.live.settings import timescale as check_timescale
 from server.model.files import check_model_name
@@ -22,7 +23,7 @@ from server.osc.consent import Taken, TooMany
 from server.osc.output import DestinationsFull, Endpoint, OscOutput, OscStats
 from server.osc.streams import STREAM_RATE
 from server.osc.allow import is_loopback
-from server.osc.table import AddressTable, VoiceNumber, address
+from server.osc.table import AddressTable, Range, VoiceNumber, address
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5710
@@ -86,6 +87,16 @@ class Request(NamedTuple):
 
 # --- the namespace: each handler's signature is its argument spec, its docstring its doc ---
 
+# The values each argument takes, for tools that discover the namespace (OSCQuery); the handlers' checks
+# are the rule, and tests/test_oscquery_fast.py holds each range to them at its edges.
+UNIT = Range(0.0, 1.0, clipped=True)
+AT_LEAST_0 = Range(low=0.0)
+ABOVE_0 = Range(low=0.0, open_low=True)
+PORT = Range(0, 65535)
+MIDI = Range(0, 127)
+POSITION = {"x": UNIT, "y": UNIT}
+STREAM_ARGS = {"stream": Range(values=tuple(STREAMS)), "port": PORT}
+
 
 def _check_port(port: int) -> None:
     """A reply port: 1-65535, or 0 for the sender's own."""
@@ -101,7 +112,7 @@ def _unit(value: float) -> float:
 # reaches the engine (see the flood policy above).
 
 
-@address("/gesture", performer=True)
+@address("/gesture", performer=True, ranges=POSITION)
 def gesture(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
     """Performer position in [0, 1] (out-of-range values are clamped and counted); `voice` picks one (per-sender)."""
     cx, cy = _unit(x), _unit(y)
@@ -110,13 +121,13 @@ def gesture(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) 
     return cx, cy, voice
 
 
-@address("/interface", performer=True)
+@address("/interface", performer=True, ranges=POSITION)
 def interface(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
     """Alias of /gesture (IMPSY-compatible)."""
     return gesture(ctx, x, y, voice)
 
 
-@address("/note", performer=True)
+@address("/note", performer=True, ranges={"pitch": MIDI, "velocity": MIDI})
 def note(ctx: Request, pitch: int, velocity: int, voice: VoiceNumber | None = None) -> Position | None:
     """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
     if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
@@ -127,28 +138,28 @@ def note(ctx: Request, pitch: int, velocity: int, voice: VoiceNumber | None = No
     return pitch / 127.0, velocity / 127.0, voice
 
 
-@address("/temperature")
+@address("/temperature", ranges={"value": AT_LEAST_0}, state="temperature")
 def temperature(ctx: Request, value: float, voice: VoiceNumber | None = None) -> None:
     """Mixture-weight temperature (>= 0; 0 picks the most likely component); of one voice if given."""
     at_least(value, "temperature", 0.0)
     ctx.controls.set_temperature(value, voice, ctx.sender)
 
 
-@address("/sigma_temperature")
+@address("/sigma_temperature", ranges={"value": AT_LEAST_0}, state="sigma_temperature")
 def sigma_temperature(ctx: Request, value: float, voice: VoiceNumber | None = None) -> None:
     """Scale temperature: multiplies each component's scale (>= 0; 0 samples its mean); of one voice if given."""
     at_least(value, "sigma_temperature", 0.0)
     ctx.controls.set_sigma_temperature(value, voice, ctx.sender)
 
 
-@address("/timescale")
+@address("/timescale", ranges={"value": ABOVE_0}, state="timescale")
 def timescale(ctx: Request, value: float) -> None:
     """Multiplies the predicted dt before scheduling (> 0)."""
     check_timescale(value)
     ctx.controls.set_timescale(value)
 
 
-@address("/mode")
+@address("/mode", ranges={"name": Range(values=MODE_NAMES)}, state="mode")
 def mode(ctx: Request, name: str, voice: VoiceNumber | None = None) -> None:
     """Interaction mode: respond, accompany, generate or listen; of one voice if given."""
     try:
@@ -158,14 +169,14 @@ def mode(ctx: Request, name: str, voice: VoiceNumber | None = None) -> None:
     ctx.controls.set_mode(name, voice, ctx.sender)
 
 
-@address("/lookahead")
+@address("/lookahead", ranges={"seconds": Range(0.0, MAX_LOOKAHEAD)}, state="lookahead")
 def lookahead(ctx: Request, seconds: float) -> None:
     """Send model events this early (0-2 s) as bundles timetagged with their time; 0: plain messages when due."""
     check_lookahead(seconds)
     ctx.controls.set_lookahead(seconds)
 
 
-@address("/threshold")
+@address("/threshold", ranges={"seconds": AT_LEAST_0}, state="threshold")
 def threshold(ctx: Request, seconds: float) -> None:
     """Seconds of performer silence before respond mode takes over (>= 0)."""
     at_least(seconds, "threshold", 0.0)
@@ -178,7 +189,7 @@ def reset(ctx: Request, voice: VoiceNumber | None = None) -> None:
     ctx.controls.reset(voice, ctx.sender)
 
 
-@address("/pause")
+@address("/pause", ranges={"paused": Range(values=(0, 1))}, state="paused")
 def pause(ctx: Request, paused: int) -> None:
     """1 pauses output, 0 resumes."""
     if paused not in (0, 1):
@@ -186,7 +197,7 @@ def pause(ctx: Request, paused: int) -> None:
     ctx.controls.set_paused(paused == 1)
 
 
-@address("/model", max_rate=MODEL_LOADS_PER_SECOND)
+@address("/model", max_rate=MODEL_LOADS_PER_SECOND, state="model")
 def model(ctx: Request, name: str) -> None:
     """Load models/<name> (a bare folder name) without stopping the loop; the old model stays if it fails."""
     try:
@@ -206,7 +217,7 @@ def _late_error(ctx: Request, path: str) -> Callable[[str], None]:
     return on_error
 
 
-@address("/hello", max_rate=HELLO_PER_SECOND)
+@address("/hello", max_rate=HELLO_PER_SECOND, ranges={"port": PORT})
 def hello(ctx: Request, port: int = 0) -> None:
     """Send output to the sender, or to `port` on its host (sent only what the sender's traffic pays for until that port sends itself).
 
@@ -223,7 +234,7 @@ def hello(ctx: Request, port: int = 0) -> None:
         raise ControlError(str(exc)) from None
 
 
-@address("/status", max_rate=STATUS_PER_SECOND)
+@address("/status", max_rate=STATUS_PER_SECOND, ranges={"voices": Range(values=("", "all"))})
 def status(ctx: Request, voices: str = "") -> None:
     """Reply /status key value ... to the sender: state, counters, its own voices (`all`: every voice, to loopback).
 
@@ -238,7 +249,7 @@ def status(ctx: Request, voices: str = "") -> None:
     ctx.output.send_status(ctx.sender, status_items(ctx.controls, ctx.counters, Shown.ALL if voices else ctx.sender))
 
 
-@address("/learn", max_rate=LEARN_PER_SECOND)
+@address("/learn", max_rate=LEARN_PER_SECOND, ranges={"seconds": Range(0.0, MAX_LEARN_SECONDS, open_low=True)})
 def learn(ctx: Request, seconds: float = DEFAULT_LEARN_SECONDS) -> None:
     """Fine-tune the playing model on this session's performer events for at most `seconds` (over 0, at most 3600; 60 unless given); swapped in only if better."""
     ctx.controls.learn(check_seconds(seconds))
@@ -266,7 +277,7 @@ def _stream_target(ctx: Request, stream: str, port: int) -> tuple[str, Endpoint]
     return stream, _target(ctx, port)
 
 
-@address("/subscribe", max_rate=SUBSCRIBE_PER_SECOND)
+@address("/subscribe", max_rate=SUBSCRIBE_PER_SECOND, ranges=STREAM_ARGS)
 def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
     """Send a stream (prediction, mixture, surprise, status, performer) to the sender, or to `port` on its host (paid for as /hello's).
 
@@ -281,7 +292,7 @@ def subscribe(ctx: Request, stream: str, port: int = 0) -> None:
         raise ControlError(str(exc)) from None
 
 
-@address("/unsubscribe", max_rate=SUBSCRIBE_PER_SECOND)
+@address("/unsubscribe", max_rate=SUBSCRIBE_PER_SECOND, ranges=STREAM_ARGS)
 def unsubscribe(ctx: Request, stream: str, port: int = 0) -> None:
     """Stop a stream to the sender (every subscription there) or to `port` on its host (only what the sender asked for there)."""
     stream, target = _stream_target(ctx, stream, port)

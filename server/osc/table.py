@@ -27,6 +27,11 @@ sits next to the handler rather than in the transport:
   engine, and may let a newer position supersede it (see `server.osc`).
 - `max_rate=R`: at most R such messages per second from one sender (burst R), for
   requests that are costly (a model load) or that answer with more than they receive.
+
+Two more describe an address to tools that discover the namespace (OSCQuery, see
+`server.osc.oscquery`): `ranges={"param": Range(...)}`, the values each argument takes
+(the handler's checks stay the rule; a test holds each declaration to them at its
+edges), and `state="key"`, the `/status` key that holds the control's current value.
 """
 
 from __future__ import annotations
@@ -117,6 +122,20 @@ _KINDS: dict[object, tuple[str, Callable[[object], Any]]] = {
 
 
 @dataclass(frozen=True, slots=True)
+class Range:
+    """The values one argument takes: [low, high] (either end open-ended when None) or a list of values."""
+
+    low: float | None = None
+    high: float | None = None
+    values: tuple[str | int, ...] = ()
+    open_low: bool = False  # low itself is refused: the argument must be above it
+    clipped: bool = False  # values outside [low, high] are clamped to it, not refused
+
+
+VOICE_RANGE = Range(low=0)  # what `_to_voice` accepts
+
+
+@dataclass(frozen=True, slots=True)
 class Param:
     """One OSC argument, compiled from a handler parameter."""
 
@@ -124,6 +143,7 @@ class Param:
     kind: str  # "float", "int" or "str": what a client sends
     optional: bool
     convert: Callable[[object], Any]
+    range: Range | None = None  # declared for discovery (OSCQuery); the checks are the handler's
 
     @property
     def usage(self) -> str:
@@ -142,6 +162,7 @@ class Address:
     summary: str
     performer: bool = False  # the handler returns a position for the transport to apply
     max_rate: float | None = None  # messages per second per sender, or None for no limit
+    state: str | None = None  # the /status key holding this control's current value, if it has one
 
     @property
     def usage(self) -> str:
@@ -170,7 +191,8 @@ class Address:
         return f"expected {count} {noun} ({self.usage}), got {got}"
 
 
-def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: float | None) -> Address:
+def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: float | None,
+             ranges: Mapping[str, Range] | None = None, state: str | None = None) -> Address:
     if not path.startswith("/") or len(path) < 2 or _RESERVED.intersection(path):
         raise ValueError(f"{path!r} is not a literal OSC address")
     if max_rate is not None and (performer or not max_rate >= 1.0):
@@ -190,19 +212,24 @@ def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: flo
         kind, convert = found
         if convert is _to_voice and p.default is not None:
             raise TypeError(f"{func.__qualname__}: a voice argument is optional, default None (no voice)")
-        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, convert))
+        declared = (ranges or {}).get(p.name, VOICE_RANGE if convert is _to_voice else None)
+        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, convert, declared))
+    unknown = set(ranges or {}) - {p.name for p in params}
+    if unknown:
+        raise TypeError(f"{func.__qualname__}: ranges name no parameter: {', '.join(sorted(unknown))}")
     doc = inspect.getdoc(func)
     if not doc:
         raise TypeError(f"{func.__qualname__}: a handler's docstring is its documentation; add one")
     required = sum(1 for p in params if not p.optional)
-    return Address(path, func, tuple(params), required, doc.splitlines()[0], performer, max_rate)
+    return Address(path, func, tuple(params), required, doc.splitlines()[0], performer, max_rate, state)
 
 
-def address(path: str, *, performer: bool = False, max_rate: float | None = None) -> Callable[[F], F]:
+def address(path: str, *, performer: bool = False, max_rate: float | None = None,
+            ranges: Mapping[str, Range] | None = None, state: str | None = None) -> Callable[[F], F]:
     """Mark `func` as the handler of OSC `path`, compiling its signature now (options: see the module doc)."""
 
     def mark(func: F) -> F:
-        func.osc_address = _compile(path, func, performer, max_rate)  # type: ignore[attr-defined]
+        func.osc_address = _compile(path, func, performer, max_rate, ranges, state)  # type: ignore[attr-defined]
         return func
 
     return mark
