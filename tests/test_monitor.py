@@ -717,6 +717,67 @@ def test_each_voice_gets_its_own_trail(tmp_path, browser):
             p.close()
 
 
+def test_an_empty_plane_says_why_it_is_empty_and_what_to_do(tmp_path, browser):
+    """Opened with no server, or before anything is played, the page says so on the plane, not only dashes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        silent = nobody.getsockname()[1]
+    mon = MonitorProcess(silent)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(mon.url)
+        hint = lambda: page.evaluate("document.getElementById('plane').dataset.hint")  # noqa: E731
+        assert wait_for(lambda: hint() == f"waiting for the server at 127.0.0.1:{silent}", 10.0), hint()
+    finally:
+        page.close()
+        mon.stop()
+    dummy, player = OscPeer(), OscPeer()
+    srv = start_server(tmp_path, "--send", f"127.0.0.1:{dummy.port}", "--timescale", "0.01")
+    mon = MonitorProcess(srv.port)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(mon.url)
+        assert wait_for(lambda: hint() == "the server is live: nothing played yet", 10.0), hint()
+        player.target = ("127.0.0.1", srv.port)
+        for i in range(10):
+            player.send("/gesture", 0.1 * i, 0.5)
+        assert wait_for(lambda: hint() is None, 10.0), "the hint stayed on a plane with a trail"
+    finally:
+        page.close()
+        mon.stop()
+        srv.stop()
+        dummy.close()
+        player.close()
+
+
+def test_a_browser_that_goes_away_mid_stream_leaves_no_traceback(tmp_path, browser):
+    """Pages closed while the monitor streams to them: at most a one-line note, never a traceback."""
+    dummy, player = OscPeer(), OscPeer()
+    srv = start_server(tmp_path, "--send", f"127.0.0.1:{dummy.port}", "--timescale", "0.001")
+    mon = MonitorProcess(srv.port)
+    player.target = ("127.0.0.1", srv.port)
+    try:
+        for round_ in range(3):
+            page = browser.new_page()
+            page.goto(mon.url)
+            assert wait_for(lambda: page.text_content("#link") == "live", 10.0)
+            for i in range(100):  # the stream is busy when the page goes
+                player.send("/gesture", (i % 10) / 10, 0.5)
+                time.sleep(0.002)
+            page.close(run_before_unload=False)
+        for i in range(50):
+            player.send("/gesture", 0.5, 0.5)
+            time.sleep(0.002)
+        assert mon.proc.poll() is None
+    finally:
+        mon.stop()
+        srv.stop()
+        dummy.close()
+        player.close()
+    out = "".join(mon.lines)
+    assert "Traceback" not in out and "ClientConnectionResetError" not in out, out
+
+
 def test_beyond_loopback_the_ready_line_carries_the_token_and_only_it_opens_the_monitor(server, monitor):
     """`monitor --host 0.0.0.0`: the printed address has the run's token; without it, 403."""
     assert "?" not in monitor.url  # on loopback: no token, as before

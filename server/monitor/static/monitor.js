@@ -303,6 +303,33 @@
     }
     drawTrails(ctx, state.performer, colours.performer, now, size);
     drawTrails(ctx, state.model, colours.model, now, size);
+    if (!anyTrail(state.model) && !anyTrail(state.performer) && !state.mixture) drawHint(ctx, w, h);
+    else delete canvas.dataset.hint;
+  }
+
+  // An empty plane says why it is empty and what to do, rather than leaving a page of dashes.
+  function hintText() {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return ["the monitor process does not answer", "is `antiphon monitor` (or run --monitor) still running?"];
+    if (!serverSeen || performance.now() - serverSeen > 3000) {
+      const where = $("server").textContent.replace(/^server /, "") || "its OSC port";
+      return [`waiting for the server at ${where}`, "start it with `make run` (or pass --server HOST:PORT)"];
+    }
+    return ["the server is live: nothing played yet", "play a gesture, or choose mode generate below"];
+  }
+
+  function drawHint(ctx, w, h) {
+    const [first, second] = hintText();
+    ctx.save();
+    ctx.fillStyle = getComputedStyle(document.documentElement).getPropertyValue("--text").trim() || "#ccc";
+    ctx.textAlign = "center";
+    ctx.font = `${Math.max(12, Math.round(w / 32))}px sans-serif`;
+    ctx.fillText(first, w / 2, h / 2 - 10);
+    ctx.globalAlpha = 0.7;
+    ctx.font = `${Math.max(10, Math.round(w / 44))}px sans-serif`;
+    ctx.fillText(second, w / 2, h / 2 + 16);
+    ctx.restore();
+    $("plane").dataset.hint = first;  // what the plane says, for tests and screen readers
+    $("plane").setAttribute("aria-description", `${first}: ${second}`);
   }
 
 
@@ -382,9 +409,11 @@
   }
 
   function checkLink() {
+    const was = $("link").textContent;
     if (!state.ws || state.ws.readyState !== WebSocket.OPEN) setLink(false, "monitor");
     else if (!serverSeen || performance.now() - serverSeen > 3000) setLink(false, "server");
     else setLink(true);
+    if ($("link").textContent !== was) state.dirty = true;  // the empty plane's hint follows the link
   }
 
   window.addEventListener("resize", () => { state.dirty = true; drawDt(); });
