@@ -2,7 +2,7 @@
 
 Every key is declared once, as a `RunConfig` field whose metadata holds its help text,
 metavar and parser. The argparse flags, the TOML reader, the validation and the
-README reference (`config_reference_markdown`) are all generated from those fields,
+docs/commands.md reference (`config_reference_markdown`) are all generated from those fields,
 so adding a key (MIDI ports, say) is one field. Relative paths in a TOML file are
 relative to that file; on the command line, to the working directory.
 """
@@ -269,7 +269,7 @@ def _each(parse: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]
 
 @dataclass(frozen=True)
 class Key:
-    """How one RunConfig field appears to users: flag, TOML key and README row."""
+    """How one RunConfig field appears to users: flag, TOML key and docs row."""
 
     help: str
     metavar: str
@@ -469,7 +469,7 @@ def _read_toml(path: Path) -> Mapping[str, Any]:
 
 
 def config_reference_markdown() -> str:
-    """A Markdown table of every key (TOML key, flag, default, meaning) for the README."""
+    """A Markdown table of every key (TOML key, flag, default, meaning) for docs/commands.md."""
     rows = [
         "| key | flag | default | meaning |",
         "|---|---|---|---|",

@@ -35,7 +35,7 @@ def relative_dims(grid: Sequence[float], constant: Sequence[float | None], choic
 
     ``yes``: x (a melodic interval, for notes), unless x is constant; ``no``: none, the
     default, since on the Bach chorales it measured worse at the same training budget
-    (README, "A better model of notes").
+    (docs/models.md, "A better model of notes").
     """
     if choice not in INTERVALS:
         raise ValueError(f"intervals must be one of {', '.join(INTERVALS)}, got {choice!r}")
@@ -50,7 +50,7 @@ def mixtures_for(norm) -> int:
 
     The components are diagonal over (dt, x, ...) together, so a step histogram with ten
     modes (unison, seconds, thirds, fourths, fifths, octaves, each way) times the rhythm's
-    three or four durations needs far more than 10 (measured on the chorales: README,
+    three or four durations needs far more than 10 (measured on the chorales: docs/models.md,
     "A better model of notes").
     """
     return STEP_MIXTURES if any(norm.relative) else MIXTURES

@@ -1,4 +1,4 @@
-"""What the engine says in `/status`: every key with its meaning (the README's table is generated from it)."""
+"""What the engine says in `/status`: every key with its meaning (the table in docs/osc.md is generated from it)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ for OSC clients), never by a path.
 
 The child imports numpy and the model package only (LiteRT, or TensorFlow for the
 fallback backend where LiteRT is missing), never the live server, and writes no core
-file. It costs one short-lived process: see README, "Models proven in a sandbox".
+file. It costs one short-lived process: see docs/stage.md, "Models proven in a sandbox".
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Handlers check their arguments' ranges and call `Controls`; they never touch the
 model. The table built here is the single source of truth for the addresses: the
-start-up banner, the README table, the patches' drift tests and the protocol all read it.
+start-up banner, the docs' tables (docs/osc.md), the patches' drift tests and the protocol all read it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ HELLO_PER_SECOND = 5.0  # per sender: a client says /hello once, or as a slow ke
 LEARN_PER_SECOND = 1.0  # per sender: each starts a training process
 SUBSCRIBE_PER_SECOND = 10.0  # per sender
 STATUS_PUSH_HZ = 4.0  # the status stream's rate
-# What the server sends, and when: the README's table and the patches' drift test read this.
+# What the server sends, and when: docs/osc.md's table and the patches' drift test read this.
 OUTPUTS: dict[str, str] = {
     "/prediction": "`x y` (float32) when a model event is due, to every destination (on the model's grid where "
                    "its data had one: a note model's `x * 127` is a MIDI pitch); with voices per-sender "
@@ -326,5 +326,5 @@ def namespace_text() -> str:
 
 
 def namespace_markdown() -> str:
-    """The input namespace as a Markdown table for the README."""
+    """The input namespace as a Markdown table for docs/osc.md."""
     return TABLE.markdown()

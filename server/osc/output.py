@@ -72,7 +72,7 @@ class OscStats:
 
     @classmethod
     def docs(cls) -> dict[str, str]:
-        """Each counter's meaning (for the README's /status table)."""
+        """Each counter's meaning (for the /status table in docs/osc.md)."""
         return {f.name: f.metadata["doc"] for f in fields(cls)}
 
 

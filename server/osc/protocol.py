@@ -179,7 +179,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
                 self.stats.subscribers_dropped += len(dropped)
                 logger.debug("%s:%s closed its port: dropped from %s", endpoint[0], endpoint[1], ", ".join(dropped))
 
-    # The transport's keys in /status beyond OscStats (documented for the README's table).
+    # The transport's keys in /status beyond OscStats (documented in docs/osc.md's table).
     EXTRA_COUNTERS = {
         "kernel_drops": "datagrams the kernel dropped because the receive buffer was full (Linux; `none` elsewhere)",
         "destinations": "where `/prediction` goes now: `--send` ones and `/hello` ones",

@@ -268,7 +268,7 @@ class AddressTable:
         )
 
     def markdown(self) -> str:
-        """A Markdown table (address, arguments, meaning) for the README."""
+        """A Markdown table (address, arguments, meaning) for docs/osc.md."""
         rows = ["| address | arguments | meaning |", "|---|---|---|"]
         for a in self:
             usage = f"`{a.usage}`" if a.usage else ""

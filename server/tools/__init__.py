@@ -1,1 +1,1 @@
-"""Developer tools: the benchmark, the soak test and the README sections generated from the code."""
+"""Developer tools: the benchmark, the soak test and the README and docs/ sections generated from the code."""
