@@ -273,8 +273,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="--music: the sampler's seed (default 0)")
     p.add_argument("--temperature", type=_non_negative_float, default=Settings.temperature,
                    help=f"--music: mixture-weight temperature (default {Settings.temperature:g}, as `run`)")
-    p.add_argument("--sigma-temperature", type=_non_negative_float, default=Settings.sigma_temperature,
-                   help=f"--music: scale temperature (default {Settings.sigma_temperature:g}, as `run`)")
+    p.add_argument("--sigma-temperature", type=_non_negative_float, default=None,
+                   help="--music: scale temperature (default: the model's own, as `run`)")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE.png",
                    help="--music: also draw the histograms, data beside model, into this PNG")
 
@@ -309,10 +309,11 @@ def _print_music(model, ds, args: argparse.Namespace) -> None:
     from server.model.predictor import Predictor
 
     data, which = held_out(ds, model.info)
-    report = music_report(Predictor(model), data, args.seed, args.temperature, args.sigma_temperature)
+    sigma = model.info.sigma_temperature if args.sigma_temperature is None else args.sigma_temperature
+    report = music_report(Predictor(model), data, args.seed, args.temperature, sigma)
     kind = "notes (x = pitch/127)" if report.notes else "gestures"
     print(f"music, {kind}: the model playing at temperature {args.temperature:g}, sigma_temperature "
-          f"{args.sigma_temperature:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
+          f"{sigma:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
     for line in music_lines(report):
         print(f"  {line}")
     if args.plot is not None:
