@@ -275,6 +275,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
                    help=f"--music: mixture-weight temperature (default {Settings.temperature:g}, as `run`)")
     p.add_argument("--sigma-temperature", type=_non_negative_float, default=None,
                    help="--music: scale temperature (default: the model's own, as `run`)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="find the scale temperature at which the model plays most like --data (its held-out part "
+                        "when it is the training data) and write it into model.json as the model's own, as `train` "
+                        "does; for models trained before it did")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE.png",
                    help="--music: also draw the histograms, data beside model, into this PNG")
 
@@ -299,9 +303,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if norm.gridded:
         print(f"  dequantised (each quantised coordinate integrated over its grid cell); raw density at the points: {s.raw:.4f}")
     print(f"  {norm.describe()}")
+    if args.calibrate:
+        model = _calibrate(folder, model, ds, args.seed)
     if args.music or args.plot is not None:
         _print_music(model, ds, args)
     return 0
+
+
+def _calibrate(folder: Path, model, ds, seed: int):
+    """`evaluate --calibrate`: the model's own sigma_temperature into its model.json; returns the model re-read."""
+    from server.learn.calibrate import calibrate, write_sampling
+    from server.learn.evaluate import held_out
+    from server.model.files import read_model
+    from server.model.predictor import Predictor, model_files_for
+
+    data, which = held_out(ds, model.info)
+    found = calibrate(Predictor(model), data, seed)
+    write_sampling(folder, {**model.info.sampling, **found.record(seed)})
+    print(f"calibrated on {which}: sigma_temperature {found.sigma_temperature:g} (shape distance {found.distance:.3f}, "
+          f"{found.tried.get(1.0, float('nan')):.3f} at 1), written to {folder / 'model.json'}")
+    return read_model(folder, model_files_for("auto"))
 
 
 def _print_music(model, ds, args: argparse.Namespace) -> None:

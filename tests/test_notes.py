@@ -98,6 +98,30 @@ def test_training_calibrates_the_scale_temperature_the_server_starts_from(note_m
         peer.close()
 
 
+def test_evaluate_calibrate_writes_the_models_own_temperature_into_an_older_model(note_model, tmp_path):
+    """A model from before calibration (no sampling in model.json) gets what `train` would have found, files untouched."""
+    import shutil
+    import subprocess
+    import sys
+
+    from server.learn.data import save_dataset
+
+    older = tmp_path / "older"
+    shutil.copytree(note_model, older)
+    doc = json.loads((older / "model.json").read_text())
+    trained = doc.pop("sampling")
+    (older / "model.json").write_text(json.dumps(doc))
+    assert Predictor.load(older).info.sigma_temperature == 1.0
+    data = save_dataset(note_lines(40, seed=3), tmp_path / "notes.npz")  # its training data: the held-out part
+    out = subprocess.run([sys.executable, "-m", "server", "evaluate", "--model", str(older), "--data", str(data),
+                          "--calibrate", "--music", "--seed", "2"],  # train calibrated with its --seed, 2
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert json.loads((older / "model.json").read_text())["sampling"] == trained
+    own = trained["sigma_temperature"]
+    assert f"sigma_temperature {own:g} (shape distance" in out and f"sigma_temperature {own:g}, seed 2" in out
+    assert Predictor.load(older).info.sigma_temperature == own  # the hashes still hold
+
+
 def test_each_note_is_drawn_with_the_probability_of_its_cell(note_model):
     """One component over pitch (mean between two keys, 1.3 keys wide): note frequencies are the normal's cell masses."""
     predictor = Predictor.load(note_model)

@@ -13,7 +13,10 @@ is least; `model.json` stores it as ``sampling.sigma_temperature``, the value `r
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,3 +71,17 @@ def shape_distance_at(predictor, data: list[np.ndarray], seed: int, temperature:
 
     report = music_report(predictor, data, seed, temperature, sigma)
     return float(np.mean([shape_distance(d) for d in report.distances.values()]))
+
+
+def write_sampling(folder: Path, sampling: dict[str, Any]) -> None:
+    """Put ``sampling`` into ``folder``'s model.json (`evaluate --calibrate`), atomically; the model files are untouched.
+
+    model.json's hashes cover `model.keras` and `step.tflite` only, so a calibration of a
+    model trained before there was one needs no re-export.
+    """
+    path = Path(folder) / "model.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc["sampling"] = sampling
+    tmp = path.with_name(".model.json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
