@@ -1213,6 +1213,35 @@ def max_boxes_and_lines():
     return boxes, [ln["patchline"] for ln in patcher["lines"]]
 
 
+def test_max_patch_plays_a_note_models_prediction_as_midi_notes():
+    """From /prediction's unpack to [noteout]: x * 127 rounded as the note (through the MIDI-out toggle's gate),
+    y * 127 rounded as the velocity, each through [makenote 90 250]."""
+    boxes, lines = max_boxes_and_lines()
+
+    def upstream(box: str, inlet: int) -> list[str]:
+        """The texts met walking up the cords into ``inlet`` of ``box`` (a gate's data inlet, 1, after it), to the
+        route of the server's addresses."""
+        path = []
+        while True:
+            cords = [ln["source"] for ln in lines if ln["destination"] == [box, inlet]]
+            assert len(cords) == 1, f"inlet {inlet} of {boxes[box].get('text')} is fed by {cords}"
+            box = cords[0][0]
+            path.append(boxes[box].get("text", boxes[box]["maxclass"]))
+            inlet = 1 if path[-1] == "gate" else 0
+            if path[-1].startswith("route /prediction"):
+                return path
+
+    noteout = next(bid for bid, b in boxes.items() if b.get("text") == "noteout")
+    assert upstream(noteout, 0) == ["makenote 90 250", "gate", "round", "* 127.", "unpack 0. 0.", "t b l", "t l l b",
+                                    "route /prediction /learn/progress /learn/done /surprise"]
+    assert upstream(noteout, 1)[0] == "makenote 90 250"
+    makenote = next(bid for bid, b in boxes.items() if b.get("text") == "makenote 90 250")
+    assert upstream(makenote, 1)[:3] == ["round", "* 127.", "unpack 0. 0."]
+    gate = next(bid for bid, b in boxes.items() if b.get("text") == "gate")
+    opener = [ln["source"][0] for ln in lines if ln["destination"] == [gate, 0]]
+    assert [boxes[bid]["maxclass"] for bid in opener] == ["toggle"], "the MIDI-out toggle opens the gate"
+
+
 def test_max_patch_is_valid_and_fully_wired():
     boxes, lines = max_boxes_and_lines()
     for bid, box in boxes.items():
