@@ -273,8 +273,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="--music: the sampler's seed (default 0)")
     p.add_argument("--temperature", type=_non_negative_float, default=Settings.temperature,
                    help=f"--music: mixture-weight temperature (default {Settings.temperature:g}, as `run`)")
-    p.add_argument("--sigma-temperature", type=_non_negative_float, default=Settings.sigma_temperature,
-                   help=f"--music: scale temperature (default {Settings.sigma_temperature:g}, as `run`)")
+    p.add_argument("--sigma-temperature", type=_non_negative_float, default=None,
+                   help="--music: scale temperature (default: the model's own, as `run`)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="find the scale temperature at which the model plays most like --data (its held-out part "
+                        "when it is the training data) and write it into model.json as the model's own, as `train` "
+                        "does; for models trained before it did")
     p.add_argument("--plot", type=_output_file, default=None, metavar="FILE.png",
                    help="--music: also draw the histograms, data beside model, into this PNG")
 
@@ -299,9 +303,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if norm.gridded:
         print(f"  dequantised (each quantised coordinate integrated over its grid cell); raw density at the points: {s.raw:.4f}")
     print(f"  {norm.describe()}")
+    if args.calibrate:
+        model = _calibrate(folder, model, ds, args.seed)
     if args.music or args.plot is not None:
         _print_music(model, ds, args)
     return 0
+
+
+def _calibrate(folder: Path, model, ds, seed: int):
+    """`evaluate --calibrate`: the model's own sigma_temperature into its model.json; returns the model re-read."""
+    from server.learn.calibrate import calibrate, write_sampling
+    from server.learn.evaluate import held_out
+    from server.model.files import read_model
+    from server.model.predictor import Predictor, model_files_for
+
+    data, which = held_out(ds, model.info)
+    found = calibrate(Predictor(model), data, seed)
+    write_sampling(folder, {**model.info.sampling, **found.record(seed)})
+    print(f"calibrated on {which}: sigma_temperature {found.sigma_temperature:g} (shape distance {found.distance:.3f}, "
+          f"{found.tried.get(1.0, float('nan')):.3f} at 1), written to {folder / 'model.json'}")
+    return read_model(folder, model_files_for("auto"))
 
 
 def _print_music(model, ds, args: argparse.Namespace) -> None:
@@ -309,10 +330,11 @@ def _print_music(model, ds, args: argparse.Namespace) -> None:
     from server.model.predictor import Predictor
 
     data, which = held_out(ds, model.info)
-    report = music_report(Predictor(model), data, args.seed, args.temperature, args.sigma_temperature)
+    sigma = model.info.sigma_temperature if args.sigma_temperature is None else args.sigma_temperature
+    report = music_report(Predictor(model), data, args.seed, args.temperature, sigma)
     kind = "notes (x = pitch/127)" if report.notes else "gestures"
     print(f"music, {kind}: the model playing at temperature {args.temperature:g}, sigma_temperature "
-          f"{args.sigma_temperature:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
+          f"{sigma:g}, seed {args.seed}, beside {which} (distances: 0 = the same)")
     for line in music_lines(report):
         print(f"  {line}")
     if args.plot is not None:

@@ -306,8 +306,9 @@ class RunConfig:
         f"interaction mode: {', '.join(MODE_NAMES)}", "MODE", _mode, default_doc=Settings.mode.value))
     temperature: float = field(default=Settings.temperature, metadata=_key(
         "mixture-weight temperature (>= 0; 0 = most likely component)", "T", _non_negative))
-    sigma_temperature: float = field(default=Settings.sigma_temperature, metadata=_key(
-        "scale temperature (>= 0; 0 = the component's mean)", "T", _non_negative))
+    sigma_temperature: float | None = field(default=Settings.sigma_temperature, metadata=_key(
+        "scale temperature (>= 0; 0 = the component's mean)", "T", _non_negative,
+        default_doc="the model's own: calibrated at training, in model.json; 1 if it has none"))
     timescale: float = field(default=Settings.timescale, metadata=_key(
         "multiplies predicted dt before scheduling (> 0)", "FACTOR", _positive))
     max_rate: float = field(default=DEFAULT_MAX_RATE, metadata=_key(

@@ -37,7 +37,8 @@ def test_defaults() -> None:
     assert config == RunConfig()
     assert config.model == "default" and config.mode is Mode.ACCOMPANY
     assert (config.host, config.port, config.send) == ("127.0.0.1", 5710, (("127.0.0.1", 5711),))
-    assert (config.temperature, config.sigma_temperature, config.timescale, config.threshold) == (1.0, 1.0, 1.0, 1.5)
+    assert (config.temperature, config.timescale, config.threshold) == (1.0, 1.0, 1.5)
+    assert config.sigma_temperature is None  # the model's own (model.json's calibrated one, else 1)
     assert config.models_dir == DEFAULT_MODELS_DIR and DEFAULT_MODELS_DIR.name == "models"
     assert DEFAULT_MODELS_DIR.parent == Path(__file__).resolve().parent.parent
     assert (config.log_dir, config.seed, config.allow) == (Path("logs"), None, ())

@@ -81,6 +81,47 @@ def test_a_note_model_sends_predictions_on_the_grid_over_osc(note_model, tmp_pat
     assert len(set(pitch.tolist())) > 5, "hot sampling plays many notes, each on a key"
 
 
+def test_training_calibrates_the_scale_temperature_the_server_starts_from(note_model, tmp_path):
+    """model.json keeps the calibrated sigma_temperature; `run` plays at it and /status says so, until told otherwise."""
+    sampling = json.loads((note_model / "model.json").read_text())["sampling"]
+    own = sampling["sigma_temperature"]
+    assert 0.25 <= own <= 1.55 and sampling["calibration"]["distance"] <= sampling["calibration"]["distance_at_1"]
+    peer = OscPeer()
+    srv = start_server(tmp_path / "logs", "--model", str(note_model), "--send", f"127.0.0.1:{peer.port}")
+    peer.target = ("127.0.0.1", srv.port)
+    try:
+        assert peer.status()["sigma_temperature"] == pytest.approx(own)
+        peer.send("/sigma_temperature", 1.25)
+        assert peer.status()["sigma_temperature"] == pytest.approx(1.25)
+    finally:
+        assert srv.stop() == 0
+        peer.close()
+
+
+def test_evaluate_calibrate_writes_the_models_own_temperature_into_an_older_model(note_model, tmp_path):
+    """A model from before calibration (no sampling in model.json) gets what `train` would have found, files untouched."""
+    import shutil
+    import subprocess
+    import sys
+
+    from server.learn.data import save_dataset
+
+    older = tmp_path / "older"
+    shutil.copytree(note_model, older)
+    doc = json.loads((older / "model.json").read_text())
+    trained = doc.pop("sampling")
+    (older / "model.json").write_text(json.dumps(doc))
+    assert Predictor.load(older).info.sigma_temperature == 1.0
+    data = save_dataset(note_lines(40, seed=3), tmp_path / "notes.npz")  # its training data: the held-out part
+    out = subprocess.run([sys.executable, "-m", "server", "evaluate", "--model", str(older), "--data", str(data),
+                          "--calibrate", "--music", "--seed", "2"],  # train calibrated with its --seed, 2
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert json.loads((older / "model.json").read_text())["sampling"] == trained
+    own = trained["sigma_temperature"]
+    assert f"sigma_temperature {own:g} (shape distance" in out and f"sigma_temperature {own:g}, seed 2" in out
+    assert Predictor.load(older).info.sigma_temperature == own  # the hashes still hold
+
+
 def test_each_note_is_drawn_with_the_probability_of_its_cell(note_model):
     """One component over pitch (mean between two keys, 1.3 keys wide): note frequencies are the normal's cell masses."""
     predictor = Predictor.load(note_model)
@@ -180,6 +221,8 @@ def test_evaluate_music_compares_the_models_playing_with_held_out_data(note_mode
            "--plot", str(tmp_path / "music.png"), "--seed", "3"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
     assert "notes (x = pitch/127)" in out and "performances held out in training" in out
+    own = json.loads((note_model / "model.json").read_text())["sampling"]["sigma_temperature"]
+    assert f"sigma_temperature {own:g}, seed 3" in out  # the model's own, as `run` plays
     rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", l.strip()) for l in out.splitlines()[4:])}
     data_steps, zero_steps, opening_steps = (float(v.rstrip(" %")) for v in rows["steps <= 2 semitones"])
     held = json.loads((note_model / "model.json").read_text())["training"]["validation_performances"]

@@ -607,6 +607,60 @@ def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
         f"each /prediction should pluck the model voice (cutoff {expected}): {cutoff}\n{out}")
 
 
+# What step 5 shows and what reaches [noteout]: a stand-in abstraction that prints "note velocity".
+PD_NOTE_HELPER = ("#N canvas 0 0 400 400 12;\n#X obj 20 20 r antiphon-midi-note;\n#X obj 20 45 print SHOWN-NOTE;\n"
+                  "#X obj 200 20 r antiphon-midi-velocity;\n#X obj 200 45 print SHOWN-VELOCITY;\n"
+                  "#X obj 20 100 loadbang;\n#X obj 20 125 print HELPER-READY;\n"
+                  "#X connect 0 0 1 0;\n#X connect 2 0 3 0;\n#X connect 4 0 5 0;\n")
+PD_NOTEOUT_SPY = ("#N canvas 0 0 300 200 12;\n#X obj 20 20 inlet;\n#X obj 100 20 inlet;\n#X obj 20 60 pack f f;\n"
+                  "#X obj 20 90 print NOTEOUT;\n#X connect 0 0 2 0;\n#X connect 1 0 2 1;\n#X connect 2 0 3 0;\n")
+
+
+def test_pd_patch_plays_a_note_models_predictions_as_midi_notes(tmp_path):
+    """A note model's /prediction x y in antiphon.pd: note round(x * 127), velocity round(y * 127), shown in step 5
+    and, with MIDI-out on, sent to [noteout 1] (here a stand-in that prints) with a note-off after it."""
+    import numpy as np
+
+    from server.osc.wire import encode_prediction
+
+    pd = require_program("pd", "puredata-core")
+    _, _, port, send_port = server_contract()
+    objects = [" ".join(o.atoms) for o in pd_io(PD_PATCH)[2]]
+    assert "noteout 1" in objects and "makenote 90 250" in objects
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fake.bind(("127.0.0.1", 0))
+    listen_port = free_udp_ports(1)[0]
+    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-").replace(" noteout 1;", " noteout-spy;")
+    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
+    (tmp_path / "antiphon.pd").write_text(source)
+    (tmp_path / "helper.pd").write_text(PD_NOTE_HELPER)
+    (tmp_path / "noteout-spy.pd").write_text(PD_NOTEOUT_SPY)
+    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
+           "-send", "antiphon-midi-on 1"]  # what ticking MIDI-out does
+    f32 = lambda v: float(np.float32(v))  # noqa: E731  what the server sends
+    sent = [(f32(60 / 127), f32(90 / 127)), (f32(60.3 / 127), f32(90 / 127)), (f32(60.7 / 127), f32(100 / 127))]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
+    try:
+        lines.wait(r"^HELPER-READY")
+        for x, y in sent:
+            fake.sendto(encode_prediction(x, y), ("127.0.0.1", listen_port))
+            time.sleep(0.4)  # each note's 250 ms is over before the next
+        lines.wait(r"^NOTEOUT: \S+ 0$", count=len(sent))
+    finally:
+        out = lines.stop()
+        fake.close()
+    for problem in ("can't open", "couldn't create", "error", "mismatch"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    assert [float(v) for v in re.findall(r"^SHOWN-NOTE: (\S+)$", out, re.MULTILINE)] == [60, 60, 61], out
+    assert [float(v) for v in re.findall(r"^SHOWN-VELOCITY: (\S+)$", out, re.MULTILINE)] == [90, 90, 100], out
+    played = [tuple(map(float, m)) for m in re.findall(r"^NOTEOUT: (\S+) (\S+)$", out, re.MULTILINE)]
+    assert played == [(60, 90), (60, 0), (60, 90), (60, 0), (61, 100), (61, 0)], f"to noteout: {played}\n{out}"
+
+
 def test_pd_learn_against_server(tmp_path):
     """learn.pd plays 120 gestures, asks /learn 5 and prints the real server's /learn/done."""
     pd = require_program("pd", "puredata-core")
@@ -702,6 +756,7 @@ Routine {
 	("HARNESS SURPRISES " ++ surprises).postln;
 	wait.(5, { last.notNil and: { (pads[1].x - last[0]).abs < 0.001 } });
 	("HARNESS MODELPAD % % LAST %".format(pads[1].x, pads[1].y, last)).postln;
+	("HARNESS MIDILINE " ++ line.("MIDI:")).postln;
 	%OTHER_CLIENT%.unixCmd({ |code| ("HARNESS OTHER CLIENT EXIT " ++ code).postln });
 	wait.(30, { line.("server:").contains("mode listen") });
 	("HARNESS STATUSLINE " ++ line.("server:")).postln;
@@ -776,6 +831,11 @@ def test_supercollider_client_gui_against_server(tmp_path):
     assert_line(rf"^Antiphon: connected to the server at 127\.0\.0\.1:{srv.port} \(mode accompany\)$",
                 out, "first /status reply")
     assert_line(r"^Antiphon: first /prediction received: \S+ \S+$", out, "first prediction")
+    # the same /prediction as a MIDI note: round(x * 127), round(y * 127)
+    note, velocity, x, y = assert_line(r"^Antiphon: first /prediction as MIDI: note (\d+) velocity (\d+) from x (\S+) "
+                                       r"y (\S+)$", out, "first prediction as MIDI").groups()
+    assert (int(note), int(velocity)) == (round(float(x) * 127), round(float(y) * 127)), out
+    assert_line(r"^HARNESS MIDILINE MIDI: note \d+ velocity \d+ \(MIDI out off\)$", out, "the MIDI line")
     assert_line(r"^Antiphon: server mode is now listen$", out, "mode change made by another client")
     assert_line(r"^Antiphon: window closed$", out, "close line")
     # what the window shows
@@ -785,7 +845,7 @@ def test_supercollider_client_gui_against_server(tmp_path):
     assert_line(r"^HARNESS MODEMENU listen$", out, "mode menu after /mode listen")
     assert_line(r"^HARNESS SOUNDLINE sound: off - needs scsynth and a running JACK server", out, "sound line")
     # the learn controls: the buttons, the real server's refusals, then a fake fine-tune
-    assert_line(r"^HARNESS BUTTONS reset hello learn stop lookahead: off$", out, "the buttons")
+    assert_line(r"^HARNESS BUTTONS reset hello learn stop lookahead: off MIDI out: off$", out, "the buttons")
     assert_line(r"^HARNESS LEARNLINE learn: play 100 moves or more, then press learn", out, "learn line at first")
     assert_line(r"^Antiphon: learn: asked the server to learn from your playing for 60 s$", out, "learn pressed")
     assert_line(r"^HARNESS LEARNLINE learn: /learn failed - too few performer events.* 30 played", out,
@@ -1151,6 +1211,35 @@ def max_boxes_and_lines():
     boxes = {b["box"]["id"]: b["box"] for b in patcher["boxes"]}
     assert len(boxes) == len(patcher["boxes"]), "duplicate box ids"
     return boxes, [ln["patchline"] for ln in patcher["lines"]]
+
+
+def test_max_patch_plays_a_note_models_prediction_as_midi_notes():
+    """From /prediction's unpack to [noteout]: x * 127 rounded as the note (through the MIDI-out toggle's gate),
+    y * 127 rounded as the velocity, each through [makenote 90 250]."""
+    boxes, lines = max_boxes_and_lines()
+
+    def upstream(box: str, inlet: int) -> list[str]:
+        """The texts met walking up the cords into ``inlet`` of ``box`` (a gate's data inlet, 1, after it), to the
+        route of the server's addresses."""
+        path = []
+        while True:
+            cords = [ln["source"] for ln in lines if ln["destination"] == [box, inlet]]
+            assert len(cords) == 1, f"inlet {inlet} of {boxes[box].get('text')} is fed by {cords}"
+            box = cords[0][0]
+            path.append(boxes[box].get("text", boxes[box]["maxclass"]))
+            inlet = 1 if path[-1] == "gate" else 0
+            if path[-1].startswith("route /prediction"):
+                return path
+
+    noteout = next(bid for bid, b in boxes.items() if b.get("text") == "noteout")
+    assert upstream(noteout, 0) == ["makenote 90 250", "gate", "round", "* 127.", "unpack 0. 0.", "t b l", "t l l b",
+                                    "route /prediction /learn/progress /learn/done /surprise"]
+    assert upstream(noteout, 1)[0] == "makenote 90 250"
+    makenote = next(bid for bid, b in boxes.items() if b.get("text") == "makenote 90 250")
+    assert upstream(makenote, 1)[:3] == ["round", "* 127.", "unpack 0. 0."]
+    gate = next(bid for bid, b in boxes.items() if b.get("text") == "gate")
+    opener = [ln["source"][0] for ln in lines if ln["destination"] == [gate, 0]]
+    assert [boxes[bid]["maxclass"] for bid in opener] == ["toggle"], "the MIDI-out toggle opens the gate"
 
 
 def test_max_patch_is_valid_and_fully_wired():

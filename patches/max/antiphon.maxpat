@@ -2166,6 +2166,164 @@
 					],
 					"text": "+ 0."
 				}
+			},
+			{
+				"box": {
+					"id": "obj-200",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						620.0,
+						760.0,
+						300.0,
+						60.0
+					],
+					"text": "MIDI out (a note model: the chorale model, or one trained on /note or MIDI files): note = x * 127, velocity = y * 127, rounded; tick to play them on MIDI channel 1",
+					"linecount": 4
+				}
+			},
+			{
+				"box": {
+					"id": "obj-201",
+					"maxclass": "toggle",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"patching_rect": [
+						620.0,
+						830.0,
+						24.0,
+						24.0
+					],
+					"outlettype": [
+						"int"
+					],
+					"parameter_enable": 0
+				}
+			},
+			{
+				"box": {
+					"id": "obj-202",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						700.0,
+						830.0,
+						50.0,
+						22.0
+					],
+					"outlettype": [
+						"float"
+					],
+					"text": "* 127."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-203",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						700.0,
+						860.0,
+						50.0,
+						22.0
+					],
+					"outlettype": [
+						"float"
+					],
+					"text": "round"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-204",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						780.0,
+						830.0,
+						50.0,
+						22.0
+					],
+					"outlettype": [
+						"float"
+					],
+					"text": "* 127."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-205",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						780.0,
+						860.0,
+						50.0,
+						22.0
+					],
+					"outlettype": [
+						"float"
+					],
+					"text": "round"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-206",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						620.0,
+						895.0,
+						50.0,
+						22.0
+					],
+					"outlettype": [
+						""
+					],
+					"text": "gate"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-207",
+					"maxclass": "newobj",
+					"numinlets": 3,
+					"numoutlets": 2,
+					"patching_rect": [
+						620.0,
+						930.0,
+						110.0,
+						22.0
+					],
+					"outlettype": [
+						"float",
+						"float"
+					],
+					"text": "makenote 90 250"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-208",
+					"maxclass": "newobj",
+					"numinlets": 3,
+					"numoutlets": 0,
+					"patching_rect": [
+						620.0,
+						965.0,
+						60.0,
+						22.0
+					],
+					"text": "noteout"
+				}
 			}
 		],
 		"lines": [
@@ -3341,6 +3499,126 @@
 					],
 					"destination": [
 						"obj-120",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-44",
+						0
+					],
+					"destination": [
+						"obj-202",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-202",
+						0
+					],
+					"destination": [
+						"obj-203",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-203",
+						0
+					],
+					"destination": [
+						"obj-206",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-44",
+						1
+					],
+					"destination": [
+						"obj-204",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-204",
+						0
+					],
+					"destination": [
+						"obj-205",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-205",
+						0
+					],
+					"destination": [
+						"obj-207",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-201",
+						0
+					],
+					"destination": [
+						"obj-206",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-206",
+						0
+					],
+					"destination": [
+						"obj-207",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-207",
+						0
+					],
+					"destination": [
+						"obj-208",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-207",
+						1
+					],
+					"destination": [
+						"obj-208",
 						1
 					]
 				}

@@ -181,6 +181,7 @@ def music_lines(report: MusicReport) -> list[str]:
             ("pitches on a key", lambda s, d: f"{100 * s.on_grid:.1f} %"),
             ("pitch span (5-95 %)", lambda s, d: f"{s.span[0]:.0f}-{s.span[1]:.0f}"),
             ("median IOI (s)", lambda s, d: f"{s.median_ioi:.3f}"),
+            ("steps/skips/leaps: TV", lambda s, d: "" if d is None else f"{d['classes_tv']:.3f}"),
             ("intervals: TV", lambda s, d: "" if d is None else f"{d['intervals_tv']:.3f}"),
             ("pitches: EMD (semitones)", lambda s, d: "" if d is None else f"{d['pitch_emd_semitones']:.2f}"),
             ("pitch classes: TV", lambda s, d: "" if d is None else f"{d['pitch_class_tv']:.3f}"),

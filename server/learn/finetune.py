@@ -120,7 +120,8 @@ def fine_tune(
               "events_train": train_w.events, "events_held_out": held_w.events,
               "held_out_nll_before": before, "held_out_nll_after": after.dequantised}
     info = _info(spec, norm, cfg, train_ds, after, history, [], versions=library_versions(), created=now_iso(),
-                 seconds=time.monotonic() - started, lineage=record)
+                 seconds=time.monotonic() - started, lineage=record,
+                 sampling=parent.info.sampling)  # a session is too short to calibrate on: the parent's temperature
     export(model, info, Path(models_dir) / name, check_events=norm.forward(held_ds.events), tflite=tflite)
     return FineTuneResult(name, before, after.dequantised, True, train_w.events, held_w.events,
                           time.monotonic() - started, epochs, interrupted)

@@ -12,12 +12,12 @@ from server.model.predictor import Predictor
 
 
 def generate(predictor: Predictor, n: int, rng: np.random.Generator, temperature: float = 1.0) -> np.ndarray:
-    """Let the model play on its own for ``n`` events; returns ``[n, dims]`` (dt, v1 .. vN)."""
+    """Let the model play on its own for ``n`` events at its own scale temperature; returns ``[n, dims]`` (dt, v1 .. vN)."""
     draws = RandomBlocks(rng, predictor.info.spec.dims)
     predictor.reset()
     out = np.empty((n, predictor.info.spec.dims))
     for i in range(n):
-        out[i] = predictor.sample(draws, temperature, 1.0)
+        out[i] = predictor.sample(draws, temperature, predictor.info.sigma_temperature)
         predictor.observe(*out[i])
     return out
 
@@ -32,7 +32,8 @@ def write_report(folder: Path, history: dict[str, list[float]], data: Dataset, s
 
     rng = np.random.default_rng(seed)
     predictor = Predictor.load(folder)
-    music = music_report(predictor, data.performances, seed)
+    sigma = predictor.info.sigma_temperature  # as `run` plays it
+    music = music_report(predictor, data.performances, seed, sigma_temperature=sigma)
     fig = plt.figure(figsize=(12, 11))
     grid = fig.add_gridspec(3, 12)
     axes = np.array([[fig.add_subplot(grid[r, 4 * c : 4 * c + 4]) for c in range(3)] for r in range(2)])
@@ -45,7 +46,7 @@ def write_report(folder: Path, history: dict[str, list[float]], data: Dataset, s
     ax.legend()
     perf = data.performances[0][:300]
     gen = generate(predictor, len(perf), rng)
-    for col, (title, ev) in enumerate((("data", perf), ("model, temperature 1", gen)), start=1):
+    for col, (title, ev) in enumerate((("data", perf), (f"model, sigma_temperature {sigma:g}", gen)), start=1):
         ax = axes[0, col]
         _gesture_plot(ax, ev)
         ax.set_title(f"{title}: {len(ev)} events")

@@ -117,11 +117,13 @@ def train(
     epochs = len(history.get("loss", []))
     info = _info(spec, norm, cfg, ds, None, history, held_out)
     tflite = convert_to_tflite(model, spec)
-    scores = score(step_for(tflite, info, model), info, val_ds)
+    step = step_for(tflite, info, model)
+    scores = score(step, info, val_ds)
+    sampling = calibrated(step, tflite, info, val_ds, cfg.seed, echo)
     seconds = time.monotonic() - started
     lineage = {} if parent is None else {"parent": parent.label, "parent_files": parent.info.files}
-    info = _info(spec, norm, cfg, ds, scores, history, held_out,
-                 versions=library_versions(), created=now_iso(), seconds=seconds, lineage=lineage)
+    info = _info(spec, norm, cfg, ds, scores, history, held_out, versions=library_versions(), created=now_iso(),
+                 seconds=seconds, lineage=lineage, sampling=sampling)
     folder = export(model, info, Path(models_dir) / name, check_events=norm.forward(val_ds.events), tflite=tflite)
     if cfg.report:
         from server.learn.report import write_report
@@ -132,6 +134,21 @@ def train(
     echo(f"wrote {folder}: held-out NLL {scores.dequantised:.3f} nats/event{quantised}, "
          f"{epochs} epochs, {seconds:.0f} s")
     return TrainResult(folder, scores.raw, scores.dequantised, epochs, seconds, history, interrupted)
+
+
+def calibrated(step, tflite: bytes, info: ModelInfo, val_ds: Dataset, seed: int,
+               echo: Callable[[str], None]) -> dict[str, Any]:
+    """``sampling`` for model.json: the scale temperature at which the model plays most like its held-out data."""
+    from server.learn.calibrate import calibrate
+    from server.model.files import ModelFiles
+    from server.model.predictor import Predictor
+
+    predictor = Predictor(ModelFiles("training", info, {"step.tflite": tflite}), step=(step, "training"))
+    found = calibrate(predictor, [p for p in val_ds.performances if len(p) >= 2], seed)
+    echo(f"sampling: sigma_temperature {found.sigma_temperature:g} plays most like the held-out data "
+         f"(shape distance {found.distance:.3f}; {found.tried.get(1.0, math.nan):.3f} at 1); /sigma_temperature "
+         "overrides it live")
+    return found.record(seed)
 
 
 def build_for(cfg: TrainConfig, train_ds: Dataset):
@@ -231,7 +248,7 @@ def _ranges(indices: list[int]) -> str:
 
 def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scores, history: dict,
           held_out: list[int], versions: dict | None = None, created: str = "", seconds: float = 0.0,
-          lineage: dict | None = None) -> ModelInfo:
+          lineage: dict | None = None, sampling: dict | None = None) -> ModelInfo:
     return ModelInfo(
         spec=spec,
         normaliser=norm,
@@ -244,6 +261,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
         created=created,
         data=dict(cfg.data),
         lineage=dict(lineage or {}),
+        sampling=dict(sampling or {}),
         training={
             "epochs_run": len(history.get("loss", [])),
             "seconds": round(seconds, 1),

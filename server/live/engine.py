@@ -221,7 +221,7 @@ class Engine:
             "mode": s.mode.value,
             "paused": int(s.paused),
             "temperature": s.temperature,
-            "sigma_temperature": s.sigma_temperature,
+            "sigma_temperature": limits.sigma_temperature(s, self.predictor.info),
             "timescale": s.timescale,
             "threshold": s.threshold,
             "max_rate": s.max_rate,

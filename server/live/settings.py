@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from server.live.controls import ControlError
 from server.live.modes import Mode
+from server.model.spec import ModelInfo
 
 DEFAULT_MAX_RATE = 200.0  # model events per second per voice: faster than any playing, slow enough to cost little
 MAX_LOOKAHEAD = 2.0  # seconds
@@ -18,12 +19,17 @@ class Settings:
 
     mode: Mode = Mode.ACCOMPANY
     temperature: float = 1.0
-    sigma_temperature: float = 1.0
+    sigma_temperature: float | None = None  # None: the playing model's own (`ModelInfo.sigma_temperature`)
     timescale: float = 1.0
     threshold: float = 1.5
     paused: bool = False
     max_rate: float = DEFAULT_MAX_RATE
     lookahead: float = 0.0
+
+
+def sigma_temperature(settings: Settings, info: ModelInfo) -> float:
+    """The global scale temperature: the one set (flag, config, `/sigma_temperature`), else the model's own."""
+    return info.sigma_temperature if settings.sigma_temperature is None else settings.sigma_temperature
 
 
 def at_least(value: float, name: str, minimum: float) -> float:

@@ -10,7 +10,7 @@ STATUS_KEYS: dict[str, str] = {
     "mode": "interaction mode",
     "paused": "1 while output is paused",
     "temperature": "mixture-weight temperature",
-    "sigma_temperature": "scale temperature",
+    "sigma_temperature": "scale temperature: the one set, else the playing model's own (calibrated at training)",
     "timescale": "factor on every predicted wait",
     "threshold": "seconds of silence before `respond` takes over",
     "max_rate": "most model events per second, per voice",

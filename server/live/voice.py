@@ -33,6 +33,7 @@ import time
 from collections.abc import Hashable
 
 from server.event import Event
+from server.live import settings as limits
 from server.live.modes import Mode
 from server.live.schedule import MAX_PENDING, RateBucket, Scheduled, pace
 from server.live.stage import Stage
@@ -112,7 +113,8 @@ class Voice:
         """Its next model event, at its own temperatures (or the global ones); shown to the `mixture` stream first."""
         settings = self._stage.settings
         temperature = settings.temperature if self.temperature is None else self.temperature
-        sigma = settings.sigma_temperature if self.sigma_temperature is None else self.sigma_temperature
+        sigma = limits.sigma_temperature(settings, self.predictor.info) if self.sigma_temperature is None \
+            else self.sigma_temperature
         self._stage.streams.mixture(self.number, self.label, self.predictor, temperature, sigma)
         return self.predictor.sample(self.draws, temperature, sigma)
 

@@ -73,6 +73,12 @@ class ModelInfo:
     validation_nll_dequantised: float | None = None  # quantised coordinates integrated over their cells
     data: dict[str, Any] = field(default_factory=dict)  # where the training data came from, its licence
     lineage: dict[str, Any] = field(default_factory=dict)  # for a fine-tuned model: parent, session, figures
+    sampling: dict[str, Any] = field(default_factory=dict)  # the model's own defaults, e.g. a calibrated sigma_temperature
+
+    @property
+    def sigma_temperature(self) -> float:
+        """The scale temperature this model plays at unless told otherwise: calibrated at training, else 1."""
+        return float(self.sampling.get("sigma_temperature", 1.0))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +96,7 @@ class ModelInfo:
             "files": self.files,
             "data": self.data,
             "lineage": self.lineage,
+            "sampling": self.sampling,
             "step_io": {
                 "inputs": [f"event [1, {self.spec.dims}] normalised (dt, {', '.join(value_names(self.spec.values))})",
                            f"state [1, {self.spec.state_size}]"],
@@ -122,7 +129,18 @@ class ModelInfo:
             validation_nll_dequantised=_optional_float(d.get("validation_nll_per_event_dequantised")),
             data=dict(d.get("data", {})),
             lineage=dict(d.get("lineage", {})),
+            sampling=_sampling(d.get("sampling", {})),
         )
+
+
+def _sampling(d: Any) -> dict[str, Any]:
+    """`model.json`'s sampling defaults, checked: a sigma_temperature must be a finite number >= 0."""
+    if not isinstance(d, dict):
+        raise ValueError("sampling must be an object")
+    sigma = d.get("sigma_temperature", 1.0)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0.0 <= sigma < float("inf"):
+        raise ValueError(f"sampling.sigma_temperature must be a finite number >= 0, got {sigma!r}")
+    return dict(d)
 
 
 def _optional_float(value: Any) -> float | None:
