@@ -284,7 +284,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from server.learn.data import load_dataset
     from server.learn.evaluate import score
     from server.model.files import resolve_model_dir
-    from server.model.predictor import open_step, read_for
+    from server.model.engines import open_step, read_for
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
     model = read_for(folder)

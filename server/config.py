@@ -24,7 +24,7 @@ from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_MAX_VOICES_PER_SENDE
                                 VOICE_POLICIES, VoicePolicy, parse_voice_policy)
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
-from server.model.predictor import BACKENDS
+from server.model.engines import BACKENDS
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS

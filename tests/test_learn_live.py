@@ -85,7 +85,7 @@ def served(tmp_path: Path, models: Path):
 def score_on(folder: Path, events: np.ndarray) -> float:
     from server.learn.data import Dataset
     from server.learn.evaluate import score
-    from server.model.predictor import open_step, read_for
+    from server.model.engines import open_step, read_for
 
     model = read_for(folder)
     step, _ = open_step(model)

@@ -30,7 +30,7 @@ from typing import Any
 
 from server.model.files import ModelFiles
 from server.model.litert import litert_available
-from server.model.predictor import resolve_backend
+from server.model.engines import resolve_backend
 from server.model.spec import ModelError, ModelInfo
 
 log = logging.getLogger(__name__)
