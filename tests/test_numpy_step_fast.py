@@ -123,6 +123,21 @@ def test_export_refuses_a_step_npz_that_does_not_play_the_model_and_writes_nothi
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("diff, kept", [(1e-4, True), (1.0001e-4, False), (float("nan"), False)])
+def test_export_keeps_a_step_npz_within_1e_4_of_the_model_and_no_further(tmp_path: Path, monkeypatch, diff,
+                                                                         kept) -> None:
+    from server.model import export as export_module
+
+    monkeypatch.setattr(export_module, "check_npz", lambda *args: diff)
+    if kept:
+        folder = export_tiny(tmp_path / "edge")
+        assert json.loads((folder / "model.json").read_text())["export_check"]["numpy_max_abs_diff"] == diff
+    else:
+        with pytest.raises(ModelError, match="^step.npz differs .* not exported$"):
+            export_tiny(tmp_path / "edge")
+        assert not (tmp_path / "edge").exists()
+
+
 def test_numpy_step_adds_a_checked_step_npz_to_an_older_export(tmp_path: Path) -> None:
     """`antiphon numpy-step`: a folder exported before step.npz (no file, no hash) gets both, and plays on numpy."""
     from server.cli import main
