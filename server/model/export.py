@@ -1,4 +1,4 @@
-"""Export: a trained Keras model becomes a checked model folder (`model.keras`, `step.tflite`, `step.npz`, `model.json`).
+"""Export: a trained Keras model becomes a checked model folder (model.keras, step.tflite, step.npz, model.json).
 
 The folder is written only after both steps the stage can run, `step.tflite` (LiteRT)
 and `step.npz` (numpy, where LiteRT is missing), reproduce the Keras model over a

@@ -65,7 +65,8 @@ def _checked(arrays: dict[str, np.ndarray], spec: ModelSpec, label: str) -> dict
     want = step_npz_names(spec)
     if set(arrays) != set(want):
         missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
-        raise ModelError(f"{label} does not fit model.json (missing {missing}, unexpected {extra}); re-export the model")
+        raise ModelError(f"{label} does not fit model.json (missing {missing}, unexpected {extra}); "
+                         "re-export the model")
     out: dict[str, np.ndarray] = {}
     for name, shape in want.items():
         a = np.asarray(arrays[name])
