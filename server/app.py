@@ -61,7 +61,7 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
     started = time.monotonic()
     try:
         folder = resolve_model_dir(cfg.model, cfg.models_dir, allow_paths=True)
-        predictor = Predictor.load(folder, prove=True)  # its step tested in a child first: never a segfault here
+        predictor = Predictor.load(folder, cfg.step_engine, prove=True)  # proven in a child first: no segfault here
     except ModelError as e:
         raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
     try:

@@ -287,11 +287,11 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from server.learn.data import load_dataset
     from server.learn.evaluate import score
-    from server.model.files import read_model, resolve_model_dir
-    from server.model.predictor import model_files_for, open_step
+    from server.model.files import resolve_model_dir
+    from server.model.engines import open_step, read_for
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
-    model = read_model(folder, model_files_for("auto"))
+    model = read_for(folder)
     ds = load_dataset(args.data)
     if ds.values != model.info.spec.values:
         raise DatasetError(f"{args.data}: events of dt and {ds.values} value(s), but {folder.name} takes "
@@ -443,6 +443,26 @@ def _background() -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+# --------------------------------------------------------------------------- numpy-step
+
+
+def _numpy_step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
+    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+
+
+@command("numpy-step", "add step.npz (the step without LiteRT or TensorFlow) to a model exported before it existed")(
+    _numpy_step_args)
+def cmd_numpy_step(args: argparse.Namespace) -> int:
+    from server.model.export import add_step_npz
+    from server.model.files import resolve_model_dir
+
+    folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
+    diff = add_step_npz(folder)
+    print(f"wrote {folder / 'step.npz'} (matches model.keras within {diff:.2g} over 200 steps)")
+    return 0
 
 
 # --------------------------------------------------------------------------- bench

@@ -24,6 +24,7 @@ from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_MAX_VOICES_PER_SENDE
                                 VOICE_POLICIES, VoicePolicy, parse_voice_policy)
 from server.midi import mapping as midimap
 from server.model.files import DEFAULT_MODELS_DIR
+from server.model.engines import BACKENDS
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS
@@ -290,6 +291,10 @@ class RunConfig:
 
     model: str = field(default="default", metadata=_key(
         "model folder name under models_dir, or a model folder path", "MODEL", _model))
+    step_engine: str = field(default="auto", metadata=_key(
+        "what runs the model's step: auto (LiteRT where installed, else numpy where the model has step.npz, "
+        "else TensorFlow), or force litert, numpy or tensorflow; /status `backend` names the one in use",
+        "ENGINE", _choice(BACKENDS)))
     models_dir: Path = field(default=DEFAULT_MODELS_DIR, metadata=_key(
         "folder holding the model folders", "DIR", _path,
         default_doc="models/ next to server/", relative_to_file=True))

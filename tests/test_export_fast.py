@@ -164,17 +164,18 @@ def test_export_writes_a_checked_folder_with_hashes_and_the_check(net, tmp_path:
     spec, info, model, tflite = net
     folder = tmp_path / "deep" / "er" / "tiny"  # parents are made
     assert export(model, info, folder, check_events(200), tflite=tflite) == folder
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.keras", "step.tflite"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.keras", "step.npz", "step.tflite"]
     text = (folder / "model.json").read_text(encoding="utf-8")
     assert text.endswith("}\n") and text.startswith('{\n  "format": 1,')  # indented by 2, one newline at the end
     doc = json.loads(text)
-    for name in ("model.keras", "step.tflite"):
+    for name in ("model.keras", "step.tflite", "step.npz"):
         assert doc["files"][name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
     assert doc["export_check"]["steps"] == 200 and 0.0 <= doc["export_check"]["max_abs_diff"] < 1e-5
     assert doc["spec"] == {"units": spec.units, "layers": spec.layers, "mixtures": spec.mixtures, "dims": 3,
                            "size": "custom"}
     assert (folder / "step.tflite").read_bytes() == tflite  # the conversion is deterministic
-    read_model(folder, ("model.keras", "step.tflite"))  # the hashes check out
+    read_model(folder, ("model.keras", "step.tflite", "step.npz"))  # the hashes check out
+    assert 0.0 <= doc["export_check"]["numpy_max_abs_diff"] < 1e-5
     loaded = load_keras_model(folder / "model.keras")
     np.testing.assert_allclose(sequence_params(loaded, check_events(9)), sequence_params(model, check_events(9)),
                                atol=1e-6)
@@ -261,7 +262,7 @@ def test_export_replaces_an_existing_model_whole_and_leaves_no_old_copy(net, tmp
     old.mkdir()
     (old / "junk").write_text("x")
     export(model, info, folder, check_events(200), tflite=tflite)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.keras", "step.tflite"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.keras", "step.npz", "step.tflite"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     export(model, info, folder, check_events(200), tflite=tflite)  # and again, over a complete model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -281,7 +282,7 @@ def test_export_writes_in_a_hidden_folder_beside_the_target_then_renames(net, tm
 
     monkeypatch.setattr(export_module, "sha256_file", sha)
     export_module.export(model, info, tmp_path / "m", check_events(200), tflite=tflite)
-    assert [p.name for p in hashed] == ["model.keras", "step.tflite"]
+    assert [p.name for p in hashed] == ["model.keras", "step.tflite", "step.npz"]
     working = hashed[0].parent
     assert working.parent == tmp_path and working.name.startswith(".m.") and not working.exists()
 

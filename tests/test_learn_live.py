@@ -85,10 +85,9 @@ def served(tmp_path: Path, models: Path):
 def score_on(folder: Path, events: np.ndarray) -> float:
     from server.learn.data import Dataset
     from server.learn.evaluate import score
-    from server.model.files import read_model
-    from server.model.predictor import model_files_for, open_step
+    from server.model.engines import open_step, read_for
 
-    model = read_model(folder, model_files_for("auto"))
+    model = read_for(folder)
     step, _ = open_step(model)
     return score(step, model.info, Dataset.from_performances([events])).dequantised
 

@@ -353,8 +353,9 @@ def test_toml_config_sets_the_run(tmp_path):
 
 
 def test_tensorflow_fallback_serves_and_swaps_when_litert_is_missing(tmp_path, region_models):
-    """LiteRT made unimportable: the TensorFlow step serves, and a swap happens while gestures keep
-    arriving, the old model answering until the new one is in.
+    """LiteRT made unimportable and the TensorFlow step forced (`--step-engine tensorflow`; auto would take
+    step.npz): it serves, and a swap, on the same engine, happens while gestures keep arriving, the old
+    model answering until the new one is in.
 
     A tiny model loads in a fraction of a second, so every load after the first (the one at start-up)
     takes at least 3 s (as a big model on a slow disk would): the swap must not silence the old model
@@ -378,7 +379,8 @@ def test_tensorflow_fallback_serves_and_swaps_when_litert_is_missing(tmp_path, r
         "t = threading.Timer(150.0, lambda: os.kill(os.getpid(), signal.SIGTERM)); t.daemon = True; t.start()\n"
         f"sys.exit(main(['run', '--port', '0', '--log-dir', {str(tmp_path)!r}, '--send', '127.0.0.1:{listener.port}',"
         f" '--models-dir', {str(region_models.folder)!r}, '--model', 'a', '--timescale', '0.01', '--max-rate', '10000',"
-        " '--temperature', '0', '--sigma-temperature', '0']))\n"
+        " '--temperature', '0', '--sigma-temperature', '0',"
+        " '--step-engine', 'tensorflow']))\n"
     )
     proc = subprocess.Popen([sys.executable, "-u", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -75,7 +75,8 @@ class Engine:
         self._streams = StreamMaths(loop, streams or NoStreams(), self.counts, stream_rate, stream_rate)
         stage = Stage(loop, self.settings, self._outputs, self._streams, self.counts, self.latency, self.lateness)
         self._voices = VoiceTable(stage, voices or VoiceOptions(), predictor, seed)
-        self._swap = ModelSwap(loop, models_dir, model_name, model_folder, self._install, self.counts)
+        self._swap = ModelSwap(loop, models_dir, model_name, model_folder, self._install, self.counts,
+                               step_engine=predictor.requested)
         self._learner = learner
         self._status_sources = tuple(status_sources)
         self._started = loop.time()

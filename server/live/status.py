@@ -17,7 +17,8 @@ STATUS_KEYS: dict[str, str] = {
     "lookahead": "seconds a model event is sent before its time, as a timetagged bundle (0: plain, on time)",
     "model": "the playing model's name",
     "loading": "the model being loaded off the loop, or empty",
-    "backend": "`litert`, or `tensorflow` where LiteRT is missing",
+    "backend": "the step engine in use: `litert`; where LiteRT is missing `numpy` (or `tensorflow` for a model "
+               "without step.npz); or the one `--step-engine` forces",
     "inputs": "performer events received",
     "outputs": "model events played",
     "dropped": f"answers dropped because {MAX_PENDING} were already waiting in their voice",

@@ -43,8 +43,10 @@ class ModelSwap:
     """The playing model's name and folder, and the loads that may replace it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, models_dir: Path, name: str, folder: Path | None,
-                 install: Callable[[Predictor], None], counts: dict[str, int]) -> None:
+                 install: Callable[[Predictor], None], counts: dict[str, int], step_engine: str = "auto") -> None:
+        """``step_engine``: what every model loaded here runs on (`--step-engine`: auto, or one forced)."""
         self._loop = loop
+        self._step_engine = step_engine
         self.models_dir = Path(models_dir)
         self.name = name  # the playing model's name
         self.folder = folder if folder is not None else self.models_dir / name  # where it came from
@@ -92,7 +94,7 @@ class ModelSwap:
         """Worker thread: files, checks, a test run in a child process, then the interpreter; errors name the
         model, never a path."""
         folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
-        return Predictor.load(folder, label=name, prove=True)
+        return Predictor.load(folder, self._step_engine, label=name, prove=True)
 
     def _loaded(self, future: asyncio.Future[Predictor], serial: int, name: str,
                 on_error: Callable[[str], None] | None, on_loaded: Callable[[], None] | None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from server.model.spec import ModelError, ModelInfo
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-MODEL_FILES = ("model.keras", "step.tflite", "model.json")
+MODEL_FILES = ("model.keras", "step.tflite", "step.npz", "model.json")  # older exports lack step.npz
 MAX_MODEL_BYTES = 512 << 20  # no model of ours comes near this; a bigger file is not one of them
 READ_ATTEMPTS = 3  # a folder replaced while we read it is read again, from its new contents
 RETRY_PAUSE = 0.01  # seconds before a second read: long enough for an export's two renames to finish
@@ -133,8 +133,12 @@ def read_info(folder: Path, label: str | None = None) -> ModelInfo:
     return read_model(folder, (), label).info
 
 
-def read_model(folder: Path, names: tuple[str, ...] = ("step.tflite",), label: str | None = None) -> ModelFiles:
+def read_model(folder: Path, names: tuple[str, ...] = ("step.tflite",), label: str | None = None, *,
+               first_of: tuple[str, ...] = ()) -> ModelFiles:
     """Read `model.json` and the files `names`, verified against the SHA-256 in model.json.
+
+    ``first_of``: also read the first of these files that model.json records (a step
+    engine with a fallback: `step.npz` where the model has one, else `model.keras`).
 
     `label` names the model in errors (default: the folder path); pass the bare model
     name when the message goes to a client. A model.json without hashes is refused, and
@@ -145,7 +149,7 @@ def read_model(folder: Path, names: tuple[str, ...] = ("step.tflite",), label: s
     label = str(folder) if label is None else label
     for attempt in range(READ_ATTEMPTS):
         try:
-            return _read_once(Path(folder), names, label)
+            return _read_once(Path(folder), names, label, first_of)
         except _Inconsistent as exc:
             if attempt + 1 == READ_ATTEMPTS:
                 raise ModelError(str(exc)) from None
@@ -157,7 +161,7 @@ class _Inconsistent(ModelError):
     """A file is missing or does not match model.json: maybe a folder being replaced, so read again."""
 
 
-def _read_once(folder: Path, names: tuple[str, ...], label: str) -> ModelFiles:
+def _read_once(folder: Path, names: tuple[str, ...], label: str, first_of: tuple[str, ...] = ()) -> ModelFiles:
     dir_fd = _open_folder(folder, label)
     try:
         raw = _read_in(dir_fd, folder, "model.json", label)
@@ -170,6 +174,12 @@ def _read_once(folder: Path, names: tuple[str, ...], label: str) -> ModelFiles:
                 f"{label}/model.json records no SHA-256 of the model files (an older export), so they cannot "
                 f"be checked; {REEXPORT}"
             )
+        recorded = [name for name in first_of if isinstance(info.files.get(name), str)]
+        names = tuple(names) + tuple(recorded[:1])
+        for name in names:
+            if not isinstance(info.files.get(name), str):
+                raise ModelError(f"{label}/model.json records no {name} (the model was exported before {name} "
+                                 f"existed); add it with antiphon numpy-step --model MODEL, or {REEXPORT}")
         contents: dict[str, bytes] = {}
         for name in names:
             data = _read_in(dir_fd, folder, name, label)

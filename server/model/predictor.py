@@ -2,8 +2,9 @@
 
 `Predictor` keeps the RNN state, observes events and samples the next one, all in
 original units (seconds and [0, 1] positions) so the engine never sees normalised
-values. Its step runs `step.tflite` under LiteRT, or when LiteRT is missing a compiled
-`tf.function` (imported only then). Built from `ModelFiles`, the checked bytes of a
+values. Its step runs `step.tflite` under LiteRT, or when LiteRT is missing the numpy
+step of `step.npz`, or for a model without one a compiled `tf.function` (TensorFlow is
+imported only then); `--step-engine` may force any of them. Built from `ModelFiles`, the checked bytes of a
 model: nothing on disk is read after construction.
 """
 
@@ -14,33 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from server.model import mdn
-from server.model.files import ModelFiles, read_model
+from server.model.engines import check_backend, open_step, read_for
+from server.model.files import ModelFiles
 from server.model.likelihood import event_log_likelihoods
-from server.model.litert import LiteRTStep, StepFunction, litert_available
-from server.model.spec import ModelError, ModelInfo
+from server.model.litert import StepFunction
+from server.model.spec import ModelInfo
 
-BACKENDS = ("auto", "litert", "tensorflow")
-
-
-def model_files_for(backend: str) -> tuple[str, ...]:
-    """Which files a backend needs read (LiteRT: step.tflite; the TensorFlow fallback: model.keras)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    return ("step.tflite",) if backend == "litert" or (backend == "auto" and litert_available()) else ("model.keras",)
-
-
-def open_step(model: ModelFiles, backend: str = "auto") -> tuple[StepFunction, str]:
-    """The fastest available step for a model; returns it and the backend's name."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}")
-    if backend in ("auto", "litert") and litert_available():
-        return LiteRTStep(model.file("step.tflite"), model.info.spec, f"{model.label}/step.tflite"), "litert"
-    if backend == "litert":
-        raise ModelError("LiteRT (ai-edge-litert) is not installed")
-    from server.model.network import TensorFlowStep, keras_model_from_bytes
-
-    keras_model = keras_model_from_bytes(model.file("model.keras"), f"{model.label}/model.keras")
-    return TensorFlowStep(keras_model, model.info.spec), "tensorflow"
+BACKENDS = ("auto", "litert", "numpy", "tensorflow")  # the step engines `--step-engine` may force
 
 
 class Predictor:
@@ -49,6 +30,7 @@ class Predictor:
     def __init__(self, model: ModelFiles, backend: str = "auto", step: tuple[StepFunction, str] | None = None) -> None:
         self.model = model
         self.info: ModelInfo = model.info
+        self.requested = check_backend(backend) if step is None else backend  # what was asked: a swap asks the same
         self.step, self.backend = step or open_step(model, backend)
         spec = self.info.spec
         self.norm = self.info.normaliser
@@ -71,7 +53,7 @@ class Predictor:
         interpreter is refused with a ModelError instead of taking this process down. The
         server does it for every model it plays; it blocks for the child's run (~0.2 s).
         """
-        model = read_model(folder, model_files_for(backend), label)
+        model = read_for(folder, backend, label)
         if prove:
             from server.model.sandbox import prove as prove_model
 
@@ -80,7 +62,7 @@ class Predictor:
 
     def fork(self) -> "Predictor":
         """Another state on the same model and interpreter (a voice): the step is stateless, so it is shared."""
-        return Predictor(self.model, self.backend, step=(self.step, self.backend))
+        return Predictor(self.model, self.requested, step=(self.step, self.backend))
 
     @property
     def label(self) -> str:

@@ -12,8 +12,8 @@ time limit, and the child must exit cleanly. A crash, a hang or a non-finite out
 refuses the model with a `ModelError` that names it by its label (the bare model name
 for OSC clients), never by a path.
 
-The child imports numpy and the model package only (LiteRT, or TensorFlow for the
-fallback backend where LiteRT is missing), never the live server, and writes no core
+The child imports numpy and the model package only (LiteRT, or nothing more for the
+numpy step, or TensorFlow for a model without step.npz where LiteRT is missing), never the live server, and writes no core
 file. It costs one short-lived process: see docs/stage.md, "Models proven in a sandbox".
 """
 
@@ -30,11 +30,12 @@ from typing import Any
 
 from server.model.files import ModelFiles
 from server.model.litert import litert_available
+from server.model.engines import resolve_backend
 from server.model.spec import ModelError, ModelInfo
 
 log = logging.getLogger(__name__)
 
-PROOF_SECONDS = 10.0  # the whole test run (process start, imports, build, steps): LiteRT needs ~0.2 s
+PROOF_SECONDS = 10.0  # the whole test run (process start, imports, build, steps): LiteRT or numpy need ~0.2 s
 PROOF_SECONDS_TENSORFLOW = 120.0  # the fallback step imports TensorFlow first: ~7 s on the 2-core VM
 PROOF_EVENTS = 24  # events played in the test run (after the neutral start), then a reset
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding `server/`, for the child's import path
@@ -48,14 +49,11 @@ def prove(model: ModelFiles, backend: str, seconds: float | None = None) -> None
     event loop. ``seconds`` is the time limit (default: `PROOF_SECONDS`, or
     `PROOF_SECONDS_TENSORFLOW` for the fallback).
     """
-    if backend in ("auto", "litert") and litert_available():
-        backend = "litert"
-    elif backend == "litert":
+    if backend == "litert" and not litert_available():
         return  # nothing to build: the caller's own open_step says LiteRT is missing
-    else:  # the TensorFlow fallback, decided here: the child must not pick LiteRT where this process cannot
-        backend = "tensorflow"
+    backend = resolve_backend(model, backend)  # decided here: the child must not pick an engine this process would not
     if seconds is None:
-        seconds = PROOF_SECONDS if backend == "litert" else PROOF_SECONDS_TENSORFLOW
+        seconds = PROOF_SECONDS_TENSORFLOW if backend == "tensorflow" else PROOF_SECONDS
     payload = _payload(model, backend)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(_PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
@@ -85,8 +83,9 @@ def prove(model: ModelFiles, backend: str, seconds: float | None = None) -> None
 
 
 def tested(model: ModelFiles) -> str:
-    """How messages name the file under test: ``label/step.tflite`` (or ``model.keras`` for the fallback)."""
-    return f"{model.label}/{'step.tflite' if 'step.tflite' in model.contents else 'model.keras'}"
+    """How messages name the file under test: ``label/step.tflite`` (``step.npz`` or ``model.keras`` without LiteRT)."""
+    name = next((n for n in ("step.tflite", "step.npz") if n in model.contents), "model.keras")
+    return f"{model.label}/{name}"
 
 
 def _payload(model: ModelFiles, backend: str) -> bytes:

@@ -1,7 +1,7 @@
 """`bench`: the speed budgets of DESIGN.md, measured in one run on one model.
 
-Step latency (observe + predict + sample) for the LiteRT path, the TensorFlow
-fallback and the naive per-event `model.predict`; then a real server process over
+Step latency (observe + predict + sample) for each step engine this machine has
+(LiteRT, numpy, TensorFlow) side by side, and the naive per-event `model.predict`; then a real server process over
 loopback: ready time, idle CPU, and the `accompany` round trip at 100 and 1,000
 messages/s. Prints a table and writes JSON.
 """
@@ -43,22 +43,52 @@ def step_latency(predictor, steps: int, rng) -> dict[str, float]:
     return {"median_us": float(np.median(times) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6), "steps": steps}
 
 
-def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
-    from server.model.files import read_model
-    from server.model.network import KerasPredictStep, keras_model_from_bytes
-    from server.model.predictor import Predictor
+STEP_ENGINES = {"litert": (2000, 20000), "numpy": (2000, 20000), "tensorflow": (200, 2000)}  # steps: quick, full
 
-    model = read_model(folder, ("step.tflite", "model.keras"))
+
+def bench_steps(folder: Path, quick: bool, engines: tuple[str, ...] = tuple(STEP_ENGINES),
+                naive: bool = True) -> dict[str, Any]:
+    """Step latency of each engine this machine has, side by side (one missing says why), then `model.predict`."""
+    from server.model.files import read_model
+    from server.model.predictor import Predictor
+    from server.model.spec import ModelError
+
+    model = read_model(folder, ("step.tflite", "model.keras"), first_of=("step.npz",))
     rng = RandomBlocks(np.random.default_rng(0), model.info.spec.dims)  # random numbers drawn as the live loop draws them
-    out: dict[str, Any] = {"litert": step_latency(Predictor(model, backend="litert"), 2000 if quick else 20000, rng)}
-    out["tensorflow"] = step_latency(Predictor(model, backend="tensorflow"), 200 if quick else 2000, rng)
-    keras_model = keras_model_from_bytes(model.file("model.keras"))
-    naive = Predictor(model, step=(KerasPredictStep(keras_model, model.info.spec), "keras-predict"))
-    out["keras_predict"] = step_latency(naive, 20 if quick else 200, rng)
-    base = out["litert"]["median_us"]
-    out["ratio_tensorflow_vs_litert"] = out["tensorflow"]["median_us"] / base
-    out["ratio_predict_vs_litert"] = out["keras_predict"]["median_us"] / base
+    out: dict[str, Any] = {}
+    for engine in engines:
+        try:
+            predictor = Predictor(model, backend=engine)
+        except (ModelError, ImportError) as e:  # no LiteRT wheel here, no step.npz, no TensorFlow (the stage install)
+            out[engine] = {"unavailable": str(e)}
+            continue
+        out[engine] = step_latency(predictor, STEP_ENGINES[engine][0 if quick else 1], rng)
+    if naive and "median_us" in out.get("tensorflow", {}):
+        from server.model.network import KerasPredictStep, keras_model_from_bytes
+
+        keras_model = keras_model_from_bytes(model.file("model.keras"))
+        slow = Predictor(model, step=(KerasPredictStep(keras_model, model.info.spec), "keras-predict"))
+        out["keras_predict"] = step_latency(slow, 20 if quick else 200, rng)
+    if "median_us" in out.get("litert", {}):
+        base = out["litert"]["median_us"]
+        for name in ("numpy", "tensorflow", "keras_predict"):
+            if "median_us" in out.get(name, {}):
+                out[f"ratio_{name}_vs_litert"] = out[name]["median_us"] / base
     return out
+
+
+def step_lines(s: dict[str, Any]) -> list[str]:
+    """The step table: one row per engine (or why it is missing), then the ratios to LiteRT."""
+    lines = ["step (observe + predict + sample)   median us    p99 us"]
+    for name in (*STEP_ENGINES, "keras_predict"):
+        if name in s:
+            row = s[name]
+            lines.append(f"  {name:<32} {row['median_us']:>9.1f} {row['p99_us']:>9.1f}" if "median_us" in row
+                         else f"  {name:<32} unavailable: {row['unavailable']}")
+    ratios = [f"{k[len('ratio_'):-len('_vs_litert')]} / litert: {v:.1f}x" for k, v in s.items() if k.startswith("ratio_")]
+    if ratios:
+        lines.append("  " + "   ".join(ratios))
+    return lines
 
 
 def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False) -> dict[str, Any]:
@@ -335,12 +365,7 @@ def format_table(r: dict[str, Any]) -> str:
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, Python {r['machine']['python']}",
         f"model:   {r['model']}",
         "",
-        "step (observe + predict + sample)   median us    p99 us",
-    ]
-    for name in ("litert", "tensorflow", "keras_predict"):
-        lines.append(f"  {name:<32} {s[name]['median_us']:>9.1f} {s[name]['p99_us']:>9.1f}")
-    lines += [
-        f"  tensorflow / litert: {s['ratio_tensorflow_vs_litert']:.1f}x   model.predict / litert: {s['ratio_predict_vs_litert']:.0f}x",
+        *step_lines(s),
         "",
         f"OSC round trip, accompany, timescale 1e-6 (max_rate raised to {ROUND_TRIP_MAX_RATE})",
         "  rate/s   sent  recv   median us   p99 us   first/last tenth median us   last answer after last input us",
