@@ -60,9 +60,10 @@ def test_litert_is_asked_for_where_the_portability_table_found_its_wheel():
 
 
 def test_the_portability_table_names_what_is_missing():
-    rows = [Row("Linux x86_64", "3.11", (), "LiteRT", ""), Row("macOS x86_64", "3.13", ("python-rtmidi",), "numpy", "")]
-    assert table(rows).splitlines()[2:] == ["| Linux x86_64 | 3.11 | yes | LiteRT |",
-                                            "| macOS x86_64 | 3.13 | no: python-rtmidi | numpy |"]
+    rows = [Row("Linux x86_64", "3.11", (), "LiteRT", True, ""),
+            Row("macOS x86_64", "3.13", ("numpy",), "numpy", False, "")]
+    assert table(rows).splitlines()[2:] == ["| Linux x86_64 | 3.11 | yes | LiteRT | yes |",
+                                            "| macOS x86_64 | 3.13 | no: numpy | numpy | python-rtmidi by hand |"]
 
 
 # --------------------------------------------------------------------------- where models and logs go

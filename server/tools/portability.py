@@ -25,6 +25,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 LITERT = "ai-edge-litert"
+RTMIDI = "python-rtmidi"  # MIDI ports; OSC needs nothing of it
 PYTHONS = ("3.11", "3.12", "3.13")
 
 
@@ -84,6 +85,7 @@ class Row:
     python: str
     missing: tuple[str, ...]  # stage dependencies with no binary wheel there
     engine: str
+    midi: bool  # python-rtmidi installs (from a wheel) for MIDI ports
     note: str
 
 
@@ -101,7 +103,8 @@ def check(platform: Platform, python: str, requirements: list[Requirement]) -> R
     note = ""
     if not wanted and litert is not None and resolves([_without_marker(litert)], platform, python):
         note = f"{litert} has a wheel here: the marker leaves it out"
-    return Row(platform.name, python, missing, engine, note)
+    midi = any(r.name == RTMIDI for r in needed) and RTMIDI not in missing
+    return Row(platform.name, python, missing, engine, midi, note)
 
 
 def _without_marker(requirement: Requirement) -> str:
@@ -109,10 +112,13 @@ def _without_marker(requirement: Requirement) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| platform | Python | every stage dependency has a binary wheel | step engine |", "|---|---|---|---|"]
+    lines = ["| platform | Python | every stage dependency has a binary wheel | step engine | MIDI ports |",
+             "|---|---|---|---|---|"]
     for r in rows:
         wheels = "yes" if not r.missing else "no: " + ", ".join(r.missing)
-        lines.append(f"| {r.platform} | {r.python} | {wheels}{' (' + r.note + ')' if r.note else ''} | {r.engine} |")
+        midi = "yes" if r.midi else f"{RTMIDI} by hand"
+        lines.append(f"| {r.platform} | {r.python} | {wheels}{' (' + r.note + ')' if r.note else ''} | {r.engine} "
+                     f"| {midi} |")
     return "\n".join(lines)
 
 
