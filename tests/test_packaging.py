@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -148,3 +149,11 @@ def test_a_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, c
     assert main(["evaluate", "--model", "default", "--data", str(data), "--plot", str(tmp_path / "p.png")]) == 1
     assert 'evaluate needs the training libraries (matplotlib is not installed): pip install "antiphon[train]"' \
         in _one_line(capsys)
+
+
+def test_the_command_line_and_run_s_wiring_load_no_training_library():
+    """`antiphon run` parses every command's flags first: none of that may pull TensorFlow in (the stage has none)."""
+    code = ("import sys; from server.cli import build_parser; build_parser().parse_args(['run']); import server.app; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {TRAIN_ONLY!r}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
