@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
 
-.PHONY: run test mutants bench soak default-model touch-model chorale-model models clean
+.PHONY: run test mutants bench soak portability default-model touch-model chorale-model models clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -34,19 +34,23 @@ bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (make soak ARGS="--seconds 600")
 	$(PY) -m server soak $(ARGS)
 
+portability: $(STAMP)  ## does every stage dependency have a binary wheel on each platform x Python 3.11-3.13 (needs the registry)
+	$(PY) -m server.tools.portability $(ARGS)
+
+# The shipped models live in the repository's models/ (your own go to the per-user folder): --models-dir models
 default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures (under 3 minutes)
 	$(PY) -m server synth --seed 1 --out datasets/synthetic.npz
-	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --seed 1 --minutes 2.5
+	$(PY) -m server train --data datasets/synthetic.npz --size s --name default --models-dir models --seed 1 --minutes 2.5
 
 touch-model: $(STAMP)  ## retrain models/touch from the touch-screen improvisations in ../shared/data (12 minutes)
-	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --minutes 12 \
+	$(PY) -m server train --data $(SHARED)/data/touch-performances.npz --name touch --models-dir models --minutes 12 \
 		--data-source "IMPSY touch-screen improvisations (github.com/cpmpercussion/impsy, datasets/training-dataset-4d.npz, first 36 performances)" \
 		--data-licence "MIT licence: $$(cat $(SHARED)/data/LICENSE-touch-performances.txt)"
 	cp $(SHARED)/data/LICENSE-touch-performances.txt models/touch/LICENSE-data.txt
 
 chorale-model: $(STAMP)  ## retrain models/chorale from the Bach chorales in ../shared/data (10 minutes)
 	$(PY) -m server dataset --midi $(SHARED)/data/bach-chorales --out datasets/chorales.npz
-	$(PY) -m server train --data datasets/chorales.npz --name chorale --seed 1 --minutes 10 \
+	$(PY) -m server train --data datasets/chorales.npz --name chorale --models-dir models --seed 1 --minutes 10 \
 		--data-source "407 Bach chorales as MIDI, written from the music21 corpus" \
 		--data-licence "public domain (music21: BSD)"
 

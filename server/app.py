@@ -140,7 +140,8 @@ async def _serve(cfg: RunConfig, predictor: Predictor, folder: Path, recorder: R
     sends = " ".join(f"{h}:{p}" for h, p in output.destinations) or "none (send /hello)"
     say(
         f"ready: listening on {host}:{port}, sending to {sends}, model {folder.name} ({predictor.backend}), "
-        f"mode {settings.mode.value}, log {recorder.path} ({time.monotonic() - started:.2f} s)",
+        f"mode {settings.mode.value}, log {recorder.path}, your models {cfg.models_dir} "
+        f"({time.monotonic() - started:.2f} s)",
         out,
     )
     engine.start()

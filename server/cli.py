@@ -7,6 +7,7 @@ inside the commands that need them so `run` with a LiteRT model starts fast.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -17,13 +18,18 @@ from server.config import as_flag, at_least, non_negative, positive
 from server.learn.data import DT_MAX, DatasetError
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.settings import Settings
-from server.model.files import DEFAULT_MODELS_DIR, check_model_name
+from server.model.files import check_model_name
 from server.model.spec import DEFAULT_SIZE, SIZES, ModelError
 from server.monitor import DEFAULT_HOST as MONITOR_HOST
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
+from server.places import user_models_dir
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Installed by the `train` extra only (pip install "antiphon[train]"): the stage runs without them.
+TRAIN_ONLY = ("tensorflow", "tensorflow_probability", "tf_keras", "keras", "matplotlib")
+TRAINING_COMMANDS = ("train", "learn")  # refused at once without TensorFlow, before any data is read
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -60,6 +66,13 @@ def _output_file(text: str) -> Path:
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name such as {path / 'data.npz'}")
     return path
+
+
+MODELS_DIR_HELP = "your own models: new ones are written here; a name is looked up here, then among the shipped ones"
+
+
+def _models_dir_arg(p: argparse.ArgumentParser, what: str = MODELS_DIR_HELP) -> None:
+    p.add_argument("--models-dir", type=Path, default=user_models_dir(), help=f"{what} (default {user_models_dir()})")
 
 
 def _check_models_dir(models_dir: Path) -> None:
@@ -197,7 +210,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset .npz (from synth or dataset)")
     p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help=_sizes_help())
     p.add_argument("--name", required=True, help="model folder name under --models-dir")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
     p.add_argument("--minutes", type=_positive_float, default=None,
                    help="time budget, export included (default: 2 minutes for a small dataset, up to 15 for a "
                         "large one); early stopping ends sooner when training has converged; Ctrl-C exports the "
@@ -229,7 +242,7 @@ def _sizes_help() -> str:
     return "model size: " + ", ".join(f"{k} = {u}x{l}" for k, (u, l) in SIZES.items()) + f" (default {DEFAULT_SIZE})"
 
 
-@command("train", "train a model on a dataset and export it to models/<name>")(_train_args)
+@command("train", "train a model on a dataset and export it to <models-dir>/<name>")(_train_args)
 def cmd_train(args: argparse.Namespace) -> int:
     from server.learn.data import load_dataset
     from server.learn.train import TrainConfig, train
@@ -265,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
     p.add_argument("--music", action="store_true",
                    help="also let the model play (seeded, from a zero state and from held-out openings) and compare "
                         "it with the data: intervals, pitches, pitch classes and rhythm for notes; moves and dt for "
@@ -352,7 +365,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p)
 
 
-@command("run", f"serve a model over OSC (defaults: models/default, listen {DEFAULT_HOST}:{DEFAULT_PORT}, "
+@command("run", f"serve a model over OSC (defaults: the shipped model default, listen {DEFAULT_HOST}:{DEFAULT_PORT}, "
                 f"send to :{DEFAULT_SEND_PORT})")(_run_args)
 def cmd_run(args: argparse.Namespace) -> int:
     from server.app import StartupError, serve
@@ -375,7 +388,7 @@ def _learn_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=_positive_float, default=DEFAULT_LEARN_SECONDS,
                    help=f"time budget (default {DEFAULT_LEARN_SECONDS:g})")
     p.add_argument("--name", default=None, help="the new model's folder name (default: <model>-learn-<time>)")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--until", type=float, default=None, metavar="UNIX_TIME",
                    help="only the events logged up to this time (a server passes when /learn was asked)")
@@ -450,7 +463,7 @@ def _background() -> None:
 
 def _numpy_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name under --models-dir, or a folder path")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
 
 
 @command("numpy-step", "add step.npz (the step without LiteRT or TensorFlow) to a model exported before it existed")(
@@ -470,7 +483,7 @@ def cmd_numpy_step(args: argparse.Namespace) -> int:
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
     p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     p.add_argument("--quick", action="store_true", help="fewer steps and shorter runs (a smoke test)")
 
@@ -491,7 +504,7 @@ def _soak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=1000.0, help="/gesture messages per second (default 1000)")
     p.add_argument("--window", type=float, default=10.0, help="seconds per reported window (default 10)")
     p.add_argument("--model", default="default", help="model name under --models-dir, or a folder path")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
+    _models_dir_arg(p)
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
 
 
@@ -523,7 +536,7 @@ def _monitor_args(p: argparse.ArgumentParser) -> None:
                         "any other Host header is refused (DNS rebinding)")
     p.add_argument("--server", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
                    help=f"HOST:PORT of the Antiphon server (default {DEFAULT_HOST}:{DEFAULT_PORT})")
-    p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR, help="where the server's models are (for the model menu)")
+    _models_dir_arg(p, "the server's models_dir (for the model menu, with the shipped models)")
 
 
 def yield_to_the_music() -> None:
@@ -565,6 +578,24 @@ def cmd_monitor(args: argparse.Namespace) -> int:
         return _fail(f"--server: {e}")
     yield_to_the_music()
     asyncio.run(serve(args.host, args.port, server, args.models_dir, args.allow_host))
+    return 0
+
+
+# --------------------------------------------------------------------------- patches
+
+
+def _patches_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, metavar="DIR", help="the folder to copy them into (created if missing)")
+
+
+@command("patches", "copy the client patches (Pd, Max, SuperCollider) into a folder, to open them from there"
+         )(_patches_args)
+def cmd_patches(args: argparse.Namespace) -> int:
+    from server.places import copy_patches
+
+    written = copy_patches(args.dir)
+    print(f"copied {len(written)} files into {args.dir}: open pd/antiphon.pd (Pure Data), max/antiphon.maxpat (Max) "
+          f"or supercollider/antiphon.scd (SuperCollider); README.md there says how")
     return 0
 
 
@@ -613,18 +644,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in TRAINING_COMMANDS and importlib.util.find_spec("tensorflow") is None:
+            raise ModuleNotFoundError("no TensorFlow", name="tensorflow")
         return COMMANDS[args.command][0](args)
     except (ModelError, DatasetError) as e:
         return _fail(str(e))
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in TRAIN_ONLY:
+            return _fail(f"{args.command} needs the training libraries ({e.name} is not installed): "
+                         f'pip install "antiphon[train]"')
+        return _unexpected(e, args)
     except OSError as e:
         return _fail(_describe_os_error(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
-        hint = "" if args.verbose else "; -v shows the traceback"
-        return _fail(f"{e or 'failed'} ({type(e).__name__} in {args.command}{hint})")
+        return _unexpected(e, args)
+
+
+def _unexpected(e: Exception, args: argparse.Namespace) -> int:
+    logging.getLogger(__name__).debug("%s failed", args.command, exc_info=True)
+    hint = "" if args.verbose else "; -v shows the traceback"
+    return _fail(f"{e or 'failed'} ({type(e).__name__} in {args.command}{hint})")
 
 
 def _fail(message: str) -> int:

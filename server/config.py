@@ -23,8 +23,8 @@ from server.live.modes import MODE_NAMES, Mode, parse_mode
 from server.live.voices import (DEFAULT_MAX_VOICES, DEFAULT_MAX_VOICES_PER_SENDER, DEFAULT_VOICE_TIMEOUT, MAX_VOICE_LIMIT,
                                 VOICE_POLICIES, VoicePolicy, parse_voice_policy)
 from server.midi import mapping as midimap
-from server.model.files import DEFAULT_MODELS_DIR
 from server.model.engines import BACKENDS
+from server.places import user_logs_dir, user_models_dir
 from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.osc.output import MAX_DESTINATIONS
@@ -290,14 +290,15 @@ class RunConfig:
     """Everything `run` needs; build it with `resolve_run_config`, which validates each value."""
 
     model: str = field(default="default", metadata=_key(
-        "model folder name under models_dir, or a model folder path", "MODEL", _model))
+        "a model name (yours in models_dir, else a shipped one) or a model folder path", "MODEL", _model))
     step_engine: str = field(default="auto", metadata=_key(
         "what runs the model's step: auto (LiteRT where installed, else numpy where the model has step.npz, "
         "else TensorFlow), or force litert, numpy or tensorflow; /status `backend` names the one in use",
         "ENGINE", _choice(BACKENDS)))
-    models_dir: Path = field(default=DEFAULT_MODELS_DIR, metadata=_key(
-        "folder holding the model folders", "DIR", _path,
-        default_doc="models/ next to server/", relative_to_file=True))
+    models_dir: Path = field(default_factory=user_models_dir, metadata=_key(
+        "folder of your own models: `train` and `/learn` write here; a name is looked up here first, then "
+        "among the shipped models (default, touch, chorale)", "DIR", _path,
+        default_doc="models/ in the per-user folder", relative_to_file=True))
     host: str = field(default=DEFAULT_HOST, metadata=_key(
         "interface to listen on for OSC; anything but loopback is an explicit choice (see allow)",
         "HOST", _host))
@@ -336,8 +337,9 @@ class RunConfig:
     lookahead: float = field(default=Settings.lookahead, metadata=_key(
         "send each model event this many seconds early, as an OSC bundle timetagged with its time "
         f"(0-{MAX_LOOKAHEAD:g}; 0 = plain messages when due)", "SECONDS", _lookahead))
-    log_dir: Path = field(default=Path("logs"), metadata=_key(
-        "folder for performance logs, one CSV per run", "DIR", _path, relative_to_file=True))
+    log_dir: Path = field(default_factory=user_logs_dir, metadata=_key(
+        "folder for performance logs, one CSV per run", "DIR", _path, default_doc="logs/ in the per-user folder",
+        relative_to_file=True))
     seed: int | None = field(default=None, metadata=_key(
         "random seed for sampling, to repeat a performance exactly", "N", _seed,
         default_doc="none (unpredictable)"))

@@ -21,6 +21,17 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def per_user_folder(tmp_path_factory):
+    """The per-user folder (your models, your logs) in a temporary place: no test writes into the real home.
+
+    Set in the environment, so servers and commands started as child processes use it too.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset():
     from server.learn.synth import synthetic_dataset

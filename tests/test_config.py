@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
 
 from server.config import (
-    DEFAULT_MODELS_DIR,
     ConfigError,
     RunConfig,
     add_run_arguments,
@@ -18,6 +18,7 @@ from server.config import (
     resolve_run_config,
 )
 from server.live.modes import Mode
+from server.model.files import DEFAULT_MODELS_DIR
 
 
 def resolve(*argv: str) -> RunConfig:
@@ -39,9 +40,12 @@ def test_defaults() -> None:
     assert (config.host, config.port, config.send) == ("127.0.0.1", 5710, (("127.0.0.1", 5711),))
     assert (config.temperature, config.timescale, config.threshold) == (1.0, 1.0, 1.5)
     assert config.sigma_temperature is None  # the model's own (model.json's calibrated one, else 1)
-    assert config.models_dir == DEFAULT_MODELS_DIR and DEFAULT_MODELS_DIR.name == "models"
-    assert DEFAULT_MODELS_DIR.parent == Path(__file__).resolve().parent.parent
-    assert (config.log_dir, config.seed, config.allow) == (Path("logs"), None, ())
+    # your models and logs: the per-user folder (tests put it under a temporary XDG_DATA_HOME, see conftest)
+    user = Path(os.environ["XDG_DATA_HOME"]) / "antiphon"
+    assert (config.models_dir, config.log_dir) == (user / "models", user / "logs")
+    # the shipped models: the checkout's own models/ (a wheel's are package data, see test_wheel.py)
+    assert DEFAULT_MODELS_DIR == Path(__file__).resolve().parent.parent / "models"
+    assert (config.seed, config.allow) == (None, ())
 
 
 def test_flags_are_none_unless_given() -> None:

@@ -39,7 +39,7 @@ from pythonosc.osc_bundle_builder import IMMEDIATELY, OscBundleBuilder
 from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import OscMessageBuilder
 
-from server.model.files import available_models
+from server.model.files import DEFAULT_MODELS_DIR, available_models
 from server.monitor import app as app_module
 from server.monitor import bridge as bridge_module
 from server.monitor.app import CSP, MODELS_REFRESH_S, Monitor
@@ -614,6 +614,8 @@ def model(folder: Path, name: str) -> None:
 
 
 def test_the_model_menu_is_the_models_folder_and_follows_it(tmp_path, monkeypatch):
+    """The menu: the models in the models folder (it follows the folder) with the shipped ones."""
+    shipped = available_models(DEFAULT_MODELS_DIR)
     model(tmp_path, "alpha")
     monitor = Monitor(("127.0.0.1", 9), tmp_path)
     browser = Browser()
@@ -630,7 +632,8 @@ def test_the_model_menu_is_the_models_folder_and_follows_it(tmp_path, monkeypatc
     with pytest.raises(Done):
         asyncio.run(monitor.refresh_models())
     assert slept == [MODELS_REFRESH_S] * 2
-    assert browser.got == [{"type": "models", "names": ["alpha"]}, {"type": "models", "names": ["alpha", "beta"]}]
+    assert browser.got == [{"type": "models", "names": sorted(["alpha", *shipped])},
+                           {"type": "models", "names": sorted(["alpha", "beta", *shipped])}]
     assert json.loads(monitor.latest["models"]) == browser.got[-1]  # what a browser that connects later gets first
 
 

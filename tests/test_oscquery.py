@@ -122,5 +122,5 @@ def test_advertise_imports_zeroconf_and_says_what_to_install_when_it_is_missing(
     done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(tmp_path / "poison")},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "--advertise needs the zeroconf package: pip install zeroconf" in done.stderr
+    assert '--advertise needs the zeroconf package: pip install "antiphon[advertise]"' in done.stderr
     assert mark.exists()

@@ -90,13 +90,13 @@ class ModelSwap:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def _read(self, name: str) -> Predictor:
+    def _read(self, name: str) -> tuple[Predictor, Path]:
         """Worker thread: files, checks, a test run in a child process, then the interpreter; errors name the
-        model, never a path."""
+        model, never a path. Also returns the folder it came from (the user's models or the shipped ones)."""
         folder = resolve_model_dir(name, self.models_dir, allow_paths=False)
-        return Predictor.load(folder, self._step_engine, label=name, prove=True)
+        return Predictor.load(folder, self._step_engine, label=name, prove=True), folder
 
-    def _loaded(self, future: asyncio.Future[Predictor], serial: int, name: str,
+    def _loaded(self, future: asyncio.Future[tuple[Predictor, Path]], serial: int, name: str,
                 on_error: Callable[[str], None] | None, on_loaded: Callable[[], None] | None,
                 only_over: int | None) -> None:
         if serial != self._serial or future.cancelled():  # a later request (or stop) superseded this one
@@ -122,8 +122,8 @@ class ModelSwap:
             if on_error is not None:
                 on_error(f"model {name!r} not swapped in: {self.name!r} began playing while it loaded")
             return
-        predictor = future.result()
-        self.name, self.folder = name, self.models_dir / name
+        predictor, folder = future.result()
+        self.name, self.folder = name, folder
         self.generation += 1
         self._counts["model_swaps"] += 1
         log.info("model swapped to %s (%s)", name, predictor.backend)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.model.spec import ModelError, ModelInfo
+from server.places import SHIPPED_MODELS_DIR
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_MODELS_DIR = SHIPPED_MODELS_DIR  # the models Antiphon ships (default, touch, chorale); read-only to users
 MODEL_FILES = ("model.keras", "step.tflite", "step.npz", "model.json")  # older exports lack step.npz
 MAX_MODEL_BYTES = 512 << 20  # no model of ours comes near this; a bigger file is not one of them
 READ_ATTEMPTS = 3  # a folder replaced while we read it is read again, from its new contents
@@ -67,10 +68,16 @@ def available_models(models_dir: Path) -> list[str]:
     return sorted(p.name for p in entries if is_model_name(p.name) and os.path.isfile(p / "model.json"))
 
 
-def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) -> Path:
-    """Map a model name to its folder inside `models_dir`; a path is accepted only where the caller allows it.
+def all_models(models_dir: Path, shipped: Path = SHIPPED_MODELS_DIR) -> list[str]:
+    """Every model a name can load: those in `models_dir` and those Antiphon ships, sorted, each once."""
+    return sorted(set(available_models(models_dir)) | set(available_models(shipped)))
 
-    A name must stay inside the models folder once symlinks are resolved, so a link
+
+def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool, shipped: Path = SHIPPED_MODELS_DIR) -> Path:
+    """Map a model name to its folder inside `models_dir`, else among the shipped models; a path is accepted only
+    where the caller allows it.
+
+    A name must stay inside its models folder once symlinks are resolved, so a link
     planted in `models/` cannot load a model from elsewhere; a link that stays inside
     is returned resolved, because `read_model` never follows a link at the last step
     (so one swapped in after this check cannot be followed either). OSC clients may
@@ -79,21 +86,27 @@ def resolve_model_dir(name_or_path: str, models_dir: Path, allow_paths: bool) ->
     """
     models_dir = Path(models_dir)
     if is_model_name(name_or_path):
-        if not allow_paths or os.path.isdir(models_dir / name_or_path):
-            return _model_in(models_dir, name_or_path)
+        # the user's folder first, so a model trained under a shipped name replaces it for that user
+        home = next((root for root in (models_dir, shipped) if os.path.isdir(root / name_or_path)), None)
+        if home is not None or not allow_paths:
+            return _model_in(home or models_dir, name_or_path, shipped)
     elif not allow_paths:
         raise ModelError(f"{name_or_path!r} is not a model name (letters, digits, '-', '_', '.'; no paths)")
     path = Path(name_or_path)
     if not os.path.isdir(path):
         found = ", ".join(available_models(models_dir)) or "none"
         raise ModelError(
-            f"no model folder {name_or_path!r} in {models_dir} (found: {found}), "
+            f"no model folder {name_or_path!r} in {models_dir} (found: {found}{_shipped_note(shipped)}), "
             "nor a folder at that path; train one with antiphon train --name NAME"
         )
     return Path(os.path.realpath(path)) if os.path.islink(path) else path
 
 
-def _model_in(models_dir: Path, name: str) -> Path:
+def _shipped_note(shipped: Path) -> str:
+    return f"; shipped: {', '.join(available_models(shipped)) or 'none'}"
+
+
+def _model_in(models_dir: Path, name: str, shipped: Path) -> Path:
     """`models_dir/name` once checked to be a folder directly inside `models_dir` (links resolved)."""
     candidate = models_dir / name
     root, real = Path(os.path.realpath(models_dir)), Path(os.path.realpath(candidate))
@@ -101,7 +114,7 @@ def _model_in(models_dir: Path, name: str) -> Path:
         raise ModelError(f"model {name!r} links outside the models folder; refusing to load it")
     if not os.path.isdir(real):
         found = ", ".join(available_models(models_dir)) or "none"
-        raise ModelError(f"no model {name!r} (available: {found})")
+        raise ModelError(f"no model {name!r} (available: {found}{_shipped_note(shipped)})")
     return real if os.path.islink(candidate) else candidate
 
 

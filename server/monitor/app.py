@@ -27,7 +27,7 @@ from aiohttp import WSMsgType, web
 
 from server.live.controls import ControlError
 from server.live.modes import MODE_NAMES
-from server.model.files import available_models
+from server.model.files import all_models
 from server.monitor import DEFAULT_HOST
 from server.monitor.access import (TOKEN_PARAMETER, HostPort, allowed_hosts, host_allowed, is_wildcard, origin_allowed,
                                    run_token, token_allowed)
@@ -102,7 +102,7 @@ class Monitor:
             client.offer(text)
 
     def publish_models(self) -> None:
-        self.publish({"type": "models", "names": available_models(self.models_dir)})
+        self.publish({"type": "models", "names": all_models(self.models_dir)})
 
     async def refresh_models(self) -> None:
         while True:

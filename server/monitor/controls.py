@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from server.live.controls import ControlError
-from server.model.files import available_models
+from server.model.files import all_models
 from server.osc.namespace import TABLE, Request
 
 CONTROLS = frozenset({"/mode", "/temperature", "/sigma_temperature", "/timescale", "/pause", "/reset", "/model",
@@ -57,7 +57,7 @@ class Checks:
         pass
 
     def load_model(self, name: str, on_error: Callable[[str], None] | None = None) -> None:
-        if name not in available_models(self.models_dir):
+        if name not in all_models(self.models_dir):
             raise ControlError(f"no model {name!r} in the models folder")
 
     def learn(self, seconds: float) -> None:

@@ -51,7 +51,7 @@ def advertise(http_port: int, osc_port: int, host: str) -> Advertisement:
     try:
         from zeroconf import IPVersion, ServiceInfo, Zeroconf, get_all_addresses
     except ImportError:
-        raise AdvertiseError("--advertise needs the zeroconf package: pip install zeroconf") from None
+        raise AdvertiseError('--advertise needs the zeroconf package: pip install "antiphon[advertise]" (or pip install zeroconf)') from None
     wildcard = host in ("", "0.0.0.0", "::")
     addresses = get_all_addresses() if wildcard else [socket.gethostbyname(host)]
     name = socket.gethostname().split(".")[0] or "antiphon"

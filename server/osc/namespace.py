@@ -199,7 +199,7 @@ def pause(ctx: Request, paused: int) -> None:
 
 @address("/model", max_rate=MODEL_LOADS_PER_SECOND, state="model")
 def model(ctx: Request, name: str) -> None:
-    """Load models/<name> (a bare folder name) without stopping the loop; the old model stays if it fails."""
+    """Load a model by name (yours, else a shipped one) without stopping the loop; the old model stays if it fails."""
     try:
         check_model_name(name)
     except ValueError as exc:
