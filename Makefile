@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
 
-.PHONY: run test mutants bench soak default-model touch-model chorale-model models clean
+.PHONY: run test mutants bench soak pd-screenshot default-model touch-model chorale-model models clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -33,6 +33,9 @@ bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 
 soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (make soak ARGS="--seconds 600")
 	$(PY) -m server soak $(ARGS)
+
+pd-screenshot: $(STAMP)  ## redraw patches/pd/antiphon.png: the Pd patch in Pd's GUI on a 1366x768 Xvfb screen (apt xvfb puredata-gui)
+	$(PY) -m tests.pdgui patches/pd/antiphon.png
 
 default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures (under 3 minutes)
 	$(PY) -m server synth --seed 1 --out datasets/synthetic.npz
