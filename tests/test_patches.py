@@ -745,9 +745,9 @@ PD_STATUS_HELPER = ("#N canvas 0 0 400 400 12;\n#X obj 20 20 r antiphon-temperat
 
 
 def test_pd_patch_says_mode_and_model_in_one_line_when_they_change(tmp_path):
-    """Three full /status replies (every key the server has) reach antiphon.pd: the sliders
-    follow each, and the Pd window gets `antiphon: mode M model N` for the first and for the
-    one whose mode changed, nothing for the repeat, and no dump of the other keys."""
+    """Four full /status replies (every key the server has) reach antiphon.pd: the sliders
+    follow each, and the Pd window gets `antiphon: mode M model N` for the first and for those
+    whose mode or model changed, nothing for the repeat, and no dump of the other keys."""
     from server.live.engine import STATUS_KEYS
     from server.osc.output import status_message
 
@@ -757,7 +757,8 @@ def test_pd_patch_says_mode_and_model_in_one_line_when_they_change(tmp_path):
     assert len(base) > 30 and {"mode", "model", "temperature", "sigma_temperature"} <= set(base)
     replies = [dict(base, mode="accompany", model="default", temperature=0.75, sigma_temperature=0.5),
                dict(base, mode="accompany", model="default", temperature=0.25, sigma_temperature=0.5),
-               dict(base, mode="generate", model="default", temperature=1.5, sigma_temperature=0.125)]
+               dict(base, mode="generate", model="default", temperature=1.5, sigma_temperature=0.125),
+               dict(base, mode="generate", model="touch", temperature=1.0, sigma_temperature=0.125)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = Lines(proc)
@@ -772,11 +773,12 @@ def test_pd_patch_says_mode_and_model_in_one_line_when_they_change(tmp_path):
     for problem in ("can't open", "couldn't create", "error", "mismatch"):
         assert problem not in out, f"pd reported '{problem}':\n{out}"
     said = re.findall(r"^antiphon\S*: .*$", out, re.MULTILINE)
-    assert said == ["antiphon: mode accompany model default", "antiphon: mode generate model default"], (
+    assert said == ["antiphon: mode accompany model default", "antiphon: mode generate model default",
+                    "antiphon: mode generate model touch"], (
         f"the Pd window should get one line per change of mode or model; got {said}\n{out}")
     shown = [float(v) for v in re.findall(r"^SHOWN-TEMPERATURE: (\S+)$", out, re.MULTILINE)]
-    assert shown == [0.75, 0.25, 1.5], f"the temperature slider should follow /status: {shown}\n{out}"
-    assert [float(v) for v in re.findall(r"^SHOWN-SIGMA: (\S+)$", out, re.MULTILINE)] == [0.5, 0.5, 0.125], out
+    assert shown == [0.75, 0.25, 1.5, 1.0], f"the temperature slider should follow /status: {shown}\n{out}"
+    assert [float(v) for v in re.findall(r"^SHOWN-SIGMA: (\S+)$", out, re.MULTILINE)] == [0.5, 0.5, 0.125, 0.125], out
 
 
 # --------------------------------------------------------------------------- SuperCollider
