@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
 
-.PHONY: run test mutants bench soak portability default-model touch-model chorale-model models clean
+.PHONY: run test mutants bench soak portability pd-screenshot default-model touch-model chorale-model models clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -36,6 +36,9 @@ soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (m
 
 portability: $(STAMP)  ## does every stage dependency have a binary wheel on each platform x Python 3.11-3.13 (needs the registry)
 	$(PY) -m server.tools.portability $(ARGS)
+
+pd-screenshot: $(STAMP)  ## redraw patches/pd/antiphon.png: the Pd patch in Pd's GUI on a 1366x768 Xvfb screen (apt xvfb puredata-gui)
+	$(PY) -m tests.pdgui patches/pd/antiphon.png
 
 # The shipped models live in the repository's models/ (your own go to the per-user folder): --models-dir models
 default-model: $(STAMP)  ## retrain models/default from the seeded synthetic gestures (under 3 minutes)

@@ -6,7 +6,10 @@
   `/subscribe surprise <its port>` on load and with hello, and a `/surprise` moves its
   meter, its number box and the model voice's cutoff (against a fake server); the headless
   round-trip patch gets predictions back from a real server (`antiphon run`), and the
-  headless learn patch gets a `/learn/done` from a real fine-tune.
+  headless learn patch gets a `/learn/done` from a real fine-tune. Its window fits a 1366 x 768
+  screen: drawn by Pd's own GUI under Xvfb (tests/pdgui.py), nothing lies outside it and no
+  two texts overlap; a `/status` moves its sliders and says mode and model in one line only
+  when they change.
 - SuperCollider: the client compiles; its GUI runs headless against a real server with the
   audio server failing to boot, and posts what it saw (including the learn buttons, and a
   `/learn/progress` and `/learn/done` sent to it, the `/surprise` its own `/subscribe`
@@ -30,7 +33,7 @@
   and `/surprise`, and every patch uses
   the server's default ports.
 
-Tests that need `pd` or `sclang` skip with the reason when the program is missing, except
+Tests that need `pd`, `sclang` or (for the layout) `Xvfb` and `pd-gui` skip with the reason when the program is missing, except
 under CI (env CI set), where a missing client program fails: CI installs them from
 .ci/apt-packages.txt.
 """
@@ -413,30 +416,38 @@ def osc_message(address: str, *args) -> bytes:
     return builder.build().dgram
 
 
+def pd_patch_with_fake_server(tmp_path: Path, pd: str, helper: str, *extra: str,
+                               edit=lambda source: source) -> tuple[socket.socket, int, list[str]]:
+    """antiphon.pd with its `$0-` names made global (so `helper`, a patch opened after it, can listen
+    to them and `-send` can reach them), sending to a fake server and listening on a free port:
+    (the fake server's bound socket, the patch's port, the pd command with `extra` at its end)."""
+    _, _, port, send_port = server_contract()
+    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fake.bind(("127.0.0.1", 0))
+    listen_port = free_udp_ports(1)[0]
+    source = edit(PD_PATCH.read_text().replace(r"\$0-", "antiphon-"))
+    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
+    (tmp_path / "antiphon.pd").write_text(source)
+    (tmp_path / "helper.pd").write_text(helper)
+    return fake, listen_port, [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+                               "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"), *extra]
+
+
 def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
     """Step 4 of antiphon.pd against a fake server: learn/stop send, progress/result show."""
     from pythonosc.osc_message import OscMessage
 
     pd = require_program("pd", "puredata-core")
-    _, _, port, send_port = server_contract()
-    source = PD_PATCH.read_text()
     # the displays of step 4 receive the names the helper listens to
     gui = " ".join(" ".join(o.atoms) for o in pd_io(PD_PATCH)[2] if o.kind != "text")
     for name in PD_DISPLAYS:
         assert rf"\$0-learn-{name} " in gui, f"no step 4 display receives $0-learn-{name}"
-    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fake.bind(("127.0.0.1", 0))
+    fake, listen_port, cmd = pd_patch_with_fake_server(
+        tmp_path, pd, PD_LEARN_HELPER,
+        # what clicking the number box (5), learn and then stop does
+        "-send", "antiphon-learn-seconds 5", "-send", "antiphon-learn bang", "-send", "antiphon-learn-stop bang")
     fake.settimeout(15)
-    listen_port = free_udp_ports(1)[0]
-    source = source.replace(r"\$0-", "antiphon-")
-    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
-    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
-    (tmp_path / "antiphon.pd").write_text(source)
-    (tmp_path / "helper.pd").write_text(PD_LEARN_HELPER)
-    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
-           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
-           # what clicking the number box (5), learn and then stop does
-           "-send", "antiphon-learn-seconds 5", "-send", "antiphon-learn bang", "-send", "antiphon-learn-stop bang"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = Lines(proc)
@@ -488,21 +499,11 @@ def test_pd_patch_subscribes_to_surprise_and_shows_it(tmp_path):
     from pythonosc.osc_message import OscMessage
 
     pd = require_program("pd", "puredata-core")
-    _, _, port, send_port = server_contract()
     gui = " ".join(" ".join(o.atoms) for o in pd_io(PD_PATCH)[2] if o.kind != "text")
     assert r"hsl 250 18 -15 15 0 0 \$0-surprise-meter \$0-surprise-meter-in " in gui, "no surprise meter on -15..15"
-    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fake.bind(("127.0.0.1", 0))
+    fake, listen_port, cmd = pd_patch_with_fake_server(
+        tmp_path, pd, PD_SURPRISE_HELPER, "-send", "antiphon-hello bang")  # what clicking hello does: a second /subscribe
     fake.settimeout(15)
-    listen_port = free_udp_ports(1)[0]
-    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-")
-    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
-    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
-    (tmp_path / "antiphon.pd").write_text(source)
-    (tmp_path / "helper.pd").write_text(PD_SURPRISE_HELPER)
-    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
-           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
-           "-send", "antiphon-hello bang"]  # what clicking hello does: a second /subscribe
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = Lines(proc)
@@ -563,17 +564,7 @@ def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
     from server.osc.wire import encode_bundle, encode_prediction, ntp_timetag
 
     pd = require_program("pd", "puredata-core")
-    _, _, port, send_port = server_contract()
-    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the patch's /hello and /status go here
-    fake.bind(("127.0.0.1", 0))
-    listen_port = free_udp_ports(1)[0]
-    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-")
-    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
-    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
-    (tmp_path / "antiphon.pd").write_text(source)
-    (tmp_path / "helper.pd").write_text(PD_MODEL_HELPER)
-    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
-           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd")]
+    fake, listen_port, cmd = pd_patch_with_fake_server(tmp_path, pd, PD_MODEL_HELPER)  # /hello and /status go to fake
     sent = [  # (packet, x, y) in the order sent
         (encode_prediction(0.5, 0.25), 0.5, 0.25),  # plain, as with lookahead 0 and voices one
         (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction(0.75, 0.125, 2)), 0.75, 0.125),
@@ -624,21 +615,12 @@ def test_pd_patch_plays_a_note_models_predictions_as_midi_notes(tmp_path):
     from server.osc.wire import encode_prediction
 
     pd = require_program("pd", "puredata-core")
-    _, _, port, send_port = server_contract()
     objects = [" ".join(o.atoms) for o in pd_io(PD_PATCH)[2]]
     assert "noteout 1" in objects and "makenote 90 250" in objects
-    fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fake.bind(("127.0.0.1", 0))
-    listen_port = free_udp_ports(1)[0]
-    source = PD_PATCH.read_text().replace(r"\$0-", "antiphon-").replace(" noteout 1;", " noteout-spy;")
-    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
-    source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
-    (tmp_path / "antiphon.pd").write_text(source)
-    (tmp_path / "helper.pd").write_text(PD_NOTE_HELPER)
     (tmp_path / "noteout-spy.pd").write_text(PD_NOTEOUT_SPY)
-    cmd = [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
-           "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"),
-           "-send", "antiphon-midi-on 1"]  # what ticking MIDI-out does
+    fake, listen_port, cmd = pd_patch_with_fake_server(
+        tmp_path, pd, PD_NOTE_HELPER, "-send", "antiphon-midi-on 1",  # what ticking MIDI-out does
+        edit=lambda source: source.replace(" noteout 1;", " noteout-spy;"))
     f32 = lambda v: float(np.float32(v))  # noqa: E731  what the server sends
     sent = [(f32(60 / 127), f32(90 / 127)), (f32(60.3 / 127), f32(90 / 127)), (f32(60.7 / 127), f32(100 / 127))]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -687,6 +669,116 @@ def test_pd_learn_against_server(tmp_path):
         assert after < before, out
     else:
         assert model == "default", out
+
+
+# --------------------------------------------------------------------------- Pd: on a laptop screen
+
+PD_MENUBAR = 32  # Pd's menu bar above a patch's canvas on Linux and Windows (the GUI test measures it)
+TITLE_BAR = 30  # what a window manager adds above that (Xvfb has none)
+
+
+def pd_canvas(path: Path) -> tuple[int, int, int, int]:
+    """The main window's place and size from the patch's first `#N canvas x y width height font` line."""
+    first = re.match(r"#N canvas (-?\d+) (-?\d+) (\d+) (\d+) 12;", path.read_text())
+    assert first, f"{path.name} should start with a font-12 #N canvas line"
+    return tuple(int(v) for v in first.groups())
+
+
+def test_pd_patch_window_fits_a_1366x768_screen():
+    from tests.pdgui import SCREEN
+
+    x, y, width, height = pd_canvas(PD_PATCH)
+    assert x >= 0 and y >= 0 and x + width <= SCREEN[0], f"{width} px wide at x {x}: wider than {SCREEN[0]}"
+    assert y + PD_MENUBAR + height + TITLE_BAR <= SCREEN[1], (
+        f"{height} px high at y {y}, with a {PD_MENUBAR}-px menu bar and a {TITLE_BAR}-px title bar: over {SCREEN[1]}")
+
+
+def overlapping_texts(items) -> list[tuple[str, str]]:
+    """Pairs of text items (comments, labels, box texts) whose boxes overlap; Tk's boxes have a 1-px margin."""
+    texts = [(i.box, i.text) for i in items if i.kind == "text" and i.text.strip()]
+    found = []
+    for n, ((ax1, ay1, ax2, ay2), a) in enumerate(texts):
+        for (bx1, by1, bx2, by2), b in texts[n + 1:]:
+            if min(ax2, bx2) - max(ax1, bx1) > 2 and min(ay2, by2) - max(ay1, by1) > 2:
+                found.append((a, b))
+    return found
+
+
+def test_pd_patch_as_pd_draws_it_fits_1366x768_with_no_overlaps(tmp_path):
+    """antiphon.pd in Pd's GUI on a 1366 x 768 Xvfb screen: the window fits with a title bar,
+    no scrollbars, every drawn item inside the canvas, no two texts (comments, labels, boxes)
+    overlapping, something drawn; and the README's screenshot is of this layout (its size)."""
+    require_program("Xvfb", "xvfb")
+    require_program("pd-gui", "puredata-gui")
+    from PIL import Image, features
+
+    from tests.pdgui import SCREEN, draw, not_blank, virtual_screen
+
+    assert features.check("xcb"), "Pillow without XCB cannot grab the screen"
+    x, y, width, height = pd_canvas(PD_PATCH)
+    with virtual_screen(SCREEN) as display:
+        drawn = draw(PD_PATCH, display, tmp_path)
+    image = drawn.window_image()
+    image.save(tmp_path / "antiphon.png")
+    left, top, shown_width, shown_height = drawn.canvas
+    assert (shown_width, shown_height) == (width, height), drawn.canvas
+    assert (left, top - y) == (x, PD_MENUBAR), f"window at {x} {y}, canvas drawn at {left} {top}"
+    assert left + width <= SCREEN[0] and top + height + TITLE_BAR <= SCREEN[1], drawn.canvas
+    assert drawn.scrollbars == (False, False), "Pd shows scrollbars: something lies outside the window"
+    outside = [(i.kind, i.box, i.text) for i in drawn.items
+               if i.box[0] < -1 or i.box[1] < -1 or i.box[2] > width + 1 or i.box[3] > height + 1]
+    assert not outside, f"drawn outside the {width} x {height} canvas: {outside}"
+    objects = parse_pd(PD_PATCH)[-1][0]  # the main window's (each draws a text: box, comment or label)
+    assert sum(i.kind == "text" for i in drawn.items) >= len(objects), "Pd drew too few texts: is the patch all there?"
+    assert not overlapping_texts(drawn.items), f"texts that overlap: {overlapping_texts(drawn.items)}"
+    assert not_blank(image), "the screenshot is blank"
+    shipped = Image.open(PD_PATCH.with_suffix(".png"))
+    assert shipped.size == image.size, (
+        f"patches/pd/antiphon.png is {shipped.size}, the window {image.size}: run make pd-screenshot")
+
+
+# The Pd window's whole say about a /status: one short line, and only when mode or model changed.
+PD_STATUS_HELPER = ("#N canvas 0 0 400 400 12;\n#X obj 20 20 r antiphon-temperature-set;\n#X obj 20 45 print SHOWN-TEMPERATURE;\n"
+                    "#X obj 200 20 r antiphon-sigma-set;\n#X obj 200 45 print SHOWN-SIGMA;\n"
+                    "#X obj 20 100 loadbang;\n#X obj 20 125 print HELPER-READY;\n"
+                    "#X connect 0 0 1 0;\n#X connect 2 0 3 0;\n#X connect 4 0 5 0;\n")
+
+
+def test_pd_patch_says_mode_and_model_in_one_line_when_they_change(tmp_path):
+    """Four full /status replies (every key the server has) reach antiphon.pd: the sliders
+    follow each, and the Pd window gets `antiphon: mode M model N` for the first and for those
+    whose mode or model changed, nothing for the repeat, and no dump of the other keys."""
+    from server.live.engine import STATUS_KEYS
+    from server.osc.output import status_message
+
+    pd = require_program("pd", "puredata-core")
+    fake, listen_port, cmd = pd_patch_with_fake_server(tmp_path, pd, PD_STATUS_HELPER)
+    base = {key: 0 for key in STATUS_KEYS}
+    assert len(base) > 30 and {"mode", "model", "temperature", "sigma_temperature"} <= set(base)
+    replies = [dict(base, mode="accompany", model="default", temperature=0.75, sigma_temperature=0.5),
+               dict(base, mode="accompany", model="default", temperature=0.25, sigma_temperature=0.5),
+               dict(base, mode="generate", model="default", temperature=1.5, sigma_temperature=0.125),
+               dict(base, mode="generate", model="touch", temperature=1.0, sigma_temperature=0.125)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
+    try:
+        lines.wait(r"^HELPER-READY")
+        for n, items in enumerate(replies, 1):
+            fake.sendto(status_message(items), ("127.0.0.1", listen_port))
+            lines.wait(r"^SHOWN-TEMPERATURE", count=n)  # each one handled before the next
+    finally:
+        out = lines.stop()
+        fake.close()
+    for problem in ("can't open", "couldn't create", "error", "mismatch"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    said = re.findall(r"^antiphon\S*: .*$", out, re.MULTILINE)
+    assert said == ["antiphon: mode accompany model default", "antiphon: mode generate model default",
+                    "antiphon: mode generate model touch"], (
+        f"the Pd window should get one line per change of mode or model; got {said}\n{out}")
+    shown = [float(v) for v in re.findall(r"^SHOWN-TEMPERATURE: (\S+)$", out, re.MULTILINE)]
+    assert shown == [0.75, 0.25, 1.5, 1.0], f"the temperature slider should follow /status: {shown}\n{out}"
+    assert [float(v) for v in re.findall(r"^SHOWN-SIGMA: (\S+)$", out, re.MULTILINE)] == [0.5, 0.5, 0.125, 0.125], out
 
 
 # --------------------------------------------------------------------------- SuperCollider
