@@ -79,14 +79,16 @@ def test_accompany_answers_each_input(peer):
     before = peer.status()
     gestures(peer, 30, 0.02)
     got = peer.receive(10.0, "/prediction", count=30)
-    assert len(got) == 30
-    xy = np.array([args for _, _, args in got])
-    assert xy.shape == (30, 2) and np.all((xy >= 0) & (xy <= 1))
-    assert peer.receive(0.3, "/prediction") == [], "exactly one answer per input"
-    # ... and the server agrees: 30 in, 30 played, nothing dropped or still waiting.
+    got += peer.receive(0.3, "/prediction")  # and no more: exactly one answer per input
     after = peer.status()
-    assert changed(before, after, "inputs", "outputs", "dropped", "late_dropped", "rate_dropped") == {
-        "inputs": 30, "outputs": 30, "dropped": 0, "late_dropped": 0, "rate_dropped": 0}
+    # The server agrees: 30 in, each played (or, on a machine that stalled the server over 50 ms, dropped as
+    # late and counted: the late-drop promise, pinned on the virtual clock), nothing else dropped or waiting.
+    delta = changed(before, after, "inputs", "outputs", "dropped", "late_dropped", "rate_dropped")
+    assert delta["inputs"] == 30 and delta["outputs"] + delta["late_dropped"] == 30, delta
+    assert delta["late_dropped"] <= 3 and delta["dropped"] == delta["rate_dropped"] == 0, delta
+    assert len(got) == delta["outputs"]
+    xy = np.array([args for _, _, args in got])
+    assert xy.shape == (len(got), 2) and np.all((xy >= 0) & (xy <= 1))
     assert after["pending"] == 0
 
 
@@ -279,11 +281,17 @@ def test_logs_to_dataset_to_training(tmp_path):
     peer.target = ("127.0.0.1", srv.port)
     try:
         gestures(peer, 80, 0.01)
-        answers = peer.receive(10.0, "/prediction", count=80)
+        # every gesture heard (answered, or its answer dropped late by a stall on a busy machine: not the subject)
+        status = peer.status()
+        end = time.monotonic() + 10
+        while status["inputs"] < 80 or status["pending"]:
+            assert time.monotonic() < end, status
+            time.sleep(0.05)
+            status = peer.status()
     finally:
         assert srv.stop(signal.SIGINT) == 0
         peer.close()
-    assert len(answers) == 80
+    assert status["inputs"] == 80 and status["outputs"] + status["late_dropped"] == 80
     (log,) = srv.logs()
     rows = list(csv.reader(log.read_text().splitlines()))[1:]
     ds_path = tmp_path / "played.npz"

@@ -22,6 +22,7 @@ class GestureStream:
 
     def __init__(self, peer: OscPeer, gap: float = 0.02) -> None:
         self.peer, self.gap, self.sent = peer, gap, 0
+        self.times: list[float] = []  # when each gesture left: a starved test process sends late, not the server
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -30,6 +31,7 @@ class GestureStream:
         while not self._stop.is_set():
             i = self.sent
             self.peer.send("/gesture", 0.5 + 0.45 * math.cos(i / 5), 0.5 + 0.45 * math.sin(i / 5))
+            self.times.append(time.monotonic())
             self.sent += 1
             self._stop.wait(max(0.0, start + self.sent * self.gap - time.monotonic()))
 
@@ -50,12 +52,17 @@ class SwapRecord:
     sent: float
     done: float
     status: dict
+    sends: list[float]
 
     def between(self, start: float, end: float) -> list[tuple[float, float]]:
         return [(x, y) for t, x, y in self.answers if start <= t < end]
 
     def longest_gap(self, start: float, end: float) -> float:
         times = [start] + [t for t, _, _ in self.answers if start <= t < end] + [end]
+        return max(np.diff(times))
+
+    def longest_send_gap(self, start: float, end: float) -> float:
+        times = [start] + [t for t in self.sends if start <= t < end] + [end]
         return max(np.diff(times))
 
 
@@ -71,7 +78,7 @@ def swap_while_playing(listener: OscPeer, control: OscPeer, to: str, gap: float 
     def listen(seconds: float) -> None:
         answers.extend((t, *args[:2]) for t, _, args in listener.receive(seconds, "/prediction"))
 
-    with GestureStream(control, gap):
+    with GestureStream(control, gap) as stream:
         listen(before)
         sent = time.monotonic()
         control.send("/model", to)
@@ -86,7 +93,7 @@ def swap_while_playing(listener: OscPeer, control: OscPeer, to: str, gap: float 
             assert time.monotonic() - sent < timeout, f"/model {to} not done after {timeout} s: {status}"
         listen(after)
     listen(0.2)
-    return SwapRecord(answers, sent, done, control.status())
+    return SwapRecord(answers, sent, done, control.status(), stream.times)
 
 
 def start_on(models, peer: OscPeer, tmp_path, model: str = "a") -> ServerProcess:
@@ -180,5 +187,9 @@ def check_swap(models, rec: SwapRecord, old: str, new: str, gap: float = 0.02) -
     loading = rec.done - rec.sent
     longest = rec.longest_gap(rec.sent - 0.2, rec.done + 0.2)
     during = len(rec.between(rec.sent, rec.done))
-    assert longest <= 1.0, (f"no answers for {longest:.2f} s during a {loading:.2f} s load ({during} answers; "
-                            f"late_dropped {rec.status.get('late_dropped')})")
+    # A loop blocked by the load would fall silent for the whole load. Judged against the gestures' own
+    # gaps (a busy machine may hold the sending thread back too) and the load's length, not a fixed second.
+    silence = rec.longest_send_gap(rec.sent - 0.2, rec.done + 0.2)
+    assert longest <= silence + max(0.3, loading / 2), (
+        f"no answers for {longest:.2f} s during a {loading:.2f} s load ({during} answers; longest gap between "
+        f"gestures sent {silence:.2f} s; late_dropped {rec.status.get('late_dropped')})")
