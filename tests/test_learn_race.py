@@ -276,7 +276,7 @@ def test_model_and_learn_in_one_bundle_refuses_the_learn(served) -> None:
 def test_a_real_fine_tune_does_not_replace_the_model_swapped_in_meanwhile(served) -> None:
     """/learn on default over UDP, /model touch while the real training child runs: when it ends, better, touch
     keeps playing, /learn/done says 0 and /error /learn and /status say why."""
-    from tests.test_learn_live import play_enough, wait_for
+    from tests.test_learn_live import play_enough, wait_for_training
 
     srv, peer, models = served
     # the figure's 160 positions in a second: one epoch on them ends ~30 nats/event better than default
@@ -284,7 +284,7 @@ def test_a_real_fine_tune_does_not_replace_the_model_swapped_in_meanwhile(served
     # playing the figure in its own time
     play_enough(peer)
     peer.send("/learn", 8.0)
-    wait_for(peer, "/learn/progress", 90)
+    wait_for_training(peer, 90)
     peer.send("/model", "touch")
     errors, done = [], None
     end = time.monotonic() + 120
