@@ -18,6 +18,7 @@ STATUS_KEYS: dict[str, str] = {
     "model": "the playing model's name",
     "loading": "the model being loaded off the loop, or empty",
     "backend": "`litert`, or `tensorflow` where LiteRT is missing",
+    "dims": "N, the values per event the playing model takes and plays (`/gesture v1 .. vN`)",
     "inputs": "performer events received",
     "outputs": "model events played",
     "dropped": f"answers dropped because {MAX_PENDING} were already waiting in their voice",
