@@ -185,3 +185,32 @@ def test_a_swap_retunes_the_outputs_only_when_the_width_changes_and_voices_draw_
         loop.advance(0.5)
         assert hook.widths == widths and engine.width == int(name[1:])
         assert len(played.model()[-1].values) == engine.width  # its voice samples (and draws) at the new width
+
+
+class Learns:
+    """A learner that records how many performer events each `/learn` was told the current log holds."""
+
+    def __init__(self) -> None:
+        self.heard: list[int] = []
+
+    def start(self, seconds, parent, folder, performer_events, swap, playing=None) -> None:
+        self.heard.append(performer_events)
+
+
+def test_learn_counts_only_the_events_of_the_playing_width(wide, wide_models_dir):
+    loop = VirtualLoop()
+    learner = Learns()
+    engine, _ = build_engine(loop, wide[2], Settings(mode=Mode.LISTEN), models_dir=wide_models_dir,
+                             model_name="n2", learner=learner)
+    for i in range(5):
+        engine.perform(*values(2, i))
+    engine.load_model("n8")
+    loop.advance(0.5)
+    for i in range(3):
+        engine.perform(*values(8, i))
+    engine.learn(10.0)
+    engine.load_model("n8")  # the same width: its log goes on, and so does the count
+    loop.advance(0.5)
+    engine.perform(*values(8))
+    engine.learn(10.0)
+    assert learner.heard == [3, 4]

@@ -79,6 +79,7 @@ class Engine:
         self._learner = learner
         self._status_sources = tuple(status_sources)
         self._started = loop.time()
+        self._inputs_before_width = 0  # performer events heard before the playing width began (not in its log)
 
     # ------------------------------------------------------------------ what it plays
 
@@ -212,7 +213,8 @@ class Engine:
         """Start a fine-tune of the playing model on this session's playing (see `server.live.learning`)."""
         if self._learner is None:
             raise ControlError("learning is not available in this server")
-        self._learner.start(seconds, self.model_name, self.model_folder, self.counts["inputs"], self._swap.load,
+        heard = self.counts["inputs"] - self._inputs_before_width  # what the current log holds: its width's
+        self._learner.start(seconds, self.model_name, self.model_folder, heard, self._swap.load,
                             playing=self._swap.playing)
 
     def stop_learning(self) -> None:
@@ -266,6 +268,7 @@ class Engine:
         retuned = predictor.values != self._voices.predictor.values
         self._voices.play_on(predictor)
         if retuned:
+            self._inputs_before_width = self.counts["inputs"]
             self._outputs.retune(predictor.values)
         for v in self._voices:
             v.start()
