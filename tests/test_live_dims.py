@@ -214,3 +214,16 @@ def test_learn_counts_only_the_events_of_the_playing_width(wide, wide_models_dir
     engine.perform(*values(8))
     engine.learn(10.0)
     assert learner.heard == [3, 4]
+
+
+def test_bench_measures_the_step_and_round_trip_at_nine_values_beside_the_models_own(wide_models_dir):
+    from server.tools.bench_dims import bench_widths, widths_table
+
+    r = bench_widths(wide_models_dir / "n2", quick=True)
+    assert (r["base"]["values"], r["wide"]["values"]) == (2, 9)
+    for row in (r["base"], r["wide"]):
+        assert row["step"]["steps"] == 2000 and row["step"]["median_us"] > 0
+        assert row["round_trip"]["sent"] > 0 and row["round_trip"]["received"] > 0  # answered at its width
+    assert all(q is not None and q > 0 for q in r["ratios"].values())
+    table = "\n".join(widths_table(r))
+    assert "goal: N = 9 under 1.5x" in table and "ratio: step" in table

@@ -31,13 +31,13 @@ ROUND_TRIP_MAX_RATE = 5000
 
 
 def step_latency(predictor, steps: int, rng) -> dict[str, float]:
-    """Median and p99 of one observe + sample, after a warm-up."""
+    """Median and p99 of one observe + sample (of the model's N values), after a warm-up."""
     times = np.empty(steps)
-    dt, x, y = 0.02, 0.5, 0.5
+    event = (0.02, *(0.5,) * predictor.values)
     for i in range(-min(steps, 200), steps):
         t0 = time.perf_counter()
-        predictor.observe(dt, x, y)
-        dt, x, y = predictor.sample(rng, 1.0, 1.0)
+        predictor.observe(*event)
+        event = predictor.sample(rng, 1.0, 1.0)
         if i >= 0:
             times[i] = time.perf_counter() - t0
     return {"median_us": float(np.median(times) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6), "steps": steps}
@@ -61,15 +61,22 @@ def bench_steps(folder: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
-def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False) -> dict[str, Any]:
-    """Send /gesture at ``rate`` on an absolute schedule; pair the i-th /prediction with the i-th input."""
+def gesture(i: int, values: int = 2) -> bytes:
+    """The i-th `/gesture` of a round trip: ``values`` values tracing slow figures in [0.1, 0.9]."""
+    return encode_message("/gesture", *(0.5 + 0.4 * float(np.sin(i / (20 + 11 * d) + d)) for d in range(values)))
+
+
+def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False,
+               values: int = 2) -> dict[str, Any]:
+    """Send /gesture (of ``values`` values) at ``rate`` on an absolute schedule; pair the i-th /prediction with the
+    i-th input."""
     while select.select([sock], [], [], 0.05)[0]:  # what an earlier phase left on the socket is not ours
         sock.recv(65536)
     n = int(rate * seconds)
     sent = np.zeros(n)
     got: list[float] = []
     target = ("127.0.0.1", port)
-    messages = [encode_message("/gesture", 0.5 + 0.4 * float(np.sin(i / 20)), 0.5 + 0.4 * float(np.cos(i / 31))) for i in range(n)]
+    messages = [gesture(i, values) for i in range(n)]
     start = time.monotonic() + 0.05
     i = 0
     end = start + seconds + 2.0
@@ -320,9 +327,11 @@ def run_bench(model: str, models_dir: Path, out: Path, quick: bool = False) -> d
     from server.model.files import resolve_model_dir
 
     folder = resolve_model_dir(model, models_dir, allow_paths=True)
+    from server.tools.bench_dims import bench_widths
+
     step = bench_steps(folder, quick)  # first: the in-process figures on a quiet interpreter
     result = {"model": str(folder), "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "step": step, "server": bench_server(str(folder), quick)}
+              "step": step, "widths": bench_widths(folder, quick), "server": bench_server(str(folder), quick)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"wrote {out}")
@@ -391,4 +400,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"spread (p1-p99) {v['lookahead']['timetag_minus_scheduled_us_spread_p1_p99'] or 0:.0f} us",
         f"server counters: {v['server_status']}",
     ]
+    if "widths" in r:
+        from server.tools.bench_dims import widths_table
+
+        lines += ["", *widths_table(r["widths"])]
     return "\n".join(lines)
