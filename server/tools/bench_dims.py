@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from server.tools.timing import ROUND_TRIP_MAX_RATE, round_trip, step_latency
+
 WIDE_VALUES = 9  # values per event beside the model's own: more than IMPSY's 9-d controller (8 values)
 GOAL_RATIO = 1.5  # the most N = 9 should cost, as a multiple of N = 2
 ROUND_TRIP_RATE = 1000.0  # messages a second
@@ -44,7 +46,6 @@ def width_figures(folder: Path, quick: bool) -> dict[str, Any]:
     from server.model.files import read_model
     from server.model.mdn import RandomBlocks
     from server.model.predictor import Predictor
-    from server.tools.bench import ROUND_TRIP_MAX_RATE, round_trip, step_latency
     from server.tools.under_test import ServerUnderTest
 
     predictor = Predictor(read_model(folder, ("step.tflite",)), backend="litert")
