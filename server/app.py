@@ -64,8 +64,11 @@ def serve(cfg: RunConfig, out: TextIO = sys.stdout) -> int:
         predictor = Predictor.load(folder, cfg.step_engine, prove=True)  # proven in a child first: no segfault here
     except ModelError as e:
         raise StartupError(f"cannot load model {cfg.model!r}: {e}") from e
+    if cfg.midi_cc and len(cfg.midi_cc) != predictor.values:
+        raise StartupError(f"midi_cc lists {len(cfg.midi_cc)} controllers but model {folder.name!r} plays "
+                           f"{predictor.values} values per event: give one control change number per value")
     try:
-        recorder = Recorder(cfg.log_dir, voices=cfg.voices is VoicePolicy.PER_SENDER)
+        recorder = Recorder(cfg.log_dir, voices=cfg.voices is VoicePolicy.PER_SENDER, values=predictor.values)
     except RecorderError as e:
         raise StartupError(str(e)) from e
     try:

@@ -136,6 +136,15 @@ def _int_in(low: int, high: int, what: str, note: str = "") -> Callable[[object]
     return parse
 
 
+def _cc_list(raw: object) -> tuple[int, ...]:
+    """`midi_cc`: control change numbers, one per value, as `1,2,7,10` (a flag) or a TOML list."""
+    items = raw.split(",") if isinstance(raw, str) else [raw] if isinstance(raw, int) else raw
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected control change numbers like 1,2,7,10, got {raw!r}")
+    number = _int_in(0, 127, "a control change number")
+    return midimap.check_ccs(tuple(number(item) for item in items))
+
+
 def _port(raw: object, low: int = 0) -> int:
     return _int_in(low, 65535, "port")(raw)
 
@@ -369,6 +378,11 @@ class RunConfig:
         "control change number for x when midi_input_map is cc", "CC", _int_in(0, 127, "control change number")))
     midi_cc_y: int = field(default=midimap.DEFAULT_CC_Y, metadata=_key(
         "control change number for y when midi_input_map is cc", "CC", _int_in(0, 127, "control change number")))
+    midi_cc: tuple[int, ...] = field(default=(), metadata=_key(
+        f"a control change number per value (up to {midimap.MAX_CCS}, e.g. 1,2,7,10): each CC plays one of the "
+        "model's values in and out, so a bank of knobs is a performance; the list's length must be the model's "
+        "N (`/status dims`); replaces midi_input_map, and the output sends CCs instead of notes", "CC,CC,...",
+        _cc_list, default_doc="none (notes, or midi_input_map)"))
     midi_note_duration: float | None = field(default=None, metadata=_key(
         "seconds each model note sounds, or auto", "SECONDS", _duration,
         default_doc="auto: the smaller of the predicted dt and 0.5 s"))

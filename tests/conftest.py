@@ -50,6 +50,20 @@ def tiny_model(tmp_path_factory, tiny_dataset):
     return result.folder, result
 
 
+WIDE_VALUES = (1, 2, 3, 8, 16)  # N of each model in `wide_models_dir`: the edges, today's, IMPSY's 4-d and 9-d
+
+
+@pytest.fixture(scope="session")
+def wide_models_dir(tmp_path_factory) -> Path:
+    """A models folder of tiny untrained models named `n<N>`, one per N in `WIDE_VALUES`, built once per session."""
+    from tests.tinynet import export_wide
+
+    models = tmp_path_factory.mktemp("wide-models")
+    for n in WIDE_VALUES:
+        export_wide(models / f"n{n}", n, seed=n)
+    return models
+
+
 # --------------------------------------------------------------------------- sampling
 
 

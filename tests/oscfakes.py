@@ -17,6 +17,8 @@ def _voice(voice: int | None) -> tuple[int, ...]:
 class FakeControls:
     """A test double of the engine: records every call; can refuse or break on demand."""
 
+    width = 2  # the values a performer event carries: a 2-value model's (x, y)
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.times: list[float | None] = []  # each perform's `at`, in call order

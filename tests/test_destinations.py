@@ -443,7 +443,7 @@ def test_an_unproven_port_is_paid_for_by_its_namer_4_bytes_per_byte_then_free_on
     protocol.datagrams_received([(hello, A, 0.0)])
     assert out.consent.credit(A) == PROBE_BYTES  # the first credit: 4 x a 16-byte /hello PORT
     for _ in range(3):
-        out.send_prediction(0.5, 0.5)  # 24 bytes each: 2 fit in 64
+        out.send_prediction((0.5, 0.5))  # 24 bytes each: 2 fit in 64
     assert len(_sent_to(sock, P)) == 2 and out.stats.unproven_withheld == 1  # the third is withheld
     assert len(_sent_to(sock, ("127.0.0.1", 5711))) == 3  # --send is proven by the configuration
     gesture = _osc("/gesture", 0.5, 0.5)  # 24 bytes from the namer: 96 more
@@ -456,7 +456,7 @@ def test_an_unproven_port_is_paid_for_by_its_namer_4_bytes_per_byte_then_free_on
     protocol.datagrams_received([(_osc("/status"), P, 3.0)])  # the named port speaks
     before = out.consent.credit(A)
     for _ in range(500):
-        out.send_prediction(0.5, 0.5)
+        out.send_prediction((0.5, 0.5))
     predictions = [d for d in _sent_to(sock, P) if d.startswith(b"/prediction")]
     assert len(predictions) == 2 + 500 and out.consent.credit(A) == before  # free now
 

@@ -253,7 +253,7 @@ def row(t: float) -> str:
 
 def record(recorder: Recorder, t: float) -> bool:
     before = recorder.rows
-    recorder.record(Event(time=t, x=0.5, y=0.5, source="model"))
+    recorder.record(Event(time=t, values=(0.5, 0.5), source="model"))
     return recorder.rows == before + 1
 
 

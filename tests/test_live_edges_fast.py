@@ -51,7 +51,7 @@ def test_a_broken_sink_is_counted_every_time_and_logged_only_the_first_ten(caplo
     counts = {"sink_errors": 0}
     kept = Kept()
     outputs = Outputs([Broken(), kept], counts)
-    event = Event(0.5, 0.25, 1.0, "model")
+    event = Event(0.5, (0.25, 1.0), "model")
     with caplog.at_level(logging.ERROR, logger="server.live.outputs"):
         for i in range(7):
             outputs.emit(event)

@@ -261,10 +261,10 @@ def test_output_plays_each_model_event_and_releases_it():
     synth.clock = loop.time
     out = link.output
     t0 = loop.now
-    out.emit(Event(t0, 60 / 127, 100 / 127, "model"))  # first note: 0.5 s
-    out.emit(Event(t0, 0.2, 0.2, "performer"))  # performer events are not played
-    out.emit(Event(t0 + 0.05, 64 / 127, 0.0, "model"))  # 50 ms after the previous: 50 ms long
-    out.emit(Event(t0 + 0.06, 64 / 127, 1.0, "model"))  # same pitch again: re-struck
+    out.emit(Event(t0, (60 / 127, 100 / 127), "model"))  # first note: 0.5 s
+    out.emit(Event(t0, (0.2, 0.2), "performer"))  # performer events are not played
+    out.emit(Event(t0 + 0.05, (64 / 127, 0.0), "model"))  # 50 ms after the previous: 50 ms long
+    out.emit(Event(t0 + 0.06, (64 / 127, 1.0), "model"))  # same pitch again: re-struck
     assert out.sounding == [60] and out.waiting == 2  # handed over early: each waits for its time
     loop.advance(0.055)
     assert out.sounding == [60, 64] and out.waiting == 1
@@ -291,7 +291,7 @@ def test_silence_turns_every_note_off_at_once():
         backend = MemoryBackend(outputs=("Synth",))
         link = open_midi(loop, cfg(midi_out="Synth", midi_note_duration=10.0), lambda x, y, at=None: None, backend)
         for i in range(5):
-            link.output.emit(Event(loop.time(), i / 10, 0.5, "model"))
+            link.output.emit(Event(loop.time(), (i / 10, 0.5), "model"))
         assert len(link.output.sounding) == 5
         link.output.silence()
         assert link.output.sounding == [] and well_formed(backend.last("Synth").messages) == set()
@@ -321,7 +321,7 @@ def test_input_runs_on_the_loop_and_ignores_echoes_of_what_was_sent():
         await asyncio.to_thread(worker.join)
         await until(lambda: len(played) == 1)
         assert played == [(60 / 127, 90 / 127, threading.current_thread().name)]  # on the loop's thread
-        link.output.emit(Event(loop.time(), 70 / 127, 80 / 127, "model"))
+        link.output.emit(Event(loop.time(), (70 / 127, 80 / 127), "model"))
         keys.play(M("note_on", note=70, velocity=80))  # the synth echoes our note: ignored
         keys.play(M("note_on", note=70, velocity=81))  # not the same note: played
         await until(lambda: len(played) == 2)
@@ -394,7 +394,7 @@ def test_vanished_port_warns_keeps_going_and_is_reopened(caplog):
         backend.outputs.clear()  # unplugged
         await until(lambda: link.inport.port is None and link.outport.port is None)
         assert first_synth.closed and backend.last("USB Keys").closed
-        link.output.emit(Event(loop.time(), 0.5, 0.5, "model"))  # no port: dropped quietly
+        link.output.emit(Event(loop.time(), (0.5, 0.5), "model"))  # no port: dropped quietly
         assert link.output.counts["dropped"] == 1
         backend.inputs.append("USB Keys")
         backend.outputs.append("USB Synth")  # plugged back in
@@ -402,10 +402,10 @@ def test_vanished_port_warns_keeps_going_and_is_reopened(caplog):
         assert len(backend.opened["USB Synth"]) == 2
         backend.last("USB Keys").play(M("note_on", note=10, velocity=10))
         await until(lambda: played == [(10 / 127, 10 / 127)])
-        link.output.emit(Event(loop.time(), 0.5, 0.5, "model"))
+        link.output.emit(Event(loop.time(), (0.5, 0.5), "model"))
         assert notes_on(backend.last("USB Synth").messages) == 1
         backend.last("USB Synth").fail = True  # a send that fails: the port is dropped and looked for again
-        link.output.emit(Event(loop.time(), 0.6, 0.5, "model"))
+        link.output.emit(Event(loop.time(), (0.6, 0.5), "model"))
         assert link.outport.port is None
         await until(lambda: link.outport.port is not None)
         link.close()
@@ -550,9 +550,9 @@ def test_the_same_pitch_on_two_voices_is_two_notes_and_silence_releases_one_voic
     out.duration = 10.0
     now = loop.now
     for voice in (0, 1):
-        out.emit(Event(now, 60 / 127, 0.5, "model", 0.1, voice=voice))
-        out.emit(Event(now, 70 / 127, 0.5, "model", 0.1, voice=voice))
-        out.emit(Event(now + 0.5, 80 / 127, 0.5, "model", 0.1, voice=voice))  # handed over early: waits
+        out.emit(Event(now, (60 / 127, 0.5), "model", 0.1, voice=voice))
+        out.emit(Event(now, (70 / 127, 0.5), "model", 0.1, voice=voice))
+        out.emit(Event(now + 0.5, (80 / 127, 0.5), "model", 0.1, voice=voice))  # handed over early: waits
     assert out.held == [(0, 60), (0, 70), (1, 60), (1, 70)] and out.waiting == 2
     assert [m.type for m in synth.messages] == ["note_on"] * 4  # pitch 60 on voice 1 did not end voice 0's
     out.silence(0)

@@ -353,7 +353,7 @@ def test_hello_without_port_adds_the_sender(server: Server) -> None:
     listener.send("/hello")
     listener.status()
     assert server.output.destinations == (("127.0.0.1", listener.port),)
-    server.call(server.output.send_prediction, 0.25, 0.5)
+    server.call(server.output.send_prediction, (0.25, 0.5))
     reply = listener.recv()
     assert reply.address == "/prediction" and reply.params == [0.25, 0.5]
     listener.close()
@@ -368,7 +368,7 @@ def test_hello_with_port_adds_that_port_once(server: Server, client: Client) -> 
     client.send("/hello", port)
     client.status()
     assert server.output.destinations == (("127.0.0.1", port),)
-    server.call(server.output.send_prediction, 0.125, 1.0)
+    server.call(server.output.send_prediction, (0.125, 1.0))
     data, sender = receiver.recvfrom(1024)
     assert sender == ("127.0.0.1", server.port)
     assert OscMessage(data).params == [0.125, 1.0]
@@ -394,7 +394,7 @@ def test_configured_destinations_receive_predictions(make_server: Callable[..., 
     port = receiver.getsockname()[1]
     server = make_server(destinations=(("localhost", port), ("127.0.0.1", port)))  # resolved, then deduplicated
     assert server.output.destinations == (("127.0.0.1", port),)
-    server.call(server.output.send_prediction, 0.5, 0.75)
+    server.call(server.output.send_prediction, (0.5, 0.75))
     assert OscMessage(receiver.recvfrom(1024)[0]).params == [0.5, 0.75]
     receiver.close()
 
@@ -427,9 +427,9 @@ def test_port_in_use_is_a_readable_error(server: Server) -> None:
 
 def test_sending_never_raises_and_failures_are_counted() -> None:
     output = osc_output.OscOutput([("127.0.0.1", 9)])
-    output.send_prediction(0.5, 0.5)  # not attached yet: dropped quietly
+    output.send_prediction((0.5, 0.5))  # not attached yet: dropped quietly
     output.attach(StubTransport(OSError("network unreachable")))  # type: ignore[arg-type]
-    output.send_prediction(0.5, 0.5)
+    output.send_prediction((0.5, 0.5))
     output.send_status(("127.0.0.1", 9), {"x": object(), "none": None})
     output.send_error(("127.0.0.1", 9), "/x", "why")
     assert output.stats.send_errors == 3 and output.stats.sent == 0
@@ -675,7 +675,7 @@ def test_namespace_docs_list_every_address_exactly_once() -> None:
         "/subscribe", "/unsubscribe",
     }
     assert osc_ns.OUTPUT_ADDRESSES == ("/prediction", "/status", "/error", "/learn/progress", "/learn/done",
-                                       "/mixture", "/performer", "/surprise")
+                                       "/mixture", "/performer", "/surprise", "/model/dims")
     assert "[port:int]" in osc_ns.namespace_text()
     mode_line = next(line for line in text_lines if line.startswith("/mode "))
     assert all(name in mode_line for name in MODE_NAMES)
@@ -728,13 +728,13 @@ def test_argument_rules() -> None:
 
 @given(st.floats(width=32), st.floats(width=32))
 def test_prediction_encoding_matches_python_osc(x: float, y: float) -> None:
-    params = OscMessage(encode_prediction(x, y)).params
-    assert OscMessage(encode_prediction(x, y)).address == "/prediction"
+    params = OscMessage(encode_prediction((x, y))).params
+    assert OscMessage(encode_prediction((x, y))).address == "/prediction"
     assert [struct.pack(">f", v) for v in params] == [struct.pack(">f", x), struct.pack(">f", y)]
 
 
 def test_prediction_encoding_saturates_instead_of_raising() -> None:
-    assert OscMessage(encode_prediction(1e300, -1e300)).params == [math.inf, -math.inf]
+    assert OscMessage(encode_prediction((1e300, -1e300))).params == [math.inf, -math.inf]
 
 
 _ARG = st.one_of(

@@ -132,12 +132,12 @@ def test_a_voice_answers_at_the_port_its_performer_said_hello_for() -> None:
     assert output.reply_to(SPONSOR) == NAMED
     assert output.reply_to(SELF) == SELF
     assert output.reply_to(OTHER) == OTHER  # no /hello: its own address
-    output.send_prediction(0.25, 0.75, voice=2, route=SPONSOR)
-    data = encode_prediction(0.25, 0.75, 2)
+    output.send_prediction((0.25, 0.75), voice=2, route=SPONSOR)
+    data = encode_prediction((0.25, 0.75), 2)
     assert transport.sent == [(data, SEND), (data, NAMED)]
     transport.sent.clear()
-    output.send_prediction(0.25, 0.75, voice=3, route=OTHER)
-    assert transport.sent == [(encode_prediction(0.25, 0.75, 3), SEND), (encode_prediction(0.25, 0.75, 3), OTHER)]
+    output.send_prediction((0.25, 0.75), voice=3, route=OTHER)
+    assert transport.sent == [(encode_prediction((0.25, 0.75), 3), SEND), (encode_prediction((0.25, 0.75), 3), OTHER)]
 
 
 # --------------------------------------------------------------------------- the streams
@@ -329,16 +329,16 @@ WATCHER = ("127.0.0.1", 9100)
 
 def test_a_model_event_goes_to_every_destination_as_prediction() -> None:
     sink, transport, _, _ = played()
-    sink.emit(Event(500.0, 0.25, 0.75, "model", dt=0.1))
-    data = encode_prediction(0.25, 0.75)
+    sink.emit(Event(500.0, (0.25, 0.75), "model", dt=0.1))
+    data = encode_prediction((0.25, 0.75))
     assert transport.sent == [(data, SEND), (data, SELF), (data, NAMED)]
     assert decoded(data) == ("/prediction", 0.25, 0.75)
 
 
 def test_a_voices_model_event_goes_to_the_send_destinations_and_its_performer() -> None:
     sink, transport, _, _ = played()
-    sink.emit(Event(500.0, 0.25, 0.75, "model", voice=2, route=SPONSOR))
-    data = encode_prediction(0.25, 0.75, 2)
+    sink.emit(Event(500.0, (0.25, 0.75), "model", voice=2, route=SPONSOR))
+    data = encode_prediction((0.25, 0.75), 2)
     assert transport.sent == [(data, SEND), (data, NAMED)]
     assert decoded(data) == ("/prediction", 0.25, 0.75, 2)
 
@@ -348,24 +348,24 @@ def test_a_model_event_handed_over_early_is_a_bundle_timetagged_with_its_time(mo
 
     sink, transport, _, loop = played()
     monkeypatch.setattr(sink_module.time, "time", lambda: 1_700_000_000.0)
-    sink.emit(Event(500.25, 0.25, 0.75, "model", voice=1, route=OTHER, timetagged=True))  # due in 0.25 s
-    bundle = encode_bundle(ntp_timetag(1_700_000_000.25), encode_prediction(0.25, 0.75, 1))
+    sink.emit(Event(500.25, (0.25, 0.75), "model", voice=1, route=OTHER, timetagged=True))  # due in 0.25 s
+    bundle = encode_bundle(ntp_timetag(1_700_000_000.25), encode_prediction((0.25, 0.75), 1))
     assert transport.sent == [(bundle, SEND), (bundle, OTHER)]
     assert timetag_seconds(int.from_bytes(bundle[8:16], "big")) == pytest.approx(1_700_000_000.25, abs=1e-6)
     transport.sent.clear()
     loop.now = 500.5  # late: its time has passed
-    sink.emit(Event(500.25, 0.5, 0.5, "model", timetagged=True))
-    late = encode_bundle(ntp_timetag(1_699_999_999.75), encode_prediction(0.5, 0.5))
+    sink.emit(Event(500.25, (0.5, 0.5), "model", timetagged=True))
+    late = encode_bundle(ntp_timetag(1_699_999_999.75), encode_prediction((0.5, 0.5)))
     assert transport.sent == [(late, SEND), (late, SELF), (late, NAMED)]
     transport.sent.clear()
-    sink.emit(Event(501.0, 0.5, 0.5, "model"))  # not handed over early: plain, whatever its time
-    assert transport.sent[0] == (encode_prediction(0.5, 0.5), SEND)
+    sink.emit(Event(501.0, (0.5, 0.5), "model"))  # not handed over early: plain, whatever its time
+    assert transport.sent[0] == (encode_prediction((0.5, 0.5)), SEND)
 
 
 def test_prediction_subscribers_get_plain_messages_with_the_voice() -> None:
     sink, transport, _, _ = played("prediction")
-    sink.emit(Event(500.0, 0.25, 0.75, "model", voice=3, route=OTHER, timetagged=True))
-    sink.emit(Event(500.0, 0.5, 0.125, "model"))
+    sink.emit(Event(500.0, (0.25, 0.75), "model", voice=3, route=OTHER, timetagged=True))
+    sink.emit(Event(500.0, (0.5, 0.125), "model"))
     to_watcher = [decoded(data) for data, to in transport.sent if to == WATCHER]
     assert to_watcher == [("/prediction", 0.25, 0.75, 3), ("/prediction", 0.5, 0.125)]
     assert [data for data, to in transport.sent if to == WATCHER] == [
@@ -374,11 +374,11 @@ def test_prediction_subscribers_get_plain_messages_with_the_voice() -> None:
 
 def test_performer_events_go_only_to_performer_subscribers() -> None:
     sink, transport, _, _ = played()
-    sink.emit(Event(500.0, 0.5, 0.25, "performer", voice=1, route=SPONSOR))
+    sink.emit(Event(500.0, (0.5, 0.25), "performer", voice=1, route=SPONSOR))
     assert transport.sent == []  # not a prediction; and nobody watches
     sink, transport, output, _ = played("performer", "prediction")
-    sink.emit(Event(500.0, 0.5, 0.25, "performer", voice=1, route=SPONSOR))
-    sink.emit(Event(500.0, 0.75, 0.125, "performer"))
+    sink.emit(Event(500.0, (0.5, 0.25), "performer", voice=1, route=SPONSOR))
+    sink.emit(Event(500.0, (0.75, 0.125), "performer"))
     assert transport.sent == [(encode_message("/performer", 0.5, 0.25, 1), WATCHER),
                               (encode_message("/performer", 0.75, 0.125), WATCHER)]
     sink.silence(None)  # OSC holds no notes
@@ -388,7 +388,7 @@ def test_performer_events_go_only_to_performer_subscribers() -> None:
 
 def test_model_events_do_not_reach_performer_subscribers() -> None:
     sink, transport, _, _ = played("performer")
-    sink.emit(Event(500.0, 0.5, 0.25, "model"))
+    sink.emit(Event(500.0, (0.5, 0.25), "model"))
     assert [to for _, to in transport.sent] == [SEND, SELF, NAMED]
 
 

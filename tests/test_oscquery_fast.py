@@ -29,7 +29,7 @@ INFO = host_info(5710)
 
 def _tree(values: dict[str, object] = VALUES) -> dict[str, Any]:
     namespace = Namespace(TABLE, INFO)
-    return with_values(namespace.root, namespace.values(values))
+    return with_values(tree(TABLE), namespace.values(values))
 
 
 def _answer(path: str, query: str, values: dict[str, object] = VALUES,
@@ -53,6 +53,17 @@ def test_every_address_is_a_method_node_with_its_required_arguments_as_type_and_
 
 def _has(node: dict[str, Any], expected: dict[str, Any]) -> bool:
     return all(node.get(key) == value for key, value in expected.items())
+
+
+def test_gesture_takes_as_many_values_as_the_playing_model() -> None:
+    """`/status dims` says N; /gesture's TYPE and RANGE follow it (a swap to a 9-d model makes it 8 floats)."""
+    namespace = Namespace(TABLE, INFO)
+    for width in (1, 2, 8, 16):
+        code, body = namespace.answer("/gesture", "", lambda: {**VALUES, "dims": width})
+        node = json.loads(body)
+        assert code == 200 and node["TYPE"] == "f" * width and node["RANGE"] == [{"MIN": 0.0, "MAX": 1.0}] * width
+        assert node["OVERLOADS"] == [{"TYPE": "f" * width + "i", "RANGE": [{"MIN": 0.0, "MAX": 1.0}] * width + [{"MIN": 0}],
+                                      "CLIPMODE": ["both"] * width + ["none"]}]
 
 
 def test_the_controls_show_their_ranges_and_current_values() -> None:

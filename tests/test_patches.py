@@ -566,10 +566,10 @@ def test_pd_patch_plays_bundled_and_voiced_predictions(tmp_path):
     pd = require_program("pd", "puredata-core")
     fake, listen_port, cmd = pd_patch_with_fake_server(tmp_path, pd, PD_MODEL_HELPER)  # /hello and /status go to fake
     sent = [  # (packet, x, y) in the order sent
-        (encode_prediction(0.5, 0.25), 0.5, 0.25),  # plain, as with lookahead 0 and voices one
-        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction(0.75, 0.125, 2)), 0.75, 0.125),
-        (encode_prediction(0.375, 0.625, 1), 0.375, 0.625),  # plain, with a voice
-        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction(0.625, 0.875)), 0.625, 0.875),
+        (encode_prediction((0.5, 0.25)), 0.5, 0.25),  # plain, as with lookahead 0 and voices one
+        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction((0.75, 0.125), 2)), 0.75, 0.125),
+        (encode_prediction((0.375, 0.625), 1), 0.375, 0.625),  # plain, with a voice
+        (encode_bundle(ntp_timetag(time.time() + 60), encode_prediction((0.625, 0.875))), 0.625, 0.875),
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -1223,9 +1223,9 @@ def test_supercollider_client_schedules_lookahead_bundles(tmp_path):
             "from server.osc.wire import encode_bundle, encode_prediction, ntp_timetag; "
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
             f"to = ('127.0.0.1', {srv.client_port}); "
-            f"s.sendto(encode_prediction(*{VOICE_PLAIN!r}), to); time.sleep(0.1); "
+            f"s.sendto(encode_prediction({VOICE_PLAIN[:2]!r}, {VOICE_PLAIN[2]!r}), to); time.sleep(0.1); "
             f"tag = ntp_timetag(time.time() + {VOICE_BUNDLE_EARLY}); "
-            f"s.sendto(encode_bundle(tag, encode_prediction(*{VOICE_BUNDLE!r})), to)")])
+            f"s.sendto(encode_bundle(tag, encode_prediction({VOICE_BUNDLE[:2]!r}, {VOICE_BUNDLE[2]!r})), to)")])
         harness = tmp_path / "harness.scd"
         harness.write_text(
             SC_LOOKAHEAD_HARNESS.replace("%CLIENT%", str(sc_client_for(srv, tmp_path, poll_seconds=0.2)))

@@ -25,8 +25,8 @@ STARTED = time.mktime((2024, 5, 17, 20, 30, 5, 0, 0, -1))  # local time, as in t
 
 def test_header_and_rows_in_unix_time(tmp_path: Path) -> None:
     with Recorder(tmp_path / "logs", clock_offset=1_700_000_000.0, started=STARTED) as recorder:
-        recorder.record(Event(time=12.5, x=0.25, y=1.0, source="performer"))
-        recorder.record(Event(time=13.0000004, x=0.123456789, y=0.0, source="model"))
+        recorder.record(Event(time=12.5, values=(0.25, 1.0), source="performer"))
+        recorder.record(Event(time=13.0000004, values=(0.123456789, 0.0), source="model"))
     assert recorder.path == tmp_path / "logs" / "20240517-203005.csv"
     assert recorder.path.read_text() == (
         "time,source,x,y\n"
@@ -38,7 +38,7 @@ def test_header_and_rows_in_unix_time(tmp_path: Path) -> None:
 
 def test_default_offset_maps_monotonic_to_wall_clock(tmp_path: Path) -> None:
     with Recorder(tmp_path) as recorder:
-        recorder.record(Event(time=time.monotonic(), x=0.5, y=0.5, source="performer"))
+        recorder.record(Event(time=time.monotonic(), values=(0.5, 0.5), source="performer"))
     assert re.fullmatch(r"\d{8}-\d{6}\.csv", recorder.path.name)
     rows = list(csv.DictReader(recorder.path.open()))
     assert abs(float(rows[0]["time"]) - time.time()) < 5.0
@@ -47,14 +47,14 @@ def test_default_offset_maps_monotonic_to_wall_clock(tmp_path: Path) -> None:
 def test_each_row_is_visible_to_another_reader_before_close(tmp_path: Path) -> None:
     recorder = Recorder(tmp_path, clock_offset=0.0)
     assert recorder.path.read_text() == HEADER
-    recorder.record(Event(time=1.0, x=0.5, y=0.5, source="performer"))
+    recorder.record(Event(time=1.0, values=(0.5, 0.5), source="performer"))
     assert recorder.path.read_text().splitlines()[-1] == "1.000000,performer,0.500000,0.500000"
     recorder.close()
 
 
 def test_never_overwrites_an_existing_log(tmp_path: Path) -> None:
     first = Recorder(tmp_path, started=STARTED)
-    first.record(Event(time=1.0, x=0.0, y=0.0, source="model"))
+    first.record(Event(time=1.0, values=(0.0, 0.0), source="model"))
     second = Recorder(tmp_path, started=STARTED)
     third = Recorder(tmp_path, started=STARTED)
     assert [r.path.name for r in (first, second, third)] == [
@@ -78,7 +78,7 @@ def test_close_is_idempotent_and_later_records_are_dropped(tmp_path: Path) -> No
     recorder = Recorder(tmp_path)
     recorder.close()
     recorder.close()
-    recorder.record(Event(time=1.0, x=0.5, y=0.5, source="model"))
+    recorder.record(Event(time=1.0, values=(0.5, 0.5), source="model"))
     assert recorder.closed and recorder.path.read_text() == HEADER
 
 
@@ -109,7 +109,7 @@ def test_write_errors_are_logged_once_counted_and_survived(
     recorder._file = _FlakyFile(recorder._file)  # type: ignore[arg-type]  # simulate the disk filling up
     with caplog.at_level(logging.WARNING, logger="server.live.recorder"):
         for t in range(1, 5):
-            recorder.record(Event(time=float(t), x=0.5, y=0.5, source="model"))
+            recorder.record(Event(time=float(t), values=(0.5, 0.5), source="model"))
     assert recorder.counts() == {"log_rows": 1, "log_lost": 3, "log_errors": 3, "log_reopened": 0}
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
     # the half-written row is ended before the next, so every later row parses
@@ -118,7 +118,7 @@ def test_write_errors_are_logged_once_counted_and_survived(
 
 
 def _row(t: float) -> Event:
-    return Event(time=t, x=0.5, y=0.5, source="performer")
+    return Event(time=t, values=(0.5, 0.5), source="performer")
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

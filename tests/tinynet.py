@@ -69,6 +69,22 @@ def export_tiny(folder: Path, model=None, info=None, seed: int = 0) -> Path:
     return export(model, info, folder, check_events(50))
 
 
+def export_wide(folder: Path, values: int, seed: int = 0) -> Path:
+    """A tiny untrained model of ``values`` values per event (dt then N), exported and checked: a live test's
+    controller of any width in a second or two."""
+    from server.model.normalise import Normaliser
+    from server.model.spec import ModelSpec
+
+    rng = np.random.default_rng(seed)
+    events = np.column_stack([rng.uniform(0.02, 0.2, 300), rng.uniform(0.0, 1.0, (300, values))]).astype(np.float32)
+    spec = ModelSpec(units=UNITS, layers=LAYERS, mixtures=MIXTURES, dims=1 + values)
+    info = tiny_info(spec, normaliser=Normaliser.fit(events, 5.0, detect=False))
+    checks = rng.normal(0.0, 1.0, (50, 1 + values)).astype(np.float32)
+    from server.model.export import export
+
+    return export(tiny_model(spec, seed), info, folder, checks)
+
+
 def sequence_params(model, events: np.ndarray) -> np.ndarray:
     """The Keras sequence model's parameters ``[T, P]`` for ``events [T, 3]`` from a zero state."""
     return model(np.asarray(events, np.float32)[None], training=False).numpy()[0]

@@ -25,9 +25,14 @@ class Shown(Enum):
 
 
 class Controls(Protocol):
-    def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+    @property
+    def width(self) -> int:
+        """N, how many values a performer event carries: the playing model's (1 to 16; 2 is (x, y))."""
+
+    def perform(self, *values: float, at: float | None = None, voice: int | None = None,
                 route: Hashable | None = None) -> None:
-        """A performer event at position (x, y) in [0, 1]^2.
+        """A performer event of `width` values in [0, 1] (a position (x, y) at N = 2); another count raises
+        ControlError naming the count the model wants (a `/model` swap may change it).
 
         `at` is when it arrived, on the loop's clock (`time.monotonic`): the kernel's
         receive stamp or the MIDI callback's, so a stalled loop still sees the true

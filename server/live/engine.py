@@ -80,6 +80,7 @@ class Engine:
         self._learner = learner
         self._status_sources = tuple(status_sources)
         self._started = loop.time()
+        self._inputs_before_width = 0  # performer events heard before the playing width began (not in its log)
 
     # ------------------------------------------------------------------ what it plays
 
@@ -124,18 +125,26 @@ class Engine:
 
     # ------------------------------------------------------------------ Controls
 
-    def perform(self, x: float, y: float, at: float | None = None, voice: int | None = None,
+    @property
+    def width(self) -> int:
+        """N, the values a performer event carries: the playing model's (`Controls.width`)."""
+        return self._voices.predictor.values
+
+    def perform(self, *values: float, at: float | None = None, voice: int | None = None,
                 route: Hashable | None = None) -> None:
-        if not (math.isfinite(x) and math.isfinite(y)):  # transports check too; never poison the state
-            raise ControlError("x and y must be finite numbers")
+        width = self._voices.predictor.values
+        if len(values) != width:
+            raise ControlError(f"the model plays {width} values per event (its dims), got {len(values)}")
+        if not all(math.isfinite(v) for v in values):  # transports check too; never poison the state
+            raise ControlError("values must be finite numbers")
         v = self._voices.find(voice, route)
         now = self._loop.time()
         at = now if at is None or not math.isfinite(at) or at > now else at
-        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+        if min(values) < 0.0 or max(values) > 1.0:
             self.counts["clamped"] += 1
-            x, y = min(max(x, 0.0), 1.0), min(max(y, 0.0), 1.0)
+            values = tuple(min(max(x, 0.0), 1.0) for x in values)
         self.counts["inputs"] += 1
-        v.hear(x, y, at, now)
+        v.hear(values, at, now)
 
     def set_temperature(self, value: float, voice: int | None = None, route: Hashable | None = None) -> None:
         value = limits.at_least(value, "temperature", 0.0)
@@ -205,7 +214,8 @@ class Engine:
         """Start a fine-tune of the playing model on this session's playing (see `server.live.learning`)."""
         if self._learner is None:
             raise ControlError("learning is not available in this server")
-        self._learner.start(seconds, self.model_name, self.model_folder, self.counts["inputs"], self._swap.load,
+        heard = self.counts["inputs"] - self._inputs_before_width  # what the current log holds: its width's
+        self._learner.start(seconds, self.model_name, self.model_folder, heard, self._swap.load,
                             playing=self._swap.playing)
 
     def stop_learning(self) -> None:
@@ -230,6 +240,7 @@ class Engine:
             "model": self.model_name,
             "loading": self.loading,
             "backend": self.predictor.backend,
+            "dims": self.predictor.values,
             **self.counts,
             "voices_policy": voices.options.policy.value,
             "voices": len(voices),
@@ -250,11 +261,15 @@ class Engine:
     # ------------------------------------------------------------------ a new model
 
     def _install(self, predictor: Predictor) -> None:
-        """On the loop: nothing from the old model plays, every voice starts afresh on the new one."""
+        """On the loop: nothing from the old model plays, every voice starts afresh on the new one; a model of
+        another width retunes the outputs (`/model/dims`, a new log) before anything of it plays."""
         for v in self._voices:
             v.cancel()
         self._outputs.silence(None)
+        retuned = predictor.values != self._voices.predictor.values
         self._voices.play_on(predictor)
+        if retuned:
+            self._inputs_before_width = self.counts["inputs"]
+            self._outputs.retune(predictor.values)
         for v in self._voices:
             v.start()
-

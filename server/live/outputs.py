@@ -27,12 +27,20 @@ class Sink(Protocol):
         """Scheduled output was abandoned (mode change, pause, reset, swap, stop): release a voice's notes (None: all)."""
 
 
+class Retunable(Protocol):
+    """An output that cares how many values an event carries (optional beside `Sink`)."""
+
+    def retune(self, values: int) -> None:
+        """A model of another width now plays: events carry ``values`` values from the next one on."""
+
+
 class Outputs:
     """Every sink, in order; a sink that raises is counted in `sink_errors` and never stops the music or the others."""
 
     def __init__(self, sinks: Sequence[Sink], counts: dict[str, int]) -> None:
         self._sinks = tuple(sinks)
         self._counts = counts
+        self._retuners = tuple(sink for sink in sinks if callable(getattr(sink, "retune", None)))
 
     def emit(self, event: Event) -> None:
         for sink in self._sinks:
@@ -47,6 +55,14 @@ class Outputs:
                 sink.silence(voice)
             except Exception:
                 self._failed("output silencer failed")
+
+    def retune(self, values: int) -> None:
+        """Tell the outputs that have a `retune` hook that events now carry ``values`` values."""
+        for sink in self._retuners:
+            try:
+                sink.retune(values)  # type: ignore[attr-defined]
+            except Exception:
+                self._failed("output retune failed")
 
     def _failed(self, what: str) -> None:
         self._counts["sink_errors"] += 1

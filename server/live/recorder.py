@@ -1,7 +1,9 @@
 """The performance log: every performer and model event, appended to a CSV as it happens.
 
 One file per run, `<log_dir>/<YYYYmmdd-HHMMSS>.csv` (local time), header
-`time,source,x,y`. `time` is Unix seconds: events carry monotonic time, so a
+`time,source,x,y` (a column per value: `v1 .. vN` for a model of N values other than
+two, `server.model.dims.value_names`). A swap to a model of another width starts a new
+log (`retune`), so each log has one width and `/learn` reads the current one. `time` is Unix seconds: events carry monotonic time, so a
 wall-minus-monotonic offset taken at start converts them (a wall-clock jump mid-show
 does not reorder the log). Each row is one unbuffered `write`, so a crash loses at
 most the row being written and another process can read the log live.
@@ -30,9 +32,16 @@ from types import TracebackType
 from typing import Protocol
 
 from server.event import Event
+from server.model.dims import DEFAULT_VALUES, value_names
 
-HEADER = "time,source,x,y\n"
-VOICE_HEADER = "time,source,x,y,voice\n"  # with voices per-sender: each row names its voice
+
+def log_header(values: int = DEFAULT_VALUES, voices: bool = False) -> str:
+    """The header of a log of ``values`` values per event (`time,source,x,y` for two), then `voice` per-sender."""
+    return ",".join(("time", "source", *value_names(values), *(("voice",) if voices else ()))) + "\n"
+
+
+HEADER = log_header()
+VOICE_HEADER = log_header(voices=True)  # with voices per-sender: each row names its voice
 _MAX_SUFFIX = 1000
 RECREATE_PAUSE = 1.0  # seconds between attempts to recreate a log that cannot be created now
 # A full disk or quota keeps the file: the next row may fit. Anything else means the
@@ -77,15 +86,18 @@ class Recorder:
         *,
         started: float | None = None,
         voices: bool = False,
+        values: int = DEFAULT_VALUES,
     ) -> None:
         """Open a new log in `log_dir` (created if missing); never overwrites an existing file.
 
         `clock_offset` is Unix time minus `time.monotonic()` (measured now if None);
         `started` is the Unix time that names the file (now if None). With `voices`
         (per-sender) every row ends with its voice's number, so each voice reads back
-        as its own stream.
+        as its own stream. `values`: the playing model's N, a column each.
         """
-        self._header = VOICE_HEADER if voices else HEADER
+        self._voices = voices
+        self._header = log_header(values, voices)
+        self._row = _row_format(values)
         self.clock_offset = time.time() - time.monotonic() if clock_offset is None else clock_offset
         self.log_dir = Path(log_dir)
         self._stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if started is None else started))
@@ -118,8 +130,8 @@ class Recorder:
         """Append one event and push it to the OS; on trouble warn once, count, and carry on."""
         if self._closed:
             return
-        voice = "" if self._header is HEADER else f",{event.voice if event.voice is not None else ''}"
-        row = f"{event.time + self.clock_offset:.6f},{event.source},{event.x:.6f},{event.y:.6f}{voice}\n".encode("ascii")
+        voice = f",{event.voice if event.voice is not None else ''}" if self._voices else ""
+        row = (self._row % (event.time + self.clock_offset, event.source, *event.values) + voice + "\n").encode("ascii")
         for _ in range(2):  # a second try only into a log that replaces a deleted one
             file = self._file if self._file is not None else self._replace()
             if file is None or not self._write(file, row):
@@ -129,6 +141,20 @@ class Recorder:
                 return
             self._drop("was deleted while running")
         self.lost += 1
+
+    def retune(self, values: int) -> None:
+        """A model of another width plays: later rows go to a new log with a column per value (`values`)."""
+        header = log_header(values, self._voices)
+        if header == self._header or self._closed:
+            return
+        self._header, self._row = header, _row_format(values)
+        self._drop(f"ended: the model plays {values} values per event now")
+        try:
+            self.path, file = _create_log(self.log_dir, self._stamp, header)
+        except RecorderError:
+            return  # the next row tries again, and says why (`_replace`)
+        self._file, self._torn, self._links_tell = file, False, _link_count(file) != 0
+        logger.info("the model plays %d values per event now: logging to %s", values, self.path)
 
     def _write(self, file: LogFile, row: bytes) -> bool:
         """Write one row whole, or none of it; on failure count it and warn once, keeping the file only when
@@ -213,6 +239,11 @@ class Recorder:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _row_format(values: int) -> str:
+    """A row's `%` format up to its values (one format per log: cheaper per row than formatting each value)."""
+    return "%.6f,%s," + ",".join(["%.6f"] * values)
 
 
 def _cut(file: LogFile, written: int) -> bool:

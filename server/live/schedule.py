@@ -12,16 +12,16 @@ RATE_BURST = 8.0  # answers that may come closer than 1/max_rate (a chord), befo
 
 
 class Scheduled:
-    """One model event waiting: its cause's time (start), the model's wait (dt), where (x, y).
+    """One model event waiting: its cause's time (start), the model's wait (dt), its N values.
 
     `when` is the event's time (what it is timetagged with); `send_at` is when it may
     leave: `lookahead` earlier, but never before it was computed.
     """
 
-    __slots__ = ("start", "dt", "x", "y", "when", "send_at", "handle")
+    __slots__ = ("start", "dt", "values", "when", "send_at", "handle")
 
-    def __init__(self, start: float, dt: float, x: float, y: float) -> None:
-        self.start, self.dt, self.x, self.y = start, dt, x, y
+    def __init__(self, start: float, dt: float, values: tuple[float, ...]) -> None:
+        self.start, self.dt, self.values = start, dt, values
         self.when = self.send_at = start
         self.handle: asyncio.TimerHandle | None = None
 

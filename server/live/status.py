@@ -19,6 +19,7 @@ STATUS_KEYS: dict[str, str] = {
     "loading": "the model being loaded off the loop, or empty",
     "backend": "the step engine in use: `litert`; where LiteRT is missing `numpy` (or `tensorflow` for a model "
                "without step.npz); or the one `--step-engine` forces",
+    "dims": "N, the values per event the playing model takes and plays (`/gesture v1 .. vN`)",
     "inputs": "performer events received",
     "outputs": "model events played",
     "dropped": f"answers dropped because {MAX_PENDING} were already waiting in their voice",

@@ -67,10 +67,11 @@ class StreamMaths:
         if self._sink.wants("mixture") and self._allow("mixture"):
             self._later(partial(self._tell_mixture, label, predictor, predictor.params, temperature, sigma_temperature))
 
-    def surprise(self, number: int, label: int | None, predictor: Predictor, dt: float, x: float, y: float) -> None:
+    def surprise(self, number: int, label: int | None, predictor: Predictor, dt: float,
+                 values: tuple[float, ...]) -> None:
         """A voice is about to observe a performer event: how unlikely it was, and the voice's running figure."""
         if self._sink.wants("surprise") and self._allow("surprise"):
-            self._later(partial(self._tell_surprise, number, label, predictor, predictor.params, dt, x, y))
+            self._later(partial(self._tell_surprise, number, label, predictor, predictor.params, dt, values))
 
     def forget(self, number: int) -> None:
         """A voice starts afresh (reset, a new model, forgotten): its running surprise starts again."""
@@ -109,8 +110,8 @@ class StreamMaths:
                 log.exception("stream computation failed")
 
     def _tell_surprise(self, number: int, label: int | None, predictor: Predictor, params: np.ndarray, dt: float,
-                       x: float, y: float) -> None:
-        nll = predictor.surprise(dt, x, y, params=params)
+                       values: tuple[float, ...]) -> None:
+        nll = predictor.surprise(dt, *values, params=params)
         last = self._smoothed.get(number)
         smoothed = nll if last is None else last + SURPRISE_SMOOTHING * (nll - last)
         self._smoothed[number] = smoothed

@@ -82,8 +82,8 @@ class Voice:
 
     # ------------------------------------------------------------------ its performer
 
-    def hear(self, x: float, y: float, at: float, now: float) -> None:
-        """Its performer played (x, y) at ``at``: observe it, then answer or wait as the mode says, then log it."""
+    def hear(self, values: tuple[float, ...], at: float, now: float) -> None:
+        """Its performer played ``values`` at ``at``: observe them, then answer or wait as the mode says, then log it."""
         stage = self._stage
         # The first event after a start or /reset opens a performance: dt 0, as in training data.
         dt = 0.0 if self.fresh else max(0.0, at - self.last_performer)
@@ -95,21 +95,21 @@ class Voice:
         mode = self.mode
         if mode is Mode.RESPOND:
             self._cancel_chain()  # the performer has the floor again
-        stage.streams.surprise(self.number, self.label, self.predictor, dt, x, y)
+        stage.streams.surprise(self.number, self.label, self.predictor, dt, values)
         t0 = time.perf_counter()
-        self.predictor.observe(dt, x, y)
+        self.predictor.observe(dt, *values)
         if mode is Mode.ACCOMPANY and not stage.settings.paused:
-            dt_next, nx, ny = self._sample()
+            dt_next, *answer = self._sample()
             stage.latency.add(time.perf_counter() - t0)
-            self._answer(Scheduled(at, dt_next, nx, ny))
+            self._answer(Scheduled(at, dt_next, tuple(answer)))
         else:
             stage.latency.add(time.perf_counter() - t0)
         if mode is Mode.RESPOND:
             self._arm_takeover()
         # Logged and shown after an answer that was due at once has left: the log and displays can wait.
-        stage.outputs.emit(Event(at, x, y, "performer", voice=self.label, route=self.route))
+        stage.outputs.emit(Event(at, values, "performer", voice=self.label, route=self.route))
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, ...]:
         """Its next model event, at its own temperatures (or the global ones); shown to the `mixture` stream first."""
         settings = self._stage.settings
         temperature = settings.temperature if self.temperature is None else self.temperature
@@ -152,9 +152,12 @@ class Voice:
         self._stage.streams.forget(self.number)
         self.start()
 
-    def play_on(self, predictor: Predictor) -> None:
-        """A new model: its state starts afresh on it (what was scheduled is already cancelled)."""
+    def play_on(self, predictor: Predictor, draws: RandomBlocks | None = None) -> None:
+        """A new model: its state starts afresh on it (what was scheduled is already cancelled); ``draws``
+        replace its random stream when the model's width changed."""
         self.predictor = predictor
+        if draws is not None:
+            self.draws = draws
         self.fresh = True
         self._stage.streams.forget(self.number)
 
@@ -184,9 +187,9 @@ class Voice:
         self._cancel_chain()  # only ever one chain: a second could never be cancelled
         stage = self._stage
         t0 = time.perf_counter() if t0 is None else t0
-        dt, x, y = self._sample()
+        dt, *values = self._sample()
         stage.latency.add(time.perf_counter() - t0)
-        self.chain = item = Scheduled(start, dt, x, y)
+        self.chain = item = Scheduled(start, dt, tuple(values))
         self._arm_chain(item, start + dt * stage.settings.timescale,
                         stage.loop.time() if earliest is None else earliest)
 
@@ -209,7 +212,7 @@ class Voice:
             self._play(item, now)
         t0 = time.perf_counter()
         # Fed back either way, so a seeded performance is the same sequence however the machine stalls.
-        self.predictor.observe(item.dt, item.x, item.y)
+        self.predictor.observe(item.dt, *item.values)
         if late:
             self._continue_from(now + stage.settings.lookahead, t0)
         else:
@@ -259,7 +262,7 @@ class Voice:
         if tagged and now >= item.when:  # it cannot leave before its time: plain, never a timetag in the past
             tagged = False
             stage.counts["untagged"] += 1
-        stage.outputs.emit(Event(item.when, item.x, item.y, "model", item.dt * stage.settings.timescale,
+        stage.outputs.emit(Event(item.when, item.values, "model", item.dt * stage.settings.timescale,
                                  voice=self.label, route=self.route, timetagged=tagged))
         stage.counts["outputs"] += 1
         self.outputs += 1

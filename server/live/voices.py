@@ -33,7 +33,6 @@ from server.live.stage import Stage
 from server.live.voice import Voice
 from server.model.mdn import RandomBlocks
 from server.model.predictor import Predictor
-from server.model.spec import DIMS
 
 DEFAULT_MAX_VOICES = 16  # one per MIDI channel
 DEFAULT_MAX_VOICES_PER_SENDER = 4  # voices one sender (host:port, MIDI channel) may open: a quarter of the default
@@ -174,11 +173,13 @@ class VoiceTable:
                             "opened it (name one of your own voices, or none for the global setting)")
 
     def play_on(self, predictor: Predictor) -> None:
-        """A new model for every voice (each its own fork when voices are per-sender)."""
+        """A new model for every voice (each its own fork when voices are per-sender); at another width each voice's
+        random stream is rebuilt at the new width, from the seed, as a voice opened on it would start."""
+        retuned = predictor.values != self.predictor.values
         self.predictor = predictor
         per_sender = self.options.per_sender
         for v in self._voices.values():
-            v.play_on(predictor.fork() if per_sender else predictor)
+            v.play_on(predictor.fork() if per_sender else predictor, self._draws() if retuned else None)
 
     def stop(self) -> None:
         for v in self._voices.values():
@@ -190,9 +191,7 @@ class VoiceTable:
     def _open(self, number: int, route: Hashable | None = None) -> Voice:
         per_sender = self.options.per_sender
         predictor = self.predictor.fork() if per_sender else self.predictor
-        # Each voice's random stream starts from the seed, so a voice plays as it would alone.
-        draws = RandomBlocks(np.random.default_rng(self._seed), DIMS)
-        v = Voice(number, number if per_sender else None, predictor, draws, self._stage)
+        v = Voice(number, number if per_sender else None, predictor, self._draws(), self._stage)
         self._voices[number] = v
         if per_sender:
             v.route = route  # its owner, for good
@@ -200,6 +199,10 @@ class VoiceTable:
             loop = self._stage.loop
             self._expiry[number] = loop.call_at(loop.time() + self.options.timeout, self._expire, v)
         return v
+
+    def _draws(self) -> RandomBlocks:
+        """A voice's random stream at the model's width, from the seed, so a voice plays as it would alone."""
+        return RandomBlocks(np.random.default_rng(self._seed), self.predictor.info.spec.dims)
 
     def _open_or_refuse(self, number: int | None, route: Hashable | None) -> Voice:
         options = self.options

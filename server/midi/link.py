@@ -6,6 +6,13 @@ the loop. With voices `per-sender` each input channel c is its own performer (ro
 `midi channel c`, hence its own voice, with its own controller values for the `cc`
 map); with voices `one` every channel plays the one voice, as before.
 
+With `midi_cc` (a control change number per value) a bank of knobs is a performance
+of any width: each CC plays one value in, and each model event sends one CC per value
+out (at its time, on its voice's channel) instead of a note. Notes stay (pitch,
+velocity), so they play a 2-value model; an event the mapping cannot carry (a model of
+another width after a swap) is refused and counted (`midi_in_refused`,
+`midi_out_unplayable`), never guessed at.
+
 Output is an engine sink: every model event becomes a `note_on` whose `note_off` is
 scheduled with `loop.call_at`. An event of voice n plays on channel n+1 (n mod 16:
 voice 16 shares channel 1 with voice 0); an event with no voice (voices `one`) plays
@@ -30,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 import mido
 
 from server.event import Event
+from server.live.controls import ControlError
 from server.live.voices import VoicePolicy
-from server.midi.mapping import InputMap, make_input_map, note_duration, note_for
+from server.midi.mapping import InputMap, controls_for, make_input_map, note_duration, note_for
 from server.midi.ports import (
     VIRTUAL_IN,
     VIRTUAL_OUT,
@@ -52,7 +60,7 @@ ECHO_WINDOW = 0.02  # seconds: an incoming note equal to one sent this recently 
 ALL_NOTES_OFF = 123
 CHANNELS = 16
 
-# engine.perform: (x, y, arrival time on the loop's clock), and route= when each channel is a voice
+# engine.perform: (*values, at=arrival time on the loop's clock), and route= when each channel is a voice
 Perform = Callable[..., None]
 
 
@@ -175,6 +183,8 @@ class MidiInput:
         "events": "MIDI messages that played a position",
         "echoes": "incoming notes ignored as echoes of what Antiphon just sent",
         "coalesced": "MIDI messages dropped by a flood (the newest win)",
+        "refused": "MIDI events the engine refused (a model of another width than the mapping plays; no free "
+                   "voice), the first reason logged",
     }
 
     def __init__(self, loop: asyncio.AbstractEventLoop, mapping: InputMap, perform: Perform, guard: EchoGuard,
@@ -223,16 +233,24 @@ class MidiInput:
         if not self.per_voice:
             position = self._mapping(msg)
             if position is not None:
-                self.counts["events"] += 1
-                self._perform(position[0], position[1], stamp)
+                self._play(position, stamp)
             return
         mapping = self._maps.get(msg.channel)
         if mapping is None:
             mapping = self._maps[msg.channel] = copy.deepcopy(self._mapping)
         position = mapping(msg)
         if position is not None:
+            self._play(position, stamp, route=f"midi channel {msg.channel + 1}")
+
+    def _play(self, values: tuple[float, ...], stamp: float, **route: str) -> None:
+        try:
+            self._perform(*values, at=stamp, **route)
+        except ControlError as exc:
+            self.counts["refused"] += 1
+            if self.counts["refused"] == 1:
+                log.warning("MIDI input refused: %s (further refusals are only counted)", exc)
+        else:
             self.counts["events"] += 1
-            self._perform(position[0], position[1], stamp, route=f"midi channel {msg.channel + 1}")
 
     def close(self) -> None:
         self._closed = True
@@ -245,8 +263,10 @@ class MidiOutput:
     """
 
     STATUS_KEYS = {  # in /status as midi_out_<key>
-        "notes": "notes the model played",
+        "notes": "model events played: notes, or with midi_cc a control change per value",
         "dropped": "model notes not sent because the port was missing or failed",
+        "unplayable": "model events not sent because their width does not fit: notes play 2 values, `midi_cc` "
+                      "one per controller",
     }
 
     def __init__(
@@ -257,14 +277,17 @@ class MidiOutput:
         duration: float | None = None,
         guard: EchoGuard | None = None,
         per_voice: bool = False,
+        ccs: tuple[int, ...] = (),
     ) -> None:
-        """``channel`` is 0-15; ``duration`` in seconds, None for min(predicted dt, 0.5 s).
+        """``channel`` is 0-15; ``duration`` in seconds, None for min(predicted dt, 0.5 s); ``ccs`` (`midi_cc`):
+        send each event's values as these control changes instead of a note.
 
         ``per_voice`` (voices `per-sender`) only changes how `describe` names the channels:
         the channel always follows each event's voice.
         """
         self._loop, self._port, self.channel, self.duration = loop, port, channel, duration
         self.per_voice = per_voice
+        self.ccs = ccs
         self._guard = guard or EchoGuard()
         # (channel, pitch) sounding -> (the voice that played it, its scheduled note_off)
         self._held: dict[tuple[int, int], tuple[int | None, asyncio.TimerHandle]] = {}
@@ -280,13 +303,20 @@ class MidiOutput:
         return self.channel if voice is None else voice % CHANNELS
 
     def describe(self) -> str:
+        sends = f"CC {','.join(map(str, self.ccs))} " if self.ccs else ""
         if self.per_voice:
-            return "a channel per voice (voice n on channel n+1)"
-        return f"channel {self.channel + 1}"
+            return sends + "a channel per voice (voice n on channel n+1)"
+        return f"{sends}channel {self.channel + 1}"
 
     def emit(self, event: Event) -> None:
-        """As an engine output (`server.live.outputs.Sink`): a model event plays a note at its time."""
+        """As an engine output (`server.live.outputs.Sink`): a model event plays a note (or its CCs) at its time."""
         if event.source != "model":
+            return
+        if len(event.values) != (len(self.ccs) if self.ccs else 2):
+            self.counts["unplayable"] += 1
+            return
+        if self.ccs:
+            self._at(event.time, event.voice, self._send_controls, event.voice, controls_for(event.values))
             return
         # The engine's predicted wait for this event; else the time since the voice's previous model note.
         voice = event.voice
@@ -297,14 +327,16 @@ class MidiOutput:
             gap = None if last is None else event.time - last
         self._last_model[voice] = event.time
         pitch, velocity = note_for(event.x, event.y)
-        length = note_duration(gap, self.duration)
-        if event.time > self._loop.time():  # handed over early (lookahead): sound at its time, not now
-            self._next_wait += 1
-            key = self._next_wait
-            handle = self._loop.call_at(event.time, self._play_waiting, key, voice, pitch, velocity, length)
-            self._waiting[key] = (voice, handle)
+        self._at(event.time, voice, self._play, voice, pitch, velocity, note_duration(gap, self.duration))
+
+    def _at(self, when: float, voice: int | None, play: Callable[..., None], *args: Any) -> None:
+        """``play(*args)`` now, or at ``when`` if it was handed over early (lookahead): never before its time."""
+        if when <= self._loop.time():
+            play(*args)
             return
-        self._play(voice, pitch, velocity, length)
+        self._next_wait += 1
+        key = self._next_wait
+        self._waiting[key] = (voice, self._loop.call_at(when, self._play_waiting, key, play, args))
 
     def silence(self, voice: int | None = None) -> None:
         """Turn a voice's sounding notes off now and forget its waiting ones (None: every voice's).
@@ -347,9 +379,19 @@ class MidiOutput:
         """Notes handed over early, waiting for their time."""
         return len(self._waiting)
 
-    def _play_waiting(self, key: int, voice: int | None, pitch: int, velocity: int, length: float) -> None:
+    def _play_waiting(self, key: int, play: Callable[..., None], args: tuple[Any, ...]) -> None:
         if self._waiting.pop(key, None) is not None:
-            self._play(voice, pitch, velocity, length)
+            play(*args)
+
+    def _send_controls(self, voice: int | None, values: list[int]) -> None:
+        """One control change per value, on the voice's channel."""
+        channel = self.channel_for(voice)
+        for control, value in zip(self.ccs, values):
+            if not self._send(mido.Message("control_change", channel=channel, control=control, value=value)):
+                self.counts["dropped"] += 1
+                return
+        self.counts["notes"] += 1
+        self._used.add(channel)
 
     def _play(self, voice: int | None, pitch: int, velocity: int, length: float) -> None:
         if self._port.port is None:
@@ -454,7 +496,7 @@ def open_midi(
                         "and pass their names with --midi-in / --midi-out")
     try:
         mapping = make_input_map(cfg.midi_input_map, cfg.midi_cc_x, cfg.midi_cc_y,
-                                 cfg.midi_input_channel - 1 if cfg.midi_input_channel else None)
+                                 cfg.midi_input_channel - 1 if cfg.midi_input_channel else None, cfg.midi_cc)
     except ValueError as e:
         raise MidiError(str(e)) from None
     per_voice = VoicePolicy(cfg.voices) is VoicePolicy.PER_SENDER
@@ -467,7 +509,8 @@ def open_midi(
             link.outport = KeptPort(loop, "output", out_pattern, lambda name: backend.open_output(name, want_virtual_out),
                                     backend.output_names, virtual=want_virtual_out, retry=retry)
             link.outport.open()
-            link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard, per_voice)
+            link.output = MidiOutput(loop, link.outport, cfg.midi_channel - 1, cfg.midi_note_duration, guard, per_voice,
+                                     cfg.midi_cc)
         in_pattern = VIRTUAL_IN if want_virtual_in else cfg.midi_in
         if in_pattern:
             link.input = MidiInput(loop, mapping, link._heard, guard, per_voice)

@@ -15,8 +15,9 @@ DEFAULT_CC_X = 1  # modulation wheel: present on nearly every keyboard
 DEFAULT_CC_Y = 2  # breath controller; any free CC works, see --midi-cc-y
 MAX_AUTO_DURATION = 0.5  # seconds; the automatic note length never exceeds this
 MIN_DURATION = 0.01  # seconds; shorter notes are inaudible on most synths
+MAX_CCS = 16  # `midi_cc`: a controller per value, and a model has at most 16 (server.model.dims)
 
-Position = tuple[float, float]
+Position = tuple[float, ...]  # a performer event's values (notes: pitch and velocity over 127)
 
 
 class InputMap(Protocol):
@@ -48,38 +49,63 @@ class NoteInput:
         return msg.note / 127.0, msg.velocity / 127.0
 
 
+def check_ccs(ccs: tuple[int, ...]) -> tuple[int, ...]:
+    """A list of control change numbers, one per value: 1 to `MAX_CCS` distinct numbers 0-127, else ValueError."""
+    if not 1 <= len(ccs) <= MAX_CCS:
+        raise ValueError(f"give 1 to {MAX_CCS} control change numbers (one per value), got {len(ccs)}")
+    bad = [cc for cc in ccs if type(cc) is not int or not 0 <= cc <= 127]
+    if bad:
+        raise ValueError(f"control change numbers are 0-127, got {bad[0]!r}")
+    if len(set(ccs)) != len(ccs):
+        raise ValueError(f"each value needs its own controller; {ccs} repeats one")
+    return ccs
+
+
 class ControlInput:
-    """Two control changes -> (x, y).
+    """Control changes, one per value -> the event (cc_1/127, .., cc_N/127): a bank of knobs or faders.
 
     Keeps the last value of each controller (a controller not yet moved counts as 0)
-    and plays a position whenever either value changes; a controller that resends
-    the value it already had does not play.
+    and plays an event whenever one value changes; a controller that resends the value
+    it already had does not play.
     """
 
-    def __init__(self, cc_x: int = DEFAULT_CC_X, cc_y: int = DEFAULT_CC_Y, channel: int | None = None) -> None:
-        if cc_x == cc_y:
-            raise ValueError(f"the x and y controllers must differ, both are CC {cc_x}")
-        self.cc_x, self.cc_y, self.channel = cc_x, cc_y, channel
-        self._values: dict[int, int | None] = {cc_x: None, cc_y: None}
+    def __init__(self, ccs: tuple[int, ...] = (DEFAULT_CC_X, DEFAULT_CC_Y), channel: int | None = None) -> None:
+        if len(ccs) == 2 and ccs[0] == ccs[1]:
+            raise ValueError(f"the x and y controllers must differ, both are CC {ccs[0]}")
+        self.ccs, self.channel = check_ccs(tuple(ccs)), channel
+        self._index = {cc: i for i, cc in enumerate(self.ccs)}
+        self._values = [0] * len(self.ccs)
+        self._moved = [False] * len(self.ccs)
 
     def wants(self, msg: Any) -> bool:
-        return msg.type == "control_change" and msg.control in self._values and _on_channel(msg, self.channel)
+        return msg.type == "control_change" and msg.control in self._index and _on_channel(msg, self.channel)
 
     def __call__(self, msg: Any) -> Position | None:
-        if not self.wants(msg) or self._values[msg.control] == msg.value:
+        if not self.wants(msg):
             return None
-        self._values[msg.control] = msg.value
-        x, y = self._values[self.cc_x], self._values[self.cc_y]
-        return (x or 0) / 127.0, (y or 0) / 127.0
+        i = self._index[msg.control]
+        if self._moved[i] and self._values[i] == msg.value:
+            return None
+        self._values[i], self._moved[i] = msg.value, True
+        return tuple(v / 127.0 for v in self._values)
 
 
-def make_input_map(kind: str, cc_x: int = DEFAULT_CC_X, cc_y: int = DEFAULT_CC_Y, channel: int | None = None) -> InputMap:
-    """The input mapping named by `midi_input_map`; ``channel`` is 0-15, None for any."""
+def make_input_map(kind: str, cc_x: int = DEFAULT_CC_X, cc_y: int = DEFAULT_CC_Y, channel: int | None = None,
+                   ccs: tuple[int, ...] = ()) -> InputMap:
+    """The input mapping named by `midi_input_map` (``ccs``, `midi_cc`, wins: a controller per value);
+    ``channel`` is 0-15, None for any."""
+    if ccs:
+        return ControlInput(ccs, channel)
     if kind == "notes":
         return NoteInput(channel)
     if kind == "cc":
-        return ControlInput(cc_x, cc_y, channel)
+        return ControlInput((cc_x, cc_y), channel)
     raise ValueError(f"unknown MIDI input map {kind!r}; use one of {', '.join(INPUT_MAPS)}")
+
+
+def controls_for(values: tuple[float, ...]) -> list[int]:
+    """A model event's values -> control change values 0-127 (`midi_cc` output), one per value."""
+    return [min(max(round(v * 127), 0), 127) for v in values]
 
 
 def note_for(x: float, y: float) -> tuple[int, int]:

@@ -36,9 +36,9 @@ SUBSCRIBE_PER_SECOND = 10.0  # per sender
 STATUS_PUSH_HZ = 4.0  # the status stream's rate
 # What the server sends, and when: docs/osc.md's table and the patches' drift test read this.
 OUTPUTS: dict[str, str] = {
-    "/prediction": "`x y` (float32) when a model event is due, to every destination (on the model's grid where "
+    "/prediction": "`v1 .. vN` (float32, the model's N values: `x y` at N = 2) when a model event is due, to every destination (on the model's grid where "
                    "its data had one: a note model's `x * 127` is a MIDI pitch); with voices per-sender "
-                   "`x y voice`, to the voice's performer (its `/hello` port, else its own) and the `--send` "
+                   "`v1 .. vN voice`, to the voice's performer (its `/hello` port, else its own) and the `--send` "
                    "destinations; with `lookahead` > 0 sent that much early, alone in a bundle timetagged with "
                    "its time",
     "/status": "`key value ...` in reply to `/status` (keys below)",
@@ -48,15 +48,18 @@ OUTPUTS: dict[str, str] = {
     "/learn/done": "`model nll_before nll_after swapped` to every destination when a fine-tune ends "
                    "(`swapped` 1: the new model now plays; 0: the old one stays)",
     "/mixture": "to `mixture` subscribers with each prediction: `K w_1 .. w_K`, then for each component "
-                "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` (weights after `/temperature`, sigmas times "
+                "`dt_median x_mean y_mean dt_log_sigma x_sigma y_sigma` at N = 2; for N values "
+                "`dt_median v1_mean .. vN_mean dt_log_sigma v1_sigma .. vN_sigma`, 2 + 2N figures (weights after `/temperature`, sigmas times "
                 "`/sigma_temperature`; dt log-normal: its median in seconds and the sigma of log(dt + offset); "
                 "a constant dimension: its value and sigma 0; on a grid, each mean is the grid point of its cell); with voices per-sender, then the voice number",
-    "/performer": "`x y` to `performer` subscribers: each performer event as the model heard it (for a display); "
-                  "`x y voice` with voices per-sender",
+    "/performer": "`v1 .. vN` to `performer` subscribers: each performer event as the model heard it (for a "
+                  "display); then the voice number with voices per-sender",
     "/surprise": "`nll smoothed` to `surprise` subscribers for each performer event: nats, how unlikely it was "
                  "under the prediction just before it (dequantised where the model says a dimension is "
                  "quantised), and a running figure over about the last ten events (the voice's own); then the voice "
                  "number with voices per-sender",
+    "/model/dims": "`N` to every destination when a `/model` swap brings a model of another "
+                   "width, before anything of it plays: send N values from then on",
 }
 # What /subscribe takes: each stream and what it sends.
 STREAMS: dict[str, str] = {
@@ -69,7 +72,7 @@ STREAMS: dict[str, str] = {
 }
 OUTPUT_ADDRESSES: tuple[str, ...] = tuple(OUTPUTS)
 
-Position = tuple[float, float, int | None]  # x, y and the voice asked for (None: the sender's own)
+Position = tuple[tuple[float, ...], int | None]  # the event's values and the voice asked for (None: the sender's own)
 
 
 class Request(NamedTuple):
@@ -94,7 +97,7 @@ AT_LEAST_0 = Range(low=0.0)
 ABOVE_0 = Range(low=0.0, open_low=True)
 PORT = Range(0, 65535)
 MIDI = Range(0, 127)
-POSITION = {"x": UNIT, "y": UNIT}
+VALUES = {"values": UNIT}  # each of a performer event's N values
 STREAM_ARGS = {"stream": Range(values=tuple(STREAMS)), "port": PORT}
 
 
@@ -108,34 +111,43 @@ def _unit(value: float) -> float:
     return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
 
 
+def model_width(ctx: Request) -> int:
+    """How many values a performer event carries now: the playing model's N (`/status dims`)."""
+    return ctx.controls.width
+
+
 # Performer handlers only check and return the position: the protocol decides when it
 # reaches the engine (see the flood policy above).
 
 
-@address("/gesture", performer=True, ranges=POSITION)
-def gesture(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
-    """Performer position in [0, 1] (out-of-range values are clamped and counted); `voice` picks one (per-sender)."""
-    cx, cy = _unit(x), _unit(y)
-    if cx != x or cy != y:
+@address("/gesture", performer=True, count=model_width, ranges=VALUES)
+def gesture(ctx: Request, *values: float, voice: VoiceNumber | None = None) -> Position:
+    """Performer event: exactly the model's N values in [0, 1] (`x y` at N = 2; out-of-range values are clamped and counted); `voice` picks one (per-sender)."""
+    if min(values) < 0.0 or max(values) > 1.0:
         ctx.stats.clamped += 1
-    return cx, cy, voice
+        values = tuple(_unit(v) for v in values)
+    return values, voice
 
 
-@address("/interface", performer=True, ranges=POSITION)
-def interface(ctx: Request, x: float, y: float, voice: VoiceNumber | None = None) -> Position:
+@address("/interface", performer=True, count=model_width, ranges=VALUES)
+def interface(ctx: Request, *values: float, voice: VoiceNumber | None = None) -> Position:
     """Alias of /gesture (IMPSY-compatible)."""
-    return gesture(ctx, x, y, voice)
+    return gesture(ctx, *values, voice=voice)
 
 
 @address("/note", performer=True, ranges={"pitch": MIDI, "velocity": MIDI})
 def note(ctx: Request, pitch: int, velocity: int, voice: VoiceNumber | None = None) -> Position | None:
-    """A note (0-127 each) played at (pitch/127, velocity/127); velocity 0 is a note-off and ignored."""
+    """A note (0-127 each) played at (pitch/127, velocity/127), for a 2-value model only; velocity 0 is a note-off and ignored."""
     if not (0 <= pitch <= 127 and 0 <= velocity <= 127):
         raise ControlError(f"pitch and velocity must be 0-127, got {pitch} {velocity}")
+    width = ctx.controls.width
+    if width != 2:
+        raise ControlError(f"/note plays (pitch, velocity): the model takes {width} values per event; "
+                           "send /gesture with them")
     if velocity == 0:
         ctx.stats.ignored += 1
         return None
-    return pitch / 127.0, velocity / 127.0, voice
+    return (pitch / 127.0, velocity / 127.0), voice
 
 
 @address("/temperature", ranges={"value": AT_LEAST_0}, state="temperature")

@@ -62,19 +62,21 @@ def _signature(params: Iterable[Param]) -> Node:
     return out
 
 
-def method(a: Address) -> Node:
-    """One address's node, without its VALUE (see `with_values`)."""
-    required = a.params[:a.required]
+def method(a: Address, width: int = 2) -> Node:
+    """One address's node, without its VALUE (see `with_values`), for a model of ``width`` values per event."""
+    params, required_count = a.signature(width)
+    required = params[:required_count]
     node: Node = {"FULL_PATH": a.path, "DESCRIPTION": a.summary, "ACCESS": WRITE | (READ if a.state else NONE),
                   **_signature(required)}
-    overloads = [_signature(a.params[:n]) for n in range(a.required + 1, len(a.params) + 1)]
+    overloads = [_signature(params[:n]) for n in range(required_count + 1, len(params) + 1)]
     if overloads:
         node["OVERLOADS"] = overloads
     return node
 
 
-def tree(table: AddressTable) -> Node:
-    """The whole namespace: the root container, each path segment a container node, each address a method node."""
+def tree(table: AddressTable, width: int = 2) -> Node:
+    """The whole namespace: the root container, each path segment a container node, each address a method node
+    (`/gesture` takes the ``width`` values the playing model takes)."""
     root: Node = {"FULL_PATH": "/", "DESCRIPTION": f"{NAME}: a real-time predictive performance server",
                   "ACCESS": NONE, "CONTENTS": {}}
     for a in table:
@@ -85,7 +87,7 @@ def tree(table: AddressTable) -> Node:
             parent = contents.setdefault(name, {"FULL_PATH": "/" + "/".join(segments[:depth]), "ACCESS": NONE})
         contents = parent.setdefault("CONTENTS", {})
         children = contents.get(segments[-1], {}).get("CONTENTS")  # a container met first keeps its children
-        contents[segments[-1]] = method(a) | ({"CONTENTS": children} if children else {})
+        contents[segments[-1]] = method(a, width) | ({"CONTENTS": children} if children else {})
     return root
 
 
@@ -149,10 +151,11 @@ class Namespace:
     """
 
     def __init__(self, table: AddressTable, info: Node) -> None:
-        self.root = tree(table)
+        self._table = table
+        self._roots: dict[int, Node] = {2: tree(table)}  # by the playing model's width: a swap changes /gesture's TYPE
         self.info = info
         self._states = tuple((a.path, a.state) for a in table if a.state is not None and a.required == 1)
-        self._cache: dict[tuple[str, str, tuple[object, ...]], tuple[int, bytes | None]] = {}
+        self._cache: dict[tuple[str, str, int, tuple[object, ...]], tuple[int, bytes | None]] = {}
 
     def values(self, status: Mapping[str, object]) -> dict[str, object]:
         """OSC path -> current value, from the `/status` items."""
@@ -160,11 +163,15 @@ class Namespace:
 
     def answer(self, path: str, query: str, status: Callable[[], Mapping[str, object]]) -> tuple[int, bytes | None]:
         """(HTTP status, JSON body or None) for `GET path?query`; `status` reads the `/status` items now."""
-        values = self.values(status())
-        key = (path, query, tuple(values.items()))
+        now = status()
+        values = self.values(now)
+        width = int(now.get("dims", 2))
+        key = (path, query, width, tuple(values.items()))
         found = self._cache.get(key)
         if found is None:
-            code, body = answer(with_values(self.root, values), path, query, self.info)
+            if width not in self._roots:
+                self._roots[width] = tree(self._table, width)
+            code, body = answer(with_values(self._roots[width], values), path, query, self.info)
             found = code, None if body is None else json.dumps(body).encode()
             if len(self._cache) >= CACHE:
                 self._cache.clear()

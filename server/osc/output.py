@@ -225,15 +225,15 @@ class OscOutput:
         else:
             self.stats.unproven_withheld += 1
 
-    def send_prediction(self, x: float, y: float, voice: int | None = None, route: object = None,
+    def send_prediction(self, values: tuple[float, ...], voice: int | None = None, route: object = None,
                         timetag: int | None = None) -> None:
-        """Send `/prediction x y` (float32; `x y voice` for a voice), as a bundle when given a timetag.
+        """Send `/prediction v1 .. vN` (float32; then the voice, for a voice), as a bundle when given a timetag.
 
         Without a voice it goes to every destination. A voice's goes to the `--send`
         destinations and to its own performer (`route`, an OSC sender): at the port
         that sender said `/hello` for, else back to the sender's own port.
         """
-        data = encode_prediction(x, y, voice)
+        data = encode_prediction(values, voice)
         if timetag is not None:
             data = encode_bundle(timetag, data)
         for endpoint in self._configured:

@@ -76,10 +76,9 @@ logger = logging.getLogger(__name__)
 
 
 class _Position(NamedTuple):
-    """A checked performer position waiting to reach the engine."""
+    """A checked performer event waiting to reach the engine."""
 
-    x: float
-    y: float
+    values: tuple[float, ...]
     at: float  # arrival time on the loop's clock
     path: str
     sender: Endpoint
@@ -371,7 +370,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
             if position is None:
                 self.stats.handled += 1
             else:
-                self._actions.append(_Position(position[0], position[1], at, path, sender, position[2]))
+                self._actions.append(_Position(position[0], at, path, sender, position[1]))
                 self._positions += 1
 
     def _request(self, sender: Endpoint, at: float) -> Request:
@@ -379,7 +378,7 @@ class OscServerProtocol(asyncio.DatagramProtocol):
 
     def _perform(self, p: _Position) -> None:
         try:
-            self.controls.perform(p.x, p.y, p.at, p.voice, p.sender)
+            self.controls.perform(*p.values, at=p.at, voice=p.voice, route=p.sender)
         except ControlError as exc:
             self._refusals.reject(p.path, str(exc) or "refused", p.sender)
         except Exception:

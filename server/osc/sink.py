@@ -34,14 +34,18 @@ class OscSink:
             timetag = None
             if event.timetagged:  # the event's time, from the loop's monotonic schedule to the wall clock
                 timetag = ntp_timetag(time.time() + (event.time - self._loop.time()))
-            self._output.send_prediction(event.x, event.y, event.voice, event.route, timetag)
+            self._output.send_prediction(event.values, event.voice, event.route, timetag)
             if streams.active("prediction"):  # displays get plain messages as they leave
-                streams.send("prediction", "/prediction", event.x, event.y, *voice)
+                streams.send("prediction", "/prediction", *event.values, *voice)
         elif streams.active("performer"):
-            streams.send("performer", "/performer", event.x, event.y, *voice)
+            streams.send("performer", "/performer", *event.values, *voice)
 
     def silence(self, voice: int | None) -> None:
         """OSC holds no notes: a client hears only what was sent."""
+
+    def retune(self, values: int) -> None:
+        """A model of another width plays: `/model/dims N` to every destination, so a patch can follow."""
+        self._output.broadcast("/model/dims", values)
 
     def wants(self, stream: str) -> bool:
         return self._streams.active(stream)

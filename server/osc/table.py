@@ -15,6 +15,10 @@ Argument rules (clients disagree about number types, so accept what they mean):
   voice". Leaving the argument out is the only way to name none: annotate it
   `VoiceNumber | None = None`, and the handler gets None (a value no message can carry).
 - str: OSC `s` only.
+- `*values: float`: as many floats as `count(ctx)` says when the message arrives (the
+  playing model's N, which a `/model` swap may change), declared with
+  `@address(..., count=...)`; keyword-only parameters after it (a voice) are optional
+  trailing arguments. A wrong count is refused naming the count wanted.
 - Anything else (booleans `T`/`F`, nil, blobs, arrays, MIDI, timetags) is rejected.
 
 Range checks belong in the handler: raise `ControlError` with a reason for the client.
@@ -22,8 +26,8 @@ Range checks belong in the handler: raise `ControlError` with a reason for the c
 Two options describe how the server may treat an address under load, so that policy
 sits next to the handler rather than in the transport:
 
-- `performer=True`: the handler only checks and returns a performer position
-  `(x, y)` (or None to ignore the message); the transport decides when it reaches the
+- `performer=True`: the handler only checks and returns a performer event's values
+  and voice (or None to ignore the message); the transport decides when it reaches the
   engine, and may let a newer position supersede it (see `server.osc`).
 - `max_rate=R`: at most R such messages per second from one sender (burst R), for
   requests that are costly (a model load) or that answer with more than they receive.
@@ -163,24 +167,52 @@ class Address:
     performer: bool = False  # the handler returns a position for the transport to apply
     max_rate: float | None = None  # messages per second per sender, or None for no limit
     state: str | None = None  # the /status key holding this control's current value, if it has one
+    count: Callable[[Any], int] | None = None  # with `*values`: how many it takes now (the model's N)
+    trailing: tuple[Param, ...] = ()  # with `*values`: the optional keyword-only arguments after them
+    values_range: Range | None = None  # with `*values`: each value's range (for discovery)
+
+    def signature(self, width: int) -> tuple[tuple[Param, ...], int]:
+        """(the arguments, how many are required) when the model takes ``width`` values: a `*values`
+        address takes v1 .. vN then its trailing ones; any other, its own."""
+        if self.count is None:
+            return self.params, self.required
+        values = tuple(Param(f"v{i}", "float", False, _to_float, self.values_range) for i in range(1, width + 1))
+        return (*self.params, *values, *self.trailing), self.required + width
 
     @property
     def usage(self) -> str:
-        """Arguments as `x:float y:float [port:int]` for documentation."""
-        return " ".join(p.usage for p in self.params)
+        """Arguments as `x:float y:float [port:int]` (`v1..vN:float [voice:int]` with `*values`) for documentation."""
+        fixed = [p.usage for p in self.params]
+        if self.count is None:
+            return " ".join(fixed)
+        return " ".join([*fixed, "v1..vN:float", *(p.usage for p in self.trailing)])
 
     def invoke(self, ctx: object, args: Sequence[object]) -> Any:
         """Convert `args` per the signature and return the handler's result; ArgumentError if they don't fit."""
+        if self.count is not None:
+            return self._invoke_values(ctx, args, self.count(ctx))
         params = self.params
         if not self.required <= len(args) <= len(params):
             raise ArgumentError(self._count_reason(len(args)))
+        return self.func(ctx, *_convert(params, args))
+
+    def _invoke_values(self, ctx: object, args: Sequence[object], n: int) -> Any:
+        """`invoke` for a handler taking `*values`: the fixed arguments, exactly ``n`` floats, then the trailing."""
+        fixed, trailing = len(self.params), self.trailing
+        end = fixed + n
+        if not end <= len(args) <= end + len(trailing):
+            most = end + len(trailing)
+            count = str(end) if most == end else f"{end}-{most}"
+            raise ArgumentError(f"{self.path} wants {n} value{'s' if n != 1 else ''} (the model's dims), got "
+                                f"{len(args) - fixed}: expected {count} arguments ({self.usage})")
         values = []
-        for param, arg in zip(params, args):
+        for i in range(fixed, end):
             try:
-                values.append(param.convert(arg))
+                values.append(_to_float(args[i]))
             except _BadValue as exc:
-                raise ArgumentError(f"{param.name}: {exc}") from None
-        return self.func(ctx, *values)
+                raise ArgumentError(f"v{i - fixed + 1}: {exc}") from None
+        more = dict(zip((p.name for p in trailing), _convert(trailing, args[end:])))
+        return self.func(ctx, *_convert(self.params, args[:fixed]), *values, **more)
 
     def _count_reason(self, got: int) -> str:
         if not self.params:
@@ -191,8 +223,20 @@ class Address:
         return f"expected {count} {noun} ({self.usage}), got {got}"
 
 
+def _convert(params: Sequence[Param], args: Sequence[object]) -> list[Any]:
+    """Each argument converted by its parameter (as many as there are arguments); ArgumentError naming the first bad."""
+    values = []
+    for param, arg in zip(params, args):
+        try:
+            values.append(param.convert(arg))
+        except _BadValue as exc:
+            raise ArgumentError(f"{param.name}: {exc}") from None
+    return values
+
+
 def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: float | None,
-             ranges: Mapping[str, Range] | None = None, state: str | None = None) -> Address:
+             count: Callable[[Any], int] | None = None, ranges: Mapping[str, Range] | None = None,
+             state: str | None = None) -> Address:
     if not path.startswith("/") or len(path) < 2 or _RESERVED.intersection(path):
         raise ValueError(f"{path!r} is not a literal OSC address")
     if max_rate is not None and (performer or not max_rate >= 1.0):
@@ -201,10 +245,20 @@ def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: flo
     parameters = list(signature.parameters.values())
     if not parameters:
         raise TypeError(f"{func.__qualname__}: the first parameter must take the request context")
-    params = []
+    params: list[Param] = []
+    trailing: list[Param] = []
+    variadic = False
     for p in parameters[1:]:
-        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        if count is not None and p.kind is inspect.Parameter.VAR_POSITIONAL and not variadic:
+            if _KINDS.get(p.annotation, ("",))[0] != "float":
+                raise TypeError(f"{func.__qualname__}: *{p.name} must be annotated float")
+            variadic = True
+            continue
+        keyword = variadic and p.kind is inspect.Parameter.KEYWORD_ONLY
+        if p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD and not keyword:
             raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be positional")
+        if keyword and p.default is inspect.Parameter.empty:
+            raise TypeError(f"{func.__qualname__}: {p.name!r} after *values must be optional")
         found = _KINDS.get(p.annotation)
         if found is None:
             raise TypeError(f"{func.__qualname__}: parameter {p.name!r} must be annotated float, int, str or "
@@ -213,23 +267,30 @@ def _compile(path: str, func: Callable[..., Any], performer: bool, max_rate: flo
         if convert is _to_voice and p.default is not None:
             raise TypeError(f"{func.__qualname__}: a voice argument is optional, default None (no voice)")
         declared = (ranges or {}).get(p.name, VOICE_RANGE if convert is _to_voice else None)
-        params.append(Param(p.name, kind, p.default is not inspect.Parameter.empty, convert, declared))
-    unknown = set(ranges or {}) - {p.name for p in params}
+        (trailing if keyword else params).append(Param(p.name, kind, p.default is not inspect.Parameter.empty,
+                                                       convert, declared))
+    if count is not None and not variadic:
+        raise TypeError(f"{func.__qualname__}: count= needs a *values parameter")
+    variadic_names = {p.name for p in parameters[1:] if p.kind is inspect.Parameter.VAR_POSITIONAL}
+    unknown = set(ranges or {}) - {p.name for p in (*params, *trailing)} - variadic_names
     if unknown:
         raise TypeError(f"{func.__qualname__}: ranges name no parameter: {', '.join(sorted(unknown))}")
+    values_range = next(((ranges or {}).get(name) for name in variadic_names), None)
     doc = inspect.getdoc(func)
     if not doc:
         raise TypeError(f"{func.__qualname__}: a handler's docstring is its documentation; add one")
     required = sum(1 for p in params if not p.optional)
-    return Address(path, func, tuple(params), required, doc.splitlines()[0], performer, max_rate, state)
+    return Address(path, func, tuple(params), required, doc.splitlines()[0], performer, max_rate, state, count,
+                   tuple(trailing), values_range)
 
 
 def address(path: str, *, performer: bool = False, max_rate: float | None = None,
-            ranges: Mapping[str, Range] | None = None, state: str | None = None) -> Callable[[F], F]:
+            count: Callable[[Any], int] | None = None, ranges: Mapping[str, Range] | None = None,
+            state: str | None = None) -> Callable[[F], F]:
     """Mark `func` as the handler of OSC `path`, compiling its signature now (options: see the module doc)."""
 
     def mark(func: F) -> F:
-        func.osc_address = _compile(path, func, performer, max_rate, ranges, state)  # type: ignore[attr-defined]
+        func.osc_address = _compile(path, func, performer, max_rate, count, ranges, state)  # type: ignore[attr-defined]
         return func
 
     return mark

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import struct
 
-_FLOAT2 = struct.Struct(">ff")
 _FLOAT = struct.Struct(">f")
 _INT = struct.Struct(">i")
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
@@ -170,22 +169,31 @@ def encode_message(address: str, *args: int | float | str) -> bytes:
     return encode_string(address) + encode_string("".join(tags)) + b"".join(body)
 
 
-_PREDICTION_HEAD = encode_string("/prediction") + encode_string(",ff")
+_PREDICTION = encode_string("/prediction")
+# N -> (the struct of N float32s, the head without a voice, the head with one): built once per width.
+_PREDICTION_FORMS: dict[int, tuple[struct.Struct, bytes, bytes]] = {}
 
 
-_VOICED_HEAD = encode_string("/prediction") + encode_string(",ffi")
+def _prediction_form(n: int) -> tuple[struct.Struct, bytes, bytes]:
+    form = _PREDICTION_FORMS.get(n)
+    if form is None:
+        tags = "," + "f" * n
+        form = _PREDICTION_FORMS[n] = (struct.Struct(">" + "f" * n), _PREDICTION + encode_string(tags),
+                                       _PREDICTION + encode_string(tags + "i"))
+    return form
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP) to 1970-01-01 (Unix)
 _TIMETAG = struct.Struct(">Q")
 _SIZE = struct.Struct(">i")
 
 
-def encode_prediction(x: float, y: float, voice: int | None = None) -> bytes:
-    """`/prediction x y` as float32 (`x y voice` with a voice): sent per model event, so it is cheap."""
-    head, tail = (_PREDICTION_HEAD, b"") if voice is None else (_VOICED_HEAD, _INT.pack(voice))
+def encode_prediction(values: tuple[float, ...], voice: int | None = None) -> bytes:
+    """`/prediction v1 .. vN` as float32 (then the voice, with one): sent per model event, so it is cheap."""
+    floats, plain, voiced = _prediction_form(len(values))
+    head, tail = (plain, b"") if voice is None else (voiced, _INT.pack(voice))
     try:
-        return head + _FLOAT2.pack(x, y) + tail
+        return head + floats.pack(*values) + tail
     except OverflowError:
-        return head + _encode_float(x) + _encode_float(y) + tail
+        return head + b"".join(_encode_float(v) for v in values) + tail
 
 
 def ntp_timetag(unix_seconds: float) -> int:

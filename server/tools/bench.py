@@ -25,22 +25,10 @@ import numpy as np
 
 from server.model.mdn import RandomBlocks
 from server.osc.wire import encode_message
+from server.tools.bench_dims import bench_widths, widths_table
 from server.tools.bench_ensemble import lookahead_timing, voices_round_trip
+from server.tools.timing import ROUND_TRIP_MAX_RATE, round_trip, step_latency
 from server.tools.under_test import REPO, ServerUnderTest, status
-ROUND_TRIP_MAX_RATE = 5000
-
-
-def step_latency(predictor, steps: int, rng) -> dict[str, float]:
-    """Median and p99 of one observe + sample, after a warm-up."""
-    times = np.empty(steps)
-    dt, x, y = 0.02, 0.5, 0.5
-    for i in range(-min(steps, 200), steps):
-        t0 = time.perf_counter()
-        predictor.observe(dt, x, y)
-        dt, x, y = predictor.sample(rng, 1.0, 1.0)
-        if i >= 0:
-            times[i] = time.perf_counter() - t0
-    return {"median_us": float(np.median(times) * 1e6), "p99_us": float(np.percentile(times, 99) * 1e6), "steps": steps}
 
 
 STEP_ENGINES = {"litert": (2000, 20000), "numpy": (2000, 20000), "tensorflow": (200, 2000)}  # steps: quick, full
@@ -89,48 +77,6 @@ def step_lines(s: dict[str, Any]) -> list[str]:
     if ratios:
         lines.append("  " + "   ".join(ratios))
     return lines
-
-
-def round_trip(sock: socket.socket, port: int, rate: float, seconds: float, keep: bool = False) -> dict[str, Any]:
-    """Send /gesture at ``rate`` on an absolute schedule; pair the i-th /prediction with the i-th input."""
-    while select.select([sock], [], [], 0.05)[0]:  # what an earlier phase left on the socket is not ours
-        sock.recv(65536)
-    n = int(rate * seconds)
-    sent = np.zeros(n)
-    got: list[float] = []
-    target = ("127.0.0.1", port)
-    messages = [encode_message("/gesture", 0.5 + 0.4 * float(np.sin(i / 20)), 0.5 + 0.4 * float(np.cos(i / 31))) for i in range(n)]
-    start = time.monotonic() + 0.05
-    i = 0
-    end = start + seconds + 2.0
-    while time.monotonic() < end and len(got) < n:
-        now = time.monotonic()
-        if i < n and now >= start + i / rate:
-            sock.sendto(messages[i], target)
-            sent[i] = time.monotonic()
-            i += 1
-            continue
-        wait = (start + i / rate - now) if i < n else end - now
-        readable, _, _ = select.select([sock], [], [], max(wait, 0.0))
-        while readable:
-            data = sock.recv(65536)
-            if data.startswith(b"/prediction"):
-                got.append(time.monotonic())
-            readable, _, _ = select.select([sock], [], [], 0)
-    received = len(got)
-    rtt = np.array(got[: min(received, i)]) - sent[: min(received, i)]
-    tenth = max(1, len(rtt) // 10)
-    return {
-        "rate": rate,
-        "sent": int(i),
-        "received": received,
-        "median_us": float(np.median(rtt) * 1e6) if len(rtt) else None,
-        "p99_us": float(np.percentile(rtt, 99) * 1e6) if len(rtt) else None,
-        "first_tenth_median_us": float(np.median(rtt[:tenth]) * 1e6) if len(rtt) else None,
-        "last_tenth_median_us": float(np.median(rtt[-tenth:]) * 1e6) if len(rtt) else None,
-        "last_answer_after_last_input_us": float((got[-1] - sent[i - 1]) * 1e6) if received and i else None,
-        **({"rtt": rtt} if keep else {}),
-    }
 
 
 def bench_server(model: str, quick: bool) -> dict[str, Any]:
@@ -352,7 +298,7 @@ def run_bench(model: str, models_dir: Path, out: Path, quick: bool = False) -> d
     folder = resolve_model_dir(model, models_dir, allow_paths=True)
     step = bench_steps(folder, quick)  # first: the in-process figures on a quiet interpreter
     result = {"model": str(folder), "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "step": step, "server": bench_server(str(folder), quick)}
+              "step": step, "widths": bench_widths(folder, quick), "server": bench_server(str(folder), quick)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"wrote {out}")
@@ -416,4 +362,6 @@ def format_table(r: dict[str, Any]) -> str:
         f"spread (p1-p99) {v['lookahead']['timetag_minus_scheduled_us_spread_p1_p99'] or 0:.0f} us",
         f"server counters: {v['server_status']}",
     ]
+    if "widths" in r:
+        lines += ["", *widths_table(r["widths"])]
     return "\n".join(lines)
