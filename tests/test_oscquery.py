@@ -49,13 +49,6 @@ def _get(url: str) -> tuple[int, Any]:
         return error.code, None
 
 
-def _tags(usage: str) -> tuple[str, str]:
-    """(required, all) type tags from a usage string as the README's table shows it (`x:float [voice:int]`)."""
-    words = usage.split()
-    required = "".join(TAGS[w.split(":")[1]] for w in words if not w.startswith("["))
-    return required, "".join(TAGS[w.strip("[]").split(":")[1]] for w in words)
-
-
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     mark = _poison(tmp_path)
@@ -80,11 +73,12 @@ def test_every_address_is_listed_with_its_type_tags_ranges_and_values_that_follo
         for name in a.path.strip("/").split("/"):
             node = node["CONTENTS"][name]
         assert node["FULL_PATH"] == a.path and node["DESCRIPTION"] == a.summary
-        required, every = _tags(a.usage)
+        params, count = a.signature(2)  # the default model takes 2 values
+        required, every = "".join(TAGS[p.kind] for p in params[:count]), "".join(TAGS[p.kind] for p in params)
         assert node["TYPE"] == required
         longest = node["OVERLOADS"][-1] if every != required else node
         assert longest["TYPE"] == every
-        for i, p in enumerate(a.params):
+        for i, p in enumerate(params):
             if p.range is not None:
                 shown = longest["RANGE"][i]
                 assert shown == ({"VALS": list(p.range.values)} if p.range.values else

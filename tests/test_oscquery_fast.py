@@ -44,10 +44,10 @@ def test_every_address_is_a_method_node_with_its_required_arguments_as_type_and_
     for a in TABLE:
         node = find(root, a.path)
         assert node["FULL_PATH"] == a.path and node["DESCRIPTION"] == a.summary
-        assert node["TYPE"] == "".join(tags[p.kind] for p in a.params[:a.required])
+        params, required = a.signature(2)  # the tree of a 2-value model; /gesture's N values follow the model
+        assert node["TYPE"] == "".join(tags[p.kind] for p in params[:required])
         overloads = [o["TYPE"] for o in node.get("OVERLOADS", [])]
-        assert overloads == ["".join(tags[p.kind] for p in a.params[:n]) for n in range(a.required + 1,
-                                                                                          len(a.params) + 1)]
+        assert overloads == ["".join(tags[p.kind] for p in params[:n]) for n in range(required + 1, len(params) + 1)]
         assert node["ACCESS"] == (3 if a.state else 2)
 
 
@@ -156,7 +156,13 @@ class _Output(_Anything):
         return True
 
 
-REQUEST = Request(controls=_Anything(), output=_Output(),  # type: ignore[arg-type]
+class _Controls(_Anything):
+    """Controls of a 2-value model (so `/gesture` takes x y, and `/note` plays)."""
+
+    width = 2
+
+
+REQUEST = Request(controls=_Controls(), output=_Output(),  # type: ignore[arg-type]
                   stats=SimpleNamespace(clamped=0, ignored=0), sender=("127.0.0.1", 9000), counters=dict, at=0.0, reply_error=lambda *args: None)
 
 
@@ -193,7 +199,7 @@ def _edges(p: Param) -> list[tuple[object, bool]]:
     return edges
 
 
-CASES = [(a.path, i, value, accepted) for a in TABLE for i, p in enumerate(a.params) if p.range is not None
+CASES = [(a.path, i, value, accepted) for a in TABLE for i, p in enumerate(a.signature(2)[0]) if p.range is not None
          for value, accepted in _edges(p)]
 
 
@@ -201,7 +207,8 @@ CASES = [(a.path, i, value, accepted) for a in TABLE for i, p in enumerate(a.par
 def test_each_declared_range_is_what_the_handler_accepts_at_its_edges(path: str, index: int, value: object,
                                                                        accepted: bool) -> None:
     a = TABLE.lookup[path]
-    args = [value if i == index else _inside(p) for i, p in enumerate(a.params[:max(index + 1, a.required)])]
+    params, required = a.signature(2)
+    args = [value if i == index else _inside(p) for i, p in enumerate(params[:max(index + 1, required)])]
     try:
         a.invoke(REQUEST, args)
     except ControlError as exc:
@@ -212,7 +219,7 @@ def test_each_declared_range_is_what_the_handler_accepts_at_its_edges(path: str,
 
 def test_every_handler_argument_with_limits_declares_them() -> None:
     """Only a free string (a model's name) goes without a range: a number always has one."""
-    bare = [(a.path, p.name) for a in TABLE for p in a.params if p.range is None]
+    bare = [(a.path, p.name) for a in TABLE for p in a.signature(2)[0] if p.range is None]
     assert bare == [("/model", "name")]
 
 
