@@ -327,15 +327,15 @@ def _calibrate(folder: Path, model, ds, seed: int):
     """`evaluate --calibrate`: the model's own sigma_temperature into its model.json; returns the model re-read."""
     from server.learn.calibrate import calibrate, write_sampling
     from server.learn.evaluate import held_out
-    from server.model.files import read_model
-    from server.model.predictor import Predictor, model_files_for
+    from server.model.engines import read_for
+    from server.model.predictor import Predictor
 
     data, which = held_out(ds, model.info)
     found = calibrate(Predictor(model), data, seed)
     write_sampling(folder, {**model.info.sampling, **found.record(seed)})
     print(f"calibrated on {which}: sigma_temperature {found.sigma_temperature:g} (shape distance {found.distance:.3f}, "
           f"{found.tried.get(1.0, float('nan')):.3f} at 1), written to {folder / 'model.json'}")
-    return read_model(folder, model_files_for("auto"))
+    return read_for(folder)
 
 
 def _print_music(model, ds, args: argparse.Namespace) -> None:

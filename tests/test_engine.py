@@ -220,7 +220,7 @@ def test_reset_in_generate_cancels_the_old_chain_and_starts_from_zero(predictor)
     loop.advance(fresh.when - loop.now)
     # the first event fed to the zeroed state is the one sampled after the reset, not the stale one
     assert spy.observed[observed] == (fresh.dt, *fresh.values)
-    assert (stale.dt, stale.x, stale.y) not in spy.observed[observed:]
+    assert (stale.dt, *stale.values) not in spy.observed[observed:]
     engine.stop()
 
 
