@@ -24,6 +24,7 @@ from server.monitor import DEFAULT_PORT as MONITOR_PORT
 from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 
 REPO = Path(__file__).resolve().parent.parent
+SHOWN_SKIPPED = 20  # skipped MIDI files named one by one; the rest are counted
 
 Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
@@ -104,6 +105,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "dt from note onsets in seconds through the tempo map")
     p.add_argument("--merge-tracks", action="store_true",
                    help="with --midi: one performance per file, all tracks' notes merged in time")
+    p.add_argument("--jobs", type=_int_at_least(1), default=1,
+                   help="with --midi: parse files in this many processes (default 1); the dataset is the same")
     p.add_argument("--impsy", nargs="+", action="extend", type=Path, metavar="FILE.npz",
                    help="IMPSY dataset files (training-dataset-<D>d.npz): each performance in 'perfs', dt and D - 1 "
                         "values; read without unpickling anything but arrays of numbers")
@@ -130,11 +133,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         what = "performer and model streams" if args.include_model else "performer streams"
         print(f"logs: {len(perfs)} {what} of two events or more")
     if args.midi:
-        from server.learn.midifile import midi_performances
-
-        tracks = midi_performances(args.midi, args.dt_max, args.merge_tracks)
-        print(f"MIDI: {len(tracks)} {'files' if args.merge_tracks else 'tracks'} of two notes or more")
-        perfs += tracks
+        perfs += _midi_performances(args)
     perfs += _impsy_performances(args)
     ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
@@ -143,6 +142,19 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
           + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
     return 0
+
+
+def _midi_performances(args: argparse.Namespace) -> list:
+    """The performances of --midi, parsed by --jobs processes; each skipped file named (the first 20)."""
+    from server.learn.importer import ImportProgress, import_midi
+
+    got = import_midi(args.midi, args.dt_max, args.merge_tracks, args.jobs, ImportProgress())
+    for f, reason, detail in got.skipped[:SHOWN_SKIPPED]:
+        logging.getLogger(__name__).warning("skipped (%s) %s", reason, detail)
+    if len(got.skipped) > SHOWN_SKIPPED:
+        logging.getLogger(__name__).warning("... and %d more skipped", len(got.skipped) - SHOWN_SKIPPED)
+    print(f"MIDI: {got.summary()}")
+    return got.performances
 
 
 def _impsy_performances(args: argparse.Namespace) -> list:
