@@ -235,6 +235,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-length", type=_int_at_least(2), default=d.sequence_length,
                    help="training window in events")
     p.add_argument("--no-report", action="store_true", help="skip report.png")
+    p.add_argument("--workers", default=None, metavar="HOST:PORT,...",
+                   help="train on several processes or machines (tf.distribute MultiWorkerMirroredStrategy): "
+                        "the same list and command on every worker, each with its own --worker-index; "
+                        "TF_CONFIG is read when this is not given")
+    p.add_argument("--worker-index", type=_int_at_least(0), default=None, metavar="N",
+                   help="this worker's place in --workers; 0, the chief, writes the model folder")
 
 
 def _sizes_help() -> str:
@@ -251,8 +257,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_model_name(args.name)
     except ValueError as e:
         raise ModelError(f"--name: {e}") from None
+    from server.learn.distribute import ClusterError, parse_cluster
+
+    try:
+        cluster = parse_cluster(args.workers, args.worker_index)
+    except ValueError as e:
+        return _fail(str(e))
+    if cluster is not None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the runtime logs every RPC; our lines say what matters
     _check_models_dir(args.models_dir)
     cfg = TrainConfig(
+        cluster=cluster,
         size=args.size,
         mixtures=args.mixtures,
         epochs=args.epochs,
@@ -270,7 +285,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=None if args.init_from is None else resolve_model_dir(args.init_from, args.models_dir, allow_paths=True),
         data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )
-    result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    try:
+        result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    except ClusterError as e:
+        _fail(str(e))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # TensorFlow's shutdown would wait for the lost worker; there is nothing left to clean up
     return 0 if result.folder is not None else 1
 
 
