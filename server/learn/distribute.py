@@ -116,17 +116,21 @@ def _configure_coordination(tf: Any, cluster: Cluster) -> None:
 
 
 def _multi_worker_class(tf: Any) -> type:
-    """MultiWorkerMirroredStrategy whose `reduce` takes nested values and scalars, as Keras 3's fit hands it.
+    """MultiWorkerMirroredStrategy whose `reduce` takes what Keras 3's fit hands it (keras-team/keras#20585).
 
-    Keras 3 (keras-team/keras#20585) reduces a whole (inputs, targets) batch at once and the
-    per-step losses with axis=0; TensorFlow's multi-worker strategy takes neither.
+    Keras reduces a whole (inputs, targets) batch, only to learn its shapes for building the
+    model: this worker's own batch serves (workers' batches may differ in length, and a
+    collective over them would fail). It reduces the per-step losses with axis=0, which
+    TensorFlow refuses for scalars: they are summed over workers as they are.
     """
 
     class MultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
         def reduce(self, reduce_op, value, axis):
             def one(v):
-                rank = self.experimental_local_results(v)[0].shape.rank
-                return super(MultiWorker, self).reduce(reduce_op, v, axis if axis is not None and rank else None)
+                local = self.experimental_local_results(v)[0]
+                if axis is None and local.shape.rank:
+                    return local
+                return super(MultiWorker, self).reduce(reduce_op, v, axis if local.shape.rank else None)
 
             return tf.nest.map_structure(one, value)
 
@@ -138,7 +142,9 @@ def all_sum(strategy: Any, values: list[float]) -> list[float]:
     from server.model.network import tf
 
     local = tf.constant(values, tf.float32)
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: local), axis=None)
+    base = tf.distribute.MultiWorkerMirroredStrategy  # its own reduce: ours keeps a batch local (see above)
+    reduce = base.reduce if isinstance(strategy, base) else type(strategy).reduce
+    total = reduce(strategy, tf.distribute.ReduceOp.SUM, strategy.run(lambda: local), axis=None)
     return [float(v) for v in total.numpy()]
 
 
