@@ -26,6 +26,7 @@ from server.osc.namespace import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SEND_PORT
 from server.places import user_models_dir
 
 REPO = Path(__file__).resolve().parent.parent
+SHOWN_SKIPPED = 20  # skipped MIDI files named one by one; the rest are counted
 
 # Installed by the `train` extra only (pip install "antiphon[train]"): the stage runs without them.
 TRAIN_ONLY = ("tensorflow", "tensorflow_probability", "tf_keras", "keras", "matplotlib")
@@ -117,6 +118,8 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "dt from note onsets in seconds through the tempo map")
     p.add_argument("--merge-tracks", action="store_true",
                    help="with --midi: one performance per file, all tracks' notes merged in time")
+    p.add_argument("--jobs", type=_int_at_least(1), default=1,
+                   help="with --midi: parse files in this many processes (default 1); the dataset is the same")
     p.add_argument("--impsy", nargs="+", action="extend", type=Path, metavar="FILE.npz",
                    help="IMPSY dataset files (training-dataset-<D>d.npz): each performance in 'perfs', dt and D - 1 "
                         "values; read without unpickling anything but arrays of numbers")
@@ -143,11 +146,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         what = "performer and model streams" if args.include_model else "performer streams"
         print(f"logs: {len(perfs)} {what} of two events or more")
     if args.midi:
-        from server.learn.midifile import midi_performances
-
-        tracks = midi_performances(args.midi, args.dt_max, args.merge_tracks)
-        print(f"MIDI: {len(tracks)} {'files' if args.merge_tracks else 'tracks'} of two notes or more")
-        perfs += tracks
+        perfs += _midi_performances(args)
     perfs += _impsy_performances(args)
     ds = Dataset.from_performances(perfs)
     save_dataset(ds, args.out)
@@ -156,6 +155,19 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
           + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
     return 0
+
+
+def _midi_performances(args: argparse.Namespace) -> list:
+    """The performances of --midi, parsed by --jobs processes; each skipped file named (the first 20)."""
+    from server.learn.importer import ImportProgress, import_midi
+
+    got = import_midi(args.midi, args.dt_max, args.merge_tracks, args.jobs, ImportProgress())
+    for f, reason, detail in got.skipped[:SHOWN_SKIPPED]:
+        logging.getLogger(__name__).warning("skipped (%s) %s", reason, detail)
+    if len(got.skipped) > SHOWN_SKIPPED:
+        logging.getLogger(__name__).warning("... and %d more skipped", len(got.skipped) - SHOWN_SKIPPED)
+    print(f"MIDI: {got.summary()}")
+    return got.performances
 
 
 def _impsy_performances(args: argparse.Namespace) -> list:
@@ -236,6 +248,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-length", type=_int_at_least(2), default=d.sequence_length,
                    help="training window in events")
     p.add_argument("--no-report", action="store_true", help="skip report.png")
+    p.add_argument("--workers", default=None, metavar="HOST:PORT,...",
+                   help="train on several processes or machines (tf.distribute MultiWorkerMirroredStrategy): "
+                        "the same list and command on every worker, each with its own --worker-index; "
+                        "TF_CONFIG is read when this is not given")
+    p.add_argument("--worker-index", type=_int_at_least(0), default=None, metavar="N",
+                   help="this worker's place in --workers; 0, the chief, writes the model folder")
 
 
 def _sizes_help() -> str:
@@ -252,8 +270,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_model_name(args.name)
     except ValueError as e:
         raise ModelError(f"--name: {e}") from None
+    from server.learn.distribute import ClusterError, parse_cluster
+
+    try:
+        cluster = parse_cluster(args.workers, args.worker_index)
+    except ValueError as e:
+        return _fail(str(e))
+    if cluster is not None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the runtime logs every RPC; our lines say what matters
     _check_models_dir(args.models_dir)
     cfg = TrainConfig(
+        cluster=cluster,
         size=args.size,
         mixtures=args.mixtures,
         epochs=args.epochs,
@@ -271,7 +298,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         init_from=None if args.init_from is None else resolve_model_dir(args.init_from, args.models_dir, allow_paths=True),
         data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )
-    result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    try:
+        result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+    except ClusterError as e:
+        _fail(str(e))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # TensorFlow's shutdown would wait for the lost worker; there is nothing left to clean up
     return 0 if result.folder is not None else 1
 
 

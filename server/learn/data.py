@@ -109,7 +109,7 @@ def save_dataset(ds: Dataset, path: Path) -> Path:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # umask permissions, unlike mkstemp
         try:
             with open(tmp, "xb") as f:
-                np.savez(f, events=ds.events, starts=ds.starts)
+                write_npz(f, {"events": ds.events, "starts": ds.starts})
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -117,6 +117,14 @@ def save_dataset(ds: Dataset, path: Path) -> Path:
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot write the dataset ({getattr(e, 'strerror', None) or e})") from None
     return path
+
+
+def write_npz(f: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+    """``numpy.savez`` with a fixed date in the zip: the same arrays give the same bytes (reproducible datasets)."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, array in arrays.items():
+            with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.asanyarray(array), allow_pickle=False)
 
 
 def load_dataset(path: Path) -> Dataset:

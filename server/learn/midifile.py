@@ -10,7 +10,6 @@ first event of a performance has dt 0 and every dt is clipped to ``dt_max``.
 
 from __future__ import annotations
 
-import logging
 import struct
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,9 +17,7 @@ from typing import Iterable, Iterator
 import mido
 import numpy as np
 
-from server.learn.data import DT_MAX, Dataset, DatasetError
-
-log = logging.getLogger(__name__)
+from server.learn.data import DT_MAX, DatasetError
 
 MIDI_SUFFIXES = (".mid", ".midi")
 DEFAULT_TEMPO = 500_000  # microseconds per beat (120 bpm) until the first set_tempo, per the standard
@@ -120,33 +117,3 @@ def midi_files(paths: Iterable[Path]) -> list[Path]:
         else:
             raise DatasetError(f"{p}: no such file or folder")
     return out
-
-
-def midi_performances(paths: Iterable[Path], dt_max: float = DT_MAX, merge_tracks: bool = False) -> list[np.ndarray]:
-    """Performances from MIDI files and folders; an unreadable file is skipped with a warning naming it."""
-    paths = [Path(p) for p in paths]
-    files = midi_files(paths)
-    if not files:
-        raise DatasetError(f"no MIDI files (.mid, .midi) in {', '.join(map(str, paths))}")
-    perfs: list[np.ndarray] = []
-    unreadable: list[DatasetError] = []
-    for f in files:
-        try:
-            perfs.extend(read_midi(f, dt_max, merge_tracks))
-        except DatasetError as e:
-            unreadable.append(e)
-            log.warning("skipped %s", e)
-    single = sum(1 for p in perfs if len(p) < 2)
-    if single:
-        log.info("left out %d track(s) with a single note: nothing to predict from", single)
-    perfs = [p for p in perfs if len(p) >= 2]
-    if not perfs:
-        if len(unreadable) == len(files):
-            raise DatasetError(f"no readable MIDI file: {unreadable[0]}" if len(files) == 1 else
-                               f"none of the {len(files)} MIDI files is readable (first: {unreadable[0]})")
-        raise DatasetError(f"none of the {len(files)} MIDI file(s) has a track with at least two notes")
-    return perfs
-
-
-def dataset_from_midi(paths: Iterable[Path], dt_max: float = DT_MAX, merge_tracks: bool = False) -> Dataset:
-    return Dataset.from_performances(midi_performances(paths, dt_max, merge_tracks))

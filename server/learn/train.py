@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -19,6 +21,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
+from server.learn.distribute import Cluster
 from server.learn.music import mixtures_for, relative_dims
 from server.learn.windows import Windows, make_windows
 from server.model.normalise import DT_OFFSET, Normaliser
@@ -48,6 +51,7 @@ class TrainConfig:
     intervals: str = "no"  # "yes": x as the step from the previous event's (music.INTERVALS)
     report: bool = True
     init_from: Path | None = None  # a model folder to start from (fine-tune): its size and normalisation are kept
+    cluster: Cluster | None = None  # workers training together (server.learn.distribute); None: this process alone
     data: dict[str, Any] = field(default_factory=dict)  # source and licence, recorded in model.json
 
 
@@ -80,15 +84,16 @@ def train(
     With ``cfg.init_from`` (a model folder) training starts from that model's weights and
     keeps its size and normalisation: a fine-tune.
     """
-    from server.learn.evaluate import score, step_for
-    from server.model.export import convert_to_tflite, export, library_versions, now_iso
+    from server.learn.distribute import make_strategy
 
     started = time.monotonic()
     minutes = cfg.minutes if cfg.minutes is not None else default_minutes(len(ds.events))
     if not minutes > 0:
         raise DatasetError("--minutes must be > 0")
     train_ds, val_ds, held_out = split_performances(ds, cfg.val_fraction, cfg.seed)
-    model, spec, norm, parent = build_for(cfg, train_ds)
+    strategy = make_strategy(cfg.cluster)  # before any other TensorFlow work, as multi-worker training needs
+    with strategy.scope():
+        model, spec, norm, parent = build_for(cfg, train_ds)
     train_w, val_w = _windows(train_ds, val_ds, norm, cfg)
     origin = f"fine-tuning {parent.label}" if parent is not None else "training"
     echo(
@@ -104,7 +109,7 @@ def train(
     budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
     progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout,
                          nats_offset(norm, train_ds.performances), nats_offset(norm, val_ds.performances))
-    best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress])
+    best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress], strategy)
     history = best.history
     if interrupted:
         echo("\ninterrupted: exporting the best model so far")
@@ -113,7 +118,28 @@ def train(
             echo("interrupted before the first epoch ended: nothing to export")
             return TrainResult(None, math.nan, math.nan, 0, time.monotonic() - started, history, True)
         raise RuntimeError("training diverged (NaN loss) in its first epoch; try a lower --learning-rate")
+    if cfg.cluster is not None:
+        model = _plain_copy(model, spec, cfg, best.weights)  # export sees ordinary variables, not mirrored ones
+        if not cfg.cluster.chief:
+            return _await_chief(strategy, Path(models_dir) / name, echo, started, history, interrupted)
+        with _releasing_workers(strategy) as written:
+            result = _export(model, spec, norm, parent, cfg, ds, val_ds, held_out, best, models_dir, name, echo,
+                             started, interrupted)
+            written.extend([result.validation_nll, result.validation_nll_dequantised])
+        return result
     model.set_weights(best.weights)
+    return _export(model, spec, norm, parent, cfg, ds, val_ds, held_out, best, models_dir, name, echo, started,
+                   interrupted)
+
+
+def _export(model, spec: ModelSpec, norm: Normaliser, parent, cfg: TrainConfig, ds: Dataset, val_ds: Dataset,
+            held_out: list[int], best: "BestWeights", models_dir: Path, name: str, echo: Callable[[str], None],
+            started: float, interrupted: bool) -> TrainResult:
+    """Score the best weights on the held-out performances, export the folder and its report."""
+    from server.learn.evaluate import score, step_for
+    from server.model.export import convert_to_tflite, export, library_versions, now_iso
+
+    history = best.history
     epochs = len(history.get("loss", []))
     info = _info(spec, norm, cfg, ds, None, history, held_out)
     tflite = convert_to_tflite(model, spec)
@@ -151,6 +177,44 @@ def calibrated(step, tflite: bytes, info: ModelInfo, val_ds: Dataset, seed: int,
     return found.record(seed)
 
 
+def _plain_copy(model, spec: ModelSpec, cfg: TrainConfig, weights: list[np.ndarray]):
+    """The trained network outside any tf.distribute strategy, with ``weights``."""
+    from server.model.network import build_model
+
+    plain = build_model(spec, dropout=cfg.dropout)
+    plain.set_weights(weights)
+    return plain
+
+
+def _await_chief(strategy, folder: Path, echo: Callable[[str], None], started: float, history: dict,
+                 interrupted: bool) -> TrainResult:
+    """A worker's end: wait for the chief's export, then report what it wrote (or fail if it could not)."""
+    from server.learn.distribute import ClusterError, all_sum, lost_worker
+    from server.model.network import tf
+
+    try:
+        written, raw, dequantised = all_sum(strategy, [0.0, 0.0, 0.0])
+    except tf.errors.OpError as e:
+        raise lost_worker(e) from None
+    if not written:
+        raise ClusterError("the chief (worker 0) could not write the model; its output says why")
+    echo(f"the chief (worker 0) wrote {folder.name} in its --models-dir: held-out NLL {dequantised:.3f} nats/event")
+    epochs = len(history.get("loss", []))
+    return TrainResult(folder, raw, dequantised, epochs, time.monotonic() - started, history, interrupted)
+
+
+@contextmanager
+def _releasing_workers(strategy) -> Iterator[list[float]]:
+    """The chief's export: the workers wait in one all-reduce, told at its end whether the model was written."""
+    from server.learn.distribute import all_sum
+
+    scores: list[float] = []
+    try:
+        yield scores
+    finally:
+        all_sum(strategy, [1.0, *scores] if len(scores) == 2 else [0.0, 0.0, 0.0])
+
+
 def build_for(cfg: TrainConfig, train_ds: Dataset):
     """A compiled model, its spec and normaliser: new, or (``cfg.init_from``) the parent's weights and normaliser.
 
@@ -182,10 +246,16 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
 
 
 def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget: float, cfg: TrainConfig,
-               extra: list[Any]) -> tuple["BestWeights", bool]:
-    """Fit until the budget, early stopping or Ctrl-C; returns the best epoch's weights and whether interrupted."""
+               extra: list[Any], strategy: Any = None) -> tuple["BestWeights", bool]:
+    """Fit until the budget, early stopping or Ctrl-C; returns the best epoch's weights and whether interrupted.
+
+    On a cluster (``cfg.cluster``, ``strategy`` its MultiWorkerMirroredStrategy) the chief's
+    budget and anyone's Ctrl-C stop every worker at the same batch (`SharedStop`), and a lost
+    worker ends the fit with a `ClusterError`.
+    """
+    from server.learn.distribute import SharedStop, lost_worker
     from server.learn.windows import training_dataset
-    from server.model.network import keras
+    from server.model.network import keras, tf
 
     from server.learn.evaluate import relative_mask
     from server.learn.windows import as_steps
@@ -195,26 +265,34 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
     val_targets = as_steps(val_w, val_targets, relative)
     best = BestWeights()
+    shared = None if cfg.cluster is None else SharedStop(strategy)
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
         keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
-        TimeBudget(budget),
+        *([TimeBudget(budget)] if cfg.cluster is None or cfg.cluster.chief else []),  # the chief's clock decides
+        *([shared] if shared is not None else []),
         best,
         *extra,
     ]
     try:
-        model.fit(
-            training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative),
-            validation_data=(val_inputs, val_targets),
-            epochs=cfg.epochs,
-            shuffle=False,  # the pipeline shuffles
-            verbose=0,
-            callbacks=[keras_callback(c) for c in callbacks],
-        )
+        with (nullcontext() if shared is None else shared.catching_ctrl_c()), \
+                (nullcontext() if strategy is None else strategy.scope()):
+            model.fit(
+                training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative),
+                validation_data=(val_inputs, val_targets),
+                epochs=cfg.epochs,
+                shuffle=False,  # the pipeline shuffles
+                verbose=0,
+                callbacks=[keras_callback(c) for c in callbacks],
+            )
     except KeyboardInterrupt:
         return best, True
-    return best, False
+    except tf.errors.OpError as e:
+        if shared is None:
+            raise
+        raise lost_worker(e) from None
+    return best, shared is not None and shared.interrupted
 
 
 def _windows(train_ds: Dataset, val_ds: Dataset, norm: Normaliser, cfg: TrainConfig) -> tuple[Windows, Windows]:

@@ -1,0 +1,129 @@
+"""`train --workers`: two worker processes on loopback train one model; a lost worker stops the other cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.learn.data import save_dataset
+from server.learn.distribute import SharedStop, _first_line, parse_cluster
+from server.learn.synth import synthetic_dataset
+from server.model.mdn import RandomBlocks
+from server.model.predictor import Predictor
+
+REPO = Path(__file__).resolve().parent.parent
+NOISE = ("I0000", "W0000", "E0000", "WARNING: All log")
+
+
+def test_the_cluster_comes_from_the_flags_or_tf_config():
+    assert parse_cluster(None, None, {}) is None
+    c = parse_cluster("a:1, b:2", 1, {})
+    assert c.workers == ("a:1", "b:2") and c.index == 1 and not c.chief
+    tf_config = {"cluster": {"chief": ["c:1"], "worker": ["w:2", "w:3"]}, "task": {"type": "worker", "index": 1}}
+    assert parse_cluster(None, None, {"TF_CONFIG": json.dumps(tf_config)}) == parse_cluster("c:1,w:2,w:3", 2, {})
+    for workers, index, message in (("a:1,b:2", None, "go together"), ("a:1,b:2", 2, "0 to 1"),
+                                    ("a:1", 0, "two or more"), ("a:1,a:1", 0, "two or more"), ("a,b:2", 0, "host:port")):
+        with pytest.raises(ValueError, match=message):
+            parse_cluster(workers, index, {})
+    with pytest.raises(ValueError, match="TF_CONFIG"):
+        parse_cluster(None, None, {"TF_CONFIG": "{not json"})
+
+
+def test_a_lost_worker_is_named_in_a_few_words():
+    text = ("{{function_node __wrapped__CollectiveReduceV2}} Collective ops is aborted by: Error reported from "
+            "/job:worker/task:0: The following tasks are unhealthy (stopped sending heartbeats):\n"
+            "/job:worker/replica:0/task:1\nThe tasks have crashed.")
+    assert _first_line(RuntimeError(text)) == "worker 1 stopped answering"
+    assert _first_line(RuntimeError("{{node x}} Deadline exceeded\n/job:worker")) == "Deadline exceeded"
+
+
+class _Model:
+    stop_training = False
+
+
+def test_a_stop_waits_for_the_next_sync_so_every_worker_leaves_at_the_same_batch():
+    from server.model.network import tf
+
+    stop, model = SharedStop(tf.distribute.get_strategy(), every=4), _Model()
+    for batch in range(3):
+        model.stop_training = batch == 1  # the chief's budget ran out at batch 1
+        stop.on_train_batch_end(batch, {}, model)
+        assert not model.stop_training  # held back: the others have not heard yet
+    stop.on_train_batch_end(3, {}, model)
+    assert model.stop_training and not stop.interrupted
+
+    ctrl_c, model = SharedStop(tf.distribute.get_strategy(), every=4), _Model()
+    ctrl_c.ctrl_c = True
+    ctrl_c.on_epoch_end(0, {"loss": 1.0}, model)
+    assert model.stop_training and ctrl_c.interrupted
+
+
+# --------------------------------------------------------------------------- two processes on loopback
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _workers(tmp_path: Path, epochs: int, minutes: float) -> list[subprocess.Popen]:
+    data = save_dataset(synthetic_dataset(12, seed=3, phrases=3), tmp_path / "d.npz")
+    workers = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    return [subprocess.Popen(
+        [sys.executable, "-m", "server", "train", "--data", str(data), "--size", "xs", "--name", "duo",
+         "--models-dir", str(tmp_path / f"models{i}"), "--epochs", str(epochs), "--minutes", str(minutes),
+         "--sequence-length", "20", "--no-report", "--workers", workers, "--worker-index", str(i)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+
+
+def _lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if not line.startswith(NOISE)]
+
+
+def test_two_workers_write_one_model_that_loads_and_plays(tmp_path):
+    procs = _workers(tmp_path, epochs=2, minutes=2)
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert (tmp_path / "models0" / "duo" / "model.json").exists()
+    assert not (tmp_path / "models1").exists()  # the worker writes nothing
+    epochs = [[line for line in _lines(out) if line.startswith("epoch")] for out in outs]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 2  # the same all-reduced losses, the same stop
+    assert "the chief (worker 0) wrote duo" in outs[1]
+    p = Predictor.load(tmp_path / "models0" / "duo", prove=True)
+    draws = RandomBlocks(np.random.default_rng(1), 3)
+    for _ in range(5):
+        event = p.sample(draws, 1.0, 1.0)
+        assert len(event) == 3 and all(np.isfinite(event))
+        p.observe(*event)
+
+
+def test_a_killed_worker_stops_the_chief_with_one_line_and_no_model(tmp_path):
+    chief, worker = _workers(tmp_path, epochs=200, minutes=5)
+    for line in worker.stdout:
+        if line.startswith("epoch"):  # mid-run: the first epoch is done
+            worker.send_signal(signal.SIGKILL)
+            break
+    out = chief.communicate(timeout=120)[0]
+    worker.communicate(timeout=30)
+    assert chief.returncode == 1, out
+    assert _lines(out)[-1] == ("error: training stopped: a worker was lost or cannot be reached "
+                               "(worker 1 stopped answering); no model was written")
+    assert not (tmp_path / "models0").exists()
+
+
+def test_workers_need_an_index_and_a_list(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "server", "train", "--data", "x.npz", "--name", "n",
+                          "--workers", "127.0.0.1:1,127.0.0.1:2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "--workers and --worker-index go together" in res.stderr
