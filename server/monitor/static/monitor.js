@@ -393,9 +393,10 @@
           dens.push(m.components.reduce((a, c, k) => a + weights[k] * normal(v, c.means[d], c.sigmas[d]), 0));
         }
         const max = Math.max(...dens);
-        dens.forEach((v, r) => {
+        dens.forEach((v, r) => {  // whole pixels, edge to edge: rows that overlap would show as stripes
+          const y0 = Math.round(top + (r * plot) / rows), y1 = Math.round(top + ((r + 1) * plot) / rows);
           ctx.fillStyle = `rgba(125, 92, 255, ${max > 0 ? 0.9 * Math.pow(v / max, 0.4) : 0})`;
-          ctx.fillRect(x0, top + (r * plot) / rows, bw, plot / rows + 1);
+          ctx.fillRect(x0, y0, bw, y1 - y0);
         });
       }
       [["performer", 0], ["model", 1]].forEach(([who, half]) => {
