@@ -821,3 +821,69 @@ def test_the_page_hands_its_token_on_to_its_websocket(browser, server):
         assert errors == []
     finally:
         mon.stop()
+
+
+def bars_pixels(page) -> str:
+    return page.evaluate("document.getElementById('bars').toDataURL()")
+
+
+BAR_COLOURS = """() => {
+  const c = document.getElementById('bars'), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let performer = 0, model = 0;  // cyan (56, 208, 255) and amber (255, 176, 32); the density is violet, green < 100
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i] < 120 && d[i + 1] > 150 && d[i + 2] > 200) performer++;
+    if (d[i] > 200 && d[i + 1] > 120 && d[i + 2] < 100) model++;
+  }
+  return { performer, model };
+}"""
+
+
+def test_a_model_of_nine_values_shows_its_dims_a_trail_and_bars_that_follow_the_gestures(tmp_path, browser):
+    """At N = 9 the page says dims 9, draws the first two values on the plane and values 3..9 as seven bars that
+    change with gestures of nine values; a swap to a one-value model hides the bars and the plane still draws."""
+    from tests.tinynet import export_wide
+
+    models = tmp_path / "models"
+    for n in (9, 1):
+        export_wide(models / f"n{n}", n, seed=n)
+    with contextlib.ExitStack() as stack:  # closed in reverse: the page, the monitor, the server, the peers
+        dummy, player = (stack.enter_context(contextlib.closing(OscPeer())) for _ in range(2))
+        srv = start_server(tmp_path / "logs", "--models-dir", str(models), "--model", "n9", "--mode", "accompany",
+                           "--send", f"127.0.0.1:{dummy.port}", "--timescale", "0.01")
+        stack.callback(srv.stop)
+        mon = MonitorProcess(srv.port, "--models-dir", str(models))
+        stack.callback(mon.stop)
+        player.target = ("127.0.0.1", srv.port)
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        stack.callback(page.close)
+        errors: list[str] = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(mon.url)
+        assert wait_for(lambda: page.text_content("#f-dims") == "9", 10.0), page.text_content("#f-dims")
+        assert page.evaluate("window.antiphonDims()") == {"dims": 9, "bars": 7}
+        assert page.is_visible("#bars")
+        box = page.locator("#bars").bounding_box()
+        assert box["width"] > 100 and box["height"] > 300, box  # beside the plane, as tall as it
+        plane, bars = still_plane(page), bars_pixels(page)
+        assert page.evaluate(BAR_COLOURS) == {"performer": 0, "model": 0}  # no bar before anything is played
+        for i in range(30):
+            player.send("/gesture", *[(0.1 * j + 0.02 * i) % 1.0 for j in range(9)])
+            time.sleep(0.02)
+        assert wait_for(lambda: page.evaluate("window.antiphonVoices()")["model"] == [""]), "no model trail"
+        assert wait_for(lambda: plane_pixels(page) != plane), "the plane did not change after gestures"
+        assert wait_for(lambda: bars_pixels(page) != bars), "the bars did not change after gestures"
+        colours = wait_for(lambda: (c := page.evaluate(BAR_COLOURS))["performer"] > 100 and c["model"] > 100 and c)
+        assert colours, page.evaluate(BAR_COLOURS)
+        assert wait_for(lambda: page.text_content("#f-surprise") != "–"), "no surprise shown"
+
+        player.send("/model", "n1")
+        assert wait_for(lambda: page.text_content("#f-dims") == "1", 10.0), "the swap to one value was not shown"
+        assert page.evaluate("window.antiphonDims()") == {"dims": 1, "bars": 0}
+        assert not page.is_visible("#bars")
+        plane = still_plane(page)
+        for i in range(20):
+            player.send("/gesture", 0.05 * i)
+            time.sleep(0.02)
+        assert wait_for(lambda: plane_pixels(page) != plane), "the plane did not draw one value against time"
+        assert errors == []

@@ -79,26 +79,43 @@ def shown_built(address: str, *args: Any) -> dict[str, Any] | None:
 @pytest.mark.parametrize("kind", ["prediction", "performer"])
 def test_a_position_is_shown_with_its_voice_when_it_carries_one(kind):
     address = f"/{kind}"
-    assert shown(address, 0.25, 0.75) == {"type": kind, "x": 0.25, "y": 0.75, "voice": None}
-    assert shown(address, 0.25, 0.75, 3) == {"type": kind, "x": 0.25, "y": 0.75, "voice": 3}
+    assert shown(address, 0.25, 0.75) == {"type": kind, "values": [0.25, 0.75], "voice": None}
+    assert shown(address, 0.25, 0.75, 3) == {"type": kind, "values": [0.25, 0.75], "voice": 3}
     assert shown(address, 0.0, 1.0, 0)["voice"] == 0  # voices are numbered from 0
     assert shown(address, 0.0, 1.0, 999)["voice"] == 999
-    for not_a_voice in (1000, -1, 2.0, "2"):  # out of range, or not an integer
-        assert shown(address, 0.5, 0.5, not_a_voice) == {"type": kind, "x": 0.5, "y": 0.5, "voice": None}, not_a_voice
+    for not_a_voice in (1000, -1, "2"):  # out of range, or not an integer
+        assert shown(address, 0.5, 0.5, not_a_voice) == {"type": kind, "values": [0.5, 0.5], "voice": None}, not_a_voice
     assert shown(address, 0.5, 0.5, 3, 4)["voice"] is None  # not the shape a voice's message has
 
 
+NINE = [0.5, 0.0, 1.0, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875]  # float32 exact, so they come back as sent
+
+
 @pytest.mark.parametrize("kind", ["prediction", "performer"])
-def test_a_position_that_is_not_two_finite_numbers_is_not_shown(kind):
+@pytest.mark.parametrize("values", [NINE[:1], NINE[:2], NINE], ids=["N=1", "N=2", "N=9"])
+def test_an_event_of_any_width_is_shown_as_its_values_and_the_trailing_int_as_its_voice(kind, values):
+    """The server sends N float32 values, then with voices per-sender the voice as an int32: the types tell the
+    two apart at any N, so a float after the values is one more value, never a voice."""
+    address = f"/{kind}"
+    assert shown(address, *values) == {"type": kind, "values": values, "voice": None}
+    assert shown(address, *values, 7) == {"type": kind, "values": values, "voice": 7}
+    assert shown(address, *values, 7.0) == {"type": kind, "values": [*values, 7.0], "voice": None}
+    assert shown(address, *values, 7, 8) == {"type": kind, "values": values, "voice": None}
+
+
+@pytest.mark.parametrize("kind", ["prediction", "performer"])
+def test_an_event_of_no_value_or_more_than_sixteen_or_a_bad_one_is_not_shown(kind):
     address = f"/{kind}"
     assert shown(address) is None
-    assert shown(address, 0.5) is None
+    assert shown(address, 3) is None  # an int alone: a voice without values
+    assert shown(address, *[0.5] * 16)["values"] == [0.5] * 16  # the widest model
+    assert shown(address, *[0.5] * 17) is None
     assert shown(address, math.nan, 0.5) is None
     assert shown(address, 0.5, math.inf) is None
     assert shown(address, "left", 0.5) is None  # not a number
-    assert shown_built(address, 0.5, None) is None  # OSC nil: not a number either
-    # what follows x and y is not theirs to spoil
-    assert shown(address, 0.5, 0.25, "label") == {"type": kind, "x": 0.5, "y": 0.25, "voice": None}
+    # what follows the values is not theirs to spoil
+    assert shown(address, 0.5, 0.25, "label") == {"type": kind, "values": [0.5, 0.25], "voice": None}
+    assert shown_built(address, 0.5, None) == {"type": kind, "values": [0.5], "voice": None}  # OSC nil
 
 
 def test_surprise_is_shown_as_its_two_figures():
@@ -114,13 +131,40 @@ COMPONENTS = [[0.5, 0.125, 0.25, 1.5, 0.0625, 0.03125], [2.0, 0.75, 0.875, 0.5, 
 TWO = [2.0, 0.25, 0.75, *COMPONENTS[0], *COMPONENTS[1]]  # K, the weights, then each component's six figures
 
 
+def component(figures: list[float]) -> dict[str, Any]:
+    """`dt_median v1_mean .. vN_mean dt_log_sigma v1_sigma .. vN_sigma` as the page is shown it."""
+    n = (len(figures) - 2) // 2
+    return {"dt": figures[0], "means": figures[1:1 + n], "dt_sigma": figures[1 + n], "sigmas": figures[2 + n:]}
+
+
 def test_a_mixture_is_shown_as_its_weights_and_components():
-    assert shown("/mixture", *TWO) == {"type": "mixture", "weights": [0.25, 0.75], "components": COMPONENTS}
+    assert shown("/mixture", *TWO) == {"type": "mixture", "dims": 2, "weights": [0.25, 0.75],
+                                       "components": [component(c) for c in COMPONENTS]}
+    assert shown("/mixture", *TWO)["components"][0] == {"dt": 0.5, "means": [0.125, 0.25], "dt_sigma": 1.5,
+                                                        "sigmas": [0.0625, 0.03125]}
     assert shown("/mixture", *TWO, 3) == shown("/mixture", *TWO)  # with voices per-sender, the voice's number last
     one = [1.0, 1.0, *COMPONENTS[1]]
-    assert shown("/mixture", *one) == {"type": "mixture", "weights": [1.0], "components": [COMPONENTS[1]]}
+    assert shown("/mixture", *one) == {"type": "mixture", "dims": 2, "weights": [1.0],
+                                       "components": [component(COMPONENTS[1])]}
     assert shown("/mixture", *one, 0) == shown("/mixture", *one)
     assert shown("/mixture", 2, *TWO[1:]) == shown("/mixture", *TWO)  # K sent as an int
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 16])
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_a_mixture_of_any_width_is_read_from_its_length_with_or_without_a_voice(n, k):
+    """2 + 2N figures per component: N follows from K and the length, and a voice's one figure more never reads
+    as another width."""
+    rows = [[0.5 + i, *[(j + 1) / 32 for j in range(n)], 1.0 + i, *[(j + 1) / 64 for j in range(n)]] for i in range(k)]
+    weights = [1 / k] * k
+    figures = [k, *weights, *[f for row in rows for f in row]]
+    expected = {"type": "mixture", "dims": n, "weights": shown("/mixture", *figures)["weights"],
+                "components": [component(row) for row in rows]}
+    assert shown("/mixture", *figures) == expected
+    assert shown("/mixture", *figures, 3) == expected
+    assert shown("/mixture", *figures[:-1]) is None  # a figure short: no width, even with a voice read off
+    assert shown("/mixture", *figures[:-1], 3) is None
+    assert shown("/mixture", *figures, 0.5) is None  # a float more is a figure, not a voice
 
 
 def test_a_mixture_of_the_wrong_shape_or_with_a_bad_figure_is_not_shown():
@@ -131,6 +175,8 @@ def test_a_mixture_of_the_wrong_shape_or_with_a_bad_figure_is_not_shown():
     assert shown("/mixture", *TWO[:-1]) is None  # a figure short
     assert shown("/mixture", *TWO, 3, 4) is None  # two too many
     assert shown("/mixture", *TWO, "voice") is None
+    assert shown("/mixture", 1, 1.0, 0.5, 0.5, 1.0) is None  # 3 figures: dt, a mean, and no sigma for it
+    assert shown("/mixture", 1, 1.0, *[0.5] * 36) is None  # 17 values
     bad = list(TWO)
     bad[5] = math.nan
     assert shown("/mixture", *bad) is None
@@ -159,6 +205,12 @@ def test_learning_is_shown_with_its_arguments_as_json_can_carry_them():
     done = shown_built("/learn/done", b"\x01\x02", None)  # a blob and a nil: as text, so the page gets JSON
     assert done == {"type": "learn", "address": "/learn/done", "args": [str(b"\x01\x02"), "None"]}
     json.dumps(done, allow_nan=False)
+
+
+def test_a_swap_to_another_width_is_shown_as_the_new_width():
+    assert shown("/model/dims", 8) == {"type": "dims", "dims": 8}
+    for bad in ((0,), (17,), (8.0,), (8, 1), ()):
+        assert shown("/model/dims", *bad) is None, bad
 
 
 def test_messages_the_page_does_not_draw_are_not_shown():
@@ -403,11 +455,11 @@ def test_read_now_handles_what_is_waiting_up_to_its_limit_in_order():
                 server.say(me, encode_message("/prediction", x, 0.5))
             waiting(bridge.sock)
             assert bridge.read_now(most=2) == 2
-            assert [m["x"] for m in published] == [0.125, 0.25]
+            assert [m["values"][0] for m in published] == [0.125, 0.25]
             waiting(bridge.sock)
             assert bridge.read_now() == 1
             assert bridge.read_now() == 0
-            assert [m["x"] for m in published] == [0.125, 0.25, 0.375]
+            assert [m["values"][0] for m in published] == [0.125, 0.25, 0.375]
             server.say(me, b"not OSC")  # counted as read, shown as nothing
             waiting(bridge.sock)
             assert bridge.read_now() == 1 and len(published) == 3
@@ -484,7 +536,7 @@ def test_only_what_the_server_sends_is_shown_and_heard(clock):
     bridge.datagram_received(encode_message("/hello"), ("127.0.0.1", 5005))  # heard, but nothing to show
     assert published == [] and bridge.connected() and bridge.last_heard == clock.now
     bridge.datagram_received(prediction, ("127.0.0.1", 5005))
-    assert published == [{"type": "prediction", "x": 0.25, "y": 0.75, "voice": 2}]
+    assert published == [{"type": "prediction", "values": [0.25, 0.75], "voice": 2}]
 
 
 def test_connected_means_heard_from_within_the_last_two_and_a_half_seconds(clock):
@@ -516,7 +568,7 @@ def test_a_pushed_status_is_told_apart_from_a_polls_reply(clock):
     bridge.datagram_received(encode_message("/prediction", 0.5, 0.5), ("127.0.0.1", 5005))
     assert (bridge.last_push, bridge.polls_outstanding) == (clock.now, 0)  # only /status counts
     assert published == [{"type": "status", "values": {"mode": "accompany"}}] * 4 + [
-        {"type": "prediction", "x": 0.5, "y": 0.5, "voice": None}]
+        {"type": "prediction", "values": [0.5, 0.5], "voice": None}]
 
 
 def test_only_a_refused_subscribe_makes_the_bridge_say_hello_instead():
@@ -586,7 +638,7 @@ def test_the_bridge_reads_what_came_once_a_frame():
         async with bridged() as (bridge, server, published):
             task = asyncio.create_task(bridge.read())
             server.say(bridge.sock.getsockname(), encode_message("/performer", 0.5, 0.25))
-            await until(lambda: published == [{"type": "performer", "x": 0.5, "y": 0.25, "voice": None}])
+            await until(lambda: published == [{"type": "performer", "values": [0.5, 0.25], "voice": None}])
             server.say(bridge.sock.getsockname(), encode_message("/performer", 0.75, 0.25))
             await until(lambda: len(published) == 2)  # and again: it goes on
             assert not task.done()
@@ -763,7 +815,7 @@ def test_serve_on_loopback_prints_its_address_serves_the_page_and_the_servers_st
             s.server.say(bridge_port, encode_message("/status", "mode", "accompany", "voices", 1))
             assert (await next_kind("status"))["values"] == {"mode": "accompany", "voices": 1}
             s.server.say(bridge_port, encode_message("/prediction", 0.25, 0.5))
-            assert await next_kind("prediction") == {"type": "prediction", "x": 0.25, "y": 0.5, "voice": None}
+            assert await next_kind("prediction") == {"type": "prediction", "values": [0.25, 0.5], "voice": None}
             await stopped(s, signal.SIGTERM)
             closed = await asyncio.wait_for(ws.receive(), SECONDS)  # the browser is told, not left hanging
             assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)

@@ -27,6 +27,7 @@ from pythonosc.osc_message import OscMessage
 from pythonosc.osc_message_builder import BuildError, OscMessageBuilder
 
 from server.live.streams import STREAM_RATE
+from server.model.dims import MAX_VALUES, MIN_VALUES
 from server.osc.namespace import STATUS_PUSH_HZ
 from server.osc.namespace import STREAMS as SERVER_STREAMS
 
@@ -68,32 +69,53 @@ def _finite(values: list[Any]) -> list[float] | None:
     return out if all(math.isfinite(v) for v in out) else None
 
 
-def _voice(args: list[Any]) -> int | None:
-    """The voice number a message carries after x and y (voices per-sender), else None."""
-    return args[2] if len(args) == 3 and type(args[2]) is int and 0 <= args[2] < 1000 else None
+def _values_and_voice(args: list[Any]) -> tuple[list[float], int | None] | None:
+    """An event's N values (the leading floats, N from 1 to 16, all finite) and the voice number after them
+    (with voices per-sender: the one int that ends the message), else None. The server sends values as float32 and
+    a voice as int32, so the types tell them apart at any N; anything else after the values is not ours to read."""
+    n = 0
+    while n < len(args) and type(args[n]) is float:
+        n += 1
+    values = _finite(args[:n]) if MIN_VALUES <= n <= MAX_VALUES else None
+    if values is None:
+        return None
+    rest = args[n:]
+    voice = rest[0] if len(rest) == 1 and type(rest[0]) is int and 0 <= rest[0] < 1000 else None
+    return values, voice
+
+
+def _mixture(args: list[Any]) -> dict[str, Any] | None:
+    """`K w_1 .. w_K`, then per component `dt_median v1_mean .. vN_mean dt_log_sigma v1_sigma .. vN_sigma`
+    (2 + 2N figures: N follows from K and the length), then with voices per-sender the voice number: an int32
+    where every figure is a float32, so a figure short never reads as a voice on a narrower mixture."""
+    if len(args) > 1 and type(args[-1]) is int:
+        args = args[:-1]
+    values = _finite(args)
+    if values is None or not values[0].is_integer() or values[0] < 1:
+        return None
+    k = int(values[0])
+    figures = len(values) - 1 - k
+    width = figures // k if figures > 0 and figures % k == 0 else 0
+    n = (width - 2) // 2
+    if width % 2 or not MIN_VALUES <= n <= MAX_VALUES:
+        return None
+    rows = [values[1 + k + width * i: 1 + k + width * (i + 1)] for i in range(k)]
+    comps = [{"dt": c[0], "means": c[1:1 + n], "dt_sigma": c[1 + n], "sigmas": c[2 + n:]} for c in rows]
+    return {"type": "mixture", "dims": n, "weights": values[1:1 + k], "components": comps}
 
 
 def decode(address: str, args: list[Any]) -> dict[str, Any] | None:
     """A browser message for one OSC message from the server, or None when it is not one we show."""
-    if address == "/prediction" and len(args) >= 2:
-        xy = _finite(args[:2])
-        return None if xy is None else {"type": "prediction", "x": xy[0], "y": xy[1], "voice": _voice(args)}
-    if address == "/performer" and len(args) >= 2:
-        xy = _finite(args[:2])
-        return None if xy is None else {"type": "performer", "x": xy[0], "y": xy[1], "voice": _voice(args)}
+    if address == "/prediction" or address == "/performer":
+        event = _values_and_voice(args)
+        return None if event is None else {"type": address[1:], "values": event[0], "voice": event[1]}
     if address == "/surprise" and len(args) >= 2:
         v = _finite(args[:2])
         return None if v is None else {"type": "surprise", "nll": v[0], "smoothed": v[1]}
     if address == "/mixture" and args:
-        values = _finite(args)
-        if values is None or not values[0].is_integer() or values[0] < 1:
-            return None
-        k = int(values[0])
-        if len(values) not in (1 + 7 * k, 2 + 7 * k):  # the voice's number last, with voices per-sender
-            return None
-        values = values[:1 + 7 * k]
-        comps = [values[1 + k + 6 * i: 1 + k + 6 * (i + 1)] for i in range(k)]
-        return {"type": "mixture", "weights": values[1:1 + k], "components": comps}
+        return _mixture(args)
+    if address == "/model/dims" and len(args) == 1 and type(args[0]) is int and MIN_VALUES <= args[0] <= MAX_VALUES:
+        return {"type": "dims", "dims": args[0]}
     if address == "/status":
         pairs = {str(k): v for k, v in zip(args[::2], args[1::2])}
         return {"type": "status", "values": pairs}

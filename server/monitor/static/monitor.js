@@ -1,5 +1,7 @@
 // Antiphon monitor page: WebSocket client, canvas drawing (<= 30 frames/s) and controls.
-// Messages in: prediction, performer, mixture, surprise, status, models, modes, server, error, learn.
+// Messages in: prediction, performer, mixture, surprise, status, dims, models, modes, server, error, learn.
+// An event is N values (1..16, the model's dims): the first two on the plane (x across, y up; at N = 1 the one
+// value up against time across), the rest as bars beside it, each over its predicted density.
 // Messages out: {address, args} controls, checked by the monitor process with the server's own rules.
 "use strict";
 
@@ -16,7 +18,7 @@
 
   const $ = (id) => document.getElementById(id);
   const state = {
-    model: {}, performer: {}, mixture: null, heat: null, surprise: [], status: {},
+    model: {}, performer: {}, mixture: null, heat: null, surprise: [], status: {}, dims: 2,
     dirty: true, ws: null, lastFrame: 0, touched: {},
   };
 
@@ -48,7 +50,7 @@
   function pushTrail(trails, m) {
     const key = m.voice === undefined || m.voice === null ? "" : String(m.voice);
     const trail = trails[key] || (trails[key] = []);
-    trail.push({ x: m.x, y: m.y, t: performance.now() });
+    trail.push({ v: m.values, t: performance.now() });
     if (trail.length > TRAIL_MAX) trail.splice(0, trail.length - TRAIL_MAX);
   }
 
@@ -61,15 +63,26 @@
 
   function anyTrail(trails) { return Object.keys(trails).length > 0; }
 
+  // A model of another width: what was drawn at the old one goes, and the bars follow.
+  function setDims(n) {
+    if (!Number.isInteger(n) || n < 1 || n === state.dims) return;
+    state.dims = n;
+    state.model = {}; state.performer = {}; state.mixture = null; state.heat = null; backgroundFor = undefined;
+    $("f-dims").textContent = String(n);
+    $("bars").hidden = n <= 2;
+    $("bars").style.setProperty("--bars", String(Math.max(0, n - 2)));
+  }
+
   const handlers = {
     prediction: (m) => pushTrail(state.model, m),
     performer: (m) => pushTrail(state.performer, m),
-    mixture: (m) => { state.mixture = m; state.heatStale = true; },
+    mixture: (m) => { if (m.dims === state.dims) { state.mixture = m; state.heatStale = true; } },
+    dims: (m) => setDims(m.dims),
     surprise: (m) => {
       state.surprise.push({ t: performance.now(), nll: m.nll, smoothed: m.smoothed });
       $("f-surprise").textContent = m.smoothed.toFixed(2);
     },
-    status: (m) => { state.status = m.values; showStatus(m.values); },
+    status: (m) => { state.status = m.values; setDims(m.values.dims); showStatus(m.values); },
     models: (m) => fillSelect("c-model", m.names, "model"),
     modes: (m) => fillSelect("c-mode", m.names, "mode"),
     server: (m) => { $("server").textContent = `server ${m.address}`; },
@@ -184,7 +197,8 @@
     return m.weights.map((w) => (total > 0 ? Math.max(0, w) / total : 1 / m.weights.length));
   }
 
-  // Heat map of the next position: sum of weighted 2D Gaussians on a GRID x GRID image.
+  // Heat map of the next position: sum of weighted 2D Gaussians on a GRID x GRID image, over the first two values
+  // (at N = 1, over the one value, up the plane: the same density in every column).
   const heatCanvas = document.createElement("canvas");
   heatCanvas.width = GRID; heatCanvas.height = GRID;
   const heatCtx = heatCanvas.getContext("2d");
@@ -201,9 +215,8 @@
         const x = (col + 0.5) / GRID;
         let d = 0;
         m.components.forEach((c, k) => {
-          const sx = Math.max(c[4], 0.75 / GRID), sy = Math.max(c[5], 0.75 / GRID);  // visible even when sharp
-          const zx = (x - c[1]) / sx, zy = (y - c[2]) / sy;
-          d += w[k] * Math.exp(-0.5 * (zx * zx + zy * zy)) / (sx * sy);
+          if (m.dims === 1) { d += w[k] * normal(y, c.means[0], c.sigmas[0]); return; }
+          d += w[k] * normal(x, c.means[0], c.sigmas[0]) * normal(y, c.means[1], c.sigmas[1]);
         });
         dens[row * GRID + col] = d;
         if (d > max) max = d;
@@ -220,14 +233,20 @@
     return canvas;
   }
 
+  // A normal density over [0, 1], never narrower than a heat map cell: visible even when sharp.
+  function normal(v, mean, sigma) {
+    const s = Math.max(sigma, 0.75 / GRID), z = (v - mean) / s;
+    return Math.exp(-0.5 * z * z) / s;
+  }
+
   // Density of log(dt) under the mixture (each component normal in log time).
   function dtDensity(m, t) {
     const w = weightsOf(m);
     const lt = Math.log(t);
     let d = 0;
     m.components.forEach((c, k) => {
-      const s = Math.max(c[3], 1e-3);
-      const z = (lt - Math.log(Math.max(c[0], 1e-6))) / s;
+      const s = Math.max(c.dt_sigma, 1e-3);
+      const z = (lt - Math.log(Math.max(c.dt, 1e-6))) / s;
       d += w[k] * Math.exp(-0.5 * z * z) / (s * Math.sqrt(2 * Math.PI));
     });
     return d;
@@ -241,30 +260,38 @@
     return [canvas.width, canvas.height];
   }
 
+  // Where an event sits on the plane, in [0, 1]^2: its first two values, or at N = 1 its value against its age
+  // (the newest at the right edge, gone at the left as its trail fades).
+  function planeXY(p, now) {
+    return p.v.length >= 2 ? [p.v[0], p.v[1]] : [1 - (now - p.t) / TRAIL_MS, p.v[0]];
+  }
+
   function drawTrail(ctx, trail, colour, now, size, label) {
     const [w, h] = size;
     const r = Math.max(3, w / 90);
+    let last = null;
     for (let i = 0; i < trail.length; i++) {
       const p = trail[i];
       const a = 1 - (now - p.t) / TRAIL_MS;
-      if (a <= 0) continue;
-      const px = p.x * w, py = (1 - p.y) * h;
-      if (i > 0) {
-        const q = trail[i - 1];
+      const [x, y] = planeXY(p, now);
+      const px = x * w, py = (1 - y) * h;
+      if (a <= 0) { last = [px, py]; continue; }
+      if (last) {
         ctx.globalAlpha = a * 0.6;
         ctx.strokeStyle = colour; ctx.lineWidth = r / 2;
-        ctx.beginPath(); ctx.moveTo(q.x * w, (1 - q.y) * h); ctx.lineTo(px, py); ctx.stroke();
+        ctx.beginPath(); ctx.moveTo(last[0], last[1]); ctx.lineTo(px, py); ctx.stroke();
       }
+      last = [px, py];
       ctx.globalAlpha = a;
       ctx.fillStyle = colour;
       ctx.beginPath(); ctx.arc(px, py, i === trail.length - 1 ? r * 1.8 : r, 0, 2 * Math.PI); ctx.fill();
     }
-    const last = trail[trail.length - 1];
-    if (label && last && now - last.t < TRAIL_MS) {  // the voice's number beside its newest point
-      ctx.globalAlpha = 1 - (now - last.t) / TRAIL_MS;
+    const newest = trail[trail.length - 1];
+    if (label && newest && now - newest.t < TRAIL_MS) {  // the voice's number beside its newest point
+      ctx.globalAlpha = 1 - (now - newest.t) / TRAIL_MS;
       ctx.fillStyle = colour;
       ctx.font = `${Math.round(r * 3)}px system-ui, sans-serif`;
-      ctx.fillText(label, last.x * w + r * 2.2, (1 - last.y) * h - r * 2.2);
+      ctx.fillText(label, last[0] + r * 2.2, last[1] - r * 2.2);
     }
     ctx.globalAlpha = 1;
     while (trail.length && now - trail[0].t > TRAIL_MS) trail.shift();
@@ -332,6 +359,60 @@
     $("plane").setAttribute("aria-description", `${first}: ${second}`);
   }
 
+
+  // The newest event of any voice in `trails` that has a value at index `d`.
+  function newest(trails, d) {
+    let best = null;
+    for (const key of Object.keys(trails)) {
+      const p = trails[key][trails[key].length - 1];
+      if (p && p.v.length > d && (!best || p.t > best.t)) best = p;
+    }
+    return best;
+  }
+
+  // Values 3..N as bars beside the plane, 0 at the bottom and 1 at the top like the plane's y: each column's
+  // background is that value's predicted density (the heat map's colours), the performer's newest value fills its
+  // left half (cyan), the model's its right half (amber), fading as the trails do.
+  function drawBars(now) {
+    const canvas = $("bars");
+    if (canvas.hidden) return;
+    const planeHeight = $("plane").clientHeight;
+    if (planeHeight > 0 && canvas.style.height !== `${planeHeight}px`) canvas.style.height = `${planeHeight}px`;
+    const [w, h] = scaleCanvas(canvas);
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#000"; ctx.fillRect(0, 0, w, h);
+    const count = state.dims - 2, cw = w / count, gap = Math.max(2, cw * 0.12);
+    const label = Math.max(10, Math.round(cw * 0.38)), top = label * 1.6;
+    const m = state.mixture, weights = m ? weightsOf(m) : null, rows = GRID;
+    for (let i = 0; i < count; i++) {
+      const d = i + 2, x0 = i * cw + gap / 2, bw = cw - gap, plot = h - top;
+      if (m) {
+        const dens = [];
+        for (let r = 0; r < rows; r++) {
+          const v = 1 - (r + 0.5) / rows;
+          dens.push(m.components.reduce((a, c, k) => a + weights[k] * normal(v, c.means[d], c.sigmas[d]), 0));
+        }
+        const max = Math.max(...dens);
+        dens.forEach((v, r) => {  // whole pixels, edge to edge: rows that overlap would show as stripes
+          const y0 = Math.round(top + (r * plot) / rows), y1 = Math.round(top + ((r + 1) * plot) / rows);
+          ctx.fillStyle = `rgba(125, 92, 255, ${max > 0 ? 0.9 * Math.pow(v / max, 0.4) : 0})`;
+          ctx.fillRect(x0, y0, bw, y1 - y0);
+        });
+      }
+      [["performer", 0], ["model", 1]].forEach(([who, half]) => {
+        const p = newest(state[who], d);
+        const a = p ? 1 - (now - p.t) / TRAIL_MS : 0;
+        if (a <= 0) return;
+        const v = Math.min(1, Math.max(0, p.v[d]));
+        ctx.globalAlpha = a;
+        ctx.fillStyle = colours[who];
+        ctx.fillRect(x0 + (half * bw) / 2 + 1, top + (1 - v) * plot, bw / 2 - 2, v * plot);
+        ctx.globalAlpha = 1;
+      });
+      ctx.fillStyle = "#8a949e"; ctx.font = `${label}px system-ui`; ctx.textAlign = "center";
+      ctx.fillText(`v${d + 1}`, x0 + bw / 2, label * 1.1);
+    }
+  }
 
   function drawDt() {
     const canvas = $("dt");
@@ -405,6 +486,7 @@
       state.lastHeat = now;
     }
     drawPlane(now);
+    drawBars(now);
     drawSurprise(now);
   }
 
@@ -424,4 +506,6 @@
   setInterval(checkLink, 500);
   // Read-only: which voices have a trail on the plane now (for tests, and for the curious in the console).
   window.antiphonVoices = () => ({ model: Object.keys(state.model), performer: Object.keys(state.performer) });
+  // Read-only: the playing model's width and how many bars beside the plane show the values past the first two.
+  window.antiphonDims = () => ({ dims: state.dims, bars: $("bars").hidden ? 0 : state.dims - 2 });
 })();
