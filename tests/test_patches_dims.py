@@ -1,0 +1,119 @@
+"""The client patches at any number of values: they learn N from the server and show and send N values.
+
+Against a real server playing the tiny untrained models of `wide_models_dir`: at N = 2 and 4
+the patch learns N from `/status dims` when it opens; at 9 the server starts at 4 and another
+program swaps in the 9-value model, so the patch learns it from `/model/dims 9`. Then it sends
+its N values (`/gesture v1 .. vN`, nothing refused) and shows the model's N values from each
+`/prediction`. Pd: antiphon.pd itself (its `$0-` names made global), driven by a helper patch
+that fills your array and clicks `send`. SuperCollider: antiphon.scd itself, headless, its
+row of your sliders moved by a harness.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+
+import pytest
+
+from tests.test_patches import (Lines, osc_message, pd_patch_at, require_program, running_server)
+
+BURST = 10  # the events each harness sends once it knows N (one answer each in accompany)
+MIN_ANSWERS = 8  # at least this many answers of N values must come back
+SWAP_SECONDS = 60.0  # a /model swap loads in a few seconds; only a failing test waits this long
+# N -> (the model the server starts with, the one another program swaps in, or None)
+CASES = {2: ("n2", None), 4: ("n4", None), 9: ("n4", "n9")}
+VALUES = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6, 0.5, 0.15, 0.85, 0.25, 0.75, 0.35, 0.65, 0.45]
+
+# On each N (`antiphon-dims`): print it, then (once the patch has resized its arrays) write the
+# first N of VALUES into your array and click `send` BURST times, 100 ms apart. After each
+# /prediction has been handled (`del 0`), print the model's array.
+PD_DIMS_HELPER = f"""#N canvas 0 0 700 500 12;
+#X obj 20 20 r antiphon-dims;
+#X obj 20 45 t f f;
+#X obj 20 75 print DIMS;
+#X obj 100 75 del 200;
+#X obj 100 100 t b b b;
+#X msg 300 130 {" ".join(map(str, VALUES))};
+#X obj 300 160 list split 2;
+#X obj 300 190 array set antiphon-you-values;
+#X msg 200 130 0;
+#X obj 100 160 metro 100;
+#X obj 100 190 f;
+#X obj 140 190 + 1;
+#X obj 100 220 moses {BURST};
+#X obj 100 250 s antiphon-values-send;
+#X msg 200 250 stop;
+#X obj 500 20 r antiphon-model;
+#X obj 500 45 del 0;
+#X obj 500 70 array get antiphon-model-values;
+#X obj 500 95 print MODEL-VALUES;
+#X obj 500 150 r antiphon-values-out;
+#X obj 500 175 print SENT-VALUES;
+#X connect 0 0 1 0;
+#X connect 1 0 3 0;
+#X connect 1 1 2 0;
+#X connect 1 0 6 1;
+#X connect 3 0 4 0;
+#X connect 4 2 5 0;
+#X connect 5 0 6 0;
+#X connect 6 0 7 0;
+#X connect 4 1 8 0;
+#X connect 8 0 10 1;
+#X connect 4 0 9 0;
+#X connect 9 0 10 0;
+#X connect 10 0 11 0;
+#X connect 11 0 10 1;
+#X connect 10 0 12 0;
+#X connect 12 0 13 0;
+#X connect 12 1 14 0;
+#X connect 14 0 9 0;
+#X connect 15 0 16 0;
+#X connect 16 0 17 0;
+#X connect 17 0 18 0;
+#X connect 19 0 20 0;
+"""
+
+
+def rows_after_last(out: str, dims_line: str, label: str) -> list[list[float]]:
+    """The `label` lines printed after the last `dims_line`, as numbers."""
+    tail = out[out.rindex(dims_line):]
+    return [[float(v) for v in row.split()] for row in re.findall(rf"^{label} ?(.*)$", tail, re.MULTILINE)]
+
+
+def swap_model(port: int, name: str) -> None:
+    """Another program (not the patch) asks the server for `/model name`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(osc_message("/model", name), ("127.0.0.1", port))
+
+
+def assert_n_values(rows: list[list[float]], n: int, what: str, out: str) -> None:
+    good = [r for r in rows if len(r) == n and all(0.0 <= v <= 1.0 for v in r)]
+    assert len(good) >= MIN_ANSWERS, f"{what}: wanted {MIN_ANSWERS} rows of {n} values in [0, 1], got {rows}\n{out}"
+
+
+@pytest.mark.parametrize("n", list(CASES))
+def test_pd_patch_learns_n_and_sends_and_shows_n_values(tmp_path, wide_models_dir, n):
+    pd = require_program("pd", "puredata-core")
+    start, swap = CASES[n]
+    with running_server(tmp_path, "--models-dir", str(wide_models_dir), "--model", start) as srv:
+        cmd = pd_patch_at(tmp_path, pd, PD_DIMS_HELPER, srv.port, srv.client_port)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        lines = Lines(proc)
+        try:
+            first = int(start[1:])
+            assert lines.wait(rf"^DIMS: {first}$", seconds=30), "no /status dims reached the patch"
+            if swap:
+                lines.wait(rf"^MODEL-VALUES:( \S+){{{first}}}$", count=MIN_ANSWERS, seconds=30)
+                swap_model(srv.port, swap)
+                lines.wait(rf"^DIMS: {n}$", seconds=SWAP_SECONDS)
+            lines.wait(rf"^MODEL-VALUES:( \S+){{{n}}}$", count=MIN_ANSWERS, seconds=30)
+        finally:
+            out = lines.stop()
+    for problem in ("can't open", "couldn't create", "antiphon-error"):
+        assert problem not in out, f"pd reported '{problem}':\n{out}"
+    assert f"DIMS: {n}\n" in out, f"the patch never learnt N = {n}:\n{out}"
+    assert_n_values(rows_after_last(out, f"DIMS: {n}\n", "SENT-VALUES:"), n, "sent", out)
+    assert_n_values(rows_after_last(out, f"DIMS: {n}\n", "MODEL-VALUES:"), n, "shown", out)
