@@ -12,12 +12,15 @@ row of your sliders moved by a harness.
 from __future__ import annotations
 
 import re
+import shlex
 import socket
 import subprocess
+import sys
 
 import pytest
 
-from tests.test_patches import (Lines, osc_message, pd_patch_at, require_program, running_server)
+from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, osc_message, pd_patch_at, require_program,
+                                running_server, sc_client_for, sc_string, sclang_env, run_client)
 
 BURST = 10  # the events each harness sends once it knows N (one answer each in accompany)
 MIN_ANSWERS = 8  # at least this many answers of N values must come back
@@ -117,3 +120,73 @@ def test_pd_patch_learns_n_and_sends_and_shows_n_values(tmp_path, wide_models_di
     assert f"DIMS: {n}\n" in out, f"the patch never learnt N = {n}:\n{out}"
     assert_n_values(rows_after_last(out, f"DIMS: {n}\n", "SENT-VALUES:"), n, "sent", out)
     assert_n_values(rows_after_last(out, f"DIMS: {n}\n", "MODEL-VALUES:"), n, "shown", out)
+
+
+# antiphon.scd headless (no audio server): on each N the harness moves your row of sliders
+# BURST times, 100 ms apart, to the first N of VALUES; it prints each /prediction it hears
+# and, after each burst, what the model's row shows. For the swap, another program sends
+# /model while the window plays.
+SC_DIMS_HARNESS = r"""
+var heard = 0, last;
+var wait = { |seconds, condition|  // poll until condition or timeout; never a proof of absence
+	var waited = 0;
+	while { condition.value.not and: { waited < seconds } } { 0.1.wait; waited = waited + 0.1 };
+};
+Server.program = "exec %NO_SCSYNTH%";
+OSCdef(\testPrediction, { |msg| heard = heard + 1; last = msg[1..]; ("HARNESS PREDICTION " ++ msg[1..].join(" ")).postln }, '/prediction');
+thisProcess.interpreter.executeFile("%CLIENT%");
+Routine {
+	var window, rows, texts, line, burst;
+	wait.(20, { (Window.allWindows ? []).any { |w| w.name == "Antiphon" } });
+	window = (Window.allWindows ? []).detect { |w| w.name == "Antiphon" };
+	if(window.isNil) { "HARNESS NO WINDOW".postln; 1.exit; nil.alwaysYield };
+	rows = window.view.children.select { |v| v.isKindOf(MultiSliderView) };
+	texts = window.view.children.select { |v| v.isKindOf(StaticText) };
+	line = { |prefix| var view = texts.detect { |t| t.string.beginsWith(prefix) }; if(view.isNil) { "" } { view.string } };
+	burst = { |n|
+		var start;
+		wait.(%SWAP_SECONDS%, { line.("MODEL values").endsWith("N = " ++ n) });
+		("HARNESS DIMS % ROWS % %".format(line.("MODEL values"), rows[0].value.size, rows[1].value.size)).postln;
+		start = heard;
+		%BURST%.do { |i| rows[0].valueAction = %VALUES%.keep(n); 0.1.wait };
+		wait.(20, { heard - start >= %BURST% });
+		wait.(5, { last.notNil and: { (rows[1].value - last.keep(n)).abs.maxItem < 0.001 } });
+		("HARNESS SHOWN " ++ rows[1].value.join(" ")).postln;
+	};
+	burst.(%FIRST%);
+	if(%SWAP%.notNil) {
+		%SWAP%.unixCmd({ |code| ("HARNESS SWAP EXIT " ++ code).postln });
+		burst.(%N%);
+	};
+	window.close;
+	0.5.wait;
+	0.exit;
+}.play(AppClock);
+"""
+
+
+@pytest.mark.parametrize("n", list(CASES))
+def test_supercollider_client_learns_n_and_sends_and_shows_n_values(tmp_path, wide_models_dir, n):
+    sclang = require_program("sclang", "supercollider-language")
+    start, swap = CASES[n]
+    first = int(start[1:])
+    with running_server(tmp_path, "--models-dir", str(wide_models_dir), "--model", start) as srv:
+        client = sc_client_for(srv, tmp_path, poll_seconds=0.25)
+        swap_cmd = "nil" if swap is None else sc_string(shlex.join([sys.executable, "-c", (
+            "from pythonosc.udp_client import SimpleUDPClient; "
+            f"SimpleUDPClient('127.0.0.1', {srv.port}).send_message('/model', {swap!r})")]))
+        harness = tmp_path / "harness.scd"
+        harness.write_text(
+            SC_DIMS_HARNESS.replace("%CLIENT%", str(client)).replace("%NO_SCSYNTH%", str(tmp_path / "no-such-scsynth"))
+            .replace("%SWAP_SECONDS%", str(SWAP_SECONDS)).replace("%BURST%", str(BURST))
+            .replace("%VALUES%", "[" + ", ".join(map(str, VALUES)) + "]")
+            .replace("%FIRST%", str(first)).replace("%N%", str(n)).replace("%SWAP%", swap_cmd))
+        out = run_client([sclang, str(harness)], timeout=CLIENT_TIMEOUT + SWAP_SECONDS, env=sclang_env())
+    assert "server error" not in out, f"the server refused something the window sent:\n{out}"
+    assert_line(rf"^Antiphon: the model plays {n} values per event$", out, "the window should post N")
+    assert_line(rf"^HARNESS DIMS MODEL values: N = {n} ROWS {n} {n}$", out, "both rows rebuilt at N")
+    tail = out[out.rindex(f"HARNESS DIMS MODEL values: N = {n} "):]
+    answers = [[float(v) for v in row.split()[:n]] for row in re.findall(r"^HARNESS PREDICTION (.*)$", tail, re.MULTILINE)]
+    assert_n_values(answers, n, "answers to the window's N values", out)
+    shown = [float(v) for v in assert_line(r"^HARNESS SHOWN (.*)$", tail, "the model's row").group(1).split()]
+    assert len(shown) == n and shown == pytest.approx(answers[-1], abs=1e-3), f"the model's row shows {shown}:\n{out}"
