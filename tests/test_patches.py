@@ -1332,7 +1332,7 @@ def test_max_patch_plays_a_note_models_prediction_as_midi_notes():
 
     noteout = next(bid for bid, b in boxes.items() if b.get("text") == "noteout")
     assert upstream(noteout, 0) == ["makenote 90 250", "gate", "round", "* 127.", "unpack 0. 0.", "t b l", "t l l b",
-                                    "route /prediction /learn/progress /learn/done /surprise"]
+                                    "route /prediction /learn/progress /learn/done /surprise /model/dims /status"]
     assert upstream(noteout, 1)[0] == "makenote 90 250"
     makenote = next(bid for bid, b in boxes.items() if b.get("text") == "makenote 90 250")
     assert upstream(makenote, 1)[:3] == ["round", "* 127.", "unpack 0. 0."]

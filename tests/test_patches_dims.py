@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, osc_message, pd_patch_at, require_program,
+from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, max_boxes_and_lines, osc_message, pd_patch_at, require_program,
                                 running_server, sc_client_for, sc_string, sclang_env, run_client)
 
 BURST = 10  # the events each harness sends once it knows N (one answer each in accompany)
@@ -190,3 +190,32 @@ def test_supercollider_client_learns_n_and_sends_and_shows_n_values(tmp_path, wi
     assert_n_values(answers, n, "answers to the window's N values", out)
     shown = [float(v) for v in assert_line(r"^HARNESS SHOWN (.*)$", tail, "the model's row").group(1).split()]
     assert len(shown) == n and shown == pytest.approx(answers[-1], abs=1e-3), f"the model's row shows {shown}:\n{out}"
+
+
+def test_max_patch_follows_n_from_model_dims_and_status_and_sends_and_shows_n_values():
+    """Structure only (Max does not run here): /model/dims N and /status's dims pair (pushed to
+    udpreceive by its /subscribe status) set the size of both multisliders and the number of a
+    /prediction's values the model's one shows; yours is sent as /gesture v1 .. vN."""
+    boxes, lines = max_boxes_and_lines()
+    cords = {(ln["source"][0], ln["source"][1], ln["destination"][0], ln["destination"][1]) for ln in lines}
+    by_text = {b.get("text"): bid for bid, b in boxes.items() if b.get("text")}
+
+    def fed(dst: str, inlet: int = 0) -> set[str]:
+        return {boxes[s].get("text", boxes[s]["maxclass"]) for s, _, d, i in cords if (d, i) == (dst, inlet)}
+
+    route = next(bid for bid, b in boxes.items() if b.get("text", "").startswith("route /prediction"))
+    selectors = boxes[route]["text"].split()[1:]
+    out = {sel: {(d, i) for s, o, d, i in cords if (s, o) == (route, k)} for k, sel in enumerate(selectors)}
+    udpsend = by_text["udpsend 127.0.0.1 5710"]
+    assert (by_text["/subscribe status 5711"], 0, udpsend, 0) in cords, "no /subscribe status to udpsend"
+    assert (by_text["zl iter 2"], 0) in out["/status"] and fed(by_text["change"]) == {"route dims", boxes[route]["text"]}
+    assert (by_text["change"], 0) in out["/model/dims"]
+    size = by_text["size $1"]
+    sliders = sorted(d for s, _, d, _ in cords if s == size)
+    assert [boxes[b]["maxclass"] for b in sliders] == ["multislider", "multislider"], "size $1 should resize both"
+    yours = [b for b in sliders if (b, 0, by_text["prepend /gesture"], 0) in cords]
+    assert len(yours) == 1 and (by_text["prepend /gesture"], 0, udpsend, 0) in cords, "yours -> /gesture -> udpsend"
+    model = next(b for b in sliders if b not in yours)
+    assert boxes[model].get("ignoreclick") == 1
+    assert (by_text["zl slice 2"], 0) in out["/prediction"] and (by_text["zl slice 2"], 0, model, 0) in cords
+    assert "t i i" in fed(by_text["zl slice 2"], 1), "the slice point (N) comes from the dims"
