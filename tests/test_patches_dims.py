@@ -6,7 +6,8 @@ program swaps in the 9-value model, so the patch learns it from `/model/dims 9`.
 its N values (`/gesture v1 .. vN`, nothing refused) and shows the model's N values from each
 `/prediction`. Pd: antiphon.pd itself (its `$0-` names made global), driven by a helper patch
 that fills your array and clicks `send`. SuperCollider: antiphon.scd itself, headless, its
-row of your sliders moved by a harness.
+row of your sliders moved by a harness. Also, against a fake server: Pd's live toggle sends
+each new drawing once. Max: structure only (no Max here).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 import pytest
 
-from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, max_boxes_and_lines, osc_message, pd_patch_at, require_program,
+from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, max_boxes_and_lines, osc_message, pd_patch_at,
+                                pd_patch_with_fake_server, require_program,
                                 running_server, sc_client_for, sc_string, sclang_env, run_client)
 
 BURST = 10  # the events each harness sends once it knows N (one answer each in accompany)
@@ -219,3 +221,48 @@ def test_max_patch_follows_n_from_model_dims_and_status_and_sends_and_shows_n_va
     assert boxes[model].get("ignoreclick") == 1
     assert (by_text["zl slice 2"], 0) in out["/prediction"] and (by_text["zl slice 2"], 0, model, 0) in cords
     assert "t i i" in fed(by_text["zl slice 2"], 1), "the slice point (N) comes from the dims"
+
+
+# Two drawings of your 3 values, half a second apart, with step 6's live toggle on.
+PD_LIVE_HELPER = """#N canvas 0 0 500 300 12;
+#X obj 20 20 loadbang;
+#X obj 20 45 del 300;
+#X msg 20 70 0.25 0.5 0.75;
+#X obj 20 200 array set antiphon-you-values;
+#X obj 200 45 del 800;
+#X msg 200 70 0.125 0.5 0.75;
+#X connect 0 0 1 0;
+#X connect 1 0 2 0;
+#X connect 2 0 3 0;
+#X connect 0 0 4 0;
+#X connect 4 0 5 0;
+#X connect 5 0 3 0;
+"""
+
+
+def test_pd_patch_live_sends_your_values_each_time_they_change(tmp_path):
+    """Step 6's live toggle (against a fake server, N = 3 as if from /model/dims): each new
+    drawing goes out once as /gesture v1 v2 v3, and nothing while it stays the same."""
+    from pythonosc.osc_message import OscMessage
+
+    pd = require_program("pd", "puredata-core")
+    fake, _, cmd = pd_patch_with_fake_server(tmp_path, pd, PD_LIVE_HELPER, "-send", "antiphon-dims 3",
+                                             "-send", "antiphon-values-live 1")
+    fake.settimeout(15)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = Lines(proc)
+    gestures = []
+    try:
+        try:
+            while len(gestures) < 2:
+                message = OscMessage(fake.recvfrom(65536)[0])
+                if message.address == "/gesture":
+                    gestures.append(list(message.params))
+        except socket.timeout:
+            pass
+    finally:
+        out = lines.stop()
+        fake.close()
+    # the helper's second drawing comes 500 ms after the first: a repeat would have come between
+    assert gestures == [[0.25, 0.5, 0.75], [0.125, 0.5, 0.75]], f"live sent {gestures}:\n{out}"
