@@ -441,6 +441,20 @@ def pd_patch_at(tmp_path: Path, pd: str, helper: str, server_port: int, listen_p
             "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"), *extra]
 
 
+def fake_received(fake: socket.socket, done) -> list[tuple[str, list]]:
+    """The (address, arguments) of each OSC message reaching `fake` until `done(them)` says so or its timeout."""
+    from pythonosc.osc_message import OscMessage
+
+    got: list[tuple[str, list]] = []
+    try:
+        while not done(got):
+            message = OscMessage(fake.recvfrom(65536)[0])
+            got.append((message.address, list(message.params)))
+    except socket.timeout:
+        pass
+    return got
+
+
 def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
     """Step 4 of antiphon.pd against a fake server: learn/stop send, progress/result show."""
     from pythonosc.osc_message import OscMessage

@@ -20,9 +20,9 @@ import sys
 
 import pytest
 
-from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, max_boxes_and_lines, osc_message, pd_patch_at,
-                                pd_patch_with_fake_server, require_program,
-                                running_server, sc_client_for, sc_string, sclang_env, run_client)
+from tests.test_patches import (CLIENT_TIMEOUT, Lines, assert_line, fake_received, max_boxes_and_lines,
+                                osc_message, pd_patch_at, pd_patch_with_fake_server, require_program, run_client,
+                                running_server, sc_client_for, sc_string, sclang_env)
 
 BURST = 10  # the events each harness sends once it knows N (one answer each in accompany)
 MIN_ANSWERS = 8  # at least this many answers of N values must come back
@@ -135,7 +135,8 @@ var wait = { |seconds, condition|  // poll until condition or timeout; never a p
 	while { condition.value.not and: { waited < seconds } } { 0.1.wait; waited = waited + 0.1 };
 };
 Server.program = "exec %NO_SCSYNTH%";
-OSCdef(\testPrediction, { |msg| heard = heard + 1; last = msg[1..]; ("HARNESS PREDICTION " ++ msg[1..].join(" ")).postln }, '/prediction');
+OSCdef(\testPrediction, { |msg|
+	heard = heard + 1; last = msg[1..]; ("HARNESS PREDICTION " ++ msg[1..].join(" ")).postln }, '/prediction');
 thisProcess.interpreter.executeFile("%CLIENT%");
 Routine {
 	var window, rows, texts, line, burst;
@@ -188,7 +189,8 @@ def test_supercollider_client_learns_n_and_sends_and_shows_n_values(tmp_path, wi
     assert_line(rf"^Antiphon: the model plays {n} values per event$", out, "the window should post N")
     assert_line(rf"^HARNESS DIMS MODEL values: N = {n} ROWS {n} {n}$", out, "both rows rebuilt at N")
     tail = out[out.rindex(f"HARNESS DIMS MODEL values: N = {n} "):]
-    answers = [[float(v) for v in row.split()[:n]] for row in re.findall(r"^HARNESS PREDICTION (.*)$", tail, re.MULTILINE)]
+    rows = re.findall(r"^HARNESS PREDICTION (.*)$", tail, re.MULTILINE)
+    answers = [[float(v) for v in row.split()[:n]] for row in rows]
     assert_n_values(answers, n, "answers to the window's N values", out)
     shown = [float(v) for v in assert_line(r"^HARNESS SHOWN (.*)$", tail, "the model's row").group(1).split()]
     assert len(shown) == n and shown == pytest.approx(answers[-1], abs=1e-3), f"the model's row shows {shown}:\n{out}"
@@ -210,7 +212,8 @@ def test_max_patch_follows_n_from_model_dims_and_status_and_sends_and_shows_n_va
     out = {sel: {(d, i) for s, o, d, i in cords if (s, o) == (route, k)} for k, sel in enumerate(selectors)}
     udpsend = by_text["udpsend 127.0.0.1 5710"]
     assert (by_text["/subscribe status 5711"], 0, udpsend, 0) in cords, "no /subscribe status to udpsend"
-    assert (by_text["zl iter 2"], 0) in out["/status"] and fed(by_text["change"]) == {"route dims", boxes[route]["text"]}
+    assert (by_text["zl iter 2"], 0) in out["/status"]
+    assert fed(by_text["change"]) == {"route dims", boxes[route]["text"]}, "N from /status and /model/dims"
     assert (by_text["change"], 0) in out["/model/dims"]
     size = by_text["size $1"]
     sliders = sorted(d for s, _, d, _ in cords if s == size)
@@ -243,8 +246,6 @@ PD_LIVE_HELPER = """#N canvas 0 0 500 300 12;
 def test_pd_patch_live_sends_your_values_each_time_they_change(tmp_path):
     """Step 6's live toggle (against a fake server, N = 3 as if from /model/dims): each new
     drawing goes out once as /gesture v1 v2 v3, and nothing while it stays the same."""
-    from pythonosc.osc_message import OscMessage
-
     pd = require_program("pd", "puredata-core")
     fake, _, cmd = pd_patch_with_fake_server(tmp_path, pd, PD_LIVE_HELPER, "-send", "antiphon-dims 3",
                                              "-send", "antiphon-values-live 1")
@@ -252,17 +253,11 @@ def test_pd_patch_live_sends_your_values_each_time_they_change(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = Lines(proc)
-    gestures = []
     try:
-        try:
-            while len(gestures) < 2:
-                message = OscMessage(fake.recvfrom(65536)[0])
-                if message.address == "/gesture":
-                    gestures.append(list(message.params))
-        except socket.timeout:
-            pass
+        got = fake_received(fake, lambda got: sum(address == "/gesture" for address, _ in got) >= 2)
     finally:
         out = lines.stop()
         fake.close()
+    gestures = [args for address, args in got if address == "/gesture"]
     # the helper's second drawing comes 500 ms after the first: a repeat would have come between
     assert gestures == [[0.25, 0.5, 0.75], [0.125, 0.5, 0.75]], f"live sent {gestures}:\n{out}"
