@@ -50,7 +50,7 @@ def tiny_model(tmp_path_factory, tiny_dataset):
     return result.folder, result
 
 
-WIDE_VALUES = (1, 2, 3, 8, 16)  # N of each model in `wide_models_dir`: the edges, today's, IMPSY's 4-d and 9-d
+WIDE_VALUES = (1, 2, 3, 4, 8, 9, 16)  # N of each model in `wide_models_dir`: the edges, today's, IMPSY's 4-d and 9-d (3, 8), the patches' 4 and 9
 
 
 @pytest.fixture(scope="session")

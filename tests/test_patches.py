@@ -421,17 +421,38 @@ def pd_patch_with_fake_server(tmp_path: Path, pd: str, helper: str, *extra: str,
     """antiphon.pd with its `$0-` names made global (so `helper`, a patch opened after it, can listen
     to them and `-send` can reach them), sending to a fake server and listening on a free port:
     (the fake server's bound socket, the patch's port, the pd command with `extra` at its end)."""
-    _, _, port, send_port = server_contract()
     fake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     fake.bind(("127.0.0.1", 0))
     listen_port = free_udp_ports(1)[0]
+    return fake, listen_port, pd_patch_at(tmp_path, pd, helper, fake.getsockname()[1], listen_port, *extra, edit=edit)
+
+
+def pd_patch_at(tmp_path: Path, pd: str, helper: str, server_port: int, listen_port: int, *extra: str,
+                edit=lambda source: source) -> list[str]:
+    """The pd command that opens antiphon.pd, its `$0-` names made global, sending to `server_port` and
+    listening on `listen_port`, then `helper` (a patch that listens to those names); `extra` at its end."""
+    _, _, port, send_port = server_contract()
     source = edit(PD_PATCH.read_text().replace(r"\$0-", "antiphon-"))
-    source = re.sub(rf"\b{port}\b", str(fake.getsockname()[1]), source)
+    source = re.sub(rf"\b{port}\b", str(server_port), source)
     source = re.sub(rf"\b{send_port}\b", str(listen_port), source)
     (tmp_path / "antiphon.pd").write_text(source)
     (tmp_path / "helper.pd").write_text(helper)
-    return fake, listen_port, [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
-                               "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"), *extra]
+    return [pd, "-nogui", "-nosound", "-nomidi", "-stderr", "-path", str(tmp_path),
+            "-open", str(tmp_path / "antiphon.pd"), "-open", str(tmp_path / "helper.pd"), *extra]
+
+
+def fake_received(fake: socket.socket, done) -> list[tuple[str, list]]:
+    """The (address, arguments) of each OSC message reaching `fake` until `done(them)` says so or its timeout."""
+    from pythonosc.osc_message import OscMessage
+
+    got: list[tuple[str, list]] = []
+    try:
+        while not done(got):
+            message = OscMessage(fake.recvfrom(65536)[0])
+            got.append((message.address, list(message.params)))
+    except socket.timeout:
+        pass
+    return got
 
 
 def test_pd_patch_learn_controls_send_and_show_the_result(tmp_path):
@@ -629,7 +650,7 @@ def test_pd_patch_plays_a_note_models_predictions_as_midi_notes(tmp_path):
     try:
         lines.wait(r"^HELPER-READY")
         for x, y in sent:
-            fake.sendto(encode_prediction(x, y), ("127.0.0.1", listen_port))
+            fake.sendto(encode_prediction((x, y)), ("127.0.0.1", listen_port))
             time.sleep(0.4)  # each note's 250 ms is over before the next
         lines.wait(r"^NOTEOUT: \S+ 0$", count=len(sent))
     finally:
@@ -1325,7 +1346,7 @@ def test_max_patch_plays_a_note_models_prediction_as_midi_notes():
 
     noteout = next(bid for bid, b in boxes.items() if b.get("text") == "noteout")
     assert upstream(noteout, 0) == ["makenote 90 250", "gate", "round", "* 127.", "unpack 0. 0.", "t b l", "t l l b",
-                                    "route /prediction /learn/progress /learn/done /surprise"]
+                                    "route /prediction /learn/progress /learn/done /surprise /model/dims /status"]
     assert upstream(noteout, 1)[0] == "makenote 90 250"
     makenote = next(bid for bid, b in boxes.items() if b.get("text") == "makenote 90 250")
     assert upstream(makenote, 1)[:3] == ["round", "* 127.", "unpack 0. 0."]

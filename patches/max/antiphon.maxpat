@@ -631,9 +631,11 @@
 				"box": {
 					"id": "obj-33",
 					"maxclass": "newobj",
-					"numinlets": 5,
-					"numoutlets": 5,
+					"numinlets": 7,
+					"numoutlets": 7,
 					"outlettype": [
+						"",
+						"",
 						"",
 						"",
 						"",
@@ -646,7 +648,7 @@
 						350.0,
 						22.0
 					],
-					"text": "route /prediction /learn/progress /learn/done /surprise"
+					"text": "route /prediction /learn/progress /learn/done /surprise /model/dims /status"
 				}
 			},
 			{
@@ -2324,6 +2326,230 @@
 					],
 					"text": "noteout"
 				}
+			},
+			{
+				"box": {
+					"id": "obj-209",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						1070.0,
+						435.0,
+						160.0,
+						22.0
+					],
+					"outlettype": [
+						""
+					],
+					"text": "/subscribe status 5711"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-210",
+					"maxclass": "comment",
+					"numinlets": 1,
+					"numoutlets": 0,
+					"patching_rect": [
+						800.0,
+						1085.0,
+						650.0,
+						20.0
+					],
+					"text": "Any number of values: N from /model/dims (or /status, pushed by /subscribe status 5711). Drag yours (left) to send /gesture v1 .. vN; right: the model's /prediction."
+				}
+			},
+			{
+				"box": {
+					"id": "obj-211",
+					"maxclass": "multislider",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"patching_rect": [
+						800.0,
+						1110.0,
+						140.0,
+						60.0
+					],
+					"outlettype": [
+						"",
+						""
+					],
+					"setminmax": [
+						0.0,
+						1.0
+					],
+					"size": 2,
+					"slidercolor": [
+						0.13,
+						0.38,
+						0.75,
+						1.0
+					]
+				}
+			},
+			{
+				"box": {
+					"id": "obj-212",
+					"maxclass": "multislider",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"patching_rect": [
+						950.0,
+						1110.0,
+						140.0,
+						60.0
+					],
+					"outlettype": [
+						"",
+						""
+					],
+					"setminmax": [
+						0.0,
+						1.0
+					],
+					"size": 2,
+					"slidercolor": [
+						0.82,
+						0.38,
+						0.06,
+						1.0
+					],
+					"ignoreclick": 1
+				}
+			},
+			{
+				"box": {
+					"id": "obj-213",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 1,
+					"patching_rect": [
+						1100.0,
+						1110.0,
+						110.0,
+						22.0
+					],
+					"outlettype": [
+						""
+					],
+					"text": "prepend /gesture"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-214",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 2,
+					"patching_rect": [
+						1100.0,
+						1140.0,
+						80.0,
+						22.0
+					],
+					"outlettype": [
+						"",
+						""
+					],
+					"text": "zl slice 2"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-215",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 2,
+					"patching_rect": [
+						1220.0,
+						1110.0,
+						70.0,
+						22.0
+					],
+					"outlettype": [
+						"",
+						""
+					],
+					"text": "zl iter 2"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-216",
+					"maxclass": "newobj",
+					"numinlets": 2,
+					"numoutlets": 2,
+					"patching_rect": [
+						1300.0,
+						1110.0,
+						80.0,
+						22.0
+					],
+					"outlettype": [
+						"",
+						""
+					],
+					"text": "route dims"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-217",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 3,
+					"patching_rect": [
+						1220.0,
+						1140.0,
+						55.0,
+						22.0
+					],
+					"outlettype": [
+						"",
+						"int",
+						"int"
+					],
+					"text": "change"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-218",
+					"maxclass": "newobj",
+					"numinlets": 1,
+					"numoutlets": 2,
+					"patching_rect": [
+						1285.0,
+						1140.0,
+						60.0,
+						22.0
+					],
+					"outlettype": [
+						"int",
+						"int"
+					],
+					"text": "t i i"
+				}
+			},
+			{
+				"box": {
+					"id": "obj-219",
+					"maxclass": "message",
+					"numinlets": 2,
+					"numoutlets": 1,
+					"patching_rect": [
+						1355.0,
+						1140.0,
+						60.0,
+						22.0
+					],
+					"outlettype": [
+						""
+					],
+					"text": "size $1"
+				}
 			}
 		],
 		"lines": [
@@ -3267,7 +3493,7 @@
 				"patchline": {
 					"source": [
 						"obj-33",
-						4
+						6
 					],
 					"destination": [
 						"obj-95",
@@ -3620,6 +3846,186 @@
 					"destination": [
 						"obj-208",
 						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-88",
+						0
+					],
+					"destination": [
+						"obj-209",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-209",
+						0
+					],
+					"destination": [
+						"obj-92",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-211",
+						0
+					],
+					"destination": [
+						"obj-213",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-213",
+						0
+					],
+					"destination": [
+						"obj-92",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						0
+					],
+					"destination": [
+						"obj-214",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-214",
+						0
+					],
+					"destination": [
+						"obj-212",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						5
+					],
+					"destination": [
+						"obj-215",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-215",
+						0
+					],
+					"destination": [
+						"obj-216",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-216",
+						0
+					],
+					"destination": [
+						"obj-217",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-33",
+						4
+					],
+					"destination": [
+						"obj-217",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-217",
+						0
+					],
+					"destination": [
+						"obj-218",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-218",
+						1
+					],
+					"destination": [
+						"obj-214",
+						1
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-218",
+						0
+					],
+					"destination": [
+						"obj-219",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-219",
+						0
+					],
+					"destination": [
+						"obj-211",
+						0
+					]
+				}
+			},
+			{
+				"patchline": {
+					"source": [
+						"obj-219",
+						0
+					],
+					"destination": [
+						"obj-212",
+						0
 					]
 				}
 			}
