@@ -150,7 +150,7 @@ def assert_untouched(stage: Stage, alone: list[tuple[Any, ...]]) -> None:
     """A's output is exactly what it was alone, nothing else played, and no setting moved."""
     assert stage.events() == alone  # every event, its time, position, voice and route: A's, and only A's
     s, v = stage.engine.settings, stage.engine.voice(0)
-    assert (s.mode.value, s.temperature, s.sigma_temperature) == ("accompany", 1.0, 1.0)
+    assert (s.mode.value, s.temperature, s.sigma_temperature) == ("accompany", 1.0, None)  # None: the model's own, untouched
     assert (v.route, v.own_mode, v.temperature, v.sigma_temperature) == (A, None, None, None)
     assert stage.engine.status()["voices"] == 1
     assert stage.stats.internal_errors == 0
@@ -305,7 +305,7 @@ def test_any_osc_value_as_the_voice_only_a_usable_int_is_accepted_and_nothing_ra
     if not accepted:
         assert stage.replies(sender, "/error")[-1][0] == address
     s = stage.engine.settings
-    assert (s.mode.value, s.temperature, s.sigma_temperature) == ("accompany", 1.0, 1.0)  # never "no voice"
+    assert (s.mode.value, s.temperature, s.sigma_temperature) == ("accompany", 1.0, None)  # never "no voice"; None: the model's own
     for n, owner in owners.items():  # every voice still its owner's; only the sender's own may have changed
         v = stage.engine.voice(n)
         assert v is not None and v.route == owner
