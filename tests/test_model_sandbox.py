@@ -174,12 +174,14 @@ class Stream:
 
     def __init__(self, peer: OscPeer) -> None:
         self.peer, self.sent = peer, 0
+        self.times: list[float] = []  # when each gesture left (a starved test thread sends late, not the server)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peer.send("/gesture", 0.5 + 0.3 * math.sin(self.sent / 5), 0.5)
+            self.times.append(time.monotonic())
             self.sent += 1
             self._stop.wait(0.02)
 
@@ -200,7 +202,7 @@ def test_model_on_a_damaged_model_is_refused_and_the_old_one_plays_on(models: Pa
                        "--send", f"127.0.0.1:{listener.port}")
     control.target = ("127.0.0.1", srv.port)
     try:
-        with Stream(control):
+        with Stream(control) as stream:
             listener.receive(0.5, "/prediction")
             control.send("/model", name)
             got = []
@@ -214,7 +216,10 @@ def test_model_on_a_damaged_model_is_refused_and_the_old_one_plays_on(models: Pa
         assert str(models) not in errors[0][1] and "/tmp" not in errors[0][1]  # a name, never a path
         assert srv.proc.poll() is None, f"the server died (exit {srv.proc.returncode})"
         # The old model played on, meanwhile and after: answers keep coming, no silence.
-        assert len(answers) >= 30 and max(b - a for a, b in zip(answers, answers[1:])) < 0.5
+        # (judged against the gestures' own gaps: on a busy machine the sending thread is held back too)
+        silence = max(b - a for a, b in zip(answers, answers[1:]))
+        held = max(b - a for a, b in zip(stream.times, stream.times[1:]) if b >= answers[0] - 0.1)
+        assert len(answers) >= 30 and silence < held + 0.5, (silence, held)
         status = control.status()
         assert status["model"] == "default" and status["model_load_errors"] == 1 and status["model_swaps"] == 0
         control.send("/gesture", 0.2, 0.2)
