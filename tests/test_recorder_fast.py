@@ -1,0 +1,130 @@
+"""The performance log's recovery, in detail: whole rows only, no file left open, the right header, every
+failed attempt counted, and the first replacement of a log said louder than the later ones."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+from server.event import Event
+from server.live import recorder as recorder_module
+from server.live.recorder import HEADER, VOICE_HEADER, Recorder
+from tests.test_lesser import FillingDisk
+
+
+def performer(t: float, voice: int | None = None) -> Event:
+    return Event(time=t, x=0.5, y=0.5, source="performer", voice=voice)
+
+
+def test_a_row_cut_short_by_a_full_disk_is_taken_back_even_when_it_is_the_last(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    disk = FillingDisk(["all", 20, "full"])  # row 1 fits; row 2: 20 bytes, then the disk is full
+    recorder._file = disk  # type: ignore[assignment]
+    recorder.record(performer(1.0))
+    recorder.record(performer(2.0))
+    assert disk.text() == HEADER + "1.000000,performer,0.500000,0.500000\n"
+    assert recorder.counts()["log_lost"] == 1
+
+
+def test_a_log_replaced_after_it_was_deleted_is_closed_not_left_to_the_garbage_collector(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path / "logs", clock_offset=0.0)
+    recorder.record(performer(1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(2, 6):
+            recorder.path.unlink()
+            recorder.record(performer(float(t)))
+        gc.collect()
+    assert recorder.counts()["log_reopened"] == 4 and recorder.counts()["log_lost"] == 0
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]  # "unclosed file": a file left open
+    recorder.close()
+
+
+def test_a_recreated_log_of_voices_keeps_the_voice_column(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    recorder = Recorder(logs, clock_offset=0.0, voices=True)
+    recorder.record(performer(1.0, voice=2))
+    shutil.rmtree(logs)
+    recorder.record(performer(2.0, voice=3))
+    assert recorder.path.read_text() == VOICE_HEADER + "2.000000,performer,0.500000,0.500000,3\n"
+    recorder.close()
+
+
+def _blocked(tmp_path: Path) -> tuple[Recorder, Path]:
+    """A recorder whose log folder was replaced by a file: no log can be created until it is removed."""
+    logs = tmp_path / "logs"
+    recorder = Recorder(logs, clock_offset=0.0)
+    shutil.rmtree(logs)
+    logs.write_text("a file where the log folder was")
+    return recorder, logs
+
+
+@pytest.mark.parametrize("pause, attempts", [(0.0, 3), (3600.0, 1)])  # every row; once in a pause no test outlasts
+def test_a_log_that_cannot_be_recreated_is_tried_once_a_pause_and_each_failure_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pause: float, attempts: int) -> None:
+    monkeypatch.setattr(recorder_module, "RECREATE_PAUSE", pause)
+    recorder, _ = _blocked(tmp_path)
+    for t in (1.0, 2.0, 3.0):
+        recorder.record(performer(t))
+    assert recorder.counts() == {"log_rows": 0, "log_lost": 3, "log_errors": attempts, "log_reopened": 0}
+
+
+def test_the_first_replacement_of_a_log_is_a_warning_and_later_ones_are_info(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    with caplog.at_level(logging.INFO, logger="server.live.recorder"):
+        for t in (1.0, 2.0, 3.0):
+            recorder.path.unlink()
+            recorder.record(performer(t))
+    levels = [r.levelno for r in caplog.records if "continuing in" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.INFO, logging.INFO]
+    recorder.close()
+
+
+def test_a_replaced_log_on_a_file_system_that_counts_no_links_keeps_its_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some file systems report 0 links for every file: a deleted log cannot be told there, so rows are kept."""
+    real_fstat = os.fstat
+    logs = tmp_path / "logs"
+
+    class NoLinks:
+        def __init__(self, result: os.stat_result) -> None:
+            self._result = result
+            self.st_nlink = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._result, name)
+
+    def fstat(fd: int) -> object:
+        result = real_fstat(fd)
+        return NoLinks(result) if os.readlink(f"/proc/self/fd/{fd}").startswith(str(logs)) else result
+
+    monkeypatch.setattr(recorder_module, "RECREATE_PAUSE", 0.0)
+    monkeypatch.setattr(os, "fstat", fstat)
+    recorder = Recorder(logs, clock_offset=0.0)
+    recorder.record(performer(1.0))
+
+    class Broken:
+        def write(self, data: memoryview) -> int:
+            raise OSError(errno.EIO, "Input/output error")  # the disk went away: a new log is started
+
+        def fileno(self) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def close(self) -> None:
+            pass
+
+    recorder._file = Broken()  # type: ignore[assignment]
+    for t in (2.0, 3.0, 4.0):
+        recorder.record(performer(t))
+    monkeypatch.undo()
+    assert recorder.counts() == {"log_rows": 3, "log_lost": 1, "log_errors": 1, "log_reopened": 1}
+    assert recorder.path.read_text().splitlines()[1:] == [f"{t:.6f},performer,0.500000,0.500000" for t in (3.0, 4.0)]
+    recorder.close()
