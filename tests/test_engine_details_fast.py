@@ -52,6 +52,8 @@ def test_a_sender_refused_another_senders_voice_is_told_what_to_do_instead(predi
         engine.perform(0.5, 0.5, voice=0, route=B)
     assert str(refused.value).endswith("a voice answers only to the sender that opened it "
                                        "(name one of your own voices, or none for the global setting)")
+    with pytest.raises(ControlError, match="^voice 0 belongs to another sender"):  # steering it, too
+        engine.set_temperature(0.5, voice=0, route=B)
 
 
 # --------------------------------------------------------------------------- respond
@@ -114,3 +116,63 @@ def test_a_reset_voice_starts_its_running_surprise_afresh(predictor):
     loop.advance(0.0)
     ((nll, smoothed, _),) = played.surprises
     assert smoothed == nll
+
+
+class FailingDisplay:
+    """A `StreamSink` whose displays break: every figure handed to it raises."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def wants(self, stream: str) -> bool:
+        return True
+
+    def mixture(self, values: list[float], voice: int | None) -> None:
+        self.asked += 1
+        raise RuntimeError("display gone")
+
+    def surprise(self, nll: float, smoothed: float, voice: int | None) -> None:
+        self.asked += 1
+        raise RuntimeError("display gone")
+
+
+def test_each_failed_display_figure_is_counted_once_and_the_rest_still_computed(predictor):
+    from server.live.streams import StreamMaths
+
+    loop = VirtualLoop()
+    counts = {"sink_errors": 0}
+    display = FailingDisplay()
+    streams = StreamMaths(loop, display, counts, rate=1000.0, burst=1000.0)
+    predictor.reset()
+    for i in range(3):
+        streams.surprise(0, None, predictor, 0.1, 0.2 * i, 0.5)
+        streams.mixture(0, None, predictor, 1.0, 1.0)
+    loop.advance(0.0)
+    assert display.asked == 6 and counts == {"sink_errors": 6}
+
+
+# --------------------------------------------------------------------------- /status of voices
+
+
+def test_a_voices_idle_time_is_shown_to_a_tenth_of_a_second_and_its_sender_by_name(predictor):
+    loop, engine, _ = make(predictor, Mode.LISTEN, per_sender=True)
+    engine.perform(0.5, 0.5, route=A)
+    engine.perform(0.5, 0.5, route="midi channel 3")
+    engine.perform(0.5, 0.5)  # an in-process caller: a voice with no sender to name
+    loop.advance(2.34)
+    status = engine.status()
+    assert [status[f"voice{n}_idle_s"] for n in range(3)] == [2.3, 2.3, 2.3]
+    assert [status[f"voice{n}_from"] for n in range(3)] == ["127.0.0.1:9001", "midi channel 3", ""]
+
+
+def test_a_voice_number_that_cannot_be_used_is_refused_with_the_reason(predictor):
+    _, one, _ = make(predictor)
+    with pytest.raises(ControlError) as refused:
+        one.perform(0.5, 0.5, voice=1)
+    assert str(refused.value) == "voice numbers need voices = per-sender (this server plays one voice)"
+    _, engine, _ = make(predictor, per_sender=True)
+    for voice, reason in [(1.5, "voice must be an integer 0-15, got 1.5"), (True, "voice must be an integer 0-15, got True"),
+                          (16, "voice must be 0-15, got 16"), (-1, "voice must be 0-15, got -1")]:
+        with pytest.raises(ControlError) as refused:
+            engine.perform(0.5, 0.5, voice=voice, route=A)
+        assert str(refused.value) == reason

@@ -128,3 +128,46 @@ def test_a_replaced_log_on_a_file_system_that_counts_no_links_keeps_its_rows(
     assert recorder.counts() == {"log_rows": 3, "log_lost": 1, "log_errors": 1, "log_reopened": 1}
     assert recorder.path.read_text().splitlines()[1:] == [f"{t:.6f},performer,0.500000,0.500000" for t in (3.0, 4.0)]
     recorder.close()
+
+
+class ClosesBadly:
+    """The log file on a disk that fails as it is closed (an NFS server gone, say); writes may fail too."""
+
+    def __init__(self, real, writes: bool = True) -> None:
+        self.real, self.writes = real, writes
+
+    def write(self, data: memoryview) -> int:
+        if not self.writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real.write(data)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def close(self) -> None:
+        self.real.close()
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_log_that_fails_to_close_is_counted_and_said_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    recorder._file = ClosesBadly(recorder._file)  # type: ignore[assignment]
+    recorder.record(performer(1.0))
+    with caplog.at_level(logging.WARNING, logger="server.live.recorder"):
+        recorder.close()
+    assert recorder.closed and recorder.counts() == {"log_rows": 1, "log_lost": 0, "log_errors": 1, "log_reopened": 0}
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.levelno == logging.ERROR
+    assert error.getMessage().startswith(f"cannot close performance log {recorder.path}: [Errno 5] Input/output error")
+
+
+def test_a_failed_close_after_failed_writes_is_counted_but_not_said_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    recorder._file = ClosesBadly(recorder._file, writes=False)  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="server.live.recorder"):
+        recorder.record(performer(1.0))  # a full disk: said once
+        recorder.close()
+    assert recorder.counts() == {"log_rows": 0, "log_lost": 1, "log_errors": 2, "log_reopened": 0}
+    (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert error.getMessage().startswith("cannot write performance log")
