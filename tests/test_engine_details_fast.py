@@ -176,3 +176,15 @@ def test_a_voice_number_that_cannot_be_used_is_refused_with_the_reason(predictor
         with pytest.raises(ControlError) as refused:
             engine.perform(0.5, 0.5, voice=voice, route=A)
         assert str(refused.value) == reason
+
+
+def test_a_sender_allowed_one_voice_opens_it_and_every_refusal_is_counted(predictor):
+    loop = VirtualLoop()
+    engine, _ = build_engine(loop, predictor, Settings(mode=Mode.LISTEN),
+                             voices=VoiceOptions(VoicePolicy.PER_SENDER, 2, 60.0, 1))
+    engine.perform(0.5, 0.5, route=A)  # its one voice
+    engine.perform(0.5, 0.5, route=B)  # the other sender's
+    for route in (("127.0.0.1", 9003), ("127.0.0.1", 9004)):  # all voices taken
+        with pytest.raises(ControlError, match="all 2 voices are playing"):
+            engine.perform(0.5, 0.5, route=route)
+    assert engine.counts["voices_refused"] == 2 and len(engine.voices) == 2

@@ -171,3 +171,78 @@ def test_a_failed_close_after_failed_writes_is_counted_but_not_said_again(
     assert recorder.counts() == {"log_rows": 0, "log_lost": 1, "log_errors": 2, "log_reopened": 0}
     (error,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert error.getMessage().startswith("cannot write performance log")
+
+
+def _stuck(script: list) -> FillingDisk:
+    disk = FillingDisk(script)
+    disk.truncatable = False  # a half row cannot be taken back: it is ended with a newline instead
+    return disk
+
+
+def row_of(t: float) -> str:
+    return f"{t:.6f},performer,0.500000,0.500000\n"
+
+
+@pytest.mark.parametrize("second, kept", [(1, "\n"), (2, "\n2")])
+def test_a_half_row_that_cannot_be_cut_is_ended_exactly_once(tmp_path: Path, second: int, kept: str) -> None:
+    """Row 1 leaves 7 bytes; row 2 (which begins by ending it) leaves ``second`` bytes: row 3 starts a line of
+    its own, with no empty line before it."""
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    disk = _stuck([7, "full", second, "full"])
+    recorder._file = disk  # type: ignore[assignment]
+    for t in (1.0, 2.0, 3.0):
+        recorder.record(performer(t))
+    torn = "" if kept.endswith("\n") else "\n"
+    assert disk.text() == HEADER + row_of(1.0)[:7] + kept + torn + row_of(3.0)
+    assert recorder.counts()["log_rows"] == 1 and recorder.counts()["log_lost"] == 2
+
+
+def test_a_log_closed_under_the_recorder_is_let_go_like_a_broken_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing to a closed file raises ValueError, not OSError: the row is lost and counted, the log let go."""
+    monkeypatch.setattr(recorder_module, "RECREATE_PAUSE", 3600.0)  # no new log within this test
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    recorder.record(performer(1.0))
+    recorder._file.close()  # type: ignore[union-attr]
+    recorder.record(performer(2.0))
+    recorder.record(performer(3.0))
+    assert recorder.counts() == {"log_rows": 1, "log_lost": 2, "log_errors": 1, "log_reopened": 0}
+    assert recorder.path.read_text() == HEADER + row_of(1.0)
+
+
+def test_a_voices_log_leaves_the_voice_empty_for_an_event_of_no_voice(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0, voices=True)
+    recorder.record(performer(1.0))
+    recorder.close()
+    assert recorder.path.read_text() == VOICE_HEADER + "1.000000,performer,0.500000,0.500000,\n"
+
+
+def test_a_row_is_tried_in_at_most_one_new_log_when_logs_vanish_as_fast_as_they_are_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cleanup job that deletes each log right after its first row: a row is tried in the log it met and in one
+    new log, then counted lost: a row never starts more than one new file (here 1 for row 1, 2 for row 2)."""
+    real_fstat = os.fstat
+    logs = tmp_path / "logs"
+    seen: dict[tuple[int, int], int] = {}
+
+    class Gone:
+        def __init__(self, result: os.stat_result) -> None:
+            self._result, self.st_nlink = result, 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._result, name)
+
+    def fstat(fd: int) -> object:
+        result = real_fstat(fd)
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith(str(logs)):
+            return result
+        key = (result.st_dev, result.st_ino)
+        seen[key] = seen.get(key, 0) + 1
+        return result if seen[key] == 1 else Gone(result)  # linked when made, gone by its first row
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    recorder = Recorder(logs, clock_offset=0.0)
+    for t in (1.0, 2.0):
+        recorder.record(performer(t))
+    monkeypatch.undo()
+    assert recorder.counts() == {"log_rows": 0, "log_lost": 2, "log_errors": 0, "log_reopened": 3}
+    recorder.close()
