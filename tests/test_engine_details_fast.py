@@ -188,3 +188,17 @@ def test_a_sender_allowed_one_voice_opens_it_and_every_refusal_is_counted(predic
         with pytest.raises(ControlError, match="all 2 voices are playing"):
             engine.perform(0.5, 0.5, route=route)
     assert engine.counts["voices_refused"] == 2 and len(engine.voices) == 2
+
+
+def test_unpausing_shows_in_status_and_a_second_unpause_changes_nothing(predictor):
+    loop, engine, played = make(predictor, Mode.GENERATE)
+    engine.set_paused(True)
+    assert engine.status()["paused"] == 1
+    engine.set_paused(False)
+    assert engine.status()["paused"] == 0
+    loop.advance(1.0)
+    heard = len(played.model())
+    assert heard > 0
+    engine.set_paused(False)  # already playing: not restarted, so the chain's schedule goes on undisturbed
+    loop.advance(1.0)
+    assert len(played.silenced) == 1  # only the pause released notes

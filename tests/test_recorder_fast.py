@@ -15,7 +15,7 @@ import pytest
 
 from server.event import Event
 from server.live import recorder as recorder_module
-from server.live.recorder import HEADER, VOICE_HEADER, Recorder
+from server.live.recorder import HEADER, VOICE_HEADER, Recorder, RecorderError
 from tests.test_lesser import FillingDisk
 
 
@@ -246,3 +246,44 @@ def test_a_row_is_tried_in_at_most_one_new_log_when_logs_vanish_as_fast_as_they_
     monkeypatch.undo()
     assert recorder.counts() == {"log_rows": 0, "log_lost": 2, "log_errors": 0, "log_reopened": 3}
     recorder.close()
+
+
+def test_a_new_log_is_open_until_closed(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path)
+    assert recorder.closed is False
+    recorder.close()
+    assert recorder.closed is True
+
+
+def test_a_log_folder_is_made_with_every_missing_parent(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path / "shows" / "2024" / "logs", clock_offset=0.0)
+    recorder.record(performer(1.0))
+    recorder.close()
+    assert recorder.path.parent == tmp_path / "shows" / "2024" / "logs"
+
+
+def test_a_log_that_cannot_be_made_says_why_in_a_line_and_keeps_the_errno(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    with pytest.raises(RecorderError) as caught:
+        Recorder(blocker / "logs")
+    assert str(caught.value) == (f"cannot create a performance log in {blocker / 'logs'}: Not a directory; "
+                                 "choose a writable directory with --log-dir")
+    assert caught.value.errno == errno.ENOTDIR
+
+
+def test_a_log_folder_name_the_system_refuses_outright_is_the_same_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RecorderError, match="--log-dir") as caught:
+        Recorder(tmp_path / "a\0b")  # a NUL byte: ValueError from the system call, not OSError
+    assert caught.value.errno is None
+
+
+def test_when_every_log_name_of_that_second_is_taken_the_error_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recorder_module, "_MAX_SUFFIX", 2)
+    first = Recorder(tmp_path, started=1.0e9)
+    second = Recorder(tmp_path, started=1.0e9)
+    with pytest.raises(RecorderError) as caught:
+        Recorder(tmp_path, started=1.0e9)
+    assert f"2 logs named {first.path.stem}*.csv already exist" in str(caught.value)
+    first.close(), second.close()
