@@ -202,3 +202,28 @@ def test_unpausing_shows_in_status_and_a_second_unpause_changes_nothing(predicto
     engine.set_paused(False)  # already playing: not restarted, so the chain's schedule goes on undisturbed
     loop.advance(1.0)
     assert len(played.silenced) == 1  # only the pause released notes
+
+
+def test_an_unknown_mode_is_refused_with_the_modes_there_are(predictor):
+    _, engine, _ = make(predictor)
+    with pytest.raises(ControlError) as refused:
+        engine.set_mode("jam")
+    assert str(refused.value) == "unknown mode 'jam'; expected one of respond, accompany, generate, listen"
+
+
+def test_respond_heard_while_paused_does_not_take_over(predictor):
+    loop, engine, played = make(predictor, Mode.RESPOND, timescale=0.05, threshold=0.3)
+    engine.set_paused(True)
+    engine.perform(0.5, 0.5)
+    loop.advance(3.0)
+    assert played.model() == []
+
+
+def test_respond_takes_over_a_lookahead_early_so_its_first_event_is_on_time(predictor):
+    loop, engine, played = make(predictor, Mode.RESPOND, timescale=0.05, threshold=0.5, lookahead=0.2)
+    heard = loop.now
+    engine.perform(0.5, 0.5)
+    loop.advance(3.0)
+    (left, first), *_ = [(t, e) for t, e in played.timed() if e.source == "model"]
+    assert first.time == heard + 0.5 + first.dt  # its wait after the threshold, not after a late wake-up
+    assert left == first.time - 0.2 and first.timetagged
