@@ -227,3 +227,45 @@ def test_respond_takes_over_a_lookahead_early_so_its_first_event_is_on_time(pred
     (left, first), *_ = [(t, e) for t, e in played.timed() if e.source == "model"]
     assert first.time == heard + 0.5 + first.dt  # its wait after the threshold, not after a late wake-up
     assert left == first.time - 0.2 and first.timetagged
+
+
+# --------------------------------------------------------------------------- rescheduling
+
+
+def test_answers_rescheduled_by_a_timescale_leave_the_pending_count_when_played(predictor):
+    loop, engine, played = make(predictor, timescale=50.0)
+    for i in range(3):
+        engine.perform(0.3 + 0.2 * i, 0.5)
+        loop.advance(0.01)
+    assert engine.status()["pending"] == 3
+    engine.set_timescale(0.5)
+    loop.advance(60.0)
+    assert len(played.model()) == 3 and engine.status()["pending"] == 0
+
+
+def test_a_new_timescale_times_a_waiting_chain_event_from_its_cause(predictor):
+    loop, engine, played = make(predictor, Mode.GENERATE, timescale=1.0)
+    loop.advance(0.0)
+    while not played.model():
+        loop.advance(0.01)
+    cause = played.model()[-1].time
+    asked = loop.now
+    engine.set_timescale(3.0)  # the next event, already waiting, is now three times its wait after its cause
+    count = len(played.model())
+    while len(played.model()) == count:
+        loop.advance(0.01)
+    following = played.model()[count]  # its dt is its wait at the new timescale
+    assert following.time == max(asked, cause + following.dt, cause + 1.0 / engine.settings.max_rate)
+
+
+def test_answers_waiting_when_the_lookahead_rises_leave_that_much_before_their_time(predictor):
+    loop, engine, played = make(predictor, timescale=200.0)  # answers due many seconds from now
+    for i in range(3):
+        engine.perform(0.3 + 0.2 * i, 0.5)
+        loop.advance(0.01)
+    engine.set_lookahead(0.5)
+    loop.advance(600.0)
+    answers = [(t, e) for t, e in played.timed() if e.source == "model"]
+    assert len(answers) == 3
+    for left, e in answers:
+        assert left == pytest.approx(e.time - 0.5) and e.timetagged
