@@ -37,12 +37,19 @@ def make(predictor: Predictor, mode: Mode = Mode.ACCOMPANY, per_sender: bool = F
 
 @pytest.mark.parametrize("control, name", [("set_sigma_temperature", "sigma_temperature"),
                                            ("set_temperature", "temperature"),
-                                           ("set_threshold", "threshold")])
+                                           ("set_threshold", "threshold"), ("set_lookahead", "lookahead")])
 def test_a_refused_value_is_named_by_its_control(predictor, control, name):
     _, engine, _ = make(predictor)
     with pytest.raises(ControlError) as refused:
         getattr(engine, control)(-1.0)
     assert str(refused.value) == f"{name} must be >= 0, got -1"
+
+
+def test_a_lookahead_beyond_its_bound_is_refused_with_the_bound(predictor):
+    _, engine, _ = make(predictor)
+    with pytest.raises(ControlError) as refused:
+        engine.set_lookahead(3.0)
+    assert str(refused.value) == "lookahead must be at most 2 s, got 3"
 
 
 def test_a_sender_refused_another_senders_voice_is_told_what_to_do_instead(predictor):
@@ -62,6 +69,13 @@ def test_a_sender_refused_another_senders_voice_is_told_what_to_do_instead(predi
 def test_a_new_threshold_does_not_make_respond_play_before_its_performer_has(predictor):
     loop, engine, played = make(predictor, Mode.RESPOND, timescale=0.05, threshold=0.5)
     engine.set_threshold(0.2)
+    loop.advance(5.0)
+    assert played.model() == []
+
+
+def test_a_new_timescale_does_not_make_respond_play_before_its_performer_has(predictor):
+    loop, engine, played = make(predictor, Mode.RESPOND, timescale=0.05, threshold=0.5)
+    engine.set_timescale(0.1)
     loop.advance(5.0)
     assert played.model() == []
 
