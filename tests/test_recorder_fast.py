@@ -183,7 +183,7 @@ def row_of(t: float) -> str:
     return f"{t:.6f},performer,0.500000,0.500000\n"
 
 
-@pytest.mark.parametrize("second, kept", [(1, "\n"), (2, "\n2")])
+@pytest.mark.parametrize("second, kept", [(1, "\n"), (2, "\n2")], ids=["then-its-end", "then-its-end-and-a-digit"])
 def test_a_half_row_that_cannot_be_cut_is_ended_exactly_once(tmp_path: Path, second: int, kept: str) -> None:
     """Row 1 leaves 7 bytes; row 2 (which begins by ending it) leaves ``second`` bytes: row 3 starts a line of
     its own, with no empty line before it."""
