@@ -36,6 +36,18 @@ def x_warn__mutmut_4(n):
     if n > 3:
         print("too many: %d", n)
     return n
+
+def x_say__mutmut_orig(level, n):
+    log.log(level, "said %d", n)
+    return n + 1
+
+def x_say__mutmut_1(level, n):
+    log.log(None, "XXsaid %dXX", n)
+    return n + 1
+
+def x_say__mutmut_2(level, n):
+    log.log(level, "said %d", n)
+    return n + 2
 '''
 
 
@@ -49,6 +61,11 @@ def tree(tmp_path: Path) -> Path:
 def test_only_changes_inside_a_logging_call_are_equivalent_by_rule(tree: Path) -> None:
     names = [f"pkg.mod.x_warn__mutmut_{i}" for i in (1, 2, 3, 4)]
     assert mutants.log_only(names, tree) == {"pkg.mod.x_warn__mutmut_1", "pkg.mod.x_warn__mutmut_2"}
+
+
+def test_a_logging_call_at_a_level_chosen_by_the_caller_is_a_logging_call_too(tree: Path) -> None:
+    names = ["pkg.mod.x_say__mutmut_1", "pkg.mod.x_say__mutmut_2"]
+    assert mutants.log_only(names, tree) == {"pkg.mod.x_say__mutmut_1"}
 
 
 def test_a_mutant_whose_module_is_missing_is_not_equivalent(tree: Path) -> None:

@@ -18,7 +18,7 @@ Usage (from the repository root):
     mutmut show NAME                               # what a mutant changed
 
 A survivor whose only change is inside the arguments of a logging call (`log.warning(...)`,
-`logger.exception(...)`) counts as equivalent by rule, shown apart in the figure: what a log
+`logger.exception(...)`, `logger.log(level, ...)`) counts as equivalent by rule, shown apart in the figure: what a log
 line says is for a person reading it, not behaviour a test should pin (PIT, the Java
 mutation tool, leaves logging calls out by default for the same reason).
 """
@@ -91,7 +91,7 @@ def module_of(name: str) -> str:
 
 
 LOGGERS = {"log", "logger"}  # the names server/ gives `logging.getLogger(__name__)`
-LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical"}
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}  # `log`: at a level chosen at run time
 
 
 def _is_log_call(node: ast.AST) -> bool:
