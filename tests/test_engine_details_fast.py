@@ -159,7 +159,7 @@ def test_each_failed_display_figure_is_counted_once_and_the_rest_still_computed(
     streams = StreamMaths(loop, display, counts, rate=1000.0, burst=1000.0)
     predictor.reset()
     for i in range(3):
-        streams.surprise(0, None, predictor, 0.1, 0.2 * i, 0.5)
+        streams.surprise(0, None, predictor, 0.1, (0.2 * i, 0.5))
         streams.mixture(0, None, predictor, 1.0, 1.0)
     loop.advance(0.0)
     assert display.asked == 6 and counts == {"sink_errors": 6}

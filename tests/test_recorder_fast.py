@@ -20,7 +20,7 @@ from tests.test_lesser import FillingDisk
 
 
 def performer(t: float, voice: int | None = None) -> Event:
-    return Event(time=t, x=0.5, y=0.5, source="performer", voice=voice)
+    return Event(time=t, values=(0.5, 0.5), source="performer", voice=voice)
 
 
 def test_a_row_cut_short_by_a_full_disk_is_taken_back_even_when_it_is_the_last(tmp_path: Path) -> None:
