@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 SHARED ?= ../shared
+JOBS   ?= 2  # test processes (pytest-xdist); a test file stays in one, so its fixtures are built once
 
 .PHONY: run test mutants bench soak portability pd-screenshot default-model touch-model chorale-model models clean
 
@@ -22,8 +23,8 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 run: $(STAMP)     ## start the server with models/default (extra flags: make run ARGS="--mode generate")
 	$(PY) -m server run $(ARGS)
 
-test: $(STAMP)    ## the whole test suite
-	$(PY) -m pytest -q
+test: $(STAMP)    ## the whole test suite, in $(JOBS) processes (make test JOBS=1: one)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 mutants: $(STAMP) ## mutation testing of the live path with the fast tests: killed / total (make mutants ARGS=--again)
 	$(PY) -m server.tools.mutants run $(ARGS)

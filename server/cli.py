@@ -10,7 +10,9 @@ import argparse
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -457,17 +459,23 @@ def cmd_learn(args: argparse.Namespace) -> int:
         else:
             print(f"{fraction:6.1%}  held-out NLL {nll:.3f} nats/event", flush=True)
 
+    # Ctrl-C (and a server's /learn/stop, which sends SIGINT) ends training at the next batch and
+    # still judges the best epoch: a flag read between batches, never an exception mid-Keras
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
         from server.learn.finetune import fine_tune
 
         streams = log_streams(args.log, ("performer",), until=args.until)
         result = fine_tune(folder, streams, args.seconds, args.models_dir, name, progress,
-                           lineage={"session_logs": [str(p) for p in args.log]}, seed=args.seed)
+                           lineage={"session_logs": [str(p) for p in args.log]}, seed=args.seed, stop=stop)
     except (DatasetError, ModelError) as e:
         if args.json:
             emit({"error": str(e)})
             return 1
         raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
     if args.json:
         emit({"result": {"model": result.model, "nll_before": result.nll_before, "nll_after": result.nll_after,
                          "better": result.better, "seconds": round(result.seconds, 1)}})

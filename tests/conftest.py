@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,27 @@ def per_user_folder(tmp_path_factory):
         yield
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder ``build`` fills once per test run, shared by every pytest-xdist worker.
+
+    `make test` runs two workers; without this each trains the same session models (~40 s of a
+    2-core machine's time twice). The first worker builds under a lock, the others wait on it
+    and find the folder done. A build that failed leaves no mark, so the next one tries again.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temporary folder, one above each worker's own
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset():
     from server.learn.synth import synthetic_dataset
@@ -44,9 +69,18 @@ def tiny_model(tmp_path_factory, tiny_dataset):
     """An `xs` model trained for a few epochs and exported: (folder, TrainResult)."""
     from server.learn.train import TrainConfig, train
 
-    models = tmp_path_factory.mktemp("models")
-    cfg = TrainConfig(size="xs", epochs=4, patience=4, seed=3, stride=10, report=True)
-    result = train(tiny_dataset, "tiny", models, cfg, echo=lambda s: None)
+    from dataclasses import asdict
+
+    from server.learn.train import TrainResult
+
+    def build(models: Path) -> None:
+        cfg = TrainConfig(size="xs", epochs=4, patience=4, seed=3, stride=10, report=True)
+        result = train(tiny_dataset, "tiny", models, cfg, echo=lambda s: None)
+        (models / "result.json").write_text(json.dumps(asdict(result), default=str))
+
+    models = built_once(tmp_path_factory, "tiny-model", build)
+    fields = json.loads((models / "result.json").read_text())
+    result = TrainResult(**{**fields, "folder": Path(fields["folder"])})
     return result.folder, result
 
 
@@ -58,10 +92,11 @@ def wide_models_dir(tmp_path_factory) -> Path:
     """A models folder of tiny untrained models named `n<N>`, one per N in `WIDE_VALUES`, built once per session."""
     from tests.tinynet import export_wide
 
-    models = tmp_path_factory.mktemp("wide-models")
-    for n in WIDE_VALUES:
-        export_wide(models / f"n{n}", n, seed=n)
-    return models
+    def build(models: Path) -> None:
+        for n in WIDE_VALUES:
+            export_wide(models / f"n{n}", n, seed=n)
+
+    return built_once(tmp_path_factory, "wide-models", build)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -137,8 +172,9 @@ def region_models(tmp_path_factory) -> RegionModels:
     """Models `a` and `b` (xs, 8 epochs, ~10 s each), trained on data confined to different regions."""
     from server.learn.train import TrainConfig, train
 
-    folder = tmp_path_factory.mktemp("region-models")
-    for seed, (name, centre) in enumerate(RegionModels.CENTRES.items(), start=1):
-        cfg = TrainConfig(size="xs", epochs=8, patience=8, seed=3, stride=10, report=False)
-        train(region_dataset(centre, seed), name, folder, cfg, echo=lambda s: None)
-    return RegionModels(folder)
+    def build(folder: Path) -> None:
+        for seed, (name, centre) in enumerate(RegionModels.CENTRES.items(), start=1):
+            cfg = TrainConfig(size="xs", epochs=8, patience=8, seed=3, stride=10, report=False)
+            train(region_dataset(centre, seed), name, folder, cfg, echo=lambda s: None)
+
+    return RegionModels(built_once(tmp_path_factory, "region-models", build))

@@ -78,14 +78,19 @@ def tune(monkeypatch: pytest.MonkeyPatch, parent: Path, tmp_path: Path):
                           best=None, last=None, real=[])
 
     def make(events=None, seconds: float = 100.0, scores=None, best="nudged", interrupted=False, better_by=0.0,
-             **kwargs):
+             during=None, **kwargs):
         def fit(model, train_w, held_w, norm, budget, cfg, extra):
             run.fit = SimpleNamespace(model=model, train_w=train_w, held_w=held_w, norm=norm, budget=budget, cfg=cfg,
                                       extra=extra, learning_rate=float(np.asarray(model.optimizer.learning_rate)))
-            (reporter,) = extra
+            reporter, stopper = extra
             reporter.on_train_begin({}, model)
             clock.now += budget / 4
             reporter.on_epoch_end(0, {"loss": 1.0, "val_loss": 0.5}, model)
+            model.stop_training = False
+            if during is not None:
+                during()  # e.g. /learn/stop's flag set between the epochs
+            stopper.on_train_batch_end(0, {}, model)
+            run.stopped_by_flag = model.stop_training
             clock.now += budget  # the second epoch overran: reported as the whole budget
             reporter.on_epoch_end(1, {"loss": 0.75, "val_loss": 0.25}, model)
             weights = model.get_weights()
@@ -242,6 +247,27 @@ def test_a_fine_tune_that_finished_no_epoch_keeps_the_parent_without_converting(
     assert run.converted == [] and run.exported == []
 
 
+def test_a_stop_asked_before_the_fit_trains_nothing_and_keeps_the_parent(tune) -> None:
+    import threading
+
+    asked = threading.Event()
+    asked.set()
+    result, run = tune(scores=(3.0,), stop=asked)
+    assert run.fit is None and run.converted == [] and run.exported == []
+    assert (result.model, result.better, result.epochs, result.interrupted) == ("parent", False, 0, True)
+
+
+def test_a_stop_asked_during_the_fit_ends_it_at_the_next_batch_and_still_judges_the_best_epoch(tune) -> None:
+    import threading
+
+    asked = threading.Event()
+    result, run = tune(scores=(3.0, 2.0), stop=asked, during=asked.set)
+    assert run.stopped_by_flag is True  # Keras is told to stop training at the batch's end
+    assert result.better and result.model == "child" and result.interrupted  # the fit itself said not interrupted
+    result, run = tune(scores=(3.0, 2.0), stop=threading.Event())
+    assert run.stopped_by_flag is False and not result.interrupted
+
+
 def test_the_fit_gets_the_parents_model_the_phrases_and_the_fine_tune_settings(tune, parent: Path) -> None:
     from server.model.files import read_model
 
@@ -258,7 +284,7 @@ def test_the_fit_gets_the_parents_model_the_phrases_and_the_fine_tune_settings(t
     assert fit.train_w.events == sum(len(p) - 1 for p in train) and fit.held_w.events == sum(len(p) - 1 for p in held)
     assert fit.train_w.performances == len(train) and fit.held_w.performances == len(held)
     assert fit.train_w.data.shape[1] == 25  # windows of 24 events and the next
-    assert isinstance(fit.extra[0], finetune._Reporter) and len(fit.extra) == 1
+    assert [type(c) for c in fit.extra] == [finetune._Reporter, finetune.StopWhenAsked]
 
 
 def test_the_fit_gets_what_is_left_of_the_budget_after_the_reserve(tune) -> None:

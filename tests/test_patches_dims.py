@@ -114,6 +114,9 @@ def test_pd_patch_learns_n_and_sends_and_shows_n_values(tmp_path, wide_models_di
                 lines.wait(rf"^MODEL-VALUES:( \S+){{{first}}}$", count=MIN_ANSWERS, seconds=30)
                 swap_model(srv.port, swap)
                 lines.wait(rf"^DIMS: {n}$", seconds=SWAP_SECONDS)
+            # the whole burst sent, then the answers shown: waiting only for N-value rows of the model's
+            # array could end early, since resizing it shows the last answer padded to N (seen under load)
+            lines.wait(rf"^SENT-VALUES:( \S+){{{n}}}$", count=BURST, seconds=30)
             lines.wait(rf"^MODEL-VALUES:( \S+){{{n}}}$", count=MIN_ANSWERS, seconds=30)
         finally:
             out = lines.stop()

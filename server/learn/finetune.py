@@ -14,6 +14,7 @@ progress through a callback (JSON lines on stdout there).
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,16 @@ def fine_tune(
     progress: Callable[[float, float], None] = lambda fraction, nll: None,
     lineage: dict[str, Any] | None = None,
     seed: int = 0,
+    stop: threading.Event | None = None,
 ) -> FineTuneResult:
-    """Fine-tune ``parent_folder`` on ``performances`` (performer streams) for at most ``seconds``."""
+    """Fine-tune ``parent_folder`` on ``performances`` (performer streams) for at most ``seconds``.
+
+    ``stop``, once set (by `/learn/stop`'s SIGINT through `learn`'s handler), ends training at
+    the next batch; the best epoch so far is still judged and kept if better. A flag, not
+    Ctrl-C's KeyboardInterrupt: an exception raised at any bytecode can land inside Keras' or
+    Python's import machinery and leave a half-made object behind (an AttributeError seen once
+    under load, never reproduced), where a flag is only read between batches.
+    """
     from server.learn.evaluate import score, step_for
     from server.model.export import convert_to_tflite, export, library_versions, now_iso
 
@@ -102,8 +111,12 @@ def fine_tune(
     jacobian = nats_offset(norm, held)
     budget = max(1.0, seconds - FINISH_RESERVE_S - 0.05 * seconds - (time.monotonic() - started))
     reporter = _Reporter(progress, budget, jacobian)
-    best, interrupted = fit_within(model, train_w, held_w, norm, budget, cfg, [reporter])
-    if best.weights is None:
+    asked = stop or threading.Event()
+    best, interrupted = None, True
+    if not asked.is_set():  # a stop asked while the parent was scored: nothing to train
+        best, interrupted = fit_within(model, train_w, held_w, norm, budget, cfg, [reporter, StopWhenAsked(asked)])
+    interrupted = interrupted or asked.is_set()
+    if best is None or best.weights is None:
         return FineTuneResult(Path(parent_folder).name, before, math.inf, False, train_w.events, held_w.events,
                               time.monotonic() - started, 0, interrupted)
     model.set_weights(best.weights)
@@ -125,6 +138,17 @@ def fine_tune(
     export(model, info, Path(models_dir) / name, check_events=norm.forward(held_ds.events), tflite=tflite)
     return FineTuneResult(name, before, after.dequantised, True, train_w.events, held_w.events,
                           time.monotonic() - started, epochs, interrupted)
+
+
+class StopWhenAsked:
+    """Ends training at the next batch once ``asked`` is set (Keras still scores that epoch)."""
+
+    def __init__(self, asked: threading.Event) -> None:
+        self.asked = asked
+
+    def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
+        if self.asked.is_set():
+            model.stop_training = True
 
 
 class _Reporter:
