@@ -833,6 +833,45 @@ def test_serve_on_loopback_prints_its_address_serves_the_page_and_the_servers_st
 TOKENED = re.compile(r"monitor: (http://127\.0\.0\.1:(\d+)/\?token=([A-Za-z0-9_-]{43})) \(server 127\.0\.0\.1:(\d+)\)")
 
 
+async def page_that_stopped_reading(port: int) -> asyncio.StreamWriter:
+    """A WebSocket opened by hand that then neither reads nor answers, as a frozen tab or a shut laptop."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), SECONDS)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    writer.transport.pause_reading()
+    return writer
+
+
+def test_pages_that_stopped_reading_do_not_hold_the_stop(monkeypatch):
+    """SIGTERM stops the monitor within seconds (~3 CLOSE_S), however many open pages stopped reading.
+
+    Such a page's socket fills, and writing the close frame to it waits for room that never
+    comes: the stop hung until the test's monitor process was killed.
+    """
+    async def go():
+        async with serving(monkeypatch, "127.0.0.1") as s:
+            pages = [await page_that_stopped_reading(s.port) for _ in range(2)]
+            await until(lambda: len(s.monitor.clients) == 2, what=lambda: len(s.monitor.clients))
+            chunk = "x" * 60_000
+
+            def all_full() -> bool:  # the kernel's buffers are full and asyncio is holding the rest
+                for _ in range(8):
+                    s.monitor.publish({"type": "status", "values": {"pad": chunk}})
+                return all(c.ws._payload_writer.transport.get_write_buffer_size() > 0 for c in s.monitor.clients)
+
+            await until(all_full, seconds=30, what=lambda: [c.queue.qsize() for c in s.monitor.clients])
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.wait_for(asyncio.shield(s.task), 2 * SECONDS)  # ~3 s; it hung forever before
+            assert s.task.result() is None
+            for writer in pages:
+                writer.close()
+
+    with signals_kept():
+        asyncio.run(go())
+
+
 def test_serve_on_every_interface_prints_the_tokened_address_and_the_allow_host_advice_and_stops_on_sigint(monkeypatch):
     async def go():
         async with serving(monkeypatch, "0.0.0.0", lines=3) as s, aiohttp.ClientSession() as session:
