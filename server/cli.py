@@ -18,6 +18,7 @@ from typing import Callable
 
 from server.config import as_flag, at_least, non_negative, positive
 from server.learn.data import DT_MAX, DatasetError
+from server.learn.shards import MIN_SHARD_EVENTS, is_sharded
 from server.live.learning import DEFAULT_SECONDS as DEFAULT_LEARN_SECONDS
 from server.live.settings import Settings
 from server.model.files import check_model_name
@@ -66,7 +67,7 @@ _non_negative_float = as_flag(non_negative)  # a finite number >= 0
 def _output_file(text: str) -> Path:
     """An argparse type: where a file will be written; an existing folder is refused now, not after the work."""
     path = Path(text)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):  # a shard folder is a dataset, rewritten whole
         raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name such as {path / 'data.npz'}")
     return path
 
@@ -130,7 +131,12 @@ def _dataset_args(p: argparse.ArgumentParser) -> None:
                         "from its 'interface' lines (with --include-model, its 'rnn' lines too)")
     p.add_argument("--include-model", action="store_true",
                    help="from logs, also the model's own events (default: the performer's only)")
-    p.add_argument("--out", type=_output_file, default=Path("datasets/performances.npz"))
+    p.add_argument("--out", type=_output_file, default=None,
+                   help="the dataset file (default datasets/performances.npz), or with --shard-events its folder "
+                        "(default datasets/performances)")
+    p.add_argument("--shard-events", type=_int_at_least(MIN_SHARD_EVENTS), default=None, metavar="N",
+                   help="write a folder of shards of at most N events each (whole performances) with an index, for a "
+                        "corpus larger than memory: train and evaluate read it a shard at a time")
     p.add_argument("--dt-max", type=_positive_float, default=DT_MAX, help=f"clip dt to this many seconds (default {DT_MAX:g})")
 
 
@@ -150,12 +156,23 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     if args.midi:
         perfs += _midi_performances(args)
     perfs += _impsy_performances(args)
-    ds = Dataset.from_performances(perfs)
-    save_dataset(ds, args.out)
     window = TrainConfig().sequence_length  # a window is this many inputs and their next events
-    short = sum(1 for p in ds.performances if len(p) < window + 1)
-    print(f"wrote {args.out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
-          + (f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""))
+    short = sum(1 for p in perfs if 0 < len(p) < window + 1)
+    padded = f" ({short} shorter than a training window of {window} events: they train padded)" if short else ""
+    if args.shard_events is not None:
+        from server.learn.shards import write_shards
+
+        out = args.out or Path("datasets/performances")
+        sharded = write_shards(perfs, out, args.shard_events)
+        print(f"wrote {out}: {sharded.event_count} events of dt and {sharded.values} value(s) in "
+              f"{sharded.performance_count} performances, {len(sharded.shards)} shard(s) of at most "
+              f"{args.shard_events} events" + padded)
+        return 0
+    ds = Dataset.from_performances(perfs)
+    out = args.out or Path("datasets/performances.npz")
+    save_dataset(ds, out)
+    print(f"wrote {out}: {len(ds.events)} events of dt and {ds.values} value(s) in {len(ds.starts)} performances"
+          + padded)
     return 0
 
 
@@ -221,7 +238,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     from server.learn.train import TrainConfig
 
     d = TrainConfig()
-    p.add_argument("--data", type=Path, required=True, help="dataset .npz (from synth or dataset)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset .npz (from synth or dataset), or a folder of shards (dataset --shard-events)")
     p.add_argument("--size", choices=list(SIZES), default=DEFAULT_SIZE, help=_sizes_help())
     p.add_argument("--name", required=True, help="model folder name under --models-dir")
     _models_dir_arg(p)
@@ -264,7 +282,7 @@ def _sizes_help() -> str:
 
 @command("train", "train a model on a dataset and export it to <models-dir>/<name>")(_train_args)
 def cmd_train(args: argparse.Namespace) -> int:
-    from server.learn.data import load_dataset
+    from server.learn.shards import open_dataset
     from server.learn.train import TrainConfig, train
     from server.model.files import resolve_model_dir
 
@@ -301,7 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data={k: v for k, v in (("source", args.data_source), ("licence", args.data_licence)) if v},
     )
     try:
-        result = train(load_dataset(args.data), args.name, args.models_dir, cfg)
+        result = train(open_dataset(args.data), args.name, args.models_dir, cfg)
     except ClusterError as e:
         _fail(str(e))
         sys.stdout.flush()
@@ -333,19 +351,20 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "NLL per event of a dataset under a model (original units; dequantised where the data is on a grid)")(_evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from server.learn.data import load_dataset
     from server.learn.evaluate import score
+    from server.learn.shards import ShardedDataset, open_dataset
+    from server.learn.streaming import ShardedPart
     from server.model.files import resolve_model_dir
     from server.model.engines import open_step, read_for
 
     folder = resolve_model_dir(args.model, args.models_dir, allow_paths=True)
     model = read_for(folder)
-    ds = load_dataset(args.data)
+    ds = open_dataset(args.data)
     if ds.values != model.info.spec.values:
         raise DatasetError(f"{args.data}: events of dt and {ds.values} value(s), but {folder.name} takes "
                            f"{model.info.spec.values}; evaluate it on data of its own controller")
     step, _ = open_step(model)
-    s = score(step, model.info, ds)
+    s = score(step, model.info, ShardedPart(ds, frozenset()) if isinstance(ds, ShardedDataset) else ds)
     norm = model.info.normaliser
     print(f"{folder.name}: {s.dequantised:.4f} nats per event over {s.events} events in {s.performances} performances")
     if norm.gridded:

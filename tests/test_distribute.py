@@ -14,6 +14,7 @@ import pytest
 
 from server.learn.data import save_dataset
 from server.learn.distribute import SharedStop, _first_line, parse_cluster
+from server.learn.shards import write_shards
 from server.learn.synth import synthetic_dataset
 from server.model.mdn import RandomBlocks
 from server.model.predictor import Predictor
@@ -78,8 +79,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _workers(tmp_path: Path, epochs: int, minutes: float) -> list[subprocess.Popen]:
-    data = save_dataset(synthetic_dataset(12, seed=3, phrases=3), tmp_path / "d.npz")
+def _workers(tmp_path: Path, epochs: int, minutes: float, shards: bool = False) -> list[subprocess.Popen]:
+    """Two `train --workers` processes on loopback, on a dataset `.npz` or (``shards``) a folder of shards."""
+    ds = synthetic_dataset(12, seed=3, phrases=3)
+    data = write_shards(ds.performances, tmp_path / "d", 300).folder if shards else save_dataset(ds, tmp_path / "d.npz")
     workers = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
     return [subprocess.Popen(
         [sys.executable, "-m", "server", "train", "--data", str(data), "--size", "xs", "--name", "duo",
@@ -92,8 +95,8 @@ def _lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if not line.startswith(NOISE)]
 
 
-def test_two_workers_write_one_model_that_loads_and_plays(tmp_path):
-    procs = _workers(tmp_path, epochs=2, minutes=2)
+def test_two_workers_on_shards_write_one_model_that_loads_and_plays(tmp_path):
+    procs = _workers(tmp_path, epochs=2, minutes=2, shards=True)  # each reads its own shards
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert (tmp_path / "models0" / "duo" / "model.json").exists()

@@ -348,10 +348,16 @@ def split_performances(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dat
         tail = events[cut:].copy()
         tail[0, 0] = 0.0
         return Dataset.from_performances([events[:cut]]), Dataset.from_performances([tail]), [0]
+    held_out = held_out_indices(n, val_fraction, seed)
+    kept = set(held_out)
+    return ds.subset(i for i in range(n) if i not in kept), ds.subset(held_out), held_out
+
+
+def held_out_indices(n: int, val_fraction: float, seed: int) -> list[int]:
+    """Which of `n` performances (two or more) validation holds out: the same whether the corpus is in memory or in shards."""
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, int(round(n * val_fraction))), n - 1)
-    held_out = sorted(int(i) for i in order[:n_val])
-    return ds.subset(sorted(int(i) for i in order[n_val:])), ds.subset(held_out), held_out
+    return sorted(int(i) for i in order[:n_val])
 
 
 def iter_files(paths: Iterable[Path], pattern: str) -> Iterator[Path]:

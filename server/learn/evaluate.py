@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.learn.data import Dataset
+from server.learn.shards import ShardedDataset
+from server.learn.streaming import ShardedPart
 from server.model.likelihood import event_log_likelihoods
 from server.model.mdn import shift_means
 from server.model.litert import LiteRTStep, StepFunction, litert_available
@@ -38,21 +40,23 @@ class Scores:
         return self.dequantised
 
 
-def score(step: StepFunction, info: ModelInfo, ds: Dataset) -> Scores:
+def score(step: StepFunction, info: ModelInfo, ds: Dataset | ShardedPart) -> Scores:
     """Mean NLL per predicted event (nats; dt in seconds, x and y in [0, 1]), raw and dequantised.
 
     Runs the one-step function event by event from a zero state, exactly as the live
     loop does: with LiteRT about 10 us an event, where the Keras sequence model takes
-    minutes over a performance of 20,000 events.
+    minutes over a performance of 20,000 events. A performance at a time: a sharded corpus
+    is never in memory whole.
     """
     spec, norm = info.spec, info.normaliser
-    perfs = [np.clip(p.astype(np.float64), norm.clip_min, norm.clip_max) for p in ds.performances if len(p) >= 2]
-    if not perfs:
-        raise ValueError("no performance has two or more events")
     raw_total = deq_total = 0.0
-    count = 0
+    count = performances = 0
     relative = relative_mask(norm)
-    for p in perfs:
+    for p in ds.performances:
+        if len(p) < 2:
+            continue
+        p = np.clip(p.astype(np.float64), norm.clip_min, norm.clip_max)
+        performances += 1
         n = len(p) - 1
         z = norm.forward(p[:-1])
         state = np.zeros((1, spec.state_size), np.float32)
@@ -65,7 +69,9 @@ def score(step: StepFunction, info: ModelInfo, ds: Dataset) -> Scores:
         raw_total -= float(raw.sum())
         deq_total -= float(deq.sum())
         count += n
-    return Scores(raw_total / count, deq_total / count, count, len(perfs))
+    if not count:
+        raise ValueError("no performance has two or more events")
+    return Scores(raw_total / count, deq_total / count, count, performances)
 
 
 def relative_mask(norm) -> np.ndarray:
@@ -131,9 +137,17 @@ def play(predictor, data: list[np.ndarray], seed: int = 0, temperature: float = 
     return Played(zero, openings)
 
 
-def held_out(ds: Dataset, info: ModelInfo) -> tuple[list[np.ndarray], str]:
-    """The performances the model never saw when ``ds`` is its training data (model.json names them), else all of ``ds``."""
+def held_out(ds: Dataset | ShardedDataset, info: ModelInfo) -> tuple[list[np.ndarray], str]:
+    """The performances the model never saw when ``ds`` is its training data (model.json names them), else all of ``ds``.
+
+    From shards only those are read (all of them when ``ds`` is other data).
+    """
     held = info.training.get("validation_performances") or []
+    if isinstance(ds, ShardedDataset):
+        count, wanted = ds.performance_count, set(held)
+        if info.dataset_sha256 == ds.sha256() and held and max(held) < count:
+            return list(ds.performances(lambda i: i in wanted)), f"the {len(held)} performances held out in training"
+        return list(ds.performances()), f"all {count} performances (not the model's training data, so nothing is held out)"
     perfs = ds.performances
     if info.dataset_sha256 == ds.sha256() and held and max(held) < len(perfs):
         return [perfs[i] for i in held], f"the {len(held)} performances held out in training"

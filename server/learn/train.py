@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +23,8 @@ import numpy as np
 from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
 from server.learn.distribute import Cluster
 from server.learn.music import mixtures_for, relative_dims
+from server.learn.shards import ShardedDataset
+from server.learn.streaming import ShardedPart, StreamedWindows, split_sharded
 from server.learn.windows import Windows, make_windows
 from server.model.normalise import DT_OFFSET, Normaliser
 from server.model.spec import ModelInfo, ModelSpec
@@ -72,7 +74,7 @@ def default_minutes(events: int) -> float:
 
 
 def train(
-    ds: Dataset,
+    ds: Dataset | ShardedDataset,
     name: str,
     models_dir: Path,
     cfg: TrainConfig = TrainConfig(),
@@ -87,10 +89,13 @@ def train(
     from server.learn.distribute import make_strategy
 
     started = time.monotonic()
-    minutes = cfg.minutes if cfg.minutes is not None else default_minutes(len(ds.events))
+    minutes = cfg.minutes if cfg.minutes is not None else default_minutes(_events(ds))
     if not minutes > 0:
         raise DatasetError("--minutes must be > 0")
-    train_ds, val_ds, held_out = split_performances(ds, cfg.val_fraction, cfg.seed)
+    if isinstance(ds, ShardedDataset):
+        train_ds, val_ds, held_out = split_sharded(ds, cfg.val_fraction, cfg.seed)
+    else:
+        train_ds, val_ds, held_out = split_performances(ds, cfg.val_fraction, cfg.seed)
     strategy = make_strategy(cfg.cluster)  # before any other TensorFlow work, as multi-worker training needs
     with strategy.scope():
         model, spec, norm, parent = build_for(cfg, train_ds)
@@ -99,10 +104,10 @@ def train(
     echo(
         f"{origin} {name}: size {spec.size} ({spec.units}x{spec.layers}, {spec.mixtures} mixtures), "
         f"{minutes:g} min at most; {train_w.performances} performances ({train_w.events} events) to train, "
-        f"{val_w.performances} held out for validation (performances {_ranges(held_out)} of {len(ds.starts)}, "
+        f"{val_w.performances} held out for validation (performances {_ranges(held_out)} of {_count(ds)}, "
         f"{val_w.events} events)"
     )
-    skipped = len(ds.starts) - train_w.performances - val_w.performances
+    skipped = _count(ds) - train_w.performances - val_w.performances
     if skipped:
         echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
     echo(f"data: {norm.describe()}")
@@ -234,7 +239,8 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
         model = build_model(spec, dropout=cfg.dropout)
         model.set_weights(keras_model_from_bytes(parent.file("model.keras"), f"{parent.label}/model.keras").get_weights())
     else:
-        norm = Normaliser.fit(train_ds.events, cfg.dt_max, detect=cfg.dequantise, dt_offset=cfg.dt_offset)
+        norm = Normaliser.fit_performances(lambda: train_ds.performances, cfg.dt_max, detect=cfg.dequantise,
+                                           dt_offset=cfg.dt_offset)
         norm = replace(norm, relative=relative_dims(norm.grid, norm.constant, cfg.intervals))
         spec = ModelSpec.of_size(cfg.size, cfg.mixtures or mixtures_for(norm), dims=1 + train_ds.values)  # the data says how many values
         model = build_model(spec, dropout=cfg.dropout)
@@ -245,7 +251,7 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
     return model, spec, norm, parent
 
 
-def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget: float, cfg: TrainConfig,
+def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: Normaliser, budget: float, cfg: TrainConfig,
                extra: list[Any], strategy: Any = None) -> tuple["BestWeights", bool]:
     """Fit until the budget, early stopping or Ctrl-C; returns the best epoch's weights and whether interrupted.
 
@@ -254,7 +260,6 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     worker ends the fit with a `ClusterError`.
     """
     from server.learn.distribute import SharedStop, lost_worker
-    from server.learn.windows import training_dataset
     from server.model.network import keras, tf
 
     from server.learn.evaluate import relative_mask
@@ -278,8 +283,10 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     try:
         with (nullcontext() if shared is None else shared.catching_ctrl_c()), \
                 (nullcontext() if strategy is None else strategy.scope()):
+            data, steps = _training_input(train_w, cfg, half_cell, relative, strategy)
             model.fit(
-                training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative),
+                data,
+                steps_per_epoch=steps,
                 validation_data=(val_inputs, val_targets),
                 epochs=cfg.epochs,
                 shuffle=False,  # the pipeline shuffles
@@ -295,11 +302,46 @@ def fit_within(model, train_w: Windows, val_w: Windows, norm: Normaliser, budget
     return best, shared is not None and shared.interrupted
 
 
-def _windows(train_ds: Dataset, val_ds: Dataset, norm: Normaliser, cfg: TrainConfig) -> tuple[Windows, Windows]:
+def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_cell: np.ndarray,
+                    relative: np.ndarray, strategy: Any) -> tuple[Any, int | None]:
+    """The batches `fit` takes, and its steps per epoch (None: one pass over the data).
+
+    From shards on a cluster, each worker's pipeline reads its own shards and makes whole
+    batches of ``batch_size`` for its replica (the step's batch is the workers' together):
+    TensorFlow's default would split each worker's batch and drop the other workers' parts.
+    """
+    from server.learn.windows import training_dataset
+
+    if isinstance(train_w, Windows):
+        return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative), None
+    if cfg.cluster is None:
+        return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative), None
+    workers = len(cfg.cluster.workers)
+    train_w.check_workers(workers)
+    data = strategy.distribute_datasets_from_function(
+        lambda context: train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, context.num_input_pipelines,
+                                        context.input_pipeline_id))
+    return data, train_w.steps_per_epoch(cfg.batch_size, workers)
+
+
+def _events(ds: Dataset | ShardedDataset) -> int:
+    return ds.event_count if isinstance(ds, ShardedDataset) else len(ds.events)
+
+
+def _count(ds: Dataset | ShardedDataset) -> int:
+    """How many performances."""
+    return ds.performance_count if isinstance(ds, ShardedDataset) else len(ds.starts)
+
+
+def _windows(train_ds: Dataset | ShardedPart, val_ds: Dataset, norm: Normaliser,
+             cfg: TrainConfig) -> tuple[Windows | StreamedWindows, Windows]:
     to_z = lambda d: [norm.forward(p) for p in d.performances]  # noqa: E731
     try:
-        return (make_windows(to_z(train_ds), cfg.sequence_length, cfg.stride),
-                make_windows(to_z(val_ds), cfg.sequence_length, cfg.sequence_length))
+        if isinstance(train_ds, ShardedPart):
+            train_w: Windows | StreamedWindows = StreamedWindows.of(train_ds, norm, cfg.sequence_length, cfg.stride)
+        else:
+            train_w = make_windows(to_z(train_ds), cfg.sequence_length, cfg.stride)
+        return train_w, make_windows(to_z(val_ds), cfg.sequence_length, cfg.sequence_length)
     except ValueError as e:
         raise DatasetError(f"{e}: every performance needs at least two events") from None
 
@@ -400,11 +442,16 @@ class TimeBudget:
             model.stop_training = True
 
 
-def nats_offset(norm: Normaliser, performances: list[np.ndarray]) -> float:
+def nats_offset(norm: Normaliser, performances: Iterable[np.ndarray]) -> float:
     """The mean log-Jacobian of the predicted events: a normalised NLL minus it is nats per event in the
-    data's own units (seconds and [0, 1]), the scale of the held-out figure training ends with."""
-    targets = [p[1:] for p in performances if len(p) > 1]
-    return float(np.mean(norm.log_jacobian(np.concatenate(targets)))) if targets else 0.0
+    data's own units (seconds and [0, 1]), the scale of the held-out figure training ends with.
+    Read a performance at a time (a sharded corpus is never in memory)."""
+    total, count = [], 0
+    for p in performances:
+        if len(p) > 1:
+            total.append(float(np.sum(norm.log_jacobian(p[1:]))))
+            count += len(p) - 1
+    return math.fsum(total) / count if count else 0.0
 
 
 class _Progress:

@@ -73,7 +73,18 @@ def make_windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> Windo
 
 def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, seed: int, shuffle: bool = True,
                      relative: np.ndarray | None = None):
-    """A tf.data pipeline of (inputs, targets) batches with fresh dequantisation noise every epoch.
+    """A tf.data pipeline of (inputs, targets) batches of ``windows``, in memory (see `batches`)."""
+    from server.model.network import tf
+
+    ds = tf.data.Dataset.from_tensor_slices(windows.data)
+    if shuffle:
+        ds = ds.shuffle(len(windows.data), seed=seed, reshuffle_each_iteration=True)
+    return batches(ds, batch_size, half_cell, seed, relative)
+
+
+def batches(ds, batch_size: int, half_cell: np.ndarray, seed: int, relative: np.ndarray | None = None):
+    """Windows (a tf.data dataset of ``[length + 1, D + 1]``) as (inputs, targets) batches, with fresh
+    dequantisation noise every epoch.
 
     ``half_cell`` is half a grid cell per dimension in normalised units (0 where the
     dimension is continuous): each window gets uniform noise within the cell, the same
@@ -83,7 +94,7 @@ def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, s
     """
     from server.model.network import tf
 
-    dims = windows.data.shape[-1] - 1
+    dims = len(half_cell)
     half = tf.constant(np.asarray(half_cell, np.float32).reshape(1, 1, dims))
     generator = tf.random.Generator.from_seed(seed)
     steps = relative is not None and bool(np.any(relative))
@@ -100,10 +111,18 @@ def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, s
         noisy = tf.concat([batch[..., :dims] + noise, batch[..., dims:]], axis=-1)
         return noisy[:, :-1, :dims], as_steps(batch, noisy[:, 1:, :])
 
-    ds = tf.data.Dataset.from_tensor_slices(windows.data)
-    if shuffle:
-        ds = ds.shuffle(len(windows.data), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if np.any(half_cell):
         return ds.map(add_noise).prefetch(2)
     return ds.map(lambda b: (b[:, :-1, :dims], as_steps(b, b[:, 1:, :]))).prefetch(2)
+
+
+def window_count(length_of_performance: int, length: int, stride: int) -> int:
+    """How many windows `make_windows` cuts from a performance of this many events."""
+    n = length_of_performance
+    if n < 2:
+        return 0
+    if n <= length + 1:
+        return 1
+    count = -(-(n - length) // stride)
+    return count + (1 if (count - 1) * stride != n - length - 1 else 0)

@@ -26,7 +26,7 @@ values.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -99,6 +99,42 @@ class Normaliser:
             grid=tuple(grid),
             constant=tuple(constant),
         )
+
+    @classmethod
+    def fit_performances(cls, performances: Callable[[], Iterable[np.ndarray]], dt_max: float, detect: bool = True,
+                         dt_offset: float = DT_OFFSET) -> "Normaliser":
+        """`fit` on performances ``[n, 1 + N]`` read twice through ``performances()``, never all in memory.
+
+        Sums are taken per performance and added exactly (``math.fsum``), so the result does not
+        depend on how the performances are grouped: a corpus in shards and the same corpus in
+        memory get the same normaliser, to the bit.
+        """
+        width = 0
+        count = 0
+        sums: list[np.ndarray] = []
+        for p in performances():
+            width = width or p.shape[1]
+            count += len(p)
+            sums.append(_forward_raw(np.asarray(p, np.float64), *_transform(width, dt_offset)).sum(axis=0))
+        if count < 2:
+            raise ValueError("need events of shape [n>=2, 1 + N]")
+        width = 1 + check_values(width - 1, "each event")
+        logs, offsets = _transform(width, dt_offset)
+        shift = np.array([math.fsum(column) for column in zip(*sums)]) / count
+        found = _Found(width)
+        squares: list[np.ndarray] = []
+        for p in performances():
+            squares.append(((_forward_raw(np.asarray(p, np.float64), logs, offsets) - shift) ** 2).sum(axis=0))
+            if detect:
+                found.see(np.asarray(p, np.float64))
+        scale = np.maximum(np.sqrt(np.array([math.fsum(column) for column in zip(*squares)]) / count), MIN_SCALE)
+        grid, constant = found.result() if detect else ([0.0] * width, [None] * width)
+        for d, c in enumerate(constant):
+            if c is not None:
+                shift[d], scale[d] = c, 1.0
+        return cls(shift=tuple(float(v) for v in shift), scale=tuple(float(v) for v in scale), log=logs,
+                   offset=offsets, clip_min=(0.0,) * width, clip_max=(float(dt_max),) + (1.0,) * (width - 1),
+                   grid=tuple(grid), constant=tuple(constant))
 
     # ------------------------------------------------------------------ what the dimensions are
 
@@ -264,6 +300,45 @@ def detect_grid(values: np.ndarray) -> float:
         if np.max(np.abs(steps - np.round(steps))) < GRID_TOLERANCE:
             return 1.0 / k
     return 0.0
+
+
+def _transform(width: int, dt_offset: float) -> tuple[tuple[bool, ...], tuple[float, ...]]:
+    """Which dimensions go through log and with what offset: dt only."""
+    return (True,) + (False,) * (width - 1), (float(dt_offset),) + (0.0,) * (width - 1)
+
+
+class _Found:
+    """Constants and grids of the values (not dt), seen a performance at a time: what `detect_grid` decides."""
+
+    def __init__(self, width: int) -> None:
+        self.first: np.ndarray | None = None
+        self.varies = np.zeros(width, bool)
+        self.distinct: list[set[float]] = [set() for _ in range(width)]  # up to 3 kept: enough to decide
+        self.off_grid = np.zeros((width, len(GRID_CANDIDATES)))  # the most any value lies off each grid, in steps
+
+    def see(self, p: np.ndarray) -> None:
+        if len(p) == 0:
+            return
+        if self.first is None:
+            self.first = p[0].copy()
+        self.varies |= np.any(p != self.first, axis=0)
+        for d in range(1, p.shape[1]):
+            if len(self.distinct[d]) < 3:
+                self.distinct[d].update(np.unique(p[:, d])[:3].tolist())
+            for j, k in enumerate(GRID_CANDIDATES):
+                steps = p[:, d] * k
+                self.off_grid[d, j] = max(self.off_grid[d, j], float(np.max(np.abs(steps - np.round(steps)))))
+
+    def result(self) -> tuple[list[float], list[float | None]]:
+        width = len(self.varies)
+        grid, constant = [0.0] * width, [None] * width
+        for d in range(1, width):
+            if not self.varies[d]:
+                constant[d] = float(self.first[d])
+            elif len(self.distinct[d]) >= 3:
+                grid[d] = next((1.0 / k for j, k in enumerate(GRID_CANDIDATES) if self.off_grid[d, j] < GRID_TOLERANCE),
+                               0.0)
+        return grid, constant
 
 
 def _forward_raw(v: np.ndarray, logs, offsets) -> np.ndarray:
