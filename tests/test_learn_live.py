@@ -180,7 +180,7 @@ def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(serv
     srv, peer = served
     play_enough(peer)
     peer.send("/learn", 300.0)
-    wait_for_training(peer, 60)
+    wait_for_training(peer, 180)  # a deadline: ~5 s on a quiet machine, 50 s seen under load
     children = Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()
     assert children and all(os.sched_getscheduler(int(c)) == os.SCHED_IDLE for c in children), \
         "the fine-tune must only get CPU the server does not want"
@@ -188,8 +188,8 @@ def test_learn_stop_ends_early_and_a_second_learn_is_refused_while_one_runs(serv
     assert "already running" in reply[1]
     stopped = time.monotonic()
     peer.send("/learn/stop")
-    args, sent, answered = wait_for(peer, "/learn/done", 60, keep_playing=True)
-    assert time.monotonic() - stopped < 30  # not the 300 s asked for
+    args, sent, answered = wait_for(peer, "/learn/done", 180, keep_playing=True)
+    assert time.monotonic() - stopped < 150  # not the 300 s asked for (a loaded machine's export can take a minute)
     assert args[3] in (0, 1)
 
 

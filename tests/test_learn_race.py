@@ -284,7 +284,7 @@ def test_a_real_fine_tune_does_not_replace_the_model_swapped_in_meanwhile(served
     # playing the figure in its own time
     play_enough(peer)
     peer.send("/learn", 8.0)
-    wait_for_training(peer, 90)
+    wait_for_training(peer, 180)
     peer.send("/model", "touch")
     errors, done = [], None
     end = time.monotonic() + 120

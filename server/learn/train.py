@@ -306,22 +306,31 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
                     relative: np.ndarray, strategy: Any) -> tuple[Any, int | None]:
     """The batches `fit` takes, and its steps per epoch (None: one pass over the data).
 
-    From shards on a cluster, each worker's pipeline reads its own shards and makes whole
-    batches of ``batch_size`` for its replica (the step's batch is the workers' together):
-    TensorFlow's default would split each worker's batch and drop the other workers' parts.
+    On a cluster each worker's pipeline takes its own part (its windows, or its shards) and
+    makes whole batches of ``batch_size`` for its replica, so a step's batch is the workers'
+    together: TensorFlow's default would have every worker read everything, split each
+    batch and drop the other workers' parts.
     """
     from server.learn.windows import training_dataset
 
-    if isinstance(train_w, Windows):
-        return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative), None
     if cfg.cluster is None:
+        if isinstance(train_w, Windows):
+            return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative), None
         return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative), None
     workers = len(cfg.cluster.workers)
-    train_w.check_workers(workers)
-    data = strategy.distribute_datasets_from_function(
-        lambda context: train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, context.num_input_pipelines,
-                                        context.input_pipeline_id))
-    return data, train_w.steps_per_epoch(cfg.batch_size, workers)
+    if isinstance(train_w, Windows):
+        def part(context):
+            return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative,
+                                    workers=context.num_input_pipelines, index=context.input_pipeline_id)
+        steps = max(1, math.ceil(len(train_w.data) / (cfg.batch_size * workers)))
+    else:
+        train_w.check_workers(workers)
+
+        def part(context):
+            return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, context.num_input_pipelines,
+                                   context.input_pipeline_id)
+        steps = train_w.steps_per_epoch(cfg.batch_size, workers)
+    return strategy.distribute_datasets_from_function(part), steps
 
 
 def _events(ds: Dataset | ShardedDataset) -> int:

@@ -72,14 +72,22 @@ def make_windows(perfs: Iterable[np.ndarray], length: int, stride: int) -> Windo
 
 
 def training_dataset(windows: Windows, batch_size: int, half_cell: np.ndarray, seed: int, shuffle: bool = True,
-                     relative: np.ndarray | None = None):
-    """A tf.data pipeline of (inputs, targets) batches of ``windows``, in memory (see `batches`)."""
+                     relative: np.ndarray | None = None, workers: int = 1, index: int = 0):
+    """A tf.data pipeline of (inputs, targets) batches of ``windows``, in memory (see `batches`).
+
+    For worker ``index`` of ``workers``: every ``workers``-th window from the ``index``-th,
+    endless (a cluster's workers take a fixed number of steps an epoch, all alike).
+    """
     from server.model.network import tf
 
     ds = tf.data.Dataset.from_tensor_slices(windows.data)
+    if workers > 1:
+        ds = ds.shard(workers, index)
     if shuffle:
         ds = ds.shuffle(len(windows.data), seed=seed, reshuffle_each_iteration=True)
-    return batches(ds, batch_size, half_cell, seed, relative)
+    if workers > 1:
+        ds = ds.repeat()
+    return batches(ds, batch_size, half_cell, seed + index, relative)
 
 
 def batches(ds, batch_size: int, half_cell: np.ndarray, seed: int, relative: np.ndarray | None = None):
