@@ -7,11 +7,11 @@ ARGS   ?=
 SHARED ?= ../shared
 JOBS   ?= 2  # test processes (pytest-xdist); a test file stays in one, so its fixtures are built once
 
-.PHONY: run test mutants bench soak portability pd-screenshot default-model touch-model chorale-model models clean
+.PHONY: run test mutants bench soak portability pd-screenshot default-model touch-model chorale-model models corpus corpus-train clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-corpus.txt pyproject.toml
 	@echo "antiphon: installing TensorFlow, LiteRT, python-osc, mido and the test tools into $(VENV)"
 	@echo "antiphon: once only, about 2 minutes and 2.6 GB; later runs start at once"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,19 @@ chorale-model: $(STAMP)  ## retrain models/chorale from the Bach chorales in ../
 		--data-licence "public domain (music21: BSD)"
 
 models: default-model touch-model chorale-model  ## all three shipped models
+
+# A corpus at scale, in data/ (git-ignored): music21's freely licensed scores as MIDI, then shards (docs/distributed.md)
+CORPUS := data/corpus21
+corpus: $(STAMP)  ## write data/corpus21: music21's Bach chorales and folk-tune books as MIDI, then sharded (16 minutes here)
+	$(PY) -m pip install --quiet -r requirements-corpus.txt
+	$(PY) -m server.tools.corpus build $(CORPUS)/midi --jobs 2
+	$(PY) -m server dataset --midi $(CORPUS)/midi --jobs 2 --shard-events 200000 --out $(CORPUS)/shards
+
+corpus-train: $(STAMP)  ## two local worker processes train the model corpus21 on it, for train's own budget (ARGS="--minutes 60")
+	$(PY) -m server.tools.workers 2 -- $(PY) -m server train --data $(CORPUS)/shards --name corpus21 \
+		--data-source "music21 10.5.1 corpus: Bach chorales, Ryan's Mammoth, O'Neill's 1850, Aird's Airs, miscFolk, Nottingham (make corpus)" \
+		--data-licence "public domain music; encodings distributed with music21 by permission, no restriction stated ($(CORPUS)/midi/SOURCES.txt)" \
+		$(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache mutants
