@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,22 @@ def test_a_stop_waits_for_the_next_sync_so_every_worker_leaves_at_the_same_batch
     assert model.stop_training and ctrl_c.interrupted
 
 
+def test_a_worker_running_out_of_threads_stops_every_worker_at_the_next_sync_and_says_why():
+    from server.model.network import tf
+
+    count, said = [100], []
+    stop, model = SharedStop(tf.distribute.get_strategy(), every=4, threads=lambda: count[0], max_threads=1000,
+                             echo=said.append), _Model()
+    for batch in range(8):
+        model.stop_training = False
+        count[0] = 1001 if batch >= 5 else 100  # TensorFlow's leak passes the limit at batch 5
+        stop.on_train_batch_end(batch, {}, model)
+        assert model.stop_training == (batch == 7), batch  # decided at the sync after it, not before
+    assert len(said) == 1 and "over 1000 threads" in said[0] and not stop.interrupted
+    stop.on_epoch_end(0, {"loss": 1.0}, model)
+    assert len(said) == 1  # said once
+
+
 # --------------------------------------------------------------------------- two processes on loopback
 
 
@@ -104,6 +121,10 @@ def test_two_workers_on_shards_write_one_model_that_loads_and_plays(tmp_path):
     # each epoch's figures (after the clock, which is each worker's own)
     epochs = [[line.split("NLL", 1)[1] for line in _lines(out) if line.startswith("epoch")] for out in outs]
     assert epochs[0] == epochs[1] and len(epochs[0]) == 2  # the same all-reduced losses, the same stop
+    # the progress line's held-out figure is the final one's scale (Keras logs W times the mean on a cluster)
+    best = float(re.search(r"best (-?[\d.]+)\)", epochs[0][-1]).group(1))
+    final = float(re.search(r"held-out NLL (-?[\d.]+) nats/event", outs[0]).group(1))
+    assert abs(best - final) < 0.5, (best, final)
     assert "the chief (worker 0) wrote duo" in outs[1]
     p = Predictor.load(tmp_path / "models0" / "duo", prove=True)
     draws = RandomBlocks(np.random.default_rng(1), 3)

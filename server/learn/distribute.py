@@ -18,7 +18,7 @@ import math
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -27,6 +27,7 @@ HEARTBEAT_S = 5  # a worker silent this long is lost (the coordination service's
 REGISTER_S = 60  # every worker must have started within this long of the first
 COLLECTIVE_S = 600  # an all-reduce waits this long at most (the chief's export happens inside one)
 SYNC_BATCHES = 16  # the stop decision is shared every this many batches, and at every epoch's end
+MAX_THREADS = 6000  # a worker past this many threads stops training (TensorFlow leaks some with each collective)
 RPC_LAYER = "grpc"
 
 
@@ -165,6 +166,32 @@ def _first_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
+def thread_count() -> int:
+    """This process's threads (native ones too: TensorFlow's), from /proc; 0 where there is none."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+class MeanOverWorkers:
+    """Callback hooks that put the loss Keras logs on a cluster back in nats per event.
+
+    Under MultiWorkerMirroredStrategy Keras 3 logs `loss` and `val_loss` as W times the mean
+    (each replica's loss is unscaled by the replica count and then averaged), so the
+    progress line read W times too good. The gradients are right; only what is logged is
+    divided here, before any other callback (early stopping, the best epoch) reads it.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+
+    def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
+        for key in ("loss", "val_loss"):
+            if key in logs:
+                logs[key] = float(logs[key]) / self.workers
+
+
 class SharedStop:
     """Callback hooks that make every worker stop at the same batch: the chief's budget, anyone's Ctrl-C.
 
@@ -173,14 +200,18 @@ class SharedStop:
     Must come after the callbacks that may stop training.
     """
 
-    def __init__(self, strategy: Any, every: int = SYNC_BATCHES) -> None:
+    def __init__(self, strategy: Any, every: int = SYNC_BATCHES, threads: Callable[[], int] | None = None,
+                 max_threads: int = MAX_THREADS, echo: Callable[[str], None] = print) -> None:
         self.strategy, self.every = strategy, every
         self.vote = self.interrupted = False
         self.ctrl_c = False
+        self.threads, self.max_threads, self.echo = threads or thread_count, max_threads, echo
+        self.out_of_threads = False
 
     def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
         self.vote |= bool(model.stop_training)
         if (batch + 1) % self.every == 0:
+            self._check_threads()
             self._sync(model)
         else:
             model.stop_training = False
@@ -189,7 +220,23 @@ class SharedStop:
         if not math.isfinite(float(logs.get("loss", 0.0))):
             model.stop_training = True  # TerminateOnNaN: the loss is all-reduced, so every worker agrees
         self.vote |= bool(model.stop_training)
+        self._check_threads()
         self._sync(model)
+
+    def _check_threads(self) -> None:
+        """Vote to stop, once, before TensorFlow's leaked threads exhaust the machine's (a crash, no model).
+
+        Every collective under MultiWorkerMirroredStrategy leaves threads behind (TensorFlow
+        issues #76157, #42616; measured here: ~2 per all-reduce, ~45 an epoch on a small
+        corpus): a long run would end with "Resource temporarily unavailable". Stopping
+        early keeps the best model so far, which the chief exports as after a Ctrl-C.
+        """
+        if not self.out_of_threads and self.threads() > self.max_threads:
+            self.out_of_threads = True
+            self.vote = True
+            self.echo(f"stopping: this worker has over {self.max_threads} threads (TensorFlow leaks some with each "
+                      "all-reduce); the best model so far is exported. Fewer, longer epochs (a larger --batch-size) "
+                      "leak less")
 
     def _sync(self, model: Any) -> None:
         stop, interrupt = all_sum(self.strategy, [float(self.vote), float(self.ctrl_c)])

@@ -259,7 +259,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     budget and anyone's Ctrl-C stop every worker at the same batch (`SharedStop`), and a lost
     worker ends the fit with a `ClusterError`.
     """
-    from server.learn.distribute import SharedStop, lost_worker
+    from server.learn.distribute import MeanOverWorkers, SharedStop, lost_worker
     from server.model.network import keras, tf
 
     from server.learn.evaluate import relative_mask
@@ -272,6 +272,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     best = BestWeights()
     shared = None if cfg.cluster is None else SharedStop(strategy)
     callbacks = [
+        *([MeanOverWorkers(len(cfg.cluster.workers))] if cfg.cluster is not None else []),  # first: all read it
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
         keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
@@ -306,10 +307,12 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
                     relative: np.ndarray, strategy: Any) -> tuple[Any, int | None]:
     """The batches `fit` takes, and its steps per epoch (None: one pass over the data).
 
-    On a cluster each worker's pipeline takes its own part (its windows, or its shards) and
-    makes whole batches of ``batch_size`` for its replica, so a step's batch is the workers'
-    together: TensorFlow's default would have every worker read everything, split each
-    batch and drop the other workers' parts.
+    On a cluster each worker's pipeline takes its own part (its windows, or its own shards)
+    in whole batches of ``batch_size``, so a step learns from W batches and an epoch takes
+    1/W of the steps. (Splitting each batch between the workers keeps one process's steps
+    but costs a collective per step, and TensorFlow leaks threads with each: on the
+    chorales it ran out of threads after 41 epochs, see `SharedStop`.) TensorFlow's default
+    would have every worker read everything and drop the other workers' parts.
     """
     from server.learn.windows import training_dataset
 
