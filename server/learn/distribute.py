@@ -18,16 +18,15 @@ import math
 import os
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 HEARTBEAT_S = 5  # a worker silent this long is lost (the coordination service's heartbeat)
 REGISTER_S = 60  # every worker must have started within this long of the first
-COLLECTIVE_S = 600  # an all-reduce waits this long at most (the chief's export happens inside one)
+SHUTDOWN_S = 600  # the workers wait this long for each other at the end (the chief exports meanwhile)
 SYNC_BATCHES = 16  # the stop decision is shared every this many batches, and at every epoch's end
-MAX_THREADS = 6000  # a worker past this many threads stops training (TensorFlow leaks some with each collective)
 RPC_LAYER = "grpc"
 
 
@@ -90,15 +89,39 @@ def make_strategy(cluster: Cluster | None) -> Any:
         gpus = tf.config.list_logical_devices("GPU")
         return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
     os.environ["TF_CONFIG"] = cluster.tf_config()
+    share_cores(tf, cluster)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # it narrates every all-reduce, and eager ones warn
     _configure_coordination(tf, cluster)
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=COLLECTIVE_S)
     try:
-        return _multi_worker_class(tf)(communication_options=options)
+        return multi_worker_strategy(tf)
     except tf.errors.OpError as e:
         raise ClusterError(f"cannot reach the workers {', '.join(cluster.workers)} within {REGISTER_S} s "
                            f"({_first_line(e)}); start the same command on each, --worker-index 0 to "
                            f"{len(cluster.workers) - 1}") from None
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def local_workers(cluster: Cluster) -> int:
+    """How many of the cluster's workers run on this machine (by loopback address)."""
+    return sum(w.rpartition(":")[0] in LOCAL_HOSTS for w in cluster.workers)
+
+
+def share_cores(tf: Any, cluster: Cluster, cores: int | None = None) -> int:
+    """Give each of this machine's workers its share of the cores; returns the threads per pool.
+
+    TensorFlow sizes its thread pools to every core, so W local workers would run W times as
+    many threads as cores and take turns on them; a share each keeps every core busy on
+    work. A worker alone on its machine keeps TensorFlow's default (0: all cores).
+    """
+    here = local_workers(cluster)
+    if cluster.workers[cluster.index].rpartition(":")[0] not in LOCAL_HOSTS or here < 2:
+        return 0
+    share = max(1, (cores or os.cpu_count() or 1) // here)
+    tf.config.threading.set_intra_op_parallelism_threads(share)
+    tf.config.threading.set_inter_op_parallelism_threads(share)
+    return share
 
 
 def _configure_coordination(tf: Any, cluster: Cluster) -> None:
@@ -111,9 +134,20 @@ def _configure_coordination(tf: Any, cluster: Cluster) -> None:
         service_leader="/job:worker/replica:0/task:0",
         cluster_register_timeout_in_ms=REGISTER_S * 1000,
         heartbeat_timeout_in_ms=HEARTBEAT_S * 1000,
-        shutdown_barrier_timeout_in_ms=COLLECTIVE_S * 1000,
+        shutdown_barrier_timeout_in_ms=SHUTDOWN_S * 1000,
         coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=len(cluster.workers))],
     )
+
+
+def multi_worker_strategy(tf: Any) -> Any:
+    """MultiWorkerMirroredStrategy for TF_CONFIG's cluster (a cluster of one without it).
+
+    Its collectives have no timeout: TensorFlow starts a thread that sleeps through each
+    one's timeout, so with one (we had 600 s) two workers on a small model piled up
+    thousands of sleeping threads until the machine refused more. A lost worker is found by
+    the coordination service's heartbeat instead.
+    """
+    return _multi_worker_class(tf)()
 
 
 def _multi_worker_class(tf: Any) -> type:
@@ -166,14 +200,6 @@ def _first_line(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:200]
 
 
-def thread_count() -> int:
-    """This process's threads (native ones too: TensorFlow's), from /proc; 0 where there is none."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
-
-
 class MeanOverWorkers:
     """Callback hooks that put the loss Keras logs on a cluster back in nats per event.
 
@@ -200,18 +226,14 @@ class SharedStop:
     Must come after the callbacks that may stop training.
     """
 
-    def __init__(self, strategy: Any, every: int = SYNC_BATCHES, threads: Callable[[], int] | None = None,
-                 max_threads: int = MAX_THREADS, echo: Callable[[str], None] = print) -> None:
+    def __init__(self, strategy: Any, every: int = SYNC_BATCHES) -> None:
         self.strategy, self.every = strategy, every
         self.vote = self.interrupted = False
         self.ctrl_c = False
-        self.threads, self.max_threads, self.echo = threads or thread_count, max_threads, echo
-        self.out_of_threads = False
 
     def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
         self.vote |= bool(model.stop_training)
         if (batch + 1) % self.every == 0:
-            self._check_threads()
             self._sync(model)
         else:
             model.stop_training = False
@@ -220,23 +242,7 @@ class SharedStop:
         if not math.isfinite(float(logs.get("loss", 0.0))):
             model.stop_training = True  # TerminateOnNaN: the loss is all-reduced, so every worker agrees
         self.vote |= bool(model.stop_training)
-        self._check_threads()
         self._sync(model)
-
-    def _check_threads(self) -> None:
-        """Vote to stop, once, before TensorFlow's leaked threads exhaust the machine's (a crash, no model).
-
-        Every collective under MultiWorkerMirroredStrategy leaves threads behind (TensorFlow
-        issues #76157, #42616; measured here: ~2 per all-reduce, ~45 an epoch on a small
-        corpus): a long run would end with "Resource temporarily unavailable". Stopping
-        early keeps the best model so far, which the chief exports as after a Ctrl-C.
-        """
-        if not self.out_of_threads and self.threads() > self.max_threads:
-            self.out_of_threads = True
-            self.vote = True
-            self.echo(f"stopping: this worker has over {self.max_threads} threads (TensorFlow leaks some with each "
-                      "all-reduce); the best model so far is exported. Fewer, longer epochs (a larger --batch-size) "
-                      "leak less")
 
     def _sync(self, model: Any) -> None:
         stop, interrupt = all_sum(self.strategy, [float(self.vote), float(self.ctrl_c)])
