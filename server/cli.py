@@ -235,7 +235,7 @@ def cmd_midi_ports(args: argparse.Namespace) -> int:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     from server.learn.music import INTERVALS
-    from server.learn.train import TrainConfig
+    from server.learn.train import LEARNING_RATE, TrainConfig
 
     d = TrainConfig()
     p.add_argument("--data", type=Path, required=True,
@@ -264,7 +264,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-licence", default="", help="the data's licence and copyright notice (recorded in model.json)")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed)
     p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size)
-    p.add_argument("--learning-rate", type=_positive_float, default=d.learning_rate)
+    p.add_argument("--learning-rate", type=_positive_float, default=None,
+                   help=f"Adam's rate (default {LEARNING_RATE}; times the square root of the number of --workers)")
     p.add_argument("--sequence-length", type=_int_at_least(2), default=d.sequence_length,
                    help="training window in events")
     p.add_argument("--no-report", action="store_true", help="skip report.png")

@@ -78,6 +78,30 @@ def test_workers_on_one_machine_share_its_cores_and_a_remote_worker_keeps_them_a
     assert share_cores(_TF(), parse_cluster("127.0.0.1:1,studio.local:2", 0, {}), cores=2) == 0  # alone here
 
 
+def test_the_default_learning_rate_grows_with_the_square_root_of_the_workers():
+    from server.learn.train import TrainConfig, learning_rate
+
+    assert learning_rate(TrainConfig()) == pytest.approx(3e-3)
+    assert learning_rate(TrainConfig(cluster=parse_cluster("a:1,b:2,c:3,d:4", 0, {}))) == pytest.approx(6e-3)
+    assert learning_rate(TrainConfig(cluster=parse_cluster("a:1,b:2", 1, {}), learning_rate=1e-3)) == 1e-3  # as given
+
+
+def test_a_worker_scores_the_held_out_windows_as_keras_would():
+    from server.learn.distribute import HeldOutHere
+    from server.model.network import build_model, keras, mdn_loss, tf
+    from server.model.spec import ModelSpec
+
+    spec = ModelSpec.of_size("xs", 3, dims=3)
+    model = build_model(spec)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=mdn_loss(spec.mixtures, spec.dims))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(300, 8, 3)).astype("float32"), rng.normal(size=(300, 8, 3)).astype("float32")
+    logs = {"loss": 1.0}
+    HeldOutHere(tf, model.loss, x, y, batch=64).on_epoch_end(0, logs, model)
+    assert logs["val_loss"] == pytest.approx(model.evaluate(x, y, batch_size=64, verbose=0), rel=1e-5)
+    assert logs["loss"] == 1.0
+
+
 class _Model:
     stop_training = False
 
@@ -100,25 +124,28 @@ def test_a_stop_waits_for_the_next_sync_so_every_worker_leaves_at_the_same_batch
 
 
 THREADS_PROBE = """
-import os
-from server.model.network import tf
-from server.learn.distribute import all_sum, multi_worker_strategy
-strategy = multi_worker_strategy(tf)
+import os, sys
+from server.learn.distribute import all_sum, make_strategy, parse_cluster
+strategy = make_strategy(parse_cluster(sys.argv[1], int(sys.argv[2]), {}))
 all_sum(strategy, [1.0])
 before = len(os.listdir("/proc/self/task"))
 for _ in range(300):
     all_sum(strategy, [1.0])
-print("grew", len(os.listdir("/proc/self/task")) - before)
+print("grew", len(os.listdir("/proc/self/task")) - before, flush=True)
+all_sum(strategy, [1.0])  # neither leaves while the other counts
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
 def test_collectives_leave_no_threads_behind():
     """A collective timeout made TensorFlow sleep one thread per all-reduce through it: thousands within minutes."""
-    out = subprocess.run([sys.executable, "-c", THREADS_PROBE], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"})
-    grew = [int(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("grew ")]
-    assert grew and grew[0] < 30, (out.stdout, out.stderr[-2000:])
+    workers = ",".join(f"127.0.0.1:{p}" for p in _free_ports(2))
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_CONFIG"}, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [subprocess.Popen([sys.executable, "-c", THREADS_PROBE, workers, str(i)], cwd=REPO, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    grew = [int(line.split()[1]) for out, _ in outs for line in out.splitlines() if line.startswith("grew ")]
+    assert len(grew) == 2 and max(grew) < 30, (grew, [err[-1500:] for _, err in outs])
 
 
 # --------------------------------------------------------------------------- two processes on loopback
@@ -164,6 +191,8 @@ def test_two_workers_on_shards_write_one_model_that_loads_and_plays(tmp_path):
     final = float(re.search(r"held-out NLL (-?[\d.]+) nats/event", outs[0]).group(1))
     assert abs(best - final) < 0.5, (best, final)
     assert "the chief (worker 0) wrote duo" in outs[1]
+    info = json.loads((tmp_path / "models0" / "duo" / "model.json").read_text())
+    assert info["training"]["learning_rate"] == pytest.approx(3e-3 * 2 ** 0.5)  # the default, scaled for two
     p = Predictor.load(tmp_path / "models0" / "duo", prove=True)
     draws = RandomBlocks(np.random.default_rng(1), 3)
     for _ in range(5):
