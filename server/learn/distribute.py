@@ -103,9 +103,13 @@ def make_strategy(cluster: Cluster | None) -> Any:
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+def _local(worker: str) -> bool:
+    return worker.rpartition(":")[0] in LOCAL_HOSTS
+
+
 def local_workers(cluster: Cluster) -> int:
     """How many of the cluster's workers run on this machine (by loopback address)."""
-    return sum(w.rpartition(":")[0] in LOCAL_HOSTS for w in cluster.workers)
+    return sum(map(_local, cluster.workers))
 
 
 def share_cores(tf: Any, cluster: Cluster, cores: int | None = None) -> int:
@@ -116,7 +120,7 @@ def share_cores(tf: Any, cluster: Cluster, cores: int | None = None) -> int:
     work. A worker alone on its machine keeps TensorFlow's default (0: all cores).
     """
     here = local_workers(cluster)
-    if cluster.workers[cluster.index].rpartition(":")[0] not in LOCAL_HOSTS or here < 2:
+    if not _local(cluster.workers[cluster.index]) or here < 2:
         return 0
     share = max(1, (cores or os.cpu_count() or 1) // here)
     tf.config.threading.set_intra_op_parallelism_threads(share)
@@ -221,7 +225,7 @@ class HeldOutHere:
     """Callback hooks that score the held-out windows on this worker alone, as `val_loss`.
 
     Keras's own validation under MultiWorkerMirroredStrategy builds a distributed iterator
-    every epoch and all-reduces its sums; twice in six 3-minute runs on the chorales a
+    every epoch and all-reduces its sums; in 3 of 7 three-minute runs on the chorales a
     worker died of a segmentation fault as that iterator was reset. Every worker holds the
     same held-out windows and, after each step's all-reduce, the same weights, so each
     computes the same figure without a collective: the early stopping, learning-rate

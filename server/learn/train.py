@@ -72,9 +72,10 @@ class TrainResult:
 def learning_rate(cfg: TrainConfig) -> float:
     """The rate given, else the default scaled for the cluster.
 
-    W workers learn from W batches a step and take 1/W of the steps an epoch: at one
-    process's rate they fell behind it in the same minutes (chorales, 3 min: -6.51
-    against -6.56 nats/event); times sqrt(W), the usual rule for Adam, they got ahead (-6.71).
+    W workers learn from W batches a step and take 1/W of the steps an epoch, so the
+    default grows with sqrt(W), the usual rule for Adam. On the chorales (3 minutes, two
+    workers) it beat one process with one seed and trailed it with another; see
+    docs/distributed.md before relying on it.
     """
     if cfg.learning_rate is not None:
         return cfg.learning_rate
