@@ -265,7 +265,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed)
     p.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size)
     p.add_argument("--learning-rate", type=_positive_float, default=None,
-                   help=f"Adam's rate (default {LEARNING_RATE}; times the square root of the number of --workers)")
+                   help=f"Adam's rate at the start (default {LEARNING_RATE}, also on --workers); it settles to 5 %% "
+                        "over the second half of --minutes and halves when the held-out figure stalls")
     p.add_argument("--sequence-length", type=_int_at_least(2), default=d.sequence_length,
                    help="training window in events")
     p.add_argument("--no-report", action="store_true", help="skip report.png")

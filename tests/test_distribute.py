@@ -78,11 +78,11 @@ def test_workers_on_one_machine_share_its_cores_and_a_remote_worker_keeps_them_a
     assert share_cores(_TF(), parse_cluster("127.0.0.1:1,studio.local:2", 0, {}), cores=2) == 0  # alone here
 
 
-def test_the_default_learning_rate_grows_with_the_square_root_of_the_workers():
+def test_the_default_learning_rate_is_one_process_rate_on_any_cluster():
     from server.learn.train import TrainConfig, learning_rate
 
     assert learning_rate(TrainConfig()) == pytest.approx(3e-3)
-    assert learning_rate(TrainConfig(cluster=parse_cluster("a:1,b:2,c:3,d:4", 0, {}))) == pytest.approx(6e-3)
+    assert learning_rate(TrainConfig(cluster=parse_cluster("a:1,b:2,c:3,d:4", 0, {}))) == pytest.approx(3e-3)
     assert learning_rate(TrainConfig(cluster=parse_cluster("a:1,b:2", 1, {}), learning_rate=1e-3)) == 1e-3  # as given
 
 
@@ -123,6 +123,22 @@ def test_a_stop_waits_for_the_next_sync_so_every_worker_leaves_at_the_same_batch
     assert model.stop_training and ctrl_c.interrupted
 
 
+def test_the_chiefs_clock_reaches_every_worker_at_a_sync():
+    """The rate's schedule reads `fraction`: the sum of the clocks, only the chief's not 0."""
+    from server.model.network import tf
+
+    clock = [0.25]
+    stop, model = SharedStop(tf.distribute.get_strategy(), every=4, clock=lambda: clock[0]), _Model()
+    for batch in range(3):
+        stop.on_train_batch_end(batch, {}, model)
+    assert stop.fraction == 0.0  # not yet shared
+    stop.on_train_batch_end(3, {}, model)
+    assert stop.fraction == pytest.approx(0.25)
+    clock[0] = 0.75
+    stop.on_epoch_end(0, {"loss": 1.0}, model)
+    assert stop.fraction == pytest.approx(0.75) and not model.stop_training
+
+
 THREADS_PROBE = """
 import os, sys
 from server.learn.distribute import all_sum, make_strategy, parse_cluster
@@ -161,7 +177,8 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _workers(tmp_path: Path, epochs: int, minutes: float, shards: bool = False) -> list[subprocess.Popen]:
+def _workers(tmp_path: Path, epochs: int, minutes: float, shards: bool = False,
+             patience: int = 15) -> list[subprocess.Popen]:
     """Two `train --workers` processes on loopback, on a dataset `.npz` or (``shards``) a folder of shards."""
     ds = synthetic_dataset(12, seed=3, phrases=3)
     data = write_shards(ds.performances, tmp_path / "d", 300).folder if shards else save_dataset(ds, tmp_path / "d.npz")
@@ -169,6 +186,7 @@ def _workers(tmp_path: Path, epochs: int, minutes: float, shards: bool = False) 
     return [subprocess.Popen(
         [sys.executable, "-m", "server", "train", "--data", str(data), "--size", "xs", "--name", "duo",
          "--models-dir", str(tmp_path / f"models{i}"), "--epochs", str(epochs), "--minutes", str(minutes),
+         "--patience", str(patience),
          "--sequence-length", "20", "--no-report", "--workers", workers, "--worker-index", str(i)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
 
@@ -178,21 +196,25 @@ def _lines(out: str) -> list[str]:
 
 
 def test_two_workers_on_shards_write_one_model_that_loads_and_plays(tmp_path):
-    procs = _workers(tmp_path, epochs=2, minutes=2, shards=True)  # each reads its own shards
+    # the chief's budget ends it (half a minute, 20 s of it kept for the export), not epochs nor a plateau
+    procs = _workers(tmp_path, epochs=1000, minutes=0.5, shards=True, patience=1000)  # each reads its own shards
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert (tmp_path / "models0" / "duo" / "model.json").exists()
     assert not (tmp_path / "models1").exists()  # the worker writes nothing
-    # each epoch's figures (after the clock, which is each worker's own)
+    # each epoch's figures and rate (after the clock, which is each worker's own)
     epochs = [[line.split("NLL", 1)[1] for line in _lines(out) if line.startswith("epoch")] for out in outs]
-    assert epochs[0] == epochs[1] and len(epochs[0]) == 2  # the same all-reduced losses, the same stop
+    assert epochs[0] == epochs[1] and epochs[0]  # the same all-reduced losses, the same rate, the same stop
     # the progress line's held-out figure is the final one's scale (Keras logs W times the mean on a cluster)
     best = float(re.search(r"best (-?[\d.]+)\)", epochs[0][-1]).group(1))
     final = float(re.search(r"held-out NLL (-?[\d.]+) nats/event", outs[0]).group(1))
     assert abs(best - final) < 0.5, (best, final)
     assert "the chief (worker 0) wrote duo" in outs[1]
     info = json.loads((tmp_path / "models0" / "duo" / "model.json").read_text())
-    assert info["training"]["learning_rate"] == pytest.approx(3e-3 * 2 ** 0.5)  # the default, scaled for two
+    assert info["training"]["learning_rate"] == pytest.approx(3e-3)  # the default, as on one process
+    rates = [float(re.search(r"rate (\S+)", line).group(1)) for line in epochs[0]]
+    assert info["training"]["rate"] == pytest.approx(rates, rel=0.01)
+    assert rates[-1] < 0.99 * info["training"]["learning_rate"]  # past half the chief's budget: settling
     p = Predictor.load(tmp_path / "models0" / "duo", prove=True)
     draws = RandomBlocks(np.random.default_rng(1), 3)
     for _ in range(5):

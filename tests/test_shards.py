@@ -111,7 +111,8 @@ def test_sharded_and_in_memory_training_split_normalise_and_see_the_same_windows
     assert (streamed.windows, streamed.performances, streamed.events) == (len(memory.data), memory.performances,
                                                                           memory.events)
     dims = memory.data.shape[-1] - 1
-    seen = sorted(x.tobytes() + y.tobytes() for xs, ys in streamed.dataset(7, np.zeros(dims), seed=1)
+    streamed.write(tmp_path)
+    seen = sorted(x.tobytes() + y.tobytes() for xs, ys in streamed.dataset(7, np.zeros(dims), seed=1, folder=tmp_path)
                   for x, y in zip(xs.numpy(), ys.numpy()))
     expected = sorted(w[:-1, :-1].tobytes() + w[1:, :].tobytes() for w in memory.data)
     assert seen == expected  # one epoch: each window once, the same windows
@@ -126,12 +127,18 @@ def test_each_worker_reads_its_own_shards_and_takes_the_same_steps(tmp_path):
     dims = len(norm.shift)
     seen = []
     for index in (0, 1):
-        ds1 = streamed.dataset(8, np.zeros(dims), seed=0, workers=2, index=index)
+        folder = tmp_path / f"windows{index}"
+        folder.mkdir()
+        streamed.write(folder, workers=2, index=index)
+        assert all(int(f.stem.split("-")[1]) % 2 == index for f in folder.iterdir())  # only its own shards
+        ds1 = streamed.dataset(8, np.zeros(dims), seed=0, workers=2, index=index, folder=folder)
         steps = streamed.steps_per_epoch(8, 2)
         got = [x.numpy() for x, _ in ds1.take(steps)]
         assert len(got) == steps  # endless: a worker whose shards are fewer windows still has a batch
         seen.append({w.tobytes() for b in got for w in b})
     assert not seen[0] & seen[1]  # no window read by both
+    with pytest.raises(FileNotFoundError, match="write was not called"):
+        streamed.dataset(8, np.zeros(dims), seed=0, workers=2, index=1, folder=tmp_path / "windows0")
     one = write_shards(ds.performances, tmp_path / "one", 10_000)
     part, _, _ = split_sharded(one, 0.15, 0)
     with pytest.raises(DatasetError, match="1 shard.s. for 2 workers leave worker 1 no training window"):
@@ -139,9 +146,10 @@ def test_each_worker_reads_its_own_shards_and_takes_the_same_steps(tmp_path):
     StreamedWindows.of(part, norm, 20, 4).check_workers(1)
 
 
-def _run(*args: str, cwd: Path) -> str:
+def _run(*args: str, cwd: Path, tmp: Path | None = None) -> str:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd), **({"TMPDIR": str(tmp)} if tmp else {})}
     res = subprocess.run([sys.executable, "-m", "server", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+                         env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 
@@ -158,9 +166,12 @@ def test_dataset_train_and_evaluate_on_a_shard_folder_through_the_cli(tmp_path):
     out = _run("dataset", str(logs), "--shard-events", "500", "--out", "shards", cwd=tmp_path)
     assert "16 performances" in out and "shard(s) of at most 500 events" in out
     assert len(open_shards(tmp_path / "shards").shards) >= 3
+    (tmp_path / "tmp").mkdir()
     out = _run("train", "--data", "shards", "--size", "xs", "--name", "streamed", "--models-dir", "models",
-               "--epochs", "2", "--minutes", "1", "--sequence-length", "20", "--no-report", cwd=tmp_path)
+               "--epochs", "2", "--minutes", "1", "--sequence-length", "20", "--no-report", cwd=tmp_path,
+               tmp=tmp_path / "tmp")
     assert "wrote models/streamed" in out, out
+    assert not list((tmp_path / "tmp").glob("antiphon-windows-*"))  # the windows cut for training are gone with it
     folder = tmp_path / "models" / "streamed"
     assert json.loads((folder / "model.json").read_text())["dataset_sha256"] == open_shards(tmp_path / "shards").sha256()
     on_folder = _run("evaluate", "--model", str(folder), "--data", "shards", cwd=tmp_path)

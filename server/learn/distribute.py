@@ -250,13 +250,15 @@ class SharedStop:
 
     Between syncs a local stop request (the chief's TimeBudget, a Ctrl-C) is held back as a
     vote, so no worker leaves an epoch alone; at a sync the votes are summed over workers.
-    Must come after the callbacks that may stop training.
+    Must come after the callbacks that may stop training. ``clock``: the fraction of the
+    budget spent, given by the chief alone (0 elsewhere), so its sum is the chief's.
     """
 
-    def __init__(self, strategy: Any, every: int = SYNC_BATCHES) -> None:
-        self.strategy, self.every = strategy, every
+    def __init__(self, strategy: Any, every: int = SYNC_BATCHES, clock: Callable[[], float] = lambda: 0.0) -> None:
+        self.strategy, self.every, self.clock = strategy, every, clock
         self.vote = self.interrupted = False
         self.ctrl_c = False
+        self.fraction = 0.0  # of the chief's budget spent, as of the last sync (the same on every worker)
 
     def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
         self.vote |= bool(model.stop_training)
@@ -272,7 +274,7 @@ class SharedStop:
         self._sync(model)
 
     def _sync(self, model: Any) -> None:
-        stop, interrupt = all_sum(self.strategy, [float(self.vote), float(self.ctrl_c)])
+        stop, interrupt, self.fraction = all_sum(self.strategy, [float(self.vote), float(self.ctrl_c), self.clock()])
         self.interrupted = interrupt > 0
         model.stop_training = stop > 0 or self.interrupted
 

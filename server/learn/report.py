@@ -43,7 +43,13 @@ def write_report(folder: Path, history: dict[str, list[float]], data: Dataset, s
     ax.plot(history.get("loss", []), label="train")
     ax.plot(history.get("val_loss", []), label="validation")
     ax.set(title="loss (NLL per event, normalised units)", xlabel="epoch")
-    ax.legend()
+    ax.legend(loc="upper right")
+    if history.get("lr"):  # the learning rate: its plateaus' halvings and its settling as the budget runs out
+        rate = ax.twinx()
+        rate.plot(history["lr"], color="grey", lw=0.8, ls=":")
+        rate.set_yscale("log")
+        rate.tick_params(axis="y", labelsize=7, colors="grey")
+        ax.set_title("loss (NLL per event, normalised units); rate dotted", fontsize=9)
     perf = data.performances[0][:300]
     gen = generate(predictor, len(perf), rng)
     for col, (title, ev) in enumerate((("data", perf), (f"model, sigma_temperature {sigma:g}", gen)), start=1):

@@ -1,7 +1,8 @@
 """Training: dataset -> windows -> Keras fit within a time budget -> checked export -> report.png.
 
 What a musician should not have to tune is decided here: a time budget that fits the
-data (`default_minutes`), a learning rate that halves when validation stalls, early
+data (`default_minutes`), a learning rate that halves when validation stalls and settles as
+the budget runs out (server.learn.schedule), early
 stopping when it has converged, the best weights restored at the end, and Ctrl-C
 exporting the best model so far. Validation is on whole performances held out before
 anything is fitted, and on quantised data every epoch sees fresh dequantisation noise.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,13 +25,14 @@ import numpy as np
 from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
 from server.learn.distribute import Cluster
 from server.learn.music import mixtures_for, relative_dims
+from server.learn.schedule import RateSchedule, TimeBudget
 from server.learn.shards import ShardedDataset
 from server.learn.streaming import ShardedPart, StreamedWindows, split_sharded
 from server.learn.windows import Windows, make_windows
 from server.model.normalise import DT_OFFSET, Normaliser
 from server.model.spec import ModelInfo, ModelSpec
 
-LEARNING_RATE = 3e-3  # Adam's, for one process (learning_rate() scales it for a cluster)
+LEARNING_RATE = 3e-3  # Adam's, before the schedule (server.learn.schedule) moves it
 EXPORT_RESERVE_S = 20.0  # of the budget, kept for scoring, export and the report
 
 
@@ -44,7 +47,7 @@ class TrainConfig:
     sequence_length: int = 50
     stride: int = 10
     batch_size: int = 64
-    learning_rate: float | None = None  # None: LEARNING_RATE, times sqrt(W) on W workers (learning_rate())
+    learning_rate: float | None = None  # None: LEARNING_RATE (learning_rate())
     clipnorm: float = 1.0
     dropout: float = 0.0
     val_fraction: float = 0.15
@@ -70,16 +73,14 @@ class TrainResult:
 
 
 def learning_rate(cfg: TrainConfig) -> float:
-    """The rate given, else the default scaled for the cluster.
+    """The rate given, else LEARNING_RATE, on one process or many.
 
-    W workers learn from W batches a step and take 1/W of the steps an epoch, so the
-    default grows with sqrt(W), the usual rule for Adam. On the chorales (3 minutes, two
-    workers) it beat one process with one seed and trailed it with another; see
-    docs/distributed.md before relying on it.
+    W workers learn from W batches a step, and the usual rule for Adam would raise the rate
+    by sqrt(W). On the chorales it did not pay: with the budget's settling rate, two workers
+    at sqrt(2) x 0.003 scored -5.50, -4.95, -5.67 nats/event in one minute (seeds 0-2), at
+    0.003 -5.48, -5.75, -5.38 (docs/distributed.md).
     """
-    if cfg.learning_rate is not None:
-        return cfg.learning_rate
-    return LEARNING_RATE * math.sqrt(1 if cfg.cluster is None else len(cfg.cluster.workers))
+    return cfg.learning_rate if cfg.learning_rate is not None else LEARNING_RATE
 
 
 def default_minutes(events: int) -> float:
@@ -125,10 +126,11 @@ def train(
     if skipped:
         echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
     echo(f"data: {norm.describe()}")
-    budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
-    progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout,
-                         nats_offset(norm, train_ds.performances), nats_offset(norm, val_ds.performances))
-    best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress], strategy)
+    with _window_files(train_w, cfg) as folder:  # cut before the clock starts: their time is in the budget
+        budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
+        progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout,
+                             nats_offset(norm, train_ds.performances), nats_offset(norm, val_ds.performances))
+        best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress], strategy, folder)
     history = best.history
     if interrupted:
         echo("\ninterrupted: exporting the best model so far")
@@ -265,9 +267,26 @@ def build_for(cfg: TrainConfig, train_ds: Dataset):
     return model, spec, norm, parent
 
 
+@contextmanager
+def _window_files(train_w: Windows | StreamedWindows, cfg: TrainConfig) -> Iterator[Path | None]:
+    """A temporary folder holding this worker's streamed training windows (None in memory), removed after."""
+    if not isinstance(train_w, StreamedWindows):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="antiphon-windows-") as folder:
+        if cfg.cluster is None:
+            train_w.write(Path(folder))
+        else:
+            train_w.check_workers(len(cfg.cluster.workers))
+            train_w.write(Path(folder), len(cfg.cluster.workers), cfg.cluster.index)
+        yield Path(folder)
+
+
 def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: Normaliser, budget: float, cfg: TrainConfig,
-               extra: list[Any], strategy: Any = None) -> tuple["BestWeights", bool]:
+               extra: list[Any], strategy: Any = None, folder: Path | None = None) -> tuple["BestWeights", bool]:
     """Fit until the budget, early stopping or Ctrl-C; returns the best epoch's weights and whether interrupted.
+
+    ``folder``: where `StreamedWindows.write` put this worker's windows (streamed training only).
 
     On a cluster (``cfg.cluster``, ``strategy`` its MultiWorkerMirroredStrategy) the chief's
     budget and anyone's Ctrl-C stop every worker at the same batch (`SharedStop`), and a lost
@@ -284,22 +303,28 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     val_inputs, val_targets = _noisy(val_w, half_cell, cfg.seed)
     val_targets = as_steps(val_w, val_targets, relative)
     best = BestWeights()
-    shared = None if cfg.cluster is None else SharedStop(strategy)
+    timer = TimeBudget(budget) if cfg.cluster is None or cfg.cluster.chief else None  # the chief's clock decides
+    shared = None if cfg.cluster is None else SharedStop(strategy, clock=timer.fraction if timer else lambda: 0.0)
     here = None if cfg.cluster is None else HeldOutHere(tf, model.loss, val_inputs, val_targets)
+    # patience in epochs, also on a cluster whose epoch is 1/W of the steps: counted in steps instead, two workers
+    # halved the rate later and scored worse on the chorales (-6.385 and -6.292 against -6.595 and -6.531)
+    rate = RateSchedule(learning_rate(cfg), max(2, cfg.patience // 3),
+                        clock=(lambda: shared.fraction) if shared is not None else timer.fraction)
     callbacks = [
         *([here, MeanOverWorkers(len(cfg.cluster.workers))] if cfg.cluster is not None else []),  # first: all read them
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=max(2, cfg.patience // 3), min_lr=1e-5, verbose=0),
         keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
-        *([TimeBudget(budget)] if cfg.cluster is None or cfg.cluster.chief else []),  # the chief's clock decides
+        *([timer] if timer is not None else []),
         *([shared] if shared is not None else []),
+        rate,  # after SharedStop: on a cluster it reads the fraction of the budget SharedStop shares
         best,
         *extra,
     ]
     try:
+        # the input outside the strategy's scope: its noise generator's state is then this worker's own variable
+        data, steps = _training_input(train_w, cfg, half_cell, relative, strategy, folder)
         with (nullcontext() if shared is None else shared.catching_ctrl_c()), \
                 (nullcontext() if strategy is None else strategy.scope()):
-            data, steps = _training_input(train_w, cfg, half_cell, relative, strategy)
             model.fit(
                 data,
                 steps_per_epoch=steps,
@@ -319,7 +344,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
 
 
 def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_cell: np.ndarray,
-                    relative: np.ndarray, strategy: Any) -> tuple[Any, int | None]:
+                    relative: np.ndarray, strategy: Any, folder: Path | None = None) -> tuple[Any, int | None]:
     """The batches `fit` takes, and its steps per epoch (None: one pass over the data).
 
     On a cluster each worker's pipeline takes its own part (its windows, or its own shards)
@@ -334,7 +359,7 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
     if cfg.cluster is None:
         if isinstance(train_w, Windows):
             return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative), None
-        return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative), None
+        return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, folder=folder), None
     workers = len(cfg.cluster.workers)
     if isinstance(train_w, Windows):
         def part(context):
@@ -342,11 +367,9 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
                                     workers=context.num_input_pipelines, index=context.input_pipeline_id)
         steps = max(1, math.ceil(len(train_w.data) / (cfg.batch_size * workers)))
     else:
-        train_w.check_workers(workers)
-
         def part(context):
             return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, context.num_input_pipelines,
-                                   context.input_pipeline_id)
+                                   context.input_pipeline_id, folder=folder)
         steps = train_w.steps_per_epoch(cfg.batch_size, workers)
     return strategy.distribute_datasets_from_function(part), steps
 
@@ -422,6 +445,7 @@ def _info(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds: Dataset, scor
             "validation_performances": held_out,
             "loss": [round(float(v), 4) for v in history.get("loss", [])],
             "val_loss": [round(float(v), 4) for v in history.get("val_loss", [])],
+            "rate": [float(f"{v:.4g}") for v in history.get("lr", [])],  # Adam's, as each epoch ended
         },
     )
 
@@ -447,26 +471,6 @@ class BestWeights:
         if math.isfinite(val) and val < self.best:
             self.best = val
             self.weights = [w.copy() for w in model.get_weights()]
-
-
-class TimeBudget:
-    """Stops training when the next epoch would not fit in the budget (or mid-epoch, once it is spent)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.start = time.monotonic()
-
-    def on_train_begin(self, logs: dict, model: Any) -> None:
-        self.start = time.monotonic()
-
-    def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
-        elapsed = time.monotonic() - self.start
-        if elapsed + elapsed / (epoch + 1) > self.seconds:
-            model.stop_training = True
-
-    def on_train_batch_end(self, batch: int, logs: dict, model: Any) -> None:
-        if time.monotonic() - self.start > self.seconds:
-            model.stop_training = True
 
 
 def nats_offset(norm: Normaliser, performances: Iterable[np.ndarray]) -> float:
@@ -503,8 +507,9 @@ class _Progress:
         per_epoch = elapsed / (epoch + 1)
         eta = max(0.0, min(self.budget - elapsed, per_epoch * (self.epochs - epoch - 1)))
         train = float(logs.get("loss", math.nan)) - self.train_offset
+        rate = float(np.asarray(model.optimizer.learning_rate))
         text = (f"epoch {epoch + 1:4d}  {_clock(elapsed)} elapsed, ~{_clock(eta)} left  NLL nats/event: "
-                f"train {train:.3f}  held-out {val:.3f} (best {self.best:.3f})")
+                f"train {train:.3f}  held-out {val:.3f} (best {self.best:.3f})  rate {rate:.2e}")
         if self.live:
             done = min(1.0, elapsed / max(self.budget, 1e-9))
             bar = "#" * int(done * 24)
