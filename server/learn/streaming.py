@@ -115,10 +115,8 @@ class StreamedWindows:
     def write(self, folder: Path, workers: int = 1, index: int = 0) -> None:
         """Worker `index`'s training windows into `folder`, a raw float32 file a shard, one shard in memory at a time.
 
-        `dataset` reads them back with tf.data's own file reader. Reading each shard with
-        Python inside the pipeline instead (`from_generator`) left a worker's tf.data threads
-        waiting for the interpreter lock while Keras freed the pipeline holding it: both
-        workers sat idle 45-100 s after training in most three-minute cluster runs.
+        `dataset` reads them back with tf.data's own file reader, so no epoch runs Python to
+        cut windows again (`from_generator` did, a shard at a time, every epoch).
         """
         for number in self._mine(workers, index):
             self.shard_windows(number).astype("<f4", copy=False).tofile(Path(folder) / f"shard-{number:05d}.f32")
