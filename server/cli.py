@@ -259,7 +259,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dt-offset", type=_positive_float, default=d.dt_offset,
                    help=f"seconds in log(dt + offset) (default {d.dt_offset})")
     p.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="at most this many epochs")
-    p.add_argument("--patience", type=_int_at_least(0), default=d.patience, help="early-stopping patience in epochs")
+    p.add_argument("--patience", type=_int_at_least(0), default=d.patience,
+                   help="early stopping: epochs without a better held-out figure before training ends, unless "
+                        "the figure is still trending better (the last third of them better than the third before)")
     p.add_argument("--data-source", default="", help="where the data came from (recorded in model.json)")
     p.add_argument("--data-licence", default="", help="the data's licence and copyright notice (recorded in model.json)")
     p.add_argument("--seed", type=_int_at_least(0), default=d.seed)

@@ -181,3 +181,23 @@ def test_a_time_budget_ends_training_and_exports(tmp_path):
     assert result.folder is not None and (result.folder / "step.tflite").is_file()
     assert result.seconds <= 0.4 * 60 + 5  # within its budget (a little slack for a loaded machine)
     assert result.epochs_run >= 1
+
+
+def test_early_stopping_ends_train_at_the_epoch_its_rule_names(tmp_path):
+    """`--patience 0`: training ends at the first epoch no better that does not continue a better trend,
+    replayed from the held-out figures train reports (not at the 60 epochs or the budget)."""
+    from server.learn.schedule import EarlyStop
+    from server.learn.train import TrainConfig, train
+
+    class Model:
+        stop_training = False
+
+    ds = synthetic_dataset(12, seed=6, phrases=4)
+    result = train(ds, "patient", tmp_path, TrainConfig(size="xs", epochs=60, patience=0, minutes=2, seed=1,
+                                                         report=False), echo=lambda s: None)
+    rule, model = EarlyStop(0), Model()
+    for epoch, figure in enumerate(result.history["val_loss"]):
+        rule.on_epoch_end(epoch, {"val_loss": figure}, model)
+        if model.stop_training:
+            break
+    assert model.stop_training and result.epochs_run == epoch + 1 < 60

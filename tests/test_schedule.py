@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from server.learn.schedule import RateSchedule, TimeBudget, annealing
+from server.learn.schedule import EarlyStop, RateSchedule, TimeBudget, annealing
 
 
 class _Optimizer:
@@ -99,3 +99,37 @@ def test_the_budget_stops_when_the_next_epoch_would_not_fit(monkeypatch):
     now[0] = 110.5
     budget.on_train_batch_end(0, {}, model)  # spent mid-epoch
     assert model.stop_training and budget.fraction() == pytest.approx(1.05)
+
+
+def _stopped_at(figures: list[float], patience: int) -> int | None:
+    stop, model = EarlyStop(patience), _Model()
+    for epoch, figure in enumerate(figures):
+        stop.on_epoch_end(epoch, {"val_loss": figure}, model)
+        if model.stop_training:
+            return epoch
+    return None
+
+
+def test_early_stopping_ends_a_flat_run_after_patience_epochs():
+    """-1.0 at epoch 0, then 15 epochs alternating no better: the 15th ends it (patience 15)."""
+    flat = [-1.0] + [-0.9, -0.95] * 20
+    assert _stopped_at(flat, 15) == 15
+    assert _stopped_at(flat, 6) == 6
+
+
+def test_early_stopping_ends_a_run_that_overfits_after_patience_epochs():
+    rising = [-2.0] + [-2.0 + 0.05 * i for i in range(1, 40)]
+    assert _stopped_at(rising, 15) == 15
+
+
+def test_early_stopping_waits_while_the_held_out_figure_is_still_getting_better():
+    """A lucky epoch (-5.4) at a high rate, then a steady climb back that has not beaten it yet."""
+    spike_then_settling = [-5.4] + [-4.0 - 0.05 * i for i in range(30)]  # -4.0, -4.05, ..., -5.45 at epoch 30
+    assert _stopped_at(spike_then_settling, 15) is None  # it reaches a new best instead of stopping at 15
+    # the same climb, flattening out below the spike: stops once the last 5 are no better than the 5 before
+    flattening = [-5.4] + [-4.0 - 0.1 * i for i in range(10)] + [-4.95] * 20
+    assert _stopped_at(flattening, 15) == 20  # epoch 20: waited 20 >= 15, and epochs 16-20 equal 11-15
+
+
+def test_early_stopping_with_patience_zero_stops_at_the_first_epoch_no_better():
+    assert _stopped_at([-1.0, -1.5, -1.2, -2.0], 0) == 2

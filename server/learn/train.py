@@ -25,7 +25,7 @@ import numpy as np
 from server.learn.data import DT_MAX, Dataset, DatasetError, split_performances
 from server.learn.distribute import Cluster
 from server.learn.music import mixtures_for, relative_dims
-from server.learn.schedule import RateSchedule, TimeBudget
+from server.learn.schedule import EarlyStop, RateSchedule, TimeBudget
 from server.learn.shards import ShardedDataset
 from server.learn.streaming import ShardedPart, StreamedWindows, split_sharded
 from server.learn.windows import Windows, make_windows
@@ -313,7 +313,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     callbacks = [
         *([here, MeanOverWorkers(len(cfg.cluster.workers))] if cfg.cluster is not None else []),  # first: all read them
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.EarlyStopping(patience=cfg.patience, restore_best_weights=False),
+        EarlyStop(cfg.patience),
         *([timer] if timer is not None else []),
         *([shared] if shared is not None else []),
         rate,  # after SharedStop: on a cluster it reads the fraction of the budget SharedStop shares
