@@ -7,7 +7,7 @@ ARGS   ?=
 SHARED ?= ../shared
 JOBS   ?= 2  # test processes (pytest-xdist); a test file stays in one, so its fixtures are built once
 
-.PHONY: run test mutants bench soak portability pd-screenshot default-model touch-model chorale-model models corpus corpus-train clean
+.PHONY: run test mutants bench bench-corpus soak portability pd-screenshot default-model touch-model chorale-model models corpus corpus-train clean
 
 # The last step installs the console script .venv/bin/antiphon (editable: it runs this checkout);
 # setuptools' notes about editable installs are for packagers, not users, so they are silenced.
@@ -31,6 +31,9 @@ mutants: $(STAMP) ## mutation testing of the live path with the fast tests: kill
 
 bench: $(STAMP)   ## latency and round-trip benchmark (writes bench.json)
 	$(PY) -m server bench $(ARGS)
+
+bench-corpus: $(STAMP)  ## does train's memory stay flat: peak RSS on a corpus and on 10 copies of it (ARGS="--data DIR")
+	$(PY) -m server.tools.bench_corpus $(ARGS)
 
 soak: $(STAMP)    ## long loopback run: latency percentiles over time and RSS (make soak ARGS="--seconds 600")
 	$(PY) -m server soak $(ARGS)

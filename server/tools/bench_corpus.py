@@ -28,6 +28,7 @@ from server.learn.shards import ShardedDataset, open_dataset, write_shards
 # run as a child: the train command in a grandchild, then the grandchild's peak RSS (ru_maxrss, KiB on Linux)
 MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
            "print('PEAK_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+FLAT_GOAL = 1.5  # peak memory on 10x the corpus, as a multiple of 1x's, that still counts as flat
 EPOCH = re.compile(r"^epoch\s+(\d+)\s+(\d+):(\d\d) elapsed")
 
 
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'corpus':>12} {'events':>10} {'peak MB':>8} {'events/s':>9} {'wall s':>7}")
     for r in rows:
         print(f"{r['corpus']:>12} {r['events']:>10} {r['peak_mb']:>8} {r['events_per_s']:>9} {r['wall_s']:>7}")
+    for kind in ("shards", "npz"):
+        small, large = (next((r for r in rows if r["corpus"] == f"{t}x-{kind}"), None) for t in (1, args.times))
+        if small and large:
+            print(f"peak memory, {kind}: {args.times}x the corpus takes {large['peak_mb'] / small['peak_mb']:.2f}x "
+                  f"the 1x's (goal for shards: at most {FLAT_GOAL:g}x)")
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
