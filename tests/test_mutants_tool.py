@@ -97,3 +97,30 @@ def test_a_meta_file_being_written_is_left_out_not_fatal(tmp_path: Path, capsys:
     (tmp_path / "b.py.meta").write_text("")  # mutmut is writing it
     assert mutants.statuses(tmp_path) == {"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived"}
     assert "b.py.meta unreadable" in capsys.readouterr().err
+
+
+def test_a_sample_is_uniform_without_repeats_and_the_same_for_the_same_seed() -> None:
+    names = [f"m.x_f__mutmut_{i}" for i in range(1, 1001)]
+    first = mutants.sample_names(names, 100, seed=1)
+    assert len(set(first)) == 100 and set(first) <= set(names)
+    assert mutants.sample_names(list(reversed(names)), 100, seed=1) == first  # the order given does not matter
+    assert mutants.sample_names(names, 100, seed=2) != first
+    assert sorted(mutants.sample_names(names[:30], 100, seed=1), key=mutants._natural) == names[:30]
+
+
+def test_the_wilson_interval_matches_its_closed_form() -> None:
+    low, high = mutants.wilson(0, 500)  # no hits: from 0 to z^2 / (n + z^2)
+    assert low == 0.0 and high == pytest.approx(100 * 1.96 ** 2 / (500 + 1.96 ** 2))
+    low, high = mutants.wilson(50, 100)  # symmetric about a half
+    assert low + high == pytest.approx(100.0) and 40.0 < low < 41.0
+
+
+def test_a_sampled_figure_says_so_and_estimates_the_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / mutants.SAMPLE).write_text("# seed 1, 2 of 9\nm.x_f__mutmut_1\nm.x_f__mutmut_2\n")
+    names, header = mutants.read_sample(tmp_path)
+    assert names == ["m.x_f__mutmut_1", "m.x_f__mutmut_2"] and header == "seed 1, 2 of 9"
+    figures = mutants.report({"m.x_f__mutmut_1": "killed", "m.x_f__mutmut_2": "survived"}, {}, [], sampled=header)
+    out = capsys.readouterr().out
+    assert out.startswith("mutants (a random sample: seed 1, 2 of 9): 1 killed / 2 total")
+    assert figures["interval"] == mutants.wilson(1, 2) and "95 %" in out
+    assert mutants.read_sample(tmp_path / "none") is None
