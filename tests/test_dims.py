@@ -74,6 +74,20 @@ def test_values_outside_the_supported_range_are_refused():
         assert ModelInfo.from_json(_info(dims).to_json()).spec.dims == dims
 
 
+def test_a_model_of_one_and_of_sixteen_values_can_be_made_and_an_unknown_size_is_named() -> None:
+    assert ModelSpec.of_size("xs", dims=17).values == MAX_VALUES
+    assert ModelSpec.of_size("xs", dims=2).values == 1
+    with pytest.raises(ValueError, match=r"^unknown size 'xxl'; expected one of xs, s, m, l$"):
+        ModelSpec.of_size("xxl")
+
+
+def test_model_json_tells_another_runtime_how_the_state_is_laid_out() -> None:
+    """A runtime outside Antiphon (Max, a C++ host) reads `step_io` to feed the state back in the right order."""
+    io = _info(3).to_json()["step_io"]
+    assert io["state_layout"] == "per layer: h (units), c (units)"
+    assert io["param_layout"] == "means K*D | scales K*D | logits K"
+
+
 def _info(dims: int, norm: Normaliser | None = None, mixtures: int = 1) -> ModelInfo:
     norm = norm or Normaliser.fit(np.random.default_rng(0).uniform(0, 1, (50, dims)), 5.0)
     return ModelInfo(ModelSpec(units=4, layers=1, mixtures=mixtures, dims=dims), norm, 10, 5.0, None, "", {}, "", {})

@@ -283,3 +283,12 @@ def test_answers_waiting_when_the_lookahead_rises_leave_that_much_before_their_t
     assert len(answers) == 3
     for left, e in answers:
         assert left == pytest.approx(e.time - 0.5) and e.timetagged
+
+
+def test_an_answer_exactly_50_ms_late_still_plays_and_one_later_is_dropped() -> None:
+    """The README drops what would leave *more than* 50 ms late: the edge itself still sounds."""
+    from server.live.schedule import Scheduled
+
+    event = Scheduled(start=0.0, dt=0.0, values=(0.5, 0.5))
+    assert not event.late(0.050)
+    assert event.late(0.0501)

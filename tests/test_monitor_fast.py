@@ -689,6 +689,43 @@ def test_the_model_menu_is_the_models_folder_and_follows_it(tmp_path, monkeypatc
     assert json.loads(monitor.latest["models"]) == browser.got[-1]  # what a browser that connects later gets first
 
 
+# --------------------------------------------------------------------------- a browser's controls, in this process
+
+
+def controlled(tmp_path: Path, *messages: Any) -> tuple[list[tuple[str, Any]], list[dict[str, Any]], Monitor]:
+    """Each message as a browser's WebSocket text reaches the monitor: what it sent the server, what it told the page."""
+    monitor = Monitor(("127.0.0.1", 9), tmp_path)
+    sent: list[tuple[str, Any]] = []
+    monitor.bridge.send = lambda address, args=None: sent.append((address, args))  # type: ignore[method-assign]
+    client = app_module.Client(None)  # type: ignore[arg-type]  # the socket is only read by pump
+    for message in messages:
+        monitor._control(client, json.dumps(message))
+    told = []
+    while not client.queue.empty():
+        told.append(json.loads(client.queue.get_nowait()))
+    return sent, told, monitor
+
+
+@pytest.mark.parametrize("address, args", [("/mode", ["generate"]), ("/pause", [1]), ("/model", ["default"])])
+def test_a_control_that_changes_what_plays_asks_for_status_at_once(tmp_path, address, args):
+    sent, told, monitor = controlled(tmp_path, {"address": address, "args": args})
+    assert told == [] and [a for a, _ in sent] == [address, "/status"]
+    assert monitor.bridge.polls_outstanding == 1
+
+
+def test_a_refused_control_is_reported_under_its_own_address_and_an_unknown_one_under_the_monitors(tmp_path):
+    sent, told, _ = controlled(tmp_path, {"address": "/temperature", "args": [-1]}, {"address": "/nope", "args": []})
+    assert sent == []
+    assert [t["address"] for t in told] == ["/temperature", "monitor"]
+
+
+def test_a_page_that_cannot_keep_up_loses_messages_and_they_are_counted():
+    client = app_module.Client(None)  # type: ignore[arg-type]
+    for i in range(app_module.QUEUE_SIZE + 3):
+        client.offer(str(i))
+    assert client.queue.qsize() == app_module.QUEUE_SIZE and client.dropped == 3
+
+
 # --------------------------------------------------------------------------- serve, in this process
 
 

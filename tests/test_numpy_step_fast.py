@@ -210,6 +210,14 @@ def test_a_step_npz_that_is_not_a_plain_numpy_archive_is_refused_without_running
         NumpyStep(data, tiny_spec(), "x/step.npz")
 
 
+def test_a_step_npz_without_a_model_label_is_named_as_the_file_export_writes() -> None:
+    """Export checks the file it is about to write before the model has a folder: the message names `step.npz`."""
+    from server.model.numpy_step import NumpyStep
+
+    with pytest.raises(ModelError, match=r"^step.npz is not a readable numpy archive"):
+        NumpyStep(b"not a zip", tiny_spec())
+
+
 def test_a_damaged_step_npz_whose_hash_was_rewritten_is_refused_by_its_proof(tmp_path: Path) -> None:
     from server.model.files import sha256_bytes
     from server.model.predictor import Predictor

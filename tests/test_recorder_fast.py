@@ -289,3 +289,18 @@ def test_when_every_log_name_of_that_second_is_taken_the_error_says_so(
         Recorder(tmp_path, started=1.0e9)
     assert f"2 logs named {first.path.stem}*.csv already exist" in str(caught.value)
     first.close(), second.close()
+
+
+def test_a_model_of_another_width_starts_a_new_log_with_its_columns_and_keeps_the_old_one(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path, clock_offset=0.0)
+    recorder.record(performer(1.0))
+    first = recorder.path
+    recorder.retune(3)
+    recorder.record(Event(time=2.0, values=(0.1, 0.2, 0.3), source="performer"))
+    recorder.retune(3)  # the same width again: the same log
+    recorder.record(Event(time=3.0, values=(0.4, 0.5, 0.6), source="model"))
+    recorder.close()
+    assert recorder.path != first
+    assert first.read_text() == HEADER + "1.000000,performer,0.500000,0.500000\n"
+    assert recorder.path.read_text() == ("time,source,v1,v2,v3\n2.000000,performer,0.100000,0.200000,0.300000\n"
+                                         "3.000000,model,0.400000,0.500000,0.600000\n")

@@ -259,3 +259,30 @@ def test_a_signal_is_named_when_it_has_a_name() -> None:
     assert sandbox._signal_name(signal.SIGSEGV) == "SIGSEGV"
     assert sandbox._signal_name(9) == "SIGKILL"
     assert sandbox._signal_name(1234) == "signal 1234"
+
+
+# --------------------------------------------------------------------------- prove: reading the child's answer
+
+
+@pytest.fixture
+def answered(monkeypatch: pytest.MonkeyPatch, folder):
+    """``answered(stdout, returncode)``: run `prove` on the tiny model with the child's run replaced by that answer."""
+
+    def make(stdout: bytes, returncode: int = 0) -> None:
+        def run(*args, **kwargs):
+            return SimpleNamespace(stdout=stdout, stderr=b"", returncode=returncode)
+
+        monkeypatch.setattr(sandbox.subprocess, "run", run)
+        sandbox.prove(read_model(folder, ("step.npz",), "tiny"), "numpy")
+
+    return make
+
+
+def test_a_child_that_printed_after_its_answer_is_still_understood(answered) -> None:
+    """A library's warning on stdout after the JSON line must not turn a sound model into a refused one."""
+    answered(b'{"ok": true, "events": 24}\nW0000 some library warning\n')
+
+
+def test_a_child_that_exits_cleanly_without_saying_ok_is_a_failed_test_run(answered) -> None:
+    with pytest.raises(ModelError, match=r"^tiny/step.npz failed its test run \(exit 0\): not played$"):
+        answered(b'{"events": 24}\n')

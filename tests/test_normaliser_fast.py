@@ -1,0 +1,57 @@
+"""The normaliser's promises that training and playing rely on: one fit whether the corpus is in memory or read a
+performance at a time, constants found per dimension, values clipped into range, and a description that names
+the right dimension."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from server.model.normalise import Normaliser
+
+
+def corpus() -> list[np.ndarray]:
+    """Three performances of (dt, v1 on a grid of 1/64, v2 continuous, v3 constant at 0.25)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for n in (40, 25, 60):
+        dt = rng.uniform(0.01, 0.5, n)
+        grid = rng.integers(0, 65, n) / 64
+        cont = rng.uniform(0.0, 1.0, n)
+        out.append(np.stack([dt, grid, cont, np.full(n, 0.25)], axis=1))
+    return out
+
+
+def test_a_corpus_read_a_performance_at_a_time_gets_the_normaliser_of_the_corpus_in_memory() -> None:
+    performances = corpus()
+    whole = Normaliser.fit(np.concatenate(performances), 5.0)
+    streamed = Normaliser.fit_performances(lambda: iter(performances), 5.0)
+    assert streamed.log == whole.log and streamed.offset == whole.offset
+    assert streamed.grid == whole.grid == (0.0, 1 / 64, 0.0, 0.0)
+    assert streamed.constant == whole.constant == (None, None, None, 0.25)
+    np.testing.assert_allclose(streamed.shift, whole.shift, rtol=1e-12)
+    np.testing.assert_allclose(streamed.scale, whole.scale, rtol=1e-12)
+
+
+def test_only_the_dimension_that_never_changes_is_constant_even_when_it_differs_from_the_others() -> None:
+    first = np.array([[0.1, 0.5, 0.9], [0.2, 0.5, 0.9], [0.3, 0.5, 0.9]])
+    second = np.array([[0.1, 0.5, 0.1], [0.2, 0.5, 0.7]])
+    norm = Normaliser.fit_performances(lambda: iter([first, second]), 5.0)
+    assert norm.constant == (None, 0.5, None)
+
+
+def test_a_value_far_below_its_range_is_played_at_the_bottom_of_it() -> None:
+    norm = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0)
+    dt, low, high = norm.inverse_event([0.0, -1e6, 1e6])
+    assert low == 0.0 and high == 1.0 and dt > 0.0
+    np.testing.assert_array_equal(norm.inverse(np.array([[0.0, -1e6, 1e6]]))[0, 1:], [0.0, 1.0])
+
+
+def test_the_description_says_which_dimension_is_predicted_as_a_step() -> None:
+    base = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0)
+    norm = replace(base, relative=(False, False, True))
+    parts = norm.describe().split("; ")
+    assert parts[0] == "dt continuous"
+    assert parts[1] == "x on a grid of 1/64 (dequantised)"
+    assert parts[2] == "y continuous, predicted as the step from the previous event's"
