@@ -133,3 +133,44 @@ def test_early_stopping_waits_while_the_held_out_figure_is_still_getting_better(
 
 def test_early_stopping_with_patience_zero_stops_at_the_first_epoch_no_better():
     assert _stopped_at([-1.0, -1.5, -1.2, -2.0], 0) == 2
+
+
+class _WeightedModel(_Model):
+    """A model whose one weight is a number: enough to see which epoch's weights it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = 0.0
+
+    def get_weights(self) -> list:
+        import numpy as np
+        return [np.array(self.weight)]
+
+    def set_weights(self, weights: list) -> None:
+        self.weight = float(weights[0])
+
+
+def test_when_a_plateau_halves_the_rate_training_goes_back_to_the_best_weights():
+    from server.learn.train import BestWeights
+
+    best, model = BestWeights(), _WeightedModel()
+    rate = RateSchedule(1e-3, patience=2, clock=lambda: 0.0, back_to_best=best.restore)
+    for epoch, (weight, val) in enumerate([(1.0, 3.0), (2.0, 1.0), (3.0, 4.0)]):
+        model.weight = weight
+        rate.on_epoch_end(epoch, {"val_loss": val}, model)
+        best.on_epoch_end(epoch, {"val_loss": val, "loss": val}, model)
+        assert model.weight == weight  # no plateau yet: where training took it
+    model.weight = 4.0
+    rate.on_epoch_end(3, {"val_loss": 5.0}, model)  # the second epoch without a better figure
+    assert model.optimizer.learning_rate == pytest.approx(5e-4)
+    assert model.weight == 2.0  # the best epoch's
+
+
+def test_going_back_before_any_finite_figure_leaves_the_model_where_it_is():
+    from server.learn.train import BestWeights
+
+    best, model = BestWeights(), _WeightedModel()
+    rate = RateSchedule(1e-3, patience=1, clock=lambda: 0.0, back_to_best=best.restore)
+    model.weight = 7.0
+    rate.on_epoch_end(0, {"val_loss": float("nan")}, model)
+    assert model.optimizer.learning_rate == pytest.approx(5e-4) and model.weight == 7.0

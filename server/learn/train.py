@@ -309,7 +309,8 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     # patience in epochs, also on a cluster whose epoch is 1/W of the steps: counted in steps instead, two workers
     # halved the rate later and scored worse on the chorales (-6.385 and -6.292 against -6.595 and -6.531)
     rate = RateSchedule(learning_rate(cfg), max(2, cfg.patience // 3),
-                        clock=(lambda: shared.fraction) if shared is not None else timer.fraction)
+                        clock=(lambda: shared.fraction) if shared is not None else timer.fraction,
+                        back_to_best=best.restore)
     callbacks = [
         *([here, MeanOverWorkers(len(cfg.cluster.workers))] if cfg.cluster is not None else []),  # first: all read them
         keras.callbacks.TerminateOnNaN(),
@@ -462,6 +463,11 @@ class BestWeights:
         self.best = math.inf
         self.weights: list[np.ndarray] | None = None
         self.history: dict[str, list[float]] = {"loss": [], "val_loss": [], "lr": []}
+
+    def restore(self, model: Any) -> None:
+        """Set the model back to the best epoch's weights (every worker holds the same ones)."""
+        if self.weights is not None:
+            model.set_weights(self.weights)
 
     def on_epoch_end(self, epoch: int, logs: dict, model: Any) -> None:
         loss, val = float(logs.get("loss", math.nan)), float(logs.get("val_loss", math.nan))
