@@ -8,9 +8,9 @@ figure has not improved for a while (a plateau), and training goes back to the b
 weights so far: a plateau at a high rate is often a large step that threw the model off,
 and halving the rate where it landed kept it there (two workers on the chorales, size s:
 stuck at -4.86 nats/event with the rate run down, after a best of -5.15). On a cluster
-both are decided from values every worker shares (the chief's clock through `SharedStop`, the held-out figure computed
-alike everywhere), at the same batch, so every worker applies the same rate to the same
-all-reduced gradients.
+both are decided from values every worker shares (the chief's clock through `SharedStop`,
+the held-out figure computed alike everywhere), at the same batch, so every worker applies
+the same rate to the same all-reduced gradients and goes back to the same weights.
 """
 
 from __future__ import annotations
