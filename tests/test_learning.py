@@ -201,3 +201,35 @@ def test_early_stopping_ends_train_at_the_epoch_its_rule_names(tmp_path):
         if model.stop_training:
             break
     assert model.stop_training and result.epochs_run == epoch + 1 < 60
+
+
+def test_train_goes_back_to_the_best_epoch_when_a_plateau_halves_the_rate(tmp_path, monkeypatch):
+    """The held-out figures are scripted (best at epoch 1, then two epochs worse): at epoch 3 the
+    plateau halves the rate and the model must hold epoch 1's weights again, not where the
+    rate took it. Without it a two-worker run ended far from its best (docs/distributed.md)."""
+    from server.learn import train as train_module
+    from server.learn.train import BestWeights, TrainConfig
+
+    script = [3.0, 1.0, 4.0, 5.0]
+    seen: dict[int, tuple[list, list | None]] = {}
+
+    class Scripted(train_module.EarlyStop):
+        def on_epoch_end(self, epoch: int, logs: dict, model) -> None:
+            logs["val_loss"] = script[epoch]  # the dict every later callback reads
+
+    class Watching(BestWeights):
+        def on_epoch_end(self, epoch: int, logs: dict, model) -> None:
+            seen[epoch] = ([w.copy() for w in model.get_weights()], self.weights)  # after the schedule ran
+            super().on_epoch_end(epoch, logs, model)
+
+    monkeypatch.setattr(train_module, "EarlyStop", Scripted)
+    monkeypatch.setattr(train_module, "BestWeights", Watching)
+    ds = synthetic_dataset(12, seed=6, phrases=4)
+    result = train_module.train(ds, "plateau", tmp_path, TrainConfig(size="xs", epochs=4, patience=6, minutes=2,
+                                                                     seed=1, report=False), echo=lambda s: None)
+    assert result.history["lr"][3] == pytest.approx(result.history["lr"][2] / 2)  # the halving, at epoch 3
+    best_weights = seen[2][1]  # epoch 1's, kept when epoch 1 ended
+    moved, _ = seen[2]
+    assert not all(np.array_equal(a, b) for a, b in zip(moved, best_weights))  # epoch 2 trained away from them
+    held, _ = seen[3]
+    assert all(np.array_equal(a, b) for a, b in zip(held, best_weights))  # and epoch 3's halving went back
