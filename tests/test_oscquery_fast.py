@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import re
+import types
 from types import SimpleNamespace
 from typing import Any
 
@@ -229,8 +230,12 @@ def test_a_range_must_name_a_parameter_and_a_voice_gets_its_own() -> None:
 
     with pytest.raises(TypeError, match="ranges name no parameter: y"):
         address("/x", ranges={"y": Range(0, 1)})(handler)
-    spec = address("/t", state="temperature")(TABLE.lookup["/temperature"].func).osc_address
+    real = TABLE.lookup["/temperature"].func
+    copy = types.FunctionType(real.__code__, real.__globals__, real.__name__, real.__defaults__, real.__closure__)
+    copy.__doc__, copy.__annotations__ = real.__doc__, real.__annotations__  # marking the real one would rename it
+    spec = address("/t", state="temperature")(copy).osc_address
     assert spec.state == "temperature" and spec.params[1].range == Range(low=0)
+    assert real.osc_address.path == "/temperature"
 
 
 # --------------------------------------------------------------------------- over HTTP, in this process
