@@ -229,7 +229,7 @@ def test_export_checks_200_steps_repeating_short_check_events(net, tmp_path: Pat
     spec, info, model, tflite = net
     seen = []
 
-    def check(tflite_, model_, spec_, events):
+    def check(tflite_, model_, spec_, events, expected=None):
         seen.append((tflite_, model_, spec_, np.array(events)))
         return 0.0
 
