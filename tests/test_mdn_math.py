@@ -59,6 +59,36 @@ def test_loss_is_mean_over_batch():
     assert tf_loss(params, targets, 1, 1) == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_weight_column_averages_over_the_weighted_events_only():
+    """Padding of a short performance (weight 0) counts for nothing; all padding is a loss of 0, not 0/0."""
+    import tensorflow as tf
+
+    params = np.stack([pack([0.0], [1.0], [0.0]), pack([1.0], [2.0], [0.0]), pack([5.0], [0.1], [0.0])])
+    targets = np.array([[0.5, 1.0], [-1.0, 1.0], [0.0, 0.0]])  # the last column: each event's weight
+    expected = -np.mean([mdn.log_density(p, t[:1], 1, 1) for p, t in zip(params[:2], targets[:2])])
+    loss = network.mdn_loss(1, 1)
+    assert float(loss(tf.constant(targets, tf.float32), tf.constant(params, tf.float32))) == pytest.approx(expected, rel=1e-5)
+    padding = np.array([[0.5, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    assert float(loss(tf.constant(padding, tf.float32), tf.constant(params, tf.float32))) == 0.0
+
+
+def test_a_constant_dimension_is_left_out_of_the_loss():
+    """Two mixtures over three dimensions, the middle one constant (not in ``active``): the mixture of the
+    other two, by hand."""
+    import tensorflow as tf
+
+    w = (0.25, 0.75)
+    mus = np.array([[0.1, 9.0, -0.3], [1.0, -9.0, 0.6]])
+    ss = np.array([[0.5, 0.01, 1.5], [2.0, 0.01, 0.7]])
+    x = np.array([0.4, 3.0, 0.2])
+    expected = -math.log(sum(w[k] * normal_pdf(x[0], mus[k, 0], ss[k, 0]) * normal_pdf(x[2], mus[k, 2], ss[k, 2])
+                             for k in range(2)))
+    loss = network.mdn_loss(2, 3, active=(0, 2))
+    params = pack(mus, ss, [math.log(w[0]), math.log(w[1])])
+    got = float(loss(tf.constant(np.atleast_2d(x), tf.float32), tf.constant(np.atleast_2d(params), tf.float32)))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
 def test_numpy_log_density_matches_tfp_on_random_parameters():
     rng = np.random.default_rng(0)
     k, d, n = 5, 3, 64
@@ -251,7 +281,7 @@ def test_negative_or_nan_temperature_is_refused(temperatures):
 
 
 def test_wrong_parameter_count_is_refused():
-    with pytest.raises(ValueError, match="expected 15 parameters"):
+    with pytest.raises(ValueError, match="^expected 15 parameters, got 14$"):
         mdn.sample_event(np.zeros(14), 3, 2, 0.5, [0.0, 0.0])
 
 

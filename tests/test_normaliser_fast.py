@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
-from server.model.normalise import Normaliser
+from server.model.normalise import Normaliser, detect_grid
 
 
 def corpus() -> list[np.ndarray]:
@@ -41,8 +42,11 @@ def test_only_the_dimension_that_never_changes_is_constant_even_when_it_differs_
     assert norm.constant == (None, 0.5, None)
 
 
-def test_a_value_far_below_its_range_is_played_at_the_bottom_of_it() -> None:
-    norm = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0)
+@pytest.mark.parametrize("fit", ["in memory", "a performance at a time"])
+def test_a_value_far_below_its_range_is_played_at_the_bottom_of_it(fit: str) -> None:
+    performances = [p[:, :3] for p in corpus()]
+    norm = (Normaliser.fit(np.concatenate(performances), 5.0) if fit == "in memory"
+            else Normaliser.fit_performances(lambda: iter(performances), 5.0))
     dt, low, high = norm.inverse_event([0.0, -1e6, 1e6])
     assert low == 0.0 and high == 1.0 and dt > 0.0
     np.testing.assert_array_equal(norm.inverse(np.array([[0.0, -1e6, 1e6]]))[0, 1:], [0.0, 1.0])
@@ -55,3 +59,17 @@ def test_the_description_says_which_dimension_is_predicted_as_a_step() -> None:
     assert parts[0] == "dt continuous"
     assert parts[1] == "x on a grid of 1/64 (dequantised)"
     assert parts[2] == "y continuous, predicted as the step from the previous event's"
+
+
+def test_three_distinct_values_on_a_grid_are_a_grid_and_two_are_not() -> None:
+    """Two values (a switch) are not worth a grid; three on one are (the coarsest candidate, 1/64)."""
+    assert detect_grid(np.array([0.0, 0.5, 1.0, 0.5])) == 1 / 64
+    assert detect_grid(np.array([0.0, 1.0, 1.0, 0.0])) == 0.0
+    three = np.array([[0.1, 0.0], [0.2, 0.5], [0.3, 1.0], [0.1, 0.5]])
+    assert Normaliser.fit(three, 5.0).grid == (0.0, 1 / 64)
+    assert Normaliser.fit_performances(lambda: iter([three[:2], three[2:]]), 5.0).grid == (0.0, 1 / 64)
+
+
+def test_too_few_events_to_fit_say_the_shape_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"^need events of shape \[n>=2, 1 \+ N\]$"):
+        Normaliser.fit(np.zeros((1, 3)), 5.0)

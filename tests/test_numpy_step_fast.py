@@ -138,12 +138,18 @@ def test_export_keeps_a_step_npz_within_1e_4_of_the_model_and_no_further(tmp_pat
         assert not (tmp_path / "edge").exists()
 
 
-def test_numpy_step_adds_a_checked_step_npz_to_an_older_export(tmp_path: Path) -> None:
-    """`antiphon numpy-step`: a folder exported before step.npz (no file, no hash) gets both, and plays on numpy."""
+@pytest.mark.parametrize("check_recorded", [True, False])
+def test_numpy_step_adds_a_checked_step_npz_to_an_older_export(tmp_path: Path, check_recorded: bool) -> None:
+    """`antiphon numpy-step`: a folder exported before step.npz (no file, no hash) gets both, and plays on numpy;
+    one older still, without an `export_check` in model.json, gets the check recorded too."""
     from server.cli import main
     from server.model.predictor import Predictor
 
     folder = older_export(tmp_path)
+    if not check_recorded:
+        doc = json.loads((folder / "model.json").read_text())
+        del doc["export_check"]
+        (folder / "model.json").write_text(json.dumps(doc, indent=2) + "\n")
     with pytest.raises(ModelError, match=r"records no step.npz .*numpy-step"):
         Predictor.load(folder, "numpy")
     assert main(["numpy-step", "--model", str(folder)]) == 0

@@ -466,3 +466,15 @@ def test_withdrawing_what_was_never_asked_for_is_nothing() -> None:
     assert entries.withdraw(NAMED, OTHER) is False  # not OTHER's request
     assert entries.requesters == {NAMED: {SPONSOR: None}}
     assert entries.withdraw(NAMED, SPONSOR) is True and len(entries) == 0
+
+
+def test_a_limit_of_one_entry_lets_a_sender_ask_once_and_no_more() -> None:
+    """The limit counts what a sender has asked for: one who has asked for nothing yet is under any limit."""
+    from server.osc.consent import Consent, TooMany
+
+    consent = Consent(max_per_sender=1)
+    consent.check(SPONSOR)  # asked for nothing yet
+    consent.join(NAMED, SPONSOR, 0.0)
+    with pytest.raises(TooMany, match="at most 1 streams"):
+        consent.check(SPONSOR)
+    consent.check(OTHER)

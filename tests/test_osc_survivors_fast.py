@@ -338,3 +338,23 @@ def test_a_bar_in_a_summary_is_escaped_in_the_markdown_table() -> None:
         """Play this | that."""
 
     assert AddressTable([either]).markdown().splitlines()[-1] == "| `/either` | `n:int` | Play this \\| that. |"
+
+
+def test_a_machine_without_a_host_name_is_advertised_as_antiphon(zeroconf: list[dict[str, Any]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    advertise(5713, 5710, "192.0.2.9").close()
+    assert {i["server"] for i in zeroconf} == {"antiphon.local."}
+
+
+def test_a_refused_registration_is_a_warning_and_the_server_plays_on(zeroconf: list[dict[str, Any]],
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(self: Any, info: dict[str, Any], allow_name_change: bool) -> None:
+        raise OSError("no multicast route")
+
+    monkeypatch.setattr(sys.modules["zeroconf"].Zeroconf, "register_service", refuse)
+    with caplog.at_level("WARNING", logger="server.osc.advertise"):
+        advertise(5713, 5710, "192.0.2.9").close()  # returns: the failure stays in the registering thread
+    assert [r.getMessage() for r in caplog.records] == [
+        "mDNS registration failed (not advertised; the server plays on): no multicast route"]

@@ -9,9 +9,12 @@ never on the live loop.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 SERVICE = "_oscjson._tcp.local."
 OSC_SERVICE = "_osc._udp.local."
@@ -38,7 +41,7 @@ class Advertisement:
             for info in self._infos:
                 self._zeroconf.register_service(info, allow_name_change=True)
         except Exception as exc:  # noqa: BLE001  # the network refused; the server plays on without it
-            print(f"advertise: mDNS registration failed: {exc}", flush=True)
+            log.warning("mDNS registration failed (not advertised; the server plays on): %s", exc)
 
     def close(self) -> None:
         self._registered.join(timeout=10.0)
