@@ -80,6 +80,20 @@ def test_a_new_timescale_does_not_make_respond_play_before_its_performer_has(pre
     assert played.model() == []
 
 
+def test_respond_unpaused_after_its_performer_played_takes_over_the_silence(predictor):
+    """Pausing cancels the takeover; unpausing arms it again, because the performer has played (and the
+    silence since is longer than the threshold)."""
+    loop, engine, played = make(predictor, Mode.RESPOND, timescale=1.0, threshold=0.2)
+    engine.perform(0.5, 0.5)
+    engine.set_paused(True)
+    loop.advance(1.0)
+    assert played.model() == []
+    unpaused = loop.time()
+    engine.set_paused(False)
+    loop.advance(1.0)
+    assert played.model() and all(e.time >= unpaused for e in played.model())
+
+
 def test_a_new_threshold_does_not_start_a_second_takeover_while_respond_plays(predictor):
     loop, engine, played = make(predictor, Mode.RESPOND, timescale=1.0, threshold=0.2)
     engine.perform(0.5, 0.5)
@@ -292,3 +306,15 @@ def test_an_answer_exactly_50_ms_late_still_plays_and_one_later_is_dropped() -> 
     event = Scheduled(start=0.0, dt=0.0, values=(0.5, 0.5))
     assert not event.late(0.050)
     assert event.late(0.0501)
+
+
+def test_status_reports_the_median_and_99th_percentile_of_lateness_and_step_time_in_microseconds(predictor):
+    """Four answers left 1, 2, 3 and 10 ms late: the median is 2.5 ms, the 99th percentile 9.79 ms (linear
+    between the two highest); the step times likewise."""
+    loop, engine, played = make(predictor)
+    for seconds in (0.003, 0.001, 0.010, 0.002):
+        engine.lateness.add(seconds)
+        engine.latency.add(seconds / 10)
+    status = engine.status()
+    assert (status["late_us_median"], status["late_us_p99"]) == (2500.0, 9790.0)
+    assert (status["step_us_median"], status["step_us_p99"]) == (250.0, 979.0)

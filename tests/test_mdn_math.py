@@ -283,6 +283,9 @@ def test_negative_or_nan_temperature_is_refused(temperatures):
 def test_wrong_parameter_count_is_refused():
     with pytest.raises(ValueError, match="^expected 15 parameters, got 14$"):
         mdn.sample_event(np.zeros(14), 3, 2, 0.5, [0.0, 0.0])
+    for params in (np.zeros(14), np.zeros((4, 14))):  # one vector, or a row per step: the count is the last axis
+        with pytest.raises(ValueError, match="^expected 15 parameters, got 14$"):
+            mdn.log_density(params, np.zeros(2), 3, 2)
 
 
 def test_random_blocks_are_seeded_and_well_distributed():

@@ -373,3 +373,10 @@ def test_a_taken_port_stops_the_start_with_a_hint_and_a_free_one_serves(tmp_path
             asyncio.run(start(taken.getsockname()[1]))
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", asyncio.run(start(0)))
     assert asyncio.run(start_discovery(_config(), engine, 5710)) is None  # off unless asked
+
+
+def test_host_info_names_the_osc_port_and_udp() -> None:
+    from server.osc.oscquery import host_info
+
+    info = host_info(5710)
+    assert (info["OSC_PORT"], info["OSC_TRANSPORT"]) == (5710, "UDP")

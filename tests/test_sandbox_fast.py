@@ -268,9 +268,9 @@ def test_a_signal_is_named_when_it_has_a_name() -> None:
 def answered(monkeypatch: pytest.MonkeyPatch, folder):
     """``answered(stdout, returncode)``: run `prove` on the tiny model with the child's run replaced by that answer."""
 
-    def make(stdout: bytes, returncode: int = 0) -> None:
+    def make(stdout: bytes, returncode: int = 0, stderr: bytes = b"") -> None:
         def run(*args, **kwargs):
-            return SimpleNamespace(stdout=stdout, stderr=b"", returncode=returncode)
+            return SimpleNamespace(stdout=stdout, stderr=stderr, returncode=returncode)
 
         monkeypatch.setattr(sandbox.subprocess, "run", run)
         sandbox.prove(read_model(folder, ("step.npz",), "tiny"), "numpy")
@@ -286,3 +286,15 @@ def test_a_child_that_printed_after_its_answer_is_still_understood(answered) -> 
 def test_a_child_that_exits_cleanly_without_saying_ok_is_a_failed_test_run(answered) -> None:
     with pytest.raises(ModelError, match=r"^tiny/step.npz failed its test run \(exit 0\): not played$"):
         answered(b'{"events": 24}\n')
+
+
+def test_a_child_that_died_is_refused_by_its_signal_and_its_last_words_are_logged(answered, caplog) -> None:
+    """Whatever bytes a dying library leaves on stderr (here not UTF-8), the refusal names the signal."""
+    with caplog.at_level("DEBUG", logger="server.model.sandbox"), \
+            pytest.raises(ModelError, match=r"^tiny/step.npz crashed a test run in a separate process \(SIGSEGV\)"):
+        answered(b"", -11, b"loading\nFatal Python error: Segmentation fault \xff\n")
+    assert caplog.messages == ["model tiny: test run died; its last words: Fatal Python error: Segmentation fault \ufffd"]
+
+
+def test_a_sound_child_that_warned_on_stderr_passes(answered) -> None:
+    answered(b'{"ok": true, "events": 24}\n', 0, b"W0000 a library's warning\n")
