@@ -956,3 +956,14 @@ def test_serve_on_ipv6_loopback_prints_the_address_in_brackets(monkeypatch):
 
     with signals_kept():
         asyncio.run(go())
+
+
+def test_a_page_that_connects_later_gets_the_latest_of_each_state_and_no_past_events(tmp_path):
+    """Status, the mixture, the server, the models and the modes are states (the newest of each is kept for
+    a page that connects later); a surprise or an error is an event of its moment (not kept)."""
+    monitor = Monitor(("127.0.0.1", 9), tmp_path)
+    for n in (1, 2):
+        for kind in ("status", "mixture", "server", "models", "modes", "surprise", "error"):
+            monitor.publish({"type": kind, "n": n})
+    assert {kind: json.loads(text) for kind, text in monitor.latest.items()} == {
+        kind: {"type": kind, "n": 2} for kind in ("status", "mixture", "server", "models", "modes")}

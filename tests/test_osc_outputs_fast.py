@@ -478,3 +478,22 @@ def test_a_limit_of_one_entry_lets_a_sender_ask_once_and_no_more() -> None:
     with pytest.raises(TooMany, match="at most 1 streams"):
         consent.check(SPONSOR)
     consent.check(OTHER)
+
+
+def test_a_destination_that_speaks_itself_is_not_the_idlest_however_quiet_its_requester() -> None:
+    from server.osc.consent import Consent, Entries
+
+    entries = Entries(Consent())
+    entries.add(NAMED, SPONSOR, 0.0)
+    entries.add(("127.0.0.1", 9003), OTHER, 1.0)
+    entries.consent.hear(NAMED, 10.0, 16)  # the named port answered at 10 s; its sponsor has said nothing since 0
+    assert entries.last(NAMED) == 10.0
+    assert entries.idlest() == ("127.0.0.1", 9003)
+
+
+def test_a_model_of_another_width_is_announced_to_every_destination() -> None:
+    """`/model/dims N` when a swap changes the width, so a patch can follow (docs/osc.md)."""
+    output, transport = output_with_three()
+    OscSink(VirtualLoop(), output).retune(9)  # type: ignore[arg-type]
+    sent = {(to, decoded(data)) for data, to in transport.sent}
+    assert sent == {(to, ("/model/dims", 9)) for to in (SEND, SELF, NAMED)}

@@ -201,7 +201,8 @@ def test_a_failing_unreachable_is_reported_to_the_loop_by_name() -> None:
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    transport = BatchDatagramTransport(loop, sock, BrokenUnreachable())  # type: ignore[arg-type]
+    protocol = BrokenUnreachable()
+    transport = BatchDatagramTransport(loop, sock, protocol)  # type: ignore[arg-type]
     try:
         if not transport.reports_unreachable:
             pytest.skip("this system does not report closed ports")
@@ -223,6 +224,7 @@ def test_a_failing_unreachable_is_reported_to_the_loop_by_name() -> None:
         loop.run_until_complete(until_reported())
         assert reported[0]["message"] == "unreachable() failed"
         assert isinstance(reported[0]["exception"], RuntimeError)
+        assert reported[0]["protocol"] is protocol  # asyncio's handler names it: which socket's callback broke
     finally:
         transport.close()
         loop.run_until_complete(asyncio.sleep(0))
@@ -358,3 +360,23 @@ def test_a_refused_registration_is_a_warning_and_the_server_plays_on(zeroconf: l
         advertise(5713, 5710, "192.0.2.9").close()  # returns: the failure stays in the registering thread
     assert [r.getMessage() for r in caplog.records] == [
         "mDNS registration failed (not advertised; the server plays on): no multicast route"]
+
+
+def test_a_destination_is_resolved_for_the_sockets_family() -> None:
+    """An IPv6 socket sends to an IPv4 name through its mapped address; an IPv4 socket cannot send to ::1."""
+    from server.osc.protocol import _resolve
+
+    async def resolve(host: str, family: int) -> Any:
+        return await _resolve(asyncio.get_running_loop(), host, 9000, family)
+
+    assert asyncio.run(resolve("127.0.0.1", socket.AF_INET)) == ("127.0.0.1", 9000)
+    assert asyncio.run(resolve("127.0.0.1", socket.AF_INET6)) == ("::ffff:127.0.0.1", 9000)
+    with pytest.raises(OSError, match=r"^cannot send OSC to ::1:9000: "):
+        asyncio.run(resolve("::1", socket.AF_INET))
+
+
+def test_a_values_address_requires_each_of_its_values_and_keeps_its_voice_optional() -> None:
+    """`/gesture` on a 3-value model: v1 v2 v3 required, the voice not (what OSCQuery and the docs show)."""
+    params, required = TABLE.lookup["/gesture"].signature(3)
+    assert [p.usage for p in params] == ["v1:float", "v2:float", "v3:float", "[voice:int]"]
+    assert [p.optional for p in params] == [False, False, False, True] and required == 3
