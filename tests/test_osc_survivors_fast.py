@@ -380,3 +380,18 @@ def test_a_values_address_requires_each_of_its_values_and_keeps_its_voice_option
     params, required = TABLE.lookup["/gesture"].signature(3)
     assert [p.usage for p in params] == ["v1:float", "v2:float", "v3:float", "[voice:int]"]
     assert [p.optional for p in params] == [False, False, False, True] and required == 3
+
+
+@pytest.mark.parametrize("args", [dict(rate=0.0), dict(burst=0.5), dict(max_keys=0)])
+def test_a_token_bucket_that_could_never_pass_anything_is_refused_saying_what_each_needs(args: dict) -> None:
+    from server.osc.ratelimit import TokenBuckets
+
+    with pytest.raises(ValueError, match=r"^rate must be > 0, burst >= 1 and max_keys >= 1$"):
+        TokenBuckets(**args)
+
+
+def test_status_figures_are_microseconds_to_a_tenth() -> None:
+    from server.live.status import micro
+
+    assert micro("step_us", (0.25, 2.0)) == {"step_us_median": 250000.0, "step_us_p99": 2000000.0}
+    assert micro("late_us", (1.23456e-5, 3e-7)) == {"late_us_median": 12.3, "late_us_p99": 0.3}

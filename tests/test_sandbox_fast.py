@@ -298,3 +298,19 @@ def test_a_child_that_died_is_refused_by_its_signal_and_its_last_words_are_logge
 
 def test_a_sound_child_that_warned_on_stderr_passes(answered) -> None:
     answered(b'{"ok": true, "events": 24}\n', 0, b"W0000 a library's warning\n")
+
+
+def test_the_childs_tensorflow_is_told_to_keep_its_log_lines_to_itself(monkeypatch: pytest.MonkeyPatch, folder) -> None:
+    """TensorFlow's start-up lines on stderr would be taken for a dying child's last words."""
+    envs = []
+
+    def run(*args, **kwargs):
+        envs.append(kwargs["env"])
+        return SimpleNamespace(stdout=b'{"ok": true, "events": 24}\n', stderr=b"", returncode=0)
+
+    monkeypatch.setattr(sandbox.subprocess, "run", run)
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    sandbox.prove(read_model(folder, ("step.npz",), "tiny"), "numpy")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")  # a user's own choice is kept
+    sandbox.prove(read_model(folder, ("step.npz",), "tiny"), "numpy")
+    assert [env["TF_CPP_MIN_LOG_LEVEL"] for env in envs] == ["3", "1"]
