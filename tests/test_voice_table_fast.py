@@ -7,12 +7,14 @@ and the voice number's running surprise starts again for whoever plays it next.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from server.live.controls import ControlError
 from server.live.engine import Settings
 from server.live.modes import Mode
-from server.live.voices import VoiceOptions, VoicePolicy
+from server.live.voices import MAX_VOICE_LIMIT, VoiceOptions, VoicePolicy
 from server.model.predictor import Predictor
 from tests.rig import VirtualLoop, build_engine
 from tests.test_engine import DEFAULT
@@ -93,3 +95,18 @@ def test_the_running_surprise_of_a_forgotten_voice_starts_again(predictor):
     loop.advance(0.01)
     mine = [(nll, smoothed) for nll, smoothed, voice in played.surprises if voice == 0]
     assert len(mine) == 1 and mine[0][0] == mine[0][1]  # its first figure is its own, not an average with A's
+
+
+def test_voice_options_accept_their_edges_and_refuse_past_them() -> None:
+    """One voice and MAX_VOICE_LIMIT are allowed, 0 and one more are not; any finite timeout above 0 is."""
+    for limit in (1, MAX_VOICE_LIMIT):
+        assert VoiceOptions(limit=limit, per_sender_limit=limit).limit == limit
+    for limit in (0, MAX_VOICE_LIMIT + 1):
+        with pytest.raises(ValueError, match=f"^max_voices must be 1-{MAX_VOICE_LIMIT}, got {limit}$"):
+            VoiceOptions(limit=limit)
+        with pytest.raises(ValueError, match=f"^max_voices_per_sender must be 1-{MAX_VOICE_LIMIT}, got {limit}$"):
+            VoiceOptions(per_sender_limit=limit)
+    assert VoiceOptions(timeout=0.5).timeout == 0.5
+    for timeout in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="^voice_timeout must be a finite number of seconds > 0"):
+            VoiceOptions(timeout=timeout)
