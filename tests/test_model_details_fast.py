@@ -110,3 +110,14 @@ def test_the_litert_step_runs_on_one_thread(monkeypatch) -> None:
     monkeypatch.setattr(interpreter, "Interpreter", recording)
     predictor = Predictor.load(DEFAULT_MODELS_DIR / "default", "litert")
     assert isinstance(predictor.step, LiteRTStep) and asked == [1]
+
+
+def test_a_model_json_without_a_creation_time_reads_as_created_unknown() -> None:
+    import json
+
+    from server.model.spec import ModelInfo
+
+    doc = json.loads((DEFAULT_MODELS_DIR / "default" / "model.json").read_text())
+    assert ModelInfo.from_json(doc).created == doc["created"] != ""
+    del doc["created"]
+    assert ModelInfo.from_json(doc).created == ""

@@ -73,3 +73,13 @@ def test_three_distinct_values_on_a_grid_are_a_grid_and_two_are_not() -> None:
 def test_too_few_events_to_fit_say_the_shape_it_needs() -> None:
     with pytest.raises(ValueError, match=r"^need events of shape \[n>=2, 1 \+ N\]$"):
         Normaliser.fit(np.zeros((1, 3)), 5.0)
+
+
+def test_a_normalisation_written_before_grids_constants_and_steps_reads_as_none_of_them() -> None:
+    """Models exported before those fields existed still load: no grid, no constant, nothing relative."""
+    doc = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0).to_json()
+    for key in ("grid", "constant", "relative"):
+        del doc[key]
+    old = Normaliser.from_json(doc)
+    assert old.grid == (0.0, 0.0, 0.0) and old.constant == (None, None, None)
+    assert old.relative == (False, False, False)
