@@ -196,8 +196,8 @@ def _lines(out: str) -> list[str]:
 
 
 def test_two_workers_on_shards_write_one_model_that_loads_and_plays(tmp_path):
-    # the chief's budget ends it (half a minute, 20 s of it kept for the export), not epochs nor a plateau
-    procs = _workers(tmp_path, epochs=1000, minutes=0.5, shards=True, patience=1000)  # each reads its own shards
+    # the chief's budget ends it (18 s, a few of them kept for the export: server.learn.finishing), not epochs nor a plateau
+    procs = _workers(tmp_path, epochs=1000, minutes=0.3, shards=True, patience=1000)  # each reads its own shards
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert (tmp_path / "models0" / "duo" / "model.json").exists()

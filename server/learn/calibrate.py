@@ -64,6 +64,13 @@ def calibrate(predictor, data: list[np.ndarray], seed: int = 0, temperature: flo
     return Calibration(kept, tried[kept], dict(sorted(tried.items())))
 
 
+def calibration_steps(data: list[np.ndarray]) -> int:
+    """The one-step calls `calibrate` makes at most: `evaluate.play` for every candidate."""
+    from server.learn.evaluate import play_steps
+
+    return (len(COARSE) + 2) * play_steps(data)
+
+
 def shape_distance_at(predictor, data: list[np.ndarray], seed: int, temperature: float, sigma: float) -> float:
     """`music.shape_distance` of the model playing at ``sigma``, averaged over zero-state lines and openings."""
     from server.learn.evaluate import music_report

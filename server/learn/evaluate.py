@@ -95,6 +95,14 @@ ZERO_LINES, ZERO_LENGTH = 20, 100  # lines played from a zero state, events each
 OPENING, CONTINUATION, MAX_OPENINGS = 8, 32, 64  # a held-out opening heard, then continued (up to 2,048 events)
 
 
+def play_steps(data: list[np.ndarray]) -> int:
+    """The one-step calls `play` makes over ``data`` (what the training budget keeps time for), a reset's
+    priming step (`Predictor.reset`) among them."""
+    openings = min(MAX_OPENINGS, sum(1 for p in data if len(p) > OPENING))
+    resets = ZERO_LINES + openings + 1
+    return ZERO_LINES * ZERO_LENGTH + openings * (OPENING + CONTINUATION) + resets
+
+
 @dataclass(frozen=True)
 class Played:
     """What a model played: lines from a zero state, and continuations of held-out openings (events ``[n, 3]``)."""

@@ -33,7 +33,6 @@ from server.model.normalise import DT_OFFSET, Normaliser
 from server.model.spec import ModelInfo, ModelSpec
 
 LEARNING_RATE = 3e-3  # Adam's, before the schedule (server.learn.schedule) moves it
-EXPORT_RESERVE_S = 20.0  # of the budget, kept for scoring, export and the report
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,8 @@ def train(
         echo(f"left out {skipped} performance(s) with fewer than two events (nothing to predict)")
     echo(f"data: {norm.describe()}")
     with _window_files(train_w, cfg) as folder:  # cut before the clock starts: their time is in the budget
-        budget = max(1.0, minutes * 60.0 - EXPORT_RESERVE_S - (time.monotonic() - started))
+        reserve = _finishing_reserve(spec, norm, cfg, ds, val_ds, held_out, echo)
+        budget = max(1.0, minutes * 60.0 - reserve - (time.monotonic() - started))
         progress = _Progress(echo, cfg.epochs, budget, stream if stream is not None else sys.stdout,
                              nats_offset(norm, train_ds.performances), nats_offset(norm, val_ds.performances))
         best, interrupted = fit_within(model, train_w, val_w, norm, budget, cfg, [progress], strategy, folder)
@@ -181,6 +181,19 @@ def _export(model, spec: ModelSpec, norm: Normaliser, parent, cfg: TrainConfig, 
     echo(f"wrote {folder}: held-out NLL {scores.dequantised:.3f} nats/event{quantised}, "
          f"{epochs} epochs, {seconds:.0f} s")
     return TrainResult(folder, scores.raw, scores.dequantised, epochs, seconds, history, interrupted)
+
+
+def _finishing_reserve(spec: ModelSpec, norm: Normaliser, cfg: TrainConfig, ds, val_ds: Dataset,
+                       held_out: list[int], echo: Callable[[str], None]) -> float:
+    """Seconds of the budget kept for scoring, calibration and export, timed here on an untrained copy."""
+    from server.learn import finishing
+
+    per_step = finishing.step_seconds(_info(spec, norm, cfg, ds, None, {}, held_out))
+    steps = finishing.finishing_steps(val_ds.performances)
+    reserve = finishing.reserve_seconds(per_step, steps)
+    echo(f"keeping {reserve:.0f} s of the budget for scoring, calibration and export "
+         f"({steps} steps at {1e6 * per_step:.0f} us here)")
+    return reserve
 
 
 def calibrated(step, tflite: bytes, info: ModelInfo, val_ds: Dataset, seed: int,
