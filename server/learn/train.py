@@ -306,6 +306,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
     worker ends the fit with a `ClusterError`.
     """
     from server.learn.distribute import HeldOutHere, MeanOverWorkers, SharedStop, lost_worker
+    from server.learn.untuned import device_datasets_untuned
     from server.model.network import keras, tf
 
     from server.learn.evaluate import relative_mask
@@ -338,6 +339,7 @@ def fit_within(model, train_w: Windows | StreamedWindows, val_w: Windows, norm: 
         # the input outside the strategy's scope: its noise generator's state is then this worker's own variable
         data, steps = _training_input(train_w, cfg, half_cell, relative, strategy, folder)
         with (nullcontext() if shared is None else shared.catching_ctrl_c()), \
+                (nullcontext() if shared is None else device_datasets_untuned(tf)), \
                 (nullcontext() if strategy is None else strategy.scope()):
             model.fit(
                 data,
@@ -368,7 +370,9 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
     process, and scored worse.) TensorFlow's default would have every worker read
     everything and drop the other workers' parts.
     """
+    from server.learn.untuned import untuned
     from server.learn.windows import training_dataset
+    from server.model.network import tf
 
     if cfg.cluster is None:
         if isinstance(train_w, Windows):
@@ -377,13 +381,13 @@ def _training_input(train_w: Windows | StreamedWindows, cfg: TrainConfig, half_c
     workers = len(cfg.cluster.workers)
     if isinstance(train_w, Windows):
         def part(context):
-            return training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative,
-                                    workers=context.num_input_pipelines, index=context.input_pipeline_id)
+            return untuned(tf, training_dataset(train_w, cfg.batch_size, half_cell, cfg.seed, relative=relative,
+                                                workers=context.num_input_pipelines, index=context.input_pipeline_id))
         steps = max(1, math.ceil(len(train_w.data) / (cfg.batch_size * workers)))
     else:
         def part(context):
-            return train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative, context.num_input_pipelines,
-                                   context.input_pipeline_id, folder=folder)
+            return untuned(tf, train_w.dataset(cfg.batch_size, half_cell, cfg.seed, relative,
+                                               context.num_input_pipelines, context.input_pipeline_id, folder=folder))
         steps = train_w.steps_per_epoch(cfg.batch_size, workers)
     return strategy.distribute_datasets_from_function(part), steps
 
