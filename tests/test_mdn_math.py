@@ -309,3 +309,35 @@ def test_seeded_draws_repeat_exactly(draw):
     first = draw(params, 2, 2, 3000, np.random.default_rng(4))
     np.testing.assert_array_equal(first, draw(params, 2, 2, 3000, np.random.default_rng(4)))
     assert not np.array_equal(first, draw(params, 2, 2, 3000, np.random.default_rng(5)))
+
+
+# --------------------------------------------------------------------------- seed 4's survivors (2026-12-06)
+
+
+def test_log_density_of_a_batch_holds_each_row_apart_however_far_their_densities_differ():
+    """logsumexp is shifted by each row's own maximum: with one shift for the whole batch, a point 60 sigmas out
+    beside one at the mean underflows to -inf instead of its closed form."""
+    k, d = 2, 1
+    params = np.array([[0.0, 0.0, 1.0, 1.0, 0.0, 0.0]] * 2)  # two unit normals at 0, equal weights
+    x = np.array([[0.0], [60.0]])
+    got = mdn.log_density(params, x, k, d)
+    expected = [-0.5 * math.log(2 * math.pi), -0.5 * 60.0**2 - 0.5 * math.log(2 * math.pi)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_shift_means_moves_integer_parameters_by_fractional_offsets():
+    """A copy in floating point whatever comes in: integer parameters (a list, say) must not truncate the shift."""
+    params = np.array([1, 2, 1, 1, 0])  # one component, two dims: means 1, 2; scales 1, 1; a logit
+    moved = mdn.shift_means(params, 1, 2, np.array([0.25, -0.5]))
+    assert moved.dtype == np.float32
+    np.testing.assert_allclose(moved, [1.25, 1.5, 1.0, 1.0, 0.0])
+    assert mdn.shift_means(params.astype(np.float64), 1, 2, np.zeros(2)).dtype == np.float64  # float64 stays
+
+
+@pytest.mark.parametrize("x", [25.0, 25.5, 26.0])
+def test_log_erfc_past_the_switch_to_its_series_matches_erfc_itself(x):
+    """erfc(26) ~ 5e-296 is still a normal double, so math.erfc is the reference where the asymptotic series takes over."""
+    from server.model.likelihood import _log_erfc
+
+    # the series stops at x^-4: its next term, 15/(8 x^6), is 8e-9 at 25
+    assert float(_log_erfc(np.array([x]))[0]) == pytest.approx(math.log(math.erfc(x)), abs=2e-8)

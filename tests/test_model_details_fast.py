@@ -121,3 +121,16 @@ def test_a_model_json_without_a_creation_time_reads_as_created_unknown() -> None
     assert ModelInfo.from_json(doc).created == doc["created"] != ""
     del doc["created"]
     assert ModelInfo.from_json(doc).created == ""
+
+
+def test_a_missing_model_in_an_empty_folder_says_none_were_found(tmp_path) -> None:
+    """`antiphon run --model gone`: the error lists the models there are, "none" when there are none."""
+    import pytest
+
+    from server.model.files import resolve_model_dir
+    from server.model.spec import ModelError
+
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    with pytest.raises(ModelError, match=r"^no model folder 'gone' in \S*nothing \(found: none; shipped: none\)"):
+        resolve_model_dir("gone", empty, allow_paths=True, shipped=empty)  # the command line: a path was allowed

@@ -967,3 +967,13 @@ def test_a_page_that_connects_later_gets_the_latest_of_each_state_and_no_past_ev
             monitor.publish({"type": kind, "n": n})
     assert {kind: json.loads(text) for kind, text in monitor.latest.items()} == {
         kind: {"type": kind, "n": 2} for kind in ("status", "mixture", "server", "models", "modes")}
+
+
+def test_text_that_is_not_json_is_refused_saying_what_a_control_is(tmp_path):
+    monitor = Monitor(("127.0.0.1", 9), tmp_path)
+    sent: list = []
+    monitor.bridge.send = lambda address, args=None: sent.append((address, args))  # type: ignore[method-assign]
+    client = app_module.Client(None)  # type: ignore[arg-type]
+    monitor._control(client, "{address: /temperature}")
+    told = json.loads(client.queue.get_nowait())
+    assert told == {"type": "error", "address": "monitor", "reason": "a control is a JSON object"} and sent == []

@@ -124,3 +124,27 @@ def test_a_sampled_figure_says_so_and_estimates_the_whole(tmp_path: Path, capsys
     assert out.startswith("mutants (a random sample: seed 1, 2 of 9): 1 killed / 2 total")
     assert figures["interval"] == mutants.wilson(1, 2) and "95 %" in out
     assert mutants.read_sample(tmp_path / "none") is None
+
+
+def test_again_retests_against_the_tests_as_they_are_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mutmut copies tests/ once, when it generates: `--again` copies them afresh before re-testing."""
+    root, tests = tmp_path / "mutants", tmp_path / "tests"
+    (root / "tests" / "__pycache__").mkdir(parents=True)
+    (root / "tests" / "test_old.py").write_text("stale")
+    (tests / "__pycache__").mkdir(parents=True)
+    (tests / "__pycache__" / "x.pyc").write_bytes(b"")
+    (tests / "test_new.py").write_text("def test_kills(): ...")
+    mutants.refresh_tests(root, tests)
+    assert sorted(p.name for p in (root / "tests").iterdir()) == ["test_new.py"]
+    assert (root / "tests" / "test_new.py").read_text() == "def test_kills(): ..."
+
+    refreshed: list[bool] = []
+    monkeypatch.setattr(mutants, "MUTANTS", root)
+    monkeypatch.setattr(mutants, "refresh_tests", lambda: refreshed.append(True))
+    monkeypatch.setattr(mutants, "statuses", lambda: {})
+    monkeypatch.setattr(mutants, "read_sample", lambda: (["a.x_f__mutmut_1"], "# seed 1"))
+    monkeypatch.setattr(mutants, "log_only", lambda names: set())
+    ran: list[list[str]] = []
+    monkeypatch.setattr(mutants, "_mutmut", lambda cmd, log, append: ran.append(cmd) or 0)
+    assert mutants.run_mutmut(2, again=True, resume=False, log=tmp_path / "run.log") == 0
+    assert refreshed == [True] and ran and ran[0][-1] == "a.x_f__mutmut_1"

@@ -75,6 +75,18 @@ def test_too_few_events_to_fit_say_the_shape_it_needs() -> None:
         Normaliser.fit(np.zeros((1, 3)), 5.0)
 
 
+def test_too_few_events_across_performances_say_the_shape_it_needs() -> None:
+    with pytest.raises(ValueError, match=r"^need events of shape \[n>=2, 1 \+ N\]$"):
+        Normaliser.fit_performances(lambda: iter([np.zeros((1, 3))]), 5.0)
+
+
+def test_a_model_json_with_a_scale_not_positive_is_refused_saying_so() -> None:
+    doc = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0).to_json()
+    doc["scale"] = [0.0, *doc["scale"][1:]]
+    with pytest.raises(ValueError, match=r"^normalisation scales must be positive and finite$"):
+        Normaliser.from_json(doc)
+
+
 def test_a_normalisation_written_before_grids_constants_and_steps_reads_as_none_of_them() -> None:
     """Models exported before those fields existed still load: no grid, no constant, nothing relative."""
     doc = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0).to_json()

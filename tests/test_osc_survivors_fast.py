@@ -395,3 +395,58 @@ def test_status_figures_are_microseconds_to_a_tenth() -> None:
 
     assert micro("step_us", (0.25, 2.0)) == {"step_us_median": 250000.0, "step_us_p99": 2000000.0}
     assert micro("late_us", (1.23456e-5, 3e-7)) == {"late_us_median": 12.3, "late_us_p99": 0.3}
+
+
+# --------------------------------------------------------------------------- seed 4's survivors (2026-12-06)
+
+
+def test_a_name_that_resolves_to_no_address_is_an_error_naming_it(monkeypatch) -> None:
+    from server.osc.protocol import _resolve
+
+    async def resolve() -> Any:
+        loop = asyncio.get_running_loop()
+
+        async def nothing(*args: Any, **kwargs: Any) -> list:
+            return []
+        monkeypatch.setattr(loop, "getaddrinfo", nothing)
+        return await _resolve(loop, "synth.local", 9000, socket.AF_INET)
+
+    with pytest.raises(OSError, match=r"^cannot send OSC to synth.local:9000: no address$"):
+        asyncio.run(resolve())
+
+
+def test_a_busy_port_keeps_its_errno_so_run_can_say_it_is_in_use() -> None:
+    """`run` tells "port in use" from other failures by errno (server/app.py): start_osc must keep it."""
+    import errno
+
+    from server.osc.protocol import start_osc
+
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+
+    async def start() -> None:
+        await start_osc(FakeControls(), host="127.0.0.1", port=port, destinations=())
+
+    try:
+        with pytest.raises(OSError) as caught:
+            asyncio.run(start())
+    finally:
+        busy.close()
+    assert caught.value.errno == errno.EADDRINUSE
+    assert str(caught.value).endswith(f"cannot listen for OSC on 127.0.0.1:{port}: Address already in use")
+
+
+def test_a_bundle_shorter_than_its_header_is_called_truncated() -> None:
+    from server.osc.wire import bundle_messages
+
+    with pytest.raises(ValueError, match=r"^truncated bundle$"):  # what /error says after "malformed OSC bundle: "
+        bundle_messages(b"#bundle\0" + bytes(4))
+
+
+def test_an_empty_address_is_terminated_and_left_to_the_table_to_refuse() -> None:
+    """b"\\0\\0\\0\\0" is an empty address, terminated and padded: not "unterminated"; no handler has that name."""
+    from server.osc.wire import message_problem
+
+    assert message_problem(b"\0\0\0\0") is None
+    assert message_problem(b"/a") == "unterminated address"

@@ -13,7 +13,7 @@ Usage (from the repository root):
 
     python -m server.tools.mutants                 # the figure, from the last run in mutants/
     python -m server.tools.mutants run             # a fresh run (deletes mutants/), then the figure
-    python -m server.tools.mutants run --again     # keep mutants/, re-test the unexplained survivors
+    python -m server.tools.mutants run --again     # keep mutants/, re-test the unexplained survivors (tests copied afresh)
     python -m server.tools.mutants run --resume    # keep mutants/, test only what an interrupted run left
     python -m server.tools.mutants run --sample 400 --seed 1   # a uniform random sample: an estimate in an hour
     mutmut show NAME                               # what a mutant changed
@@ -236,6 +236,13 @@ def _mutmut(cmd: list[str], log: Path, append: bool) -> int:
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
 
+def refresh_tests(root: Path = MUTANTS, tests: Path = Path("tests")) -> None:
+    """Copy ``tests`` into ``root`` afresh: mutmut copies them once, when it generates, so `--again` would
+    otherwise re-test the survivors against the tests as they were, not the ones written to kill them."""
+    shutil.rmtree(root / "tests", ignore_errors=True)
+    shutil.copytree(tests, root / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
 def run_mutmut(children: int, again: bool, resume: bool, log: Path, sample: int = 0, seed: int = 0) -> int:
     """Run mutmut (niced) with its output in ``log``: a fresh run, unless ``again`` or ``resume``.
 
@@ -263,6 +270,7 @@ def run_mutmut(children: int, again: bool, resume: bool, log: Path, sample: int 
         drawn = (chosen, "")
         resume = True
     if again:
+        refresh_tests()
         listed, _ = read_equivalents()
         found = statuses()
         pool = drawn[0] if drawn else list(found)
