@@ -167,3 +167,10 @@ def test_continuous_and_constant_dimensions_get_no_noise() -> None:
     norm = normaliser((0.0, 1 / 128, 1 / 64), (None, None, 0.5), scale=(2.0, 0.25, 1.0))
     assert norm.cell_half_width_z().tolist() == [0.0, 1 / 64, 0.0]
     assert normaliser((0.0, 0.0), (None, None)).cell_half_width_z().tolist() == [0.0, 0.0]
+
+
+def test_learn_without_a_learner_is_refused_saying_so(predictor) -> None:
+    engine, _ = build_engine(VirtualLoop(), predictor)
+    with pytest.raises(ControlError) as refused:
+        engine.learn(30.0)
+    assert str(refused.value) == "learning is not available in this server"

@@ -134,3 +134,28 @@ def test_a_missing_model_in_an_empty_folder_says_none_were_found(tmp_path) -> No
     empty.mkdir()
     with pytest.raises(ModelError, match=r"^no model folder 'gone' in \S*nothing \(found: none; shipped: none\)"):
         resolve_model_dir("gone", empty, allow_paths=True, shipped=empty)  # the command line: a path was allowed
+
+
+def test_a_missing_model_lists_the_models_there_are_comma_separated(tmp_path) -> None:
+    import pytest
+
+    from server.model.files import resolve_model_dir
+    from server.model.spec import ModelError
+    from tests.tinynet import export_tiny
+
+    export_tiny(tmp_path / "alpha")
+    export_tiny(tmp_path / "beta")
+    with pytest.raises(ModelError, match=r"\(found: alpha, beta; shipped: "):
+        resolve_model_dir("gone", tmp_path, allow_paths=True)
+
+
+def test_model_json_keeps_the_library_versions_it_was_exported_with(tmp_path) -> None:
+    import json
+
+    from server.model.spec import ModelInfo
+    from tests.tinynet import export_tiny, tiny_info
+
+    folder = export_tiny(tmp_path / "m", info=tiny_info(versions={"tensorflow": "2.21.0", "python": "3.11.7"}))
+    doc = json.loads((folder / "model.json").read_text())
+    assert doc["versions"] == {"tensorflow": "2.21.0", "python": "3.11.7"}
+    assert ModelInfo.from_json(doc).versions == doc["versions"]

@@ -95,3 +95,11 @@ def test_a_normalisation_written_before_grids_constants_and_steps_reads_as_none_
     old = Normaliser.from_json(doc)
     assert old.grid == (0.0, 0.0, 0.0) and old.constant == (None, None, None)
     assert old.relative == (False, False, False)
+
+
+def test_a_normaliser_made_without_grids_constants_or_steps_has_one_of_each_per_dimension() -> None:
+    made = Normaliser.fit(np.concatenate(corpus())[:, :3], 5.0, detect=False)
+    bare = Normaliser(shift=made.shift, scale=made.scale, log=made.log, offset=made.offset,
+                      clip_min=made.clip_min, clip_max=made.clip_max)
+    assert bare.grid == (0.0, 0.0, 0.0) and bare.constant == (None, None, None)
+    assert bare.relative == (False, False, False)

@@ -450,3 +450,26 @@ def test_an_empty_address_is_terminated_and_left_to_the_table_to_refuse() -> Non
 
     assert message_problem(b"\0\0\0\0") is None
     assert message_problem(b"/a") == "unterminated address"
+
+
+# --------------------------------------------------------------------------- seed 5's survivors (2026-12-06)
+
+
+def test_an_unknown_address_is_answered_with_every_address_there_is_space_separated() -> None:
+    sock = StubTransport()
+    protocol_on(sock).datagrams_received([(encode_message("/nope", 1.0), PERFORMER, 0.0)])
+    [(to, address, reason)] = errors(sock)
+    assert (to, address) == (PERFORMER, "/nope")
+    assert reason == "unknown address; expected one of " + " ".join(TABLE.paths)
+
+
+def test_a_wrong_number_of_values_says_how_many_the_model_wants_in_the_plural() -> None:
+    sock = StubTransport()
+    protocol_on(sock).datagrams_received([(encode_message("/gesture", 0.5), PERFORMER, 0.0)])
+    [(_, address, reason)] = errors(sock)
+    assert address == "/gesture" and reason.startswith("/gesture wants 2 values (the model's dims), got 1")
+
+
+def test_host_info_names_the_osc_address_when_it_is_given() -> None:
+    assert host_info(5710, "192.0.2.7")["OSC_IP"] == "192.0.2.7"
+    assert "OSC_IP" not in host_info(5710)
