@@ -317,3 +317,23 @@ def test_bench_reports_each_engine_side_by_side_and_says_why_one_is_missing(monk
     r = bench_steps(folder, quick=True, engines=("litert", "numpy"), naive=False)
     assert "not installed" in r["litert"]["unavailable"] and "median_us" in r["numpy"]
     assert "litert                           unavailable: LiteRT" in "\n".join(step_lines(r))
+
+
+def test_a_step_npz_missing_an_array_says_which_and_what_to_do() -> None:
+    import io
+
+    import numpy as np
+    import pytest
+
+    from server.model.numpy_step import step_npz_names, unpack_step_npz
+    from server.model.spec import ModelError
+    from tests.tinynet import tiny_spec
+
+    spec = tiny_spec()
+    names = step_npz_names(spec)
+    dropped = sorted(names)[0]
+    buffer = io.BytesIO()
+    np.savez(buffer, **{n: np.zeros(shape, np.float32) for n, shape in names.items() if n != dropped})
+    with pytest.raises(ModelError, match=rf"^m/step.npz does not fit model.json \(missing \['{dropped}'\], "
+                                         r"unexpected \[\]\); re-export the model$"):
+        unpack_step_npz(buffer.getvalue(), spec, "m/step.npz")

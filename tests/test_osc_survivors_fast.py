@@ -473,3 +473,9 @@ def test_a_wrong_number_of_values_says_how_many_the_model_wants_in_the_plural() 
 def test_host_info_names_the_osc_address_when_it_is_given() -> None:
     assert host_info(5710, "192.0.2.7")["OSC_IP"] == "192.0.2.7"
     assert "OSC_IP" not in host_info(5710)
+
+
+def test_type_tags_without_their_terminator_are_a_truncated_message() -> None:
+    from server.osc.wire import message_problem
+
+    assert message_problem(b"/a\0\0,ff") == "truncated message"
