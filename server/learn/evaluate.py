@@ -88,6 +88,14 @@ def step_for(tflite: bytes, info: ModelInfo, keras_model=None) -> StepFunction:
     return TensorFlowStep(keras_model, info.spec)
 
 
+def predictor_on(step: StepFunction, tflite: bytes, info: ModelInfo, label: str):
+    """A `Predictor` over ``step`` for a model not yet written to a folder (training's calibration and timing)."""
+    from server.model.files import ModelFiles
+    from server.model.predictor import Predictor
+
+    return Predictor(ModelFiles(label, info, {"step.tflite": tflite}), step=(step, label))
+
+
 # --------------------------------------------------------------------------- what the model plays
 
 

@@ -32,23 +32,20 @@ def finishing_steps(held_out: Iterable[np.ndarray]) -> int:
     """One-step calls the end of training makes: scoring every held-out event, and calibration's play."""
     from server.learn.calibrate import calibration_steps
 
-    performances = list(held_out)
-    scored = sum(len(p) - 1 for p in performances if len(p) >= 2)
-    return scored + calibration_steps([p for p in performances if len(p) >= 2])
+    playable = [p for p in held_out if len(p) >= 2]
+    return sum(len(p) - 1 for p in playable) + calibration_steps(playable)
 
 
 def step_seconds(info) -> float:
     """Seconds per sampled-and-heard step of an untrained model of ``info.spec``, with the step that will score it."""
-    from server.learn.evaluate import step_for
+    from server.learn.evaluate import predictor_on, step_for
     from server.model.export import convert_to_tflite
-    from server.model.files import ModelFiles
     from server.model.mdn import RandomBlocks
     from server.model.network import build_model
-    from server.model.predictor import Predictor
 
     model = build_model(info.spec)
     tflite = convert_to_tflite(model, info.spec)
-    predictor = Predictor(ModelFiles("timing", info, {"step.tflite": tflite}), step=(step_for(tflite, info, model), "timing"))
+    predictor = predictor_on(step_for(tflite, info, model), tflite, info, "timing")
     draws = RandomBlocks(np.random.default_rng(0), info.spec.dims)
     for _ in range(WARM_STEPS):
         predictor.observe(*predictor.sample(draws, 1.0, 1.0))

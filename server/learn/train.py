@@ -200,10 +200,9 @@ def calibrated(step, tflite: bytes, info: ModelInfo, val_ds: Dataset, seed: int,
                echo: Callable[[str], None]) -> dict[str, Any]:
     """``sampling`` for model.json: the scale temperature at which the model plays most like its held-out data."""
     from server.learn.calibrate import calibrate
-    from server.model.files import ModelFiles
-    from server.model.predictor import Predictor
+    from server.learn.evaluate import predictor_on
 
-    predictor = Predictor(ModelFiles("training", info, {"step.tflite": tflite}), step=(step, "training"))
+    predictor = predictor_on(step, tflite, info, "training")
     found = calibrate(predictor, [p for p in val_ds.performances if len(p) >= 2], seed)
     echo(f"sampling: sigma_temperature {found.sigma_temperature:g} plays most like the held-out data "
          f"(shape distance {found.distance:.3f}; {found.tried.get(1.0, math.nan):.3f} at 1); /sigma_temperature "

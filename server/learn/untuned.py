@@ -22,16 +22,11 @@ from contextlib import contextmanager
 from typing import Any
 
 
-def options(tf: Any) -> Any:
-    """tf.data options with autotuning off."""
-    chosen = tf.data.Options()
-    chosen.autotune.enabled = False
-    return chosen
-
-
 def untuned(tf: Any, dataset: Any) -> Any:
     """``dataset`` with autotuning off."""
-    return dataset.with_options(options(tf))
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 @contextmanager
@@ -40,8 +35,7 @@ def device_datasets_untuned(tf: Any) -> Iterator[bool]:
     try:
         from tensorflow.python.data.ops import multi_device_iterator_ops as module
     except ImportError:
-        yield False
-        return
+        module = None
     original = getattr(module, "_create_device_dataset", None)
     if original is None:
         yield False
